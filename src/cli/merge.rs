@@ -1,0 +1,175 @@
+//! `mmx merge RECIPE`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Instant;
+
+use anyhow::{bail, Context};
+use clap::{Args, ValueEnum};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde_json::json;
+
+use super::{default_max_memory, human_bytes, parse_size};
+use crate::merge::{check_target, write_merge, OutputOptions, Plan};
+use crate::recipe::Recipe;
+
+/// Where the arithmetic runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Device {
+    /// The GPU when one answers, else the CPU.
+    Auto,
+    /// The CPU.
+    Cpu,
+    /// A CUDA GPU (an error when none is usable).
+    Cuda,
+}
+
+/// Arguments of `mmx merge`.
+#[derive(Debug, Args)]
+pub struct MergeArgs {
+    /// The recipe: mmx TOML (`.toml`) or a mergekit config (`.yml`, `.yaml`).
+    recipe: PathBuf,
+    /// Output directory [default: out/<recipe name>].
+    #[arg(short, long)]
+    output: Option<PathBuf>,
+    /// Where to compute.
+    #[arg(long, value_enum, default_value = "auto")]
+    device: Device,
+    /// Print the plan and its memory estimate; write nothing.
+    #[arg(long)]
+    dry_run: bool,
+    /// Publish the output to the registry as NAME:TAG.
+    #[arg(long, value_name = "NAME:TAG")]
+    publish: Option<String>,
+    /// Print a JSON summary on stdout.
+    #[arg(long)]
+    json: bool,
+    /// Memory budget for tensors in flight [default: half of the available memory].
+    #[arg(long, value_parser = parse_size, value_name = "SIZE")]
+    max_memory: Option<u64>,
+    /// Largest output shard [default: 5G].
+    #[arg(long, value_parser = parse_size, value_name = "SIZE", default_value = "5G")]
+    shard_size: u64,
+    /// Seed of the random methods (overrides the recipe's).
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Worker threads [default: all cores].
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Replace an existing output directory even if it is not an earlier mmx output.
+    #[arg(long)]
+    force: bool,
+}
+
+/// Runs `mmx merge`.
+pub fn run(args: MergeArgs) -> anyhow::Result<ExitCode> {
+    if args.device == Device::Cuda {
+        bail!("`--device cuda`: this build of mmx has no CUDA backend; use `--device cpu`");
+    }
+    if args.publish.is_some() {
+        bail!("`--publish`: this build of mmx has no registry yet; merge to a directory with `-o`");
+    }
+    if let Some(n) = args.threads {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(n)
+            .build_global()
+            .context("cannot set up the worker threads")?;
+    }
+    let mut recipe = Recipe::load(&args.recipe)?;
+    if let Some(seed) = args.seed {
+        recipe.seed = seed;
+    }
+    let output = args.output.clone().unwrap_or_else(|| {
+        let stem = args
+            .recipe
+            .file_stem()
+            .map_or("merge".into(), |s| s.to_string_lossy().into_owned());
+        PathBuf::from("out").join(stem)
+    });
+    let plan = Plan::build(recipe)?;
+    let max_memory = args.max_memory.unwrap_or_else(default_max_memory);
+    let merged = plan.tensors.iter().filter(|t| t.merge.is_some()).count();
+    let copied = plan.tensors.len() - merged;
+    // Peak: as many tensors in flight as the budget admits, but at least the largest one.
+    let threads = rayon::current_num_threads() as u64;
+    let mut sizes: Vec<u64> = plan.tensors.iter().map(|t| t.working_bytes).collect();
+    sizes.sort_unstable_by(|a, b| b.cmp(a));
+    let in_flight: u64 = sizes.iter().take(threads as usize).sum();
+    let estimate = in_flight.min(max_memory).max(plan.peak_tensor_bytes());
+
+    if args.dry_run {
+        check_target(&output, args.force)?;
+        if args.json {
+            let summary = json!({
+                "dry_run": true,
+                "method": plan.method.name(),
+                "output": output.display().to_string(),
+                "experts": plan.experts.iter().map(|e| e.label.clone()).collect::<Vec<_>>(),
+                "tensors": {"merged": merged, "copied": copied},
+                "output_bytes": plan.output_bytes(),
+                "memory_estimate_bytes": estimate,
+                "max_memory_bytes": max_memory,
+            });
+            println!("{}", serde_json::to_string_pretty(&summary)?);
+        } else {
+            println!("method      {}", plan.method.name());
+            if let Some(b) = &plan.base {
+                println!("base        {}", b.dir().display());
+            }
+            for e in &plan.experts {
+                println!("expert {:<4} {}", e.index, e.label);
+            }
+            println!("tensors     {merged} merged, {copied} copied from the base");
+            println!(
+                "output      {} ({})",
+                output.display(),
+                human_bytes(plan.output_bytes())
+            );
+            println!(
+                "memory      about {} at peak (largest tensor {}, budget {})",
+                human_bytes(estimate),
+                human_bytes(plan.peak_tensor_bytes()),
+                human_bytes(max_memory)
+            );
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+
+    let bar = ProgressBar::new(plan.output_bytes());
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{spinner} merging [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+        )
+        .expect("static template")
+        .progress_chars("=> "),
+    );
+    let start = Instant::now();
+    let options = OutputOptions {
+        max_memory,
+        shard_bytes: args.shard_size,
+        force: args.force,
+    };
+    let summary = write_merge(&plan, &output, &options, &|bytes| bar.inc(bytes))?;
+    bar.finish_and_clear();
+    let seconds = start.elapsed().as_secs_f64();
+    if args.json {
+        let out = json!({
+            "output": summary.output.display().to_string(),
+            "method": plan.method.name(),
+            "tensors": {"merged": summary.merged, "copied": summary.copied},
+            "bytes": summary.bytes,
+            "seconds": seconds,
+            "files": summary.files,
+        });
+        println!("{}", serde_json::to_string_pretty(&out)?);
+    } else {
+        println!(
+            "merged {} tensors ({} copied) with {} into {} in {seconds:.2}s",
+            summary.merged,
+            summary.copied,
+            plan.method.name(),
+            summary.output.display()
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,134 @@
+//! The library's error type. Every variant names what it is about (a file, a tensor, a
+//! parameter) so that the CLI can print it as is.
+
+use std::path::PathBuf;
+
+use crate::tensor::HeaderError;
+
+/// Everything the library can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// An I/O operation on a file or directory failed.
+    #[error("`{}`: {source}", path.display())]
+    Io {
+        /// The file or directory.
+        path: PathBuf,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+    /// A safetensors file failed validation.
+    #[error("`{}`: invalid safetensors file: {source}", path.display())]
+    Header {
+        /// The safetensors file.
+        path: PathBuf,
+        /// What is wrong with it.
+        source: HeaderError,
+    },
+    /// A JSON file could not be parsed.
+    #[error("`{}`: invalid JSON: {source}", path.display())]
+    Json {
+        /// The JSON file.
+        path: PathBuf,
+        /// The parser's error (it carries line and column).
+        source: serde_json::Error,
+    },
+    /// A tensor that the merge needs is absent.
+    #[error("`{}`: tensor `{tensor}` is missing", path.display())]
+    MissingTensor {
+        /// The file or checkpoint that should hold it.
+        path: PathBuf,
+        /// The tensor name.
+        tensor: String,
+    },
+    /// A tensor's shape differs from what it must be.
+    #[error("`{}`: tensor `{tensor}` has shape {actual:?}, expected {expected:?}", path.display())]
+    ShapeMismatch {
+        /// The file that holds the tensor.
+        path: PathBuf,
+        /// The tensor name.
+        tensor: String,
+        /// The shape it must have.
+        expected: Vec<usize>,
+        /// The shape it has.
+        actual: Vec<usize>,
+    },
+    /// A tensor's dtype cannot be used here.
+    #[error("`{}`: tensor `{tensor}` has dtype {dtype}, {reason}", path.display())]
+    Dtype {
+        /// The file that holds the tensor.
+        path: PathBuf,
+        /// The tensor name.
+        tensor: String,
+        /// Its dtype as safetensors spells it.
+        dtype: String,
+        /// Why it is refused.
+        reason: String,
+    },
+    /// A tensor holds NaN or infinity.
+    #[error("`{}`: tensor `{tensor}` has a non-finite value ({value}) at element {index}", path.display())]
+    NonFinite {
+        /// The file (or the input, for computed tensors) the value comes from.
+        path: PathBuf,
+        /// The tensor name.
+        tensor: String,
+        /// The flat element index.
+        index: usize,
+        /// The value.
+        value: f32,
+    },
+    /// A PEFT adapter is malformed or uses a feature mmx does not support.
+    #[error("`{}`: {message}", path.display())]
+    Adapter {
+        /// The adapter directory or file.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+    /// A model directory is malformed or does not match the others.
+    #[error("`{}`: {message}", path.display())]
+    Checkpoint {
+        /// The model directory or file.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+    /// A recipe (TOML or mergekit YAML) is invalid.
+    #[error("`{}`: {message}", path.display())]
+    Recipe {
+        /// The recipe file.
+        path: PathBuf,
+        /// What is wrong, with the line where known.
+        message: String,
+    },
+    /// A merge parameter has a value outside its domain.
+    #[error("parameter `{name}` for tensor `{tensor}`: {message}")]
+    Parameter {
+        /// The parameter.
+        name: String,
+        /// The tensor it applies to.
+        tensor: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// The output cannot be written where asked.
+    #[error("`{}`: {message}", path.display())]
+    Output {
+        /// The output path.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+/// The library's result type.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    /// Wraps an I/O error with the path it concerns.
+    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io {
+            path: path.into(),
+            source,
+        }
+    }
+}

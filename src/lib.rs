@@ -1,0 +1,29 @@
+//! mmx merges specialty LoRA adapters and fine-tuned checkpoints into one expert model, with
+//! mergekit's semantics and PEFT's file formats.
+//!
+//! The pieces, from the bottom up: [`tensor`] (safetensors reading and writing), [`adapter`]
+//! (PEFT LoRA adapters), [`checkpoint`] (Hugging Face model directories), [`recipe`] (mmx TOML
+//! and mergekit YAML), [`merge`] (methods, plan, executor, output) and [`cli`].
+//!
+//! ```no_run
+//! use mmx::merge::{write_merge, OutputOptions, Plan};
+//! use mmx::recipe::Recipe;
+//!
+//! let plan = Plan::build(Recipe::load("recipes/quickstart.toml".as_ref())?)?;
+//! let options = OutputOptions { max_memory: 4 << 30, shard_bytes: 5 << 30, force: false };
+//! let summary = write_merge(&plan, "out/quickstart".as_ref(), &options, &|_| {})?;
+//! assert!(summary.merged > 0);
+//! # Ok::<(), mmx::Error>(())
+//! ```
+#![warn(missing_docs)]
+
+pub mod adapter;
+pub mod checkpoint;
+#[doc(hidden)]
+pub mod cli;
+pub mod error;
+pub mod merge;
+pub mod recipe;
+pub mod tensor;
+
+pub use error::{Error, Result};

@@ -1,0 +1,13 @@
+//! The `mmx` binary: parse arguments, run the command, map errors to exit codes.
+
+use std::process::ExitCode;
+
+fn main() -> ExitCode {
+    match mmx::cli::run() {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}

@@ -1,0 +1,164 @@
+//! The streaming executor: one tensor at a time per worker, rayon across tensors, and a memory
+//! budget that bounds how many tensors are in flight at once.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Condvar, Mutex};
+
+use rayon::prelude::*;
+
+use super::method::{merge_tensor, TensorJob, TensorStats};
+use super::plan::{Plan, TensorPlan};
+use crate::error::{Error, Result};
+use crate::recipe::OutputKind;
+use crate::tensor::{check_finite, from_f32, to_f32, ShardedWriter};
+
+/// What happened to one tensor, for `mmx-merge.json`.
+#[derive(Debug, Clone)]
+pub struct TensorRecord {
+    /// The tensor name.
+    pub name: String,
+    /// Statistics of the merge; `None` when the tensor was copied from the base.
+    pub stats: Option<TensorStats>,
+}
+
+/// Bytes of memory in use by tensors in flight, with waiting for room.
+struct Budget {
+    limit: u64,
+    used: Mutex<u64>,
+    freed: Condvar,
+}
+
+impl Budget {
+    /// Waits until `bytes` fit under the limit. A tensor larger than the whole budget runs
+    /// alone rather than never.
+    fn acquire(&self, bytes: u64) {
+        let mut used = self.used.lock().expect("budget lock is never poisoned");
+        while *used > 0 && *used + bytes > self.limit {
+            used = self
+                .freed
+                .wait(used)
+                .expect("budget lock is never poisoned");
+        }
+        *used += bytes;
+    }
+
+    fn release(&self, bytes: u64) {
+        *self.used.lock().expect("budget lock is never poisoned") -= bytes;
+        self.freed.notify_all();
+    }
+}
+
+/// Computes every planned tensor and writes it through `writer`. `progress` is called once per
+/// finished tensor with its output bytes. On the first error the remaining tensors are skipped
+/// and that error is returned.
+pub fn execute(
+    plan: &Plan,
+    writer: &ShardedWriter,
+    max_memory: u64,
+    progress: &(dyn Fn(u64) + Sync),
+) -> Result<Vec<TensorRecord>> {
+    let budget = Budget {
+        limit: max_memory,
+        used: Mutex::new(0),
+        freed: Condvar::new(),
+    };
+    let failed = AtomicBool::new(false);
+    // Largest first, so that the big tensors do not straggle at the end.
+    let mut order: Vec<usize> = (0..plan.tensors.len()).collect();
+    order.sort_by_key(|&i| std::cmp::Reverse(plan.tensors[i].working_bytes));
+    let results: Vec<(usize, Result<TensorRecord>)> = order
+        .into_par_iter()
+        .map(|i| {
+            let t = &plan.tensors[i];
+            if failed.load(Ordering::Relaxed) {
+                return (i, Err(None));
+            }
+            budget.acquire(t.working_bytes);
+            let result = compute(plan, t).and_then(|(bytes, stats)| {
+                writer.write(&t.name, &bytes)?;
+                progress(bytes.len() as u64);
+                Ok(TensorRecord {
+                    name: t.name.clone(),
+                    stats,
+                })
+            });
+            budget.release(t.working_bytes);
+            if result.is_err() {
+                failed.store(true, Ordering::Relaxed);
+            }
+            (i, result.map_err(Some))
+        })
+        .filter_map(|(i, r)| match r {
+            Err(None) => None,
+            Err(Some(e)) => Some((i, Err(e))),
+            Ok(rec) => Some((i, Ok(rec))),
+        })
+        .collect();
+    let mut records: Vec<Option<TensorRecord>> = vec![None; plan.tensors.len()];
+    let mut first_error: Option<(usize, Error)> = None;
+    for (i, r) in results {
+        match r {
+            Ok(rec) => records[i] = Some(rec),
+            Err(e) => {
+                if first_error.as_ref().is_none_or(|(j, _)| i < *j) {
+                    first_error = Some((i, e));
+                }
+            }
+        }
+    }
+    if let Some((_, e)) = first_error {
+        return Err(e);
+    }
+    Ok(records.into_iter().flatten().collect())
+}
+
+/// Computes one output tensor: its bytes in the output dtype and the merge statistics.
+fn compute(plan: &Plan, t: &TensorPlan) -> Result<(Vec<u8>, Option<TensorStats>)> {
+    let reference = plan.reference();
+    let Some(params) = &t.merge else {
+        let info = reference.info(&t.name).expect("planned from the reference");
+        let bytes = reference.bytes(&t.name)?;
+        if info.dtype == t.dtype {
+            return Ok((bytes.to_vec(), None));
+        }
+        let values = to_f32(info.dtype, bytes).expect("only float tensors change dtype");
+        return Ok((from_f32(t.dtype, &values).expect("output dtype"), None));
+    };
+    let base = plan
+        .base
+        .as_ref()
+        .map(|b| b.read_f32(&t.name))
+        .transpose()?;
+    let mut experts = Vec::with_capacity(plan.experts.len());
+    for e in &plan.experts {
+        let values = match &base {
+            Some(b) if !e.touches(&t.name) => b.clone(),
+            _ => e.tensor(&t.name, plan.base.as_ref())?,
+        };
+        check_finite(&PathBuf::from(&e.label), &t.name, &values)?;
+        experts.push(values);
+    }
+    let merged = merge_tensor(
+        plan.method,
+        &params.globals,
+        TensorJob {
+            name: &t.name,
+            shape: &t.shape,
+            base: base.as_deref(),
+            experts,
+            params: params.experts.clone(),
+            expert_ids: plan.experts.iter().map(|e| e.index).collect(),
+        },
+    )?;
+    let mut values = merged.values;
+    check_finite(&PathBuf::from("merged output"), &t.name, &values)?;
+    if plan.recipe.output == OutputKind::Delta {
+        let base = base.as_ref().expect("delta output is planned with a base");
+        for (v, b) in values.iter_mut().zip(base) {
+            *v -= b;
+        }
+    }
+    let bytes = from_f32(t.dtype, &values).expect("output dtype");
+    Ok((bytes, Some(merged.stats)))
+}

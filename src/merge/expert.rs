@@ -1,0 +1,122 @@
+//! An expert's input: a full model, a PEFT adapter on the base, or a model with an adapter
+//! applied in memory (mergekit's `model+lora`), read one tensor at a time.
+
+use std::path::PathBuf;
+
+use crate::adapter::Adapter;
+use crate::checkpoint::Checkpoint;
+use crate::error::{Error, Result};
+use crate::recipe::{Parameters, Source};
+
+/// What an expert is made of.
+#[derive(Debug)]
+pub enum ExpertInput {
+    /// A complete model.
+    Model(Checkpoint),
+    /// A LoRA adapter applied to the recipe's base.
+    Adapter(Adapter),
+    /// A LoRA adapter applied to another model.
+    ModelWithLora(Checkpoint, Adapter),
+}
+
+/// One expert of a merge.
+#[derive(Debug)]
+pub struct Expert {
+    /// How the recipe names it.
+    pub label: String,
+    /// Its position in the recipe (keys its random masks).
+    pub index: usize,
+    /// Its data.
+    pub input: ExpertInput,
+    /// Its own parameters.
+    pub parameters: Parameters,
+}
+
+impl Expert {
+    /// Opens an expert's source.
+    pub fn open(index: usize, source: &Source, parameters: Parameters) -> Result<Expert> {
+        let input = match source {
+            Source::Dir(dir) if Adapter::is_adapter_dir(dir) => {
+                ExpertInput::Adapter(Adapter::open(dir)?)
+            }
+            Source::Dir(dir) => ExpertInput::Model(Checkpoint::open(dir)?),
+            Source::WithLora { model, lora } => {
+                ExpertInput::ModelWithLora(Checkpoint::open(model)?, Adapter::open(lora)?)
+            }
+        };
+        Ok(Expert {
+            label: source.to_string(),
+            index,
+            input,
+            parameters,
+        })
+    }
+
+    /// The adapter, if the expert has one.
+    pub fn adapter(&self) -> Option<&Adapter> {
+        match &self.input {
+            ExpertInput::Adapter(a) | ExpertInput::ModelWithLora(_, a) => Some(a),
+            ExpertInput::Model(_) => None,
+        }
+    }
+
+    /// The model, if the expert has its own.
+    pub fn model(&self) -> Option<&Checkpoint> {
+        match &self.input {
+            ExpertInput::Model(m) | ExpertInput::ModelWithLora(m, _) => Some(m),
+            ExpertInput::Adapter(_) => None,
+        }
+    }
+
+    /// Whether the expert's tensor `name` can differ from the base's.
+    pub fn touches(&self, name: &str) -> bool {
+        self.model().is_some()
+            || self.adapter().is_some_and(|a| {
+                a.modules().contains_key(name) || a.saved_tensors().contains_key(name)
+            })
+    }
+
+    /// The expert's full tensor `name`. `base` supplies the tensor an adapter applies to when
+    /// the expert has no model of its own.
+    pub fn tensor(&self, name: &str, base: Option<&Checkpoint>) -> Result<Vec<f32>> {
+        let mut values = match (
+            self.adapter().and_then(|a| a.replacement_shape(name)),
+            self.model(),
+            base,
+        ) {
+            (Some(_), _, _) => self
+                .adapter()
+                .expect("replacement implies an adapter")
+                .replacement(name)?
+                .expect("shape implies a tensor"),
+            (None, Some(model), _) => model.read_f32(name)?,
+            (None, None, Some(base)) => base.read_f32(name)?,
+            (None, None, None) => {
+                return Err(Error::Checkpoint {
+                    path: PathBuf::from(&self.label),
+                    message: "a LoRA adapter expert needs a base model".to_string(),
+                })
+            }
+        };
+        if let Some(delta) = self.adapter().map(|a| a.delta(name)).transpose()?.flatten() {
+            for (v, d) in values.iter_mut().zip(&delta) {
+                *v += d;
+            }
+        }
+        Ok(values)
+    }
+
+    /// The files this expert reads, for digests.
+    pub fn files(&self) -> Vec<PathBuf> {
+        let mut files = Vec::new();
+        if let Some(m) = self.model() {
+            files.push(m.dir().join("config.json"));
+            files.extend(m.files().into_iter().map(PathBuf::from));
+        }
+        if let Some(a) = self.adapter() {
+            files.push(a.dir().join("adapter_config.json"));
+            files.push(a.file().path().to_path_buf());
+        }
+        files
+    }
+}

@@ -1,0 +1,29 @@
+//! Merging: the methods ([`method`]), the [`Plan`] built from a recipe, the streaming
+//! executor and the output writer.
+//!
+//! ```no_run
+//! use mmx::merge::{write_merge, OutputOptions, Plan};
+//! use mmx::recipe::Recipe;
+//!
+//! let plan = Plan::build(Recipe::load("recipes/quickstart.toml".as_ref())?)?;
+//! let options = OutputOptions { max_memory: 4 << 30, shard_bytes: 5 << 30, force: false };
+//! write_merge(&plan, "out/quickstart".as_ref(), &options, &|_| {})?;
+//! # Ok::<(), mmx::Error>(())
+//! ```
+
+pub mod consensus;
+mod executor;
+mod expert;
+pub mod method;
+mod output;
+mod plan;
+pub mod rng;
+pub mod sparsify;
+
+pub use executor::{execute, TensorRecord};
+pub use expert::{Expert, ExpertInput};
+pub use method::{merge_tensor, Method};
+pub use output::{
+    check_target, file_digest, write_merge, MergeSummary, OutputOptions, MERGE_RECORD,
+};
+pub use plan::{input_files, MergeParams, Plan, TensorPlan};

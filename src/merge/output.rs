@@ -1,0 +1,239 @@
+//! Writing a merge: everything goes into a temporary directory beside the target, which is
+//! renamed into place only when complete, so a failed merge leaves no partial output.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde_json::{json, Value};
+
+use super::executor::{execute, TensorRecord};
+use super::plan::{input_files, Plan};
+use crate::checkpoint::COPIED_FILES;
+use crate::error::{Error, Result};
+use crate::recipe::{OutputKind, RecipeFormat};
+use crate::tensor::{sync_dir, temp_sibling, write_atomic, ShardedWriter, TensorSpec};
+
+/// The record every merge leaves beside its output.
+pub const MERGE_RECORD: &str = "mmx-merge.json";
+
+/// How to write a merge.
+#[derive(Debug, Clone)]
+pub struct OutputOptions {
+    /// The most memory tensors in flight may take together.
+    pub max_memory: u64,
+    /// The largest shard, in bytes of tensor data.
+    pub shard_bytes: u64,
+    /// Replace an existing directory that is not an earlier mmx output.
+    pub force: bool,
+}
+
+/// What a merge wrote.
+#[derive(Debug, Clone)]
+pub struct MergeSummary {
+    /// The output directory.
+    pub output: PathBuf,
+    /// Files written into it.
+    pub files: Vec<String>,
+    /// Tensors merged.
+    pub merged: usize,
+    /// Tensors copied from the base unchanged.
+    pub copied: usize,
+    /// Bytes of tensor data written.
+    pub bytes: u64,
+}
+
+/// Removes the temporary directory unless the merge completed.
+struct TempDir(Option<PathBuf>);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        if let Some(p) = self.0.take() {
+            let _ = std::fs::remove_dir_all(p);
+        }
+    }
+}
+
+/// Checks the target can be written before any work starts.
+pub fn check_target(target: &Path, force: bool) -> Result<()> {
+    if !target.exists() {
+        return Ok(());
+    }
+    let fail = |message: &str| Error::Output {
+        path: target.to_path_buf(),
+        message: message.to_string(),
+    };
+    if !target.is_dir() {
+        return Err(fail("exists and is not a directory"));
+    }
+    let empty = std::fs::read_dir(target)
+        .map_err(|e| Error::io(target, e))?
+        .next()
+        .is_none();
+    if !(empty || force || target.join(MERGE_RECORD).is_file()) {
+        return Err(fail(
+            "exists and is not an earlier mmx output (no mmx-merge.json); pass --force to replace it",
+        ));
+    }
+    Ok(())
+}
+
+/// Blake3 of a file, read through a memory map and hashed on all cores.
+pub fn file_digest(path: &Path) -> Result<String> {
+    let mut hasher = blake3::Hasher::new();
+    hasher
+        .update_mmap_rayon(path)
+        .map_err(|e| Error::io(path, e))?;
+    Ok(hasher.finalize().to_hex().to_string())
+}
+
+/// Runs the plan and writes its output to `target`. `progress` receives the bytes of each
+/// finished tensor.
+pub fn write_merge(
+    plan: &Plan,
+    target: &Path,
+    options: &OutputOptions,
+    progress: &(dyn Fn(u64) + Sync),
+) -> Result<MergeSummary> {
+    check_target(target, options.force)?;
+    let parent = match target.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    std::fs::create_dir_all(&parent).map_err(|e| Error::io(&parent, e))?;
+    let inputs = digests(plan)?;
+
+    let tmp = temp_sibling(target);
+    std::fs::create_dir(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    let mut guard = TempDir(Some(tmp.clone()));
+
+    let stem = match plan.recipe.output {
+        OutputKind::Delta => "delta",
+        _ => "model",
+    };
+    let specs: Vec<TensorSpec> = plan
+        .tensors
+        .iter()
+        .map(|t| TensorSpec {
+            name: t.name.clone(),
+            dtype: t.dtype,
+            shape: t.shape.clone(),
+        })
+        .collect();
+    let metadata = BTreeMap::from([("format".to_string(), "pt".to_string())]);
+    let writer = ShardedWriter::create(&tmp, stem, &specs, options.shard_bytes, &metadata)?;
+    let records = execute(plan, &writer, options.max_memory, progress)?;
+    let mut files = writer.finish(stem)?;
+
+    let reference = plan.reference();
+    let mut config = reference.config().clone();
+    if let Some(dtype) = plan.recipe.dtype {
+        let name = match dtype.name() {
+            "BF16" => "bfloat16",
+            "F16" => "float16",
+            _ => "float32",
+        };
+        for key in ["torch_dtype", "dtype"] {
+            if config.contains_key(key) {
+                config.insert(key.to_string(), Value::String(name.to_string()));
+            }
+        }
+    }
+    let config_bytes = serde_json::to_vec_pretty(&config).expect("JSON serialises");
+    write_atomic(&tmp.join("config.json"), &config_bytes)?;
+    files.push("config.json".to_string());
+    if plan.recipe.output == OutputKind::Full {
+        for name in COPIED_FILES {
+            let src = reference.dir().join(name);
+            if src.is_file() {
+                let bytes = std::fs::read(&src).map_err(|e| Error::io(&src, e))?;
+                write_atomic(&tmp.join(name), &bytes)?;
+                files.push(name.to_string());
+            }
+        }
+    }
+    let record = merge_record(plan, &inputs, &files, &records);
+    let record_bytes = serde_json::to_vec_pretty(&record).expect("JSON serialises");
+    write_atomic(&tmp.join(MERGE_RECORD), &record_bytes)?;
+    files.push(MERGE_RECORD.to_string());
+    sync_dir(&tmp)?;
+
+    // Swap into place: the old output (if any) moves aside first and goes only once the new one
+    // is in its place.
+    let old = target.exists().then(|| temp_sibling(target));
+    if let Some(old) = &old {
+        std::fs::rename(target, old).map_err(|e| Error::io(target, e))?;
+    }
+    if let Err(e) = std::fs::rename(&tmp, target) {
+        if let Some(old) = &old {
+            let _ = std::fs::rename(old, target);
+        }
+        return Err(Error::io(target, e));
+    }
+    guard.0 = None;
+    if let Some(old) = old {
+        std::fs::remove_dir_all(&old).map_err(|e| Error::io(&old, e))?;
+    }
+    sync_dir(&parent)?;
+
+    let merged = records.iter().filter(|r| r.stats.is_some()).count();
+    Ok(MergeSummary {
+        output: target.to_path_buf(),
+        files,
+        merged,
+        copied: records.len() - merged,
+        bytes: plan.output_bytes(),
+    })
+}
+
+fn digests(plan: &Plan) -> Result<Vec<Value>> {
+    input_files(plan)
+        .into_iter()
+        .map(|(role, files)| {
+            let files = files
+                .iter()
+                .map(|f| {
+                    let bytes = std::fs::metadata(f).map_err(|e| Error::io(f, e))?.len();
+                    Ok(json!({"path": f.display().to_string(), "bytes": bytes, "blake3": file_digest(f)?}))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            Ok(json!({"input": role, "files": files}))
+        })
+        .collect()
+}
+
+fn merge_record(
+    plan: &Plan,
+    inputs: &[Value],
+    files: &[String],
+    records: &[TensorRecord],
+) -> Value {
+    let recipe = &plan.recipe;
+    let tensors: Vec<Value> = records
+        .iter()
+        .map(|r| match &r.stats {
+            None => json!({"name": r.name, "action": "copied"}),
+            Some(s) => json!({
+                "name": r.name,
+                "action": "merged",
+                "kept_fraction": s.kept_fraction,
+                "sign_conflict": s.sign_conflict,
+                "delta_l2": s.delta_l2,
+            }),
+        })
+        .collect();
+    json!({
+        "tool": {"name": "mmx", "version": env!("CARGO_PKG_VERSION")},
+        "recipe": {
+            "path": recipe.path.display().to_string(),
+            "format": match recipe.format { RecipeFormat::Native => "mmx", RecipeFormat::Mergekit => "mergekit" },
+            "text": recipe.text,
+        },
+        "method": plan.method.name(),
+        "output": match recipe.output { OutputKind::Full => "full", OutputKind::Delta => "delta", OutputKind::Lora => "lora" },
+        "dtype": recipe.dtype.map(|d| d.name()),
+        "seed": recipe.seed,
+        "inputs": inputs,
+        "files": files,
+        "tensors": tensors,
+    })
+}

@@ -1,0 +1,528 @@
+//! A [`Plan`]: every output tensor with its resolved parameters, built and checked before any
+//! arithmetic, so that a bad recipe or a mismatched input fails before anything is written.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+
+use super::expert::Expert;
+use super::method::{DisjointMean, ExpertParams, GlobalParams, Method, RescaleMode, SignElection};
+use crate::checkpoint::Checkpoint;
+use crate::error::{Error, Result};
+use crate::recipe::{layer_position, OutputKind, Parameters, Recipe, Scalar, Source};
+use crate::tensor::Dtype;
+
+/// What happens to one output tensor.
+#[derive(Debug, Clone)]
+pub struct TensorPlan {
+    /// The tensor name.
+    pub name: String,
+    /// Its shape.
+    pub shape: Vec<usize>,
+    /// Its dtype in the output.
+    pub dtype: Dtype,
+    /// Merge parameters; `None` when no expert changes it and it is copied from the base.
+    pub merge: Option<MergeParams>,
+    /// Bytes of memory its computation needs at peak (inputs, working copies, output).
+    pub working_bytes: u64,
+}
+
+/// The parameters one tensor is merged with.
+#[derive(Debug, Clone)]
+pub struct MergeParams {
+    /// Method-wide parameters.
+    pub globals: GlobalParams,
+    /// Per-expert parameters, in recipe order.
+    pub experts: Vec<ExpertParams>,
+}
+
+/// A checked merge, ready to execute.
+#[derive(Debug)]
+pub struct Plan {
+    /// The recipe it comes from.
+    pub recipe: Recipe,
+    /// The method.
+    pub method: Method,
+    /// The base model.
+    pub base: Option<Checkpoint>,
+    /// The experts, in recipe order.
+    pub experts: Vec<Expert>,
+    /// Output tensors, in output order.
+    pub tensors: Vec<TensorPlan>,
+}
+
+fn recipe_error(recipe: &Recipe, message: String) -> Error {
+    Error::Recipe {
+        path: recipe.path.clone(),
+        message,
+    }
+}
+
+impl Plan {
+    /// Opens every input, checks them against each other and resolves every parameter for
+    /// every tensor.
+    pub fn build(recipe: Recipe) -> Result<Plan> {
+        let method = Method::from_name(&recipe.method).ok_or_else(|| {
+            let known: Vec<&str> = Method::all().iter().map(|m| m.name()).collect();
+            recipe_error(
+                &recipe,
+                format!(
+                    "unknown merge method `{}` (known: {})",
+                    recipe.method,
+                    known.join(", ")
+                ),
+            )
+        })?;
+        if recipe.output == OutputKind::Lora {
+            return Err(recipe_error(
+                &recipe,
+                "LoRA output (`output = \"lora\"`) needs core-space merging, which this build does not have yet; use `full` or `delta`".to_string(),
+            ));
+        }
+        check_parameter_names(&recipe, method)?;
+        let base = match &recipe.base {
+            Some(Source::Dir(dir)) => Some(Checkpoint::open(dir)?),
+            Some(Source::WithLora { .. }) => {
+                return Err(recipe_error(
+                    &recipe,
+                    "a `model+lora` base is not supported; merge the adapter into the model first or list it as an expert".to_string(),
+                ))
+            }
+            None => None,
+        };
+        if base.is_none() && method.needs_base() {
+            return Err(recipe_error(
+                &recipe,
+                format!("method `{}` needs a base model", method.name()),
+            ));
+        }
+        if base.is_none() && recipe.output == OutputKind::Delta {
+            return Err(recipe_error(
+                &recipe,
+                "delta output needs a base model".to_string(),
+            ));
+        }
+        let experts = recipe
+            .experts
+            .iter()
+            .enumerate()
+            .map(|(i, e)| {
+                // `base+lora` is the adapter on the base: opened as such, the tensors it leaves
+                // alone are copied instead of merged.
+                let source = match (&e.source, &base) {
+                    (Source::WithLora { model, lora }, Some(b)) if same_dir(model, b.dir()) => {
+                        Source::Dir(lora.clone())
+                    }
+                    _ => e.source.clone(),
+                };
+                let mut expert = Expert::open(i, &source, e.parameters.clone())?;
+                expert.label = e.source.to_string();
+                Ok(expert)
+            })
+            .collect::<Result<Vec<_>>>()?;
+
+        let reference = match &base {
+            Some(b) => b,
+            None => experts.iter().find_map(|e| e.model()).ok_or_else(|| {
+                recipe_error(
+                    &recipe,
+                    "LoRA adapter experts need a base model (`base`/`base_model`)".to_string(),
+                )
+            })?,
+        };
+        for e in &experts {
+            check_compatible(reference, e, base.is_some())?;
+        }
+
+        let num_layers = reference.num_layers();
+        let mut tensors = Vec::new();
+        for name in reference.names() {
+            let info = reference
+                .info(name)
+                .expect("name comes from the checkpoint");
+            let touched = experts.iter().filter(|e| e.touches(name)).count();
+            let dtype = recipe.dtype.unwrap_or(info.dtype);
+            let numel = info.numel() as u64;
+            let mergeable = info.dtype.is_float() && (touched > 0 || base.is_none());
+            if !mergeable && recipe.output == OutputKind::Delta {
+                continue;
+            }
+            // Integer buffers keep their dtype; only float tensors take the output dtype.
+            let dtype = if info.dtype.is_float() {
+                dtype
+            } else {
+                info.dtype
+            };
+            let merge = if mergeable {
+                let t = layer_position(name, num_layers);
+                Some(resolve(&recipe, method, &experts, name, t)?)
+            } else {
+                None
+            };
+            let working_bytes = if merge.is_some() {
+                numel * 4 * (experts.len() as u64 + 3) + numel * dtype.size() as u64
+            } else {
+                numel * (info.dtype.size() + dtype.size()) as u64
+            };
+            tensors.push(TensorPlan {
+                name: name.to_string(),
+                shape: info.shape.clone(),
+                dtype,
+                merge,
+                working_bytes,
+            });
+        }
+        Ok(Plan {
+            recipe,
+            method,
+            base,
+            experts,
+            tensors,
+        })
+    }
+
+    /// The checkpoint whose tensor names and shapes the output follows.
+    pub fn reference(&self) -> &Checkpoint {
+        self.base
+            .as_ref()
+            .or_else(|| self.experts.iter().find_map(|e| e.model()))
+            .expect("a plan always has a reference checkpoint")
+    }
+
+    /// Bytes of tensor data the output will hold.
+    pub fn output_bytes(&self) -> u64 {
+        self.tensors
+            .iter()
+            .map(|t| t.shape.iter().product::<usize>() as u64 * t.dtype.size() as u64)
+            .sum()
+    }
+
+    /// The most memory one tensor's computation needs.
+    pub fn peak_tensor_bytes(&self) -> u64 {
+        self.tensors
+            .iter()
+            .map(|t| t.working_bytes)
+            .max()
+            .unwrap_or(0)
+    }
+}
+
+fn same_dir(a: &Path, b: &Path) -> bool {
+    match (a.canonicalize(), b.canonicalize()) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => a == b,
+    }
+}
+
+/// Refuses parameter names the method does not take, at every level, before anything is opened.
+fn check_parameter_names(recipe: &Recipe, method: Method) -> Result<()> {
+    let globals = method.global_parameters();
+    let per_expert = method.expert_parameters();
+    let describe = || {
+        let mut all: Vec<&str> = globals.iter().chain(per_expert).copied().collect();
+        all.sort_unstable();
+        all.join(", ")
+    };
+    for name in recipe.parameters.keys() {
+        if !globals.contains(&name.as_str()) && !per_expert.contains(&name.as_str()) {
+            return Err(recipe_error(
+                recipe,
+                format!(
+                    "unknown parameter `{name}` for method `{}` (it takes: {})",
+                    method.name(),
+                    describe()
+                ),
+            ));
+        }
+    }
+    for (i, e) in recipe.experts.iter().enumerate() {
+        for name in e.parameters.keys() {
+            if globals.contains(&name.as_str()) {
+                return Err(recipe_error(
+                    recipe,
+                    format!("expert {i} (`{}`): `{name}` is method-wide; set it in the recipe's parameters", e.source),
+                ));
+            }
+            if !per_expert.contains(&name.as_str()) {
+                return Err(recipe_error(
+                    recipe,
+                    format!(
+                        "expert {i} (`{}`): unknown parameter `{name}` for method `{}` (it takes: {})",
+                        e.source,
+                        method.name(),
+                        describe()
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Checks that an expert fits the reference model: same architecture, every tensor present with
+/// the same shape, every adapter module aimed at an existing tensor of the right shape.
+fn check_compatible(reference: &Checkpoint, expert: &Expert, has_base: bool) -> Result<()> {
+    if let Some(model) = expert.model() {
+        if model.architecture() != reference.architecture() {
+            let show = |c: &Checkpoint| {
+                let (a, t) = c.architecture();
+                format!("`{}` ({})", a.unwrap_or("?"), t.unwrap_or("?"))
+            };
+            return Err(Error::Checkpoint {
+                path: model.dir().to_path_buf(),
+                message: format!(
+                    "is a {} model but `{}` is a {} model: checkpoints of different architectures cannot be merged",
+                    show(model),
+                    reference.dir().display(),
+                    show(reference)
+                ),
+            });
+        }
+        for name in reference.names() {
+            let want = reference.info(name).expect("listed");
+            let got = model.info(name).ok_or_else(|| Error::MissingTensor {
+                path: model.dir().to_path_buf(),
+                tensor: name.to_string(),
+            })?;
+            if got.shape != want.shape {
+                return Err(Error::ShapeMismatch {
+                    path: model.dir().to_path_buf(),
+                    tensor: name.to_string(),
+                    expected: want.shape.clone(),
+                    actual: got.shape.clone(),
+                });
+            }
+            if want.dtype.is_float() && !got.dtype.is_float() {
+                return Err(Error::Dtype {
+                    path: model.dir().to_path_buf(),
+                    tensor: name.to_string(),
+                    dtype: got.dtype.to_string(),
+                    reason: format!("but the base has {}", want.dtype),
+                });
+            }
+        }
+    }
+    if let Some(adapter) = expert.adapter() {
+        if expert.model().is_none() && !has_base {
+            return Err(Error::Adapter {
+                path: adapter.dir().to_path_buf(),
+                message: "an adapter expert needs a base model to apply to".to_string(),
+            });
+        }
+        let target = expert.model().unwrap_or(reference);
+        let names: BTreeSet<&String> = adapter
+            .modules()
+            .keys()
+            .chain(adapter.saved_tensors().keys())
+            .collect();
+        for name in names {
+            let Some(info) = target.info(name) else {
+                return Err(Error::Adapter {
+                    path: adapter.dir().to_path_buf(),
+                    message: format!(
+                        "adapts `{name}`, which `{}` does not have: the adapter was trained on a different base model",
+                        target.dir().display()
+                    ),
+                });
+            };
+            let expected = match adapter.modules().get(name.as_str()) {
+                Some(m) => m.target_shape.to_vec(),
+                None => adapter
+                    .replacement_shape(name)
+                    .expect("name came from the saved tensors")
+                    .to_vec(),
+            };
+            if info.shape != expected {
+                return Err(Error::ShapeMismatch {
+                    path: adapter.dir().to_path_buf(),
+                    tensor: name.to_string(),
+                    expected: info.shape.clone(),
+                    actual: expected,
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+fn number(recipe: &Recipe, name: &str, tensor: &str, v: Scalar) -> Result<f64> {
+    match v {
+        Scalar::Number(n) if n.is_finite() => Ok(n),
+        other => Err(Error::Parameter {
+            name: name.to_string(),
+            tensor: tensor.to_string(),
+            message: format!(
+                "expected a finite number, found {other:?} (in `{}`)",
+                recipe.path.display()
+            ),
+        }),
+    }
+}
+
+fn boolean(name: &str, tensor: &str, v: Scalar) -> Result<bool> {
+    match v {
+        Scalar::Bool(b) => Ok(b),
+        other => Err(Error::Parameter {
+            name: name.to_string(),
+            tensor: tensor.to_string(),
+            message: format!("expected true or false, found {other:?}"),
+        }),
+    }
+}
+
+fn choice<T: Copy>(name: &str, tensor: &str, v: Scalar, options: &[(&str, T)]) -> Result<T> {
+    let listed = || {
+        options
+            .iter()
+            .map(|(n, _)| *n)
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    match v {
+        Scalar::Text(s) => options
+            .iter()
+            .find(|(n, _)| *n == s)
+            .map(|(_, t)| *t)
+            .ok_or_else(|| Error::Parameter {
+                name: name.to_string(),
+                tensor: tensor.to_string(),
+                message: format!("`{s}` is not one of {}", listed()),
+            }),
+        other => Err(Error::Parameter {
+            name: name.to_string(),
+            tensor: tensor.to_string(),
+            message: format!("expected one of {}, found {other:?}", listed()),
+        }),
+    }
+}
+
+fn lookup(levels: &[&Parameters], name: &str, tensor: &str, t: f64) -> Option<Scalar> {
+    levels
+        .iter()
+        .find_map(|p| p.get(name).and_then(|v| v.resolve(tensor, t)))
+}
+
+/// Resolves the method-wide and per-expert parameters for one tensor and checks their ranges.
+fn resolve(
+    recipe: &Recipe,
+    method: Method,
+    experts: &[Expert],
+    tensor: &str,
+    t: f64,
+) -> Result<MergeParams> {
+    let mut globals = method.default_globals();
+    globals.seed = recipe.seed;
+    let top = [&recipe.parameters];
+    for name in method.global_parameters() {
+        let Some(v) = lookup(&top, name, tensor, t) else {
+            continue;
+        };
+        match *name {
+            "lambda" => globals.lambda = number(recipe, name, tensor, v)? as f32,
+            "normalize" => globals.normalize = boolean(name, tensor, v)?,
+            "rescale" => globals.rescale = boolean(name, tensor, v)?,
+            "int8_mask" => {
+                boolean(name, tensor, v)?;
+            }
+            "rescale_mode" => {
+                globals.rescale_mode = choice(
+                    name,
+                    tensor,
+                    v,
+                    &[
+                        ("l1", RescaleMode::L1),
+                        ("inverse_density", RescaleMode::InverseDensity),
+                    ],
+                )?
+            }
+            "sign_election" => {
+                globals.sign_election = choice(
+                    name,
+                    tensor,
+                    v,
+                    &[
+                        ("weighted", SignElection::Weighted),
+                        ("unweighted", SignElection::Unweighted),
+                    ],
+                )?
+            }
+            "disjoint_mean" => {
+                globals.disjoint_mean = choice(
+                    name,
+                    tensor,
+                    v,
+                    &[
+                        ("weights", DisjointMean::Weights),
+                        ("counts", DisjointMean::Counts),
+                    ],
+                )?
+            }
+            other => unreachable!("method lists global parameter `{other}` without a reader"),
+        }
+    }
+    let mut per_expert = Vec::with_capacity(experts.len());
+    for e in experts {
+        let mut p = method.default_expert();
+        let levels = [&e.parameters, &recipe.parameters];
+        for name in method.expert_parameters() {
+            let Some(v) = lookup(&levels, name, tensor, t) else {
+                continue;
+            };
+            let n = number(recipe, name, tensor, v)? as f32;
+            match *name {
+                "weight" => p.weight = n,
+                "density" => p.density = n,
+                "gamma" => p.gamma = n,
+                "epsilon" => p.epsilon = n,
+                other => unreachable!("method lists expert parameter `{other}` without a reader"),
+            }
+        }
+        check_ranges(method, tensor, &e.label, &p)?;
+        per_expert.push(p);
+    }
+    Ok(MergeParams {
+        globals,
+        experts: per_expert,
+    })
+}
+
+fn check_ranges(method: Method, tensor: &str, expert: &str, p: &ExpertParams) -> Result<()> {
+    let fail = |name: &str, message: String| Error::Parameter {
+        name: name.to_string(),
+        tensor: tensor.to_string(),
+        message: format!("expert `{expert}`: {message}"),
+    };
+    if !(p.density > 0.0 && p.density <= 1.0) {
+        return Err(fail("density", format!("{} is outside (0, 1]", p.density)));
+    }
+    if !(0.0..1.0).contains(&p.gamma) {
+        return Err(fail("gamma", format!("{} is outside [0, 1)", p.gamma)));
+    }
+    if p.epsilon < 0.0 {
+        return Err(fail("epsilon", format!("{} is negative", p.epsilon)));
+    }
+    let della = matches!(method, Method::Della | Method::DellaLinear);
+    if della && p.density < 1.0 && !(p.density - p.epsilon > 0.0 && p.density + p.epsilon < 1.0) {
+        return Err(fail(
+            "epsilon",
+            format!(
+                "della needs 0 < density − epsilon and density + epsilon < 1, got density {} and epsilon {}",
+                p.density, p.epsilon
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// The input files of a plan (base first, then experts in order), for digests.
+pub fn input_files(plan: &Plan) -> Vec<(String, Vec<std::path::PathBuf>)> {
+    let mut out = Vec::new();
+    if let Some(b) = &plan.base {
+        let mut files = vec![b.dir().join("config.json")];
+        files.extend(b.files().into_iter().map(Path::to_path_buf));
+        out.push((format!("base:{}", b.dir().display()), files));
+    }
+    for e in &plan.experts {
+        out.push((format!("expert:{}", e.label), e.files()));
+    }
+    out
+}

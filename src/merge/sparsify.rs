@@ -1,0 +1,706 @@
+//! In-place sparsification of one expert's delta (the "trim" step of TIES, DARE,
+//! breadcrumbs and DELLA), with mergekit 0.1.5's arithmetic (`mergekit/sparsify.py`).
+//!
+//! Every function works on a flat `&mut [f32]` and zeroes what it drops. Where mergekit's
+//! order among equal magnitudes is left to an unstable sort, ours is fixed: a larger
+//! `|v|` ranks first, then a lower flat index. Selections are O(n)
+//! (`select_nth_unstable_by` on a scratch copy of the magnitudes), never a full sort;
+//! only DELLA sorts, one row at a time, because it needs every rank.
+//!
+//! Counts such as `floor(density · numel)` are computed from the decimal value of the
+//! `f32` parameter (see [`keep_count`]) so that they agree with mergekit, whose
+//! parameters are Python floats: `0.7_f32` is `0.69999998…`, which would keep 6 of 10
+//! elements where mergekit keeps 7.
+
+use std::cmp::Ordering;
+
+use crate::error::{Error, Result};
+use crate::merge::rng::MaskRng;
+
+/// `floor(fraction · numel)`, with `fraction` read as the shortest decimal that rounds to
+/// it (what the user wrote in the recipe) and the product taken in `f64` like Python's
+/// `int(fraction * numel)`. Negative or NaN fractions give 0.
+pub fn keep_count(fraction: f32, numel: usize) -> usize {
+    // `as` saturates: negative and NaN products become 0.
+    (decimal(fraction) * numel as f64).floor() as usize
+}
+
+/// The `f64` nearest to the shortest decimal representation of `x`.
+fn decimal(x: f32) -> f64 {
+    // `Display` for f32 prints the shortest string that round-trips, so this recovers
+    // `0.7` from `0.7_f32`; the fallback never triggers for a value Display printed.
+    x.to_string().parse().unwrap_or(f64::from(x))
+}
+
+/// The top-`r` set under the order (larger `|v|` first, then lower index): every element
+/// with `|v|` above `threshold`, plus the first `ties` elements (by index) equal to it.
+#[derive(Debug, Clone, Copy)]
+struct Cut {
+    threshold: f32,
+    ties: usize,
+}
+
+impl Cut {
+    /// Finds the cut for `1 <= r <= magnitudes.len()` in O(n); `magnitudes` is reordered.
+    fn new(magnitudes: &mut [f32], r: usize) -> Cut {
+        let (above, &mut threshold, _) =
+            magnitudes.select_nth_unstable_by(r - 1, |a, b| b.total_cmp(a));
+        let strictly_above = above
+            .iter()
+            .filter(|a| a.total_cmp(&threshold) == Ordering::Greater)
+            .count();
+        Cut {
+            threshold,
+            ties: r - strictly_above,
+        }
+    }
+
+    /// Tells, for each element in index order, whether it is in the set.
+    fn walker(self) -> impl FnMut(f32) -> bool {
+        let mut ties_left = self.ties;
+        move |magnitude| match magnitude.total_cmp(&self.threshold) {
+            Ordering::Greater => true,
+            Ordering::Equal if ties_left > 0 => {
+                ties_left -= 1;
+                true
+            }
+            _ => false,
+        }
+    }
+}
+
+/// Copies `|v|` into the reusable scratch buffer.
+fn magnitudes<'s>(delta: &[f32], scratch: &'s mut Vec<f32>) -> &'s mut [f32] {
+    scratch.clear();
+    scratch.extend(delta.iter().map(|v| v.abs()));
+    scratch
+}
+
+/// Keeps exactly the `k` largest entries by `|v|` (ties to the lower index) and zeroes
+/// the rest; returns the number of positions kept, `min(k, numel)`.
+///
+/// `scratch` is reused across calls so that merging many experts allocates once.
+pub fn top_k(delta: &mut [f32], k: usize, scratch: &mut Vec<f32>) -> usize {
+    let n = delta.len();
+    if k >= n {
+        return n;
+    }
+    if k == 0 {
+        delta.fill(0.0);
+        return 0;
+    }
+    let mut keep = Cut::new(magnitudes(delta, scratch), k).walker();
+    for v in delta.iter_mut() {
+        if !keep(v.abs()) {
+            *v = 0.0;
+        }
+    }
+    k
+}
+
+/// TIES trim (mergekit `magnitude`): keeps the top `max(1, floor(density · numel))`
+/// entries by `|v|` over the whole flattened tensor. `density >= 1` changes nothing;
+/// `density <= 0` zeroes everything. Returns the number of positions kept.
+///
+/// mergekit 0.1.5 keeps at least one element for any positive density (older versions
+/// asserted `k > 0` instead). PEFT's `magnitude_prune` keeps exactly
+/// `floor(density · numel)`, possibly none: use [`top_k`] with [`keep_count`] for that.
+pub fn magnitude(delta: &mut [f32], density: f32, scratch: &mut Vec<f32>) -> usize {
+    if density >= 1.0 {
+        return delta.len();
+    }
+    if density <= 0.0 || delta.is_empty() {
+        delta.fill(0.0);
+        return 0;
+    }
+    let k = keep_count(density, delta.len()).max(1);
+    top_k(delta, k, scratch)
+}
+
+/// DARE drop (mergekit `random`): keeps element `i` iff `rng.uniform(i) < density`, with
+/// no rescale. `density >= 1` changes nothing. Returns the number of positions kept.
+pub fn random(delta: &mut [f32], density: f32, rng: &MaskRng) -> usize {
+    random_at(delta, 0, density, rng)
+}
+
+/// [`random`] on the part of a tensor that starts at flat element `first`: the mask of
+/// element `first + j` is the one the whole tensor would get, so a tensor can be
+/// processed in chunks, in any order, on any thread.
+pub fn random_at(delta: &mut [f32], first: u64, density: f32, rng: &MaskRng) -> usize {
+    if density >= 1.0 {
+        return delta.len();
+    }
+    let mut kept = 0;
+    for (index, v) in (first..).zip(delta.iter_mut()) {
+        if rng.uniform(index) < density {
+            kept += 1;
+        } else {
+            *v = 0.0;
+        }
+    }
+    kept
+}
+
+/// Model breadcrumbs (mergekit `magnitude_outliers`): drops the `n_top = floor(gamma ·
+/// numel)` largest entries by `|v|` and then the smallest, so that
+/// `target = floor(density · numel)` remain. When `n_top + target > numel` the outlier
+/// cut shrinks to `numel − target`. `density >= 1` changes nothing (and drops no
+/// outliers). Returns the number of positions kept.
+///
+/// Older mergekit (0.1.4 and before) sliced `sorted[n_bot:-n_top]`, which is empty when
+/// `n_top == 0` (gamma 0, or any tensor under 1/gamma elements) and so zeroed the whole
+/// delta; 0.1.5 slices `[n_bot : n_bot + target]` and keeps the top `target` there, as
+/// this function does. mergekit ranks by an ascending unstable sort, so among equal
+/// magnitudes its choice is arbitrary (on small tensors, where torch's sort happens to be
+/// stable, it drops the higher index as the outlier; we drop the lower).
+pub fn outliers(delta: &mut [f32], density: f32, gamma: f32, scratch: &mut Vec<f32>) -> usize {
+    let n = delta.len();
+    if density >= 1.0 {
+        return n;
+    }
+    let target = keep_count(density, n).min(n);
+    if target == 0 {
+        delta.fill(0.0);
+        return 0;
+    }
+    let n_top = keep_count(gamma, n).min(n - target);
+    // Kept: ranks [n_top, n_top + target) in the descending order, i.e. inside the top
+    // `n_top + target` but outside the top `n_top`.
+    let mut within = Cut::new(magnitudes(delta, scratch), n_top + target).walker();
+    let mut outlier = (n_top > 0).then(|| Cut::new(scratch, n_top).walker());
+    for v in delta.iter_mut() {
+        let magnitude = v.abs();
+        // Both walkers must see every element, in order, to count their ties.
+        let inside = within(magnitude);
+        let top = outlier.as_mut().is_some_and(|is_top| is_top(magnitude));
+        if !inside || top {
+            *v = 0.0;
+        }
+    }
+    target
+}
+
+/// Checks DELLA's bounds as mergekit does: for `0 < density < 1` it needs
+/// `density − epsilon > 0` and `density + epsilon < 1` (in decimal arithmetic, like
+/// Python). Densities outside `(0, 1)` need no epsilon and pass.
+pub fn check_della(density: f32, epsilon: f32, tensor: &str) -> Result<()> {
+    if density >= 1.0 || density <= 0.0 {
+        return Ok(());
+    }
+    let (d, e) = (decimal(density), decimal(epsilon));
+    // Written so that NaN fails too.
+    if d - e > 0.0 && d + e < 1.0 {
+        Ok(())
+    } else {
+        Err(Error::Parameter {
+            name: "epsilon".into(),
+            tensor: tensor.into(),
+            message: format!(
+                "density ± epsilon must lie strictly between 0 and 1 (density {density}, \
+                 epsilon {epsilon})"
+            ),
+        })
+    }
+}
+
+/// DELLA's MagPrune (mergekit `della_magprune`), with no rescale (mergekit rescales
+/// afterwards only when `rescale` is on, and then by the L1 norm of the whole tensor:
+/// there is no per-element `1/p`).
+///
+/// Ranks `|v|` ascending within each row, the fibres along axis 1 as in mergekit
+/// (`argsort(dim=1)`: for 2-D tensors the last axis; tensors with fewer than 2 axes are
+/// one row). With `rank_norm = rank / (len − 1)`, element `i` is kept iff
+/// `rng.uniform(i) < density − epsilon + rank_norm · 2 · epsilon`, `i` being the flat
+/// index. Among equal magnitudes the lower index gets the lower rank.
+///
+/// `density >= 1` changes nothing, `density <= 0` zeroes everything, in that order and
+/// before the epsilon check, as in mergekit. Rows of length 1 keep with probability
+/// `density` (mergekit divides 0 by 0 there and `bernoulli` rejects the NaN).
+/// `order` is reusable scratch. Returns the number of positions kept.
+///
+/// # Errors
+/// [`Error::Parameter`] when `density ± epsilon` leaves `(0, 1)` (see [`check_della`]) or
+/// when `shape` does not describe `delta.len()` elements.
+pub fn della(
+    delta: &mut [f32],
+    shape: &[usize],
+    density: f32,
+    epsilon: f32,
+    rng: &MaskRng,
+    order: &mut Vec<usize>,
+    tensor: &str,
+) -> Result<usize> {
+    let n = delta.len();
+    if density >= 1.0 {
+        return Ok(n);
+    }
+    if density <= 0.0 {
+        delta.fill(0.0);
+        return Ok(0);
+    }
+    check_della(density, epsilon, tensor)?;
+    if shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d)) != Some(n) {
+        return Err(Error::Parameter {
+            name: "shape".into(),
+            tensor: tensor.into(),
+            message: format!("shape {shape:?} does not hold {n} elements"),
+        });
+    }
+    if n == 0 {
+        return Ok(0);
+    }
+    // Fibre (o, ·, k) holds the flat indices (o · len + j) · inner + k for j < len.
+    let (len, inner) = match shape {
+        [_, len, rest @ ..] => (*len, rest.iter().product::<usize>()),
+        _ => (n, 1),
+    };
+    let outer = n / (len * inner);
+    // mergekit computes `(density − epsilon) + rank_norm · 2 · epsilon` on f32 tensors
+    // with the first term from Python floats.
+    let low = (decimal(density) - decimal(epsilon)) as f32;
+    let mut kept = 0;
+    for o in 0..outer {
+        for k in 0..inner {
+            let at = |j: usize| (o * len + j) * inner + k;
+            order.clear();
+            order.extend(0..len);
+            order.sort_unstable_by(|&a, &b| {
+                delta[at(a)]
+                    .abs()
+                    .total_cmp(&delta[at(b)].abs())
+                    .then(a.cmp(&b))
+            });
+            for (rank, &j) in order.iter().enumerate() {
+                let rank_norm = if len > 1 {
+                    rank as f32 / (len - 1) as f32
+                } else {
+                    0.5
+                };
+                let p_keep = low + rank_norm * 2.0 * epsilon;
+                let i = at(j);
+                if rng.uniform(i as u64) < p_keep {
+                    kept += 1;
+                } else {
+                    delta[i] = 0.0;
+                }
+            }
+        }
+    }
+    Ok(kept)
+}
+
+/// `Σ |v|`, accumulated in `f64`.
+pub fn l1_norm(values: &[f32]) -> f64 {
+    values.iter().map(|v| f64::from(v.abs())).sum()
+}
+
+/// mergekit's `rescale` (`RescaleNorm.l1`): multiplies `masked` by
+/// `original_l1 / ‖masked‖₁` so the trimmed delta keeps the L1 norm of the delta it came
+/// from (`original_l1`, from [`l1_norm`] before sparsifying). Skipped when either norm is
+/// below 1e-7, as in mergekit. Norms are `f64`; the factor is applied in `f32`.
+///
+/// This matches `1/density` only in expectation; see [`rescale_inverse`] for the DARE
+/// paper's rule.
+pub fn rescale_l1(masked: &mut [f32], original_l1: f64) {
+    const EPS: f64 = 1e-7;
+    let masked_l1 = l1_norm(masked);
+    if original_l1 < EPS || masked_l1 < EPS {
+        return;
+    }
+    let factor = (original_l1 / masked_l1) as f32;
+    for v in masked.iter_mut() {
+        *v *= factor;
+    }
+}
+
+/// The DARE paper's (and PEFT's) rescale: divides every entry by `density`, which makes
+/// a Bernoulli(`density`) drop unbiased. Skipped for `density` outside `(0, 1)` (PEFT
+/// never rescales at `density >= 1` and would produce NaN at 0).
+pub fn rescale_inverse(masked: &mut [f32], density: f32) {
+    if !(density > 0.0 && density < 1.0) {
+        return;
+    }
+    for v in masked.iter_mut() {
+        *v /= density;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn rng() -> MaskRng {
+        MaskRng::new(1234, "layers.0.weight", 0)
+    }
+
+    #[test]
+    fn keep_count_reads_the_decimal_value() {
+        assert_eq!(keep_count(0.7, 10), 7); // 0.7_f32 · 10 = 6.9999998 in f32 or f64
+        assert_eq!(keep_count(0.3, 10), 3);
+        assert_eq!(keep_count(0.5, 5), 2);
+        assert_eq!(keep_count(0.01, 99), 0);
+        assert_eq!(keep_count(-0.5, 10), 0);
+        assert_eq!(keep_count(f32::NAN, 10), 0);
+    }
+
+    #[test]
+    fn top_k_keeps_the_largest_magnitudes() {
+        let mut d = [3.0, -1.0, 4.0, -1.0, 5.0, -9.0, 2.0, 6.0];
+        assert_eq!(top_k(&mut d, 3, &mut Vec::new()), 3);
+        assert_eq!(d, [0.0, 0.0, 0.0, 0.0, 5.0, -9.0, 0.0, 6.0]);
+    }
+
+    #[test]
+    fn top_k_breaks_ties_towards_the_lower_index() {
+        let mut d = [1.0, -2.0, 2.0, -2.0, 1.0];
+        top_k(&mut d, 2, &mut Vec::new());
+        assert_eq!(d, [0.0, -2.0, 2.0, 0.0, 0.0]);
+        let mut d = [0.5, 0.5, 0.5, 0.5];
+        top_k(&mut d, 3, &mut Vec::new());
+        assert_eq!(d, [0.5, 0.5, 0.5, 0.0]);
+    }
+
+    #[test]
+    fn top_k_edges() {
+        let mut d = [1.0, -2.0];
+        assert_eq!(top_k(&mut d, 0, &mut Vec::new()), 0);
+        assert_eq!(d, [0.0, 0.0]);
+        let mut d = [1.0, -2.0];
+        assert_eq!(top_k(&mut d, 5, &mut Vec::new()), 2);
+        assert_eq!(d, [1.0, -2.0]);
+    }
+
+    #[test]
+    fn magnitude_follows_mergekit() {
+        let mut s = Vec::new();
+        // floor(0.5 · 5) = 2.
+        let mut d = [1.0, -2.0, 3.0, -4.0, 0.5];
+        assert_eq!(magnitude(&mut d, 0.5, &mut s), 2);
+        assert_eq!(d, [0.0, 0.0, 3.0, -4.0, 0.0]);
+        // floor(0.1 · 5) = 0, but a positive density keeps at least one.
+        let mut d = [1.0, -2.0, 3.0, -4.0, 0.5];
+        assert_eq!(magnitude(&mut d, 0.1, &mut s), 1);
+        assert_eq!(d, [0.0, 0.0, 0.0, -4.0, 0.0]);
+        // 0.7 of 10 is 7, not 6.
+        let mut d: Vec<f32> = (1..=10).map(|v| v as f32).collect();
+        assert_eq!(magnitude(&mut d, 0.7, &mut s), 7);
+        assert_eq!(d, [0.0, 0.0, 0.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0]);
+        let mut d = [1.0, -2.0];
+        assert_eq!(magnitude(&mut d, 1.0, &mut s), 2);
+        assert_eq!(d, [1.0, -2.0]);
+        assert_eq!(magnitude(&mut d, 0.0, &mut s), 0);
+        assert_eq!(d, [0.0, 0.0]);
+    }
+
+    #[test]
+    fn outliers_drop_the_top_gamma_and_the_bottom() {
+        let mut s = Vec::new();
+        let signed = |d: &mut [f32]| {
+            for (i, v) in d.iter_mut().enumerate() {
+                if i % 2 == 1 {
+                    *v = -*v;
+                }
+            }
+        };
+        // n = 10, target 5, n_top 1, n_bot 4: keep magnitudes 5..=9.
+        let mut d: Vec<f32> = (1..=10).map(|v| v as f32).collect();
+        signed(&mut d);
+        assert_eq!(outliers(&mut d, 0.5, 0.1, &mut s), 5);
+        assert_eq!(
+            d,
+            [0.0, 0.0, 0.0, 0.0, 5.0, -6.0, 7.0, -8.0, 9.0, 0.0],
+            "{d:?}"
+        );
+        // target 9, n_top 2 > 10 − 9: the outlier cut shrinks to 1.
+        let mut d: Vec<f32> = (1..=10).map(|v| v as f32).collect();
+        assert_eq!(outliers(&mut d, 0.9, 0.2, &mut s), 9);
+        assert_eq!(d, [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 0.0]);
+        // gamma 0.01 on 10 elements: n_top 0, keep the top 3 (0.1.4 zeroed everything).
+        let mut d: Vec<f32> = (1..=10).rev().map(|v| v as f32).collect();
+        assert_eq!(outliers(&mut d, 0.3, 0.01, &mut s), 3);
+        assert_eq!(d, [10.0, 9.0, 8.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]);
+        // Density 1 drops no outliers; density 0 drops everything.
+        let mut d = [1.0, 100.0];
+        assert_eq!(outliers(&mut d, 1.0, 0.5, &mut s), 2);
+        assert_eq!(d, [1.0, 100.0]);
+        assert_eq!(outliers(&mut d, 0.0, 0.5, &mut s), 0);
+        assert_eq!(d, [0.0, 0.0]);
+    }
+
+    #[test]
+    fn outliers_break_ties_like_top_k() {
+        // All equal: ranks follow the index; drop rank 0 (n_top 1), keep ranks 1 and 2.
+        let mut d = [2.0, -2.0, 2.0, -2.0, 2.0];
+        outliers(&mut d, 0.4, 0.2, &mut Vec::new());
+        assert_eq!(d, [0.0, -2.0, 2.0, 0.0, 0.0]);
+    }
+
+    #[test]
+    fn random_keeps_exactly_where_uniform_is_below_density() {
+        let r = rng();
+        let mut d = vec![1.5f32; 64];
+        let kept = random(&mut d, 0.4, &r);
+        for (i, v) in d.iter().enumerate() {
+            let expect = if r.uniform(i as u64) < 0.4 { 1.5 } else { 0.0 };
+            assert_eq!(*v, expect);
+        }
+        assert_eq!(kept, d.iter().filter(|v| **v != 0.0).count());
+        let mut d = vec![1.5f32; 8];
+        assert_eq!(random(&mut d, 1.0, &r), 8);
+        assert!(d.iter().all(|v| *v == 1.5));
+    }
+
+    #[test]
+    fn random_keeps_density_on_a_million_elements() {
+        let n = 1_000_000;
+        for density in [0.1f32, 0.3, 0.9] {
+            let mut d = vec![1.0f32; n];
+            let kept = random(&mut d, density, &rng());
+            let fraction = kept as f64 / n as f64;
+            assert!((fraction - f64::from(density)).abs() < 0.002, "{fraction}");
+        }
+    }
+
+    #[test]
+    fn random_with_inverse_rescale_is_unbiased() {
+        let n = 1_000_000;
+        let original: Vec<f32> = (0..n).map(|i| 1.0 + (i % 7) as f32).collect();
+        let mean = |v: &[f32]| v.iter().map(|x| f64::from(*x)).sum::<f64>() / n as f64;
+        for density in [0.2f32, 0.5] {
+            let mut d = original.clone();
+            random(&mut d, density, &MaskRng::new(5, "unbiased", 2));
+            rescale_inverse(&mut d, density);
+            let ratio = mean(&d) / mean(&original);
+            assert!((ratio - 1.0).abs() < 0.01, "{ratio}");
+        }
+    }
+
+    #[test]
+    fn rescale_l1_restores_the_norm() {
+        let original: Vec<f32> = (0..10_000)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 7.0)
+            .collect();
+        let before = l1_norm(&original);
+        let mut d = original.clone();
+        random(&mut d, 0.3, &rng());
+        assert!(l1_norm(&d) < 0.5 * before);
+        rescale_l1(&mut d, before);
+        assert!(((l1_norm(&d) - before) / before).abs() < 1e-6);
+    }
+
+    #[test]
+    fn rescale_l1_skips_tiny_norms() {
+        let mut d = [0.0, 2.0];
+        rescale_l1(&mut d, 1e-8);
+        assert_eq!(d, [0.0, 2.0]);
+        let mut d = [0.0, 1e-9];
+        rescale_l1(&mut d, 4.0);
+        assert_eq!(d, [0.0, 1e-9]);
+        let mut d = [0.0, 2.0];
+        rescale_l1(&mut d, 4.0);
+        assert_eq!(d, [0.0, 4.0]);
+    }
+
+    #[test]
+    fn rescale_inverse_divides_by_density() {
+        let mut d = [0.0, 1.0, -3.0];
+        rescale_inverse(&mut d, 0.25);
+        assert_eq!(d, [0.0, 4.0, -12.0]);
+        rescale_inverse(&mut d, 1.0);
+        assert_eq!(d, [0.0, 4.0, -12.0]);
+    }
+
+    /// The mask DELLA must produce, given the keep probability of each flat index.
+    fn expected_della(values: &[f32], p_keep: &[f32], r: &MaskRng) -> Vec<f32> {
+        values
+            .iter()
+            .zip(p_keep)
+            .enumerate()
+            .map(|(i, (&v, &p))| if r.uniform(i as u64) < p { v } else { 0.0 })
+            .collect()
+    }
+
+    #[test]
+    fn della_keep_probability_follows_the_row_rank() {
+        // density 0.5, epsilon 0.2: p = 0.3 + 0.4 · rank / 3 along the row.
+        // |v| ranks: 0.1 → 0, 0.4 → 3, 0.3 → 2, 0.2 → 1.
+        let values = [0.1, -0.4, 0.3, -0.2];
+        let p = [0.3, 0.7, 0.3 + 0.8 / 3.0, 0.3 + 0.4 / 3.0];
+        for seed in 0..20 {
+            let r = MaskRng::new(seed, "della", 0);
+            let mut d = values;
+            let kept = della(&mut d, &[4], 0.5, 0.2, &r, &mut Vec::new(), "t").unwrap();
+            assert_eq!(d.to_vec(), expected_della(&values, &p, &r));
+            assert_eq!(kept, d.iter().filter(|v| **v != 0.0).count());
+        }
+    }
+
+    #[test]
+    fn della_ranks_along_axis_1() {
+        // Shape [2, 2, 2] with epsilon 0.4 at density 0.5: the smaller of each fibre
+        // (o, ·, k) keeps with p = 0.1, the larger with p = 0.9. Fibres pair flat
+        // indices {0, 2}, {1, 3}, {4, 6}, {5, 7}.
+        let values = [1.0, -8.0, 2.0, -7.0, 4.0, 5.0, 3.0, 6.0];
+        let p = [0.1, 0.9, 0.9, 0.1, 0.9, 0.1, 0.1, 0.9];
+        for seed in 0..20 {
+            let r = MaskRng::new(seed, "della3d", 1);
+            let mut d = values;
+            della(&mut d, &[2, 2, 2], 0.5, 0.4, &r, &mut Vec::new(), "t").unwrap();
+            assert_eq!(d.to_vec(), expected_della(&values, &p, &r), "seed {seed}");
+        }
+    }
+
+    #[test]
+    fn della_rows_are_independent_and_ties_rank_by_index() {
+        // Shape [2, 3]; row 1 is all ties, so its ranks follow the index.
+        let values = [3.0, 1.0, 2.0, 5.0, -5.0, 5.0];
+        let p = [0.8, 0.2, 0.5, 0.2, 0.5, 0.8];
+        for seed in 0..20 {
+            let r = MaskRng::new(seed, "rows", 0);
+            let mut d = values;
+            della(&mut d, &[2, 3], 0.5, 0.3, &r, &mut Vec::new(), "t").unwrap();
+            assert_eq!(d.to_vec(), expected_della(&values, &p, &r), "seed {seed}");
+        }
+    }
+
+    #[test]
+    fn della_single_element_rows_keep_with_density() {
+        let values = [1.0f32; 6];
+        let p = [0.4f32; 6];
+        let r = rng();
+        let mut d = values;
+        della(&mut d, &[6, 1], 0.4, 0.1, &r, &mut Vec::new(), "t").unwrap();
+        assert_eq!(d.to_vec(), expected_della(&values, &p, &r));
+    }
+
+    #[test]
+    fn della_kept_fraction_is_density() {
+        let (rows, cols) = (1000, 1000);
+        let values: Vec<f32> = (0..rows * cols)
+            .map(|i| ((i * 7919) % 1013) as f32 - 506.0)
+            .collect();
+        for (density, epsilon) in [(0.4f32, 0.1f32), (0.7, 0.25)] {
+            let mut d = values.clone();
+            let kept = della(
+                &mut d,
+                &[rows, cols],
+                density,
+                epsilon,
+                &rng(),
+                &mut Vec::new(),
+                "t",
+            )
+            .unwrap();
+            let fraction = kept as f64 / (rows * cols) as f64;
+            assert!((fraction - f64::from(density)).abs() < 0.003, "{fraction}");
+        }
+    }
+
+    #[test]
+    fn della_checks_epsilon_after_the_density_shortcuts() {
+        let r = rng();
+        let mut d = [1.0, 2.0, 3.0];
+        let err = della(&mut d, &[3], 0.1, 0.15, &r, &mut Vec::new(), "w").unwrap_err();
+        assert!(matches!(err, Error::Parameter { ref name, ref tensor, .. }
+            if name == "epsilon" && tensor == "w"));
+        assert!(della(&mut d, &[3], 0.9, 0.15, &r, &mut Vec::new(), "w").is_err());
+        // density + epsilon == 1 is rejected too (0.7 + 0.3 is exactly 1 in decimal).
+        assert!(della(&mut d, &[3], 0.7, 0.3, &r, &mut Vec::new(), "w").is_err());
+        assert_eq!(d, [1.0, 2.0, 3.0]);
+        assert_eq!(
+            della(&mut d, &[3], 1.0, 0.9, &r, &mut Vec::new(), "w").unwrap(),
+            3
+        );
+        assert_eq!(d, [1.0, 2.0, 3.0]);
+        assert_eq!(
+            della(&mut d, &[3], 0.0, 0.9, &r, &mut Vec::new(), "w").unwrap(),
+            0
+        );
+        assert_eq!(d, [0.0, 0.0, 0.0]);
+    }
+
+    #[test]
+    fn della_rejects_a_wrong_shape() {
+        let mut d = [1.0, 2.0, 3.0];
+        let err = della(&mut d, &[2, 2], 0.5, 0.1, &rng(), &mut Vec::new(), "w");
+        assert!(matches!(err, Err(Error::Parameter { ref name, .. }) if name == "shape"));
+    }
+
+    proptest! {
+        #[test]
+        fn top_k_keeps_exactly_k_of_the_largest(
+            values in prop::collection::vec(-100i32..100, 1..200),
+            k_seed: usize,
+        ) {
+            // Distinct-enough nonzero values so that "kept" means "nonzero".
+            let original: Vec<f32> = values.iter().map(|&v| v as f32 + 0.5).collect();
+            let k = k_seed % (original.len() + 1);
+            let mut d = original.clone();
+            prop_assert_eq!(top_k(&mut d, k, &mut Vec::new()), k);
+            prop_assert_eq!(d.iter().filter(|v| **v != 0.0).count(), k);
+            let smallest_kept = d.iter().filter(|v| **v != 0.0).map(|v| v.abs()).fold(f32::INFINITY, f32::min);
+            for (o, v) in original.iter().zip(&d) {
+                prop_assert!(*v == 0.0 || v == o);
+                if *v == 0.0 {
+                    prop_assert!(o.abs() <= smallest_kept);
+                }
+            }
+        }
+
+        #[test]
+        fn magnitude_keeps_floor_density_n(
+            values in prop::collection::vec(0.5f32..100.0, 1..300),
+            density in 0.0f32..1.0,
+        ) {
+            let mut d = values.clone();
+            let kept = magnitude(&mut d, density, &mut Vec::new());
+            let expected = if density <= 0.0 { 0 } else { keep_count(density, values.len()).max(1) };
+            prop_assert_eq!(kept, expected);
+            prop_assert_eq!(d.iter().filter(|v| **v != 0.0).count(), expected);
+        }
+
+        #[test]
+        fn random_masks_do_not_depend_on_chunking(
+            n in 1usize..2000,
+            cut_a in 0usize..2000,
+            cut_b in 0usize..2000,
+            density in 0.0f32..1.0,
+            seed: u64,
+        ) {
+            let r = MaskRng::new(seed, "chunked", 3);
+            let mut whole = vec![1.0f32; n];
+            random(&mut whole, density, &r);
+            let (a, b) = (cut_a.min(cut_b) % (n + 1), cut_a.max(cut_b).min(n));
+            let mut parts = vec![1.0f32; n];
+            // Visit the pieces out of order.
+            for (lo, hi) in [(b, n), (0, a), (a, b)] {
+                random_at(&mut parts[lo..hi], lo as u64, density, &r);
+            }
+            prop_assert_eq!(whole, parts);
+        }
+
+        #[test]
+        fn outliers_keep_a_contiguous_rank_band(
+            values in prop::collection::vec(1u16..1000, 1..300),
+            density in 0.0f32..1.0,
+            gamma in 0.0f32..0.5,
+        ) {
+            let original: Vec<f32> = values.iter().map(|&v| f32::from(v)).collect();
+            let n = original.len();
+            let mut d = original.clone();
+            let kept = outliers(&mut d, density, gamma, &mut Vec::new());
+            let target = keep_count(density, n);
+            prop_assert_eq!(kept, target);
+            prop_assert_eq!(d.iter().filter(|v| **v != 0.0).count(), target);
+            // Ranks by (|v| desc, index asc); kept ones form [n_top, n_top + target).
+            let mut ranked: Vec<usize> = (0..n).collect();
+            ranked.sort_by(|&a, &b| original[b].total_cmp(&original[a]).then(a.cmp(&b)));
+            let n_top = keep_count(gamma, n).min(n - target);
+            for (rank, &i) in ranked.iter().enumerate() {
+                let inside = rank >= n_top && rank < n_top + target;
+                prop_assert_eq!(d[i] != 0.0, inside);
+            }
+        }
+    }
+}

@@ -1,0 +1,185 @@
+//! Merge recipes: mmx's native TOML ([`native`]) and mergekit YAML configs ([`mergekit`]),
+//! both read into one [`Recipe`].
+//!
+//! ```no_run
+//! let recipe = mmx::recipe::Recipe::load("recipes/quickstart.toml".as_ref()).unwrap();
+//! println!("{} experts merged with {}", recipe.experts.len(), recipe.method);
+//! ```
+
+pub mod mergekit;
+pub mod native;
+mod param;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+pub use param::{layer_position, ParamValue, Scalar};
+
+use crate::error::{Error, Result};
+use crate::tensor::Dtype;
+
+/// Where a model, adapter or expert comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Source {
+    /// A local directory: a Hugging Face model or a PEFT adapter (told apart by their files).
+    Dir(PathBuf),
+    /// mergekit's `model+lora`: a model with a PEFT adapter applied in memory.
+    WithLora {
+        /// The model directory.
+        model: PathBuf,
+        /// The adapter directory.
+        lora: PathBuf,
+    },
+}
+
+impl std::fmt::Display for Source {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Source::Dir(p) => write!(f, "{}", p.display()),
+            Source::WithLora { model, lora } => {
+                write!(f, "{}+{}", model.display(), lora.display())
+            }
+        }
+    }
+}
+
+/// What a merge writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutputKind {
+    /// A complete Hugging Face model directory.
+    Full,
+    /// Only the merged update (merged − base) of the tensors the experts change.
+    Delta,
+    /// A LoRA adapter (needs core-space merging).
+    Lora,
+}
+
+/// Which file format a recipe came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RecipeFormat {
+    /// mmx's TOML.
+    Native,
+    /// A mergekit YAML config.
+    Mergekit,
+}
+
+/// Parameters by name, as written (not yet resolved per tensor).
+pub type Parameters = BTreeMap<String, ParamValue>;
+
+/// One expert to merge.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ExpertSpec {
+    /// Where it comes from.
+    pub source: Source,
+    /// Its own parameters (override the recipe-wide ones).
+    pub parameters: Parameters,
+}
+
+/// A merge recipe, format-independent.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Recipe {
+    /// The recipe file.
+    pub path: PathBuf,
+    /// Its format.
+    pub format: RecipeFormat,
+    /// Its text, recorded in `mmx-merge.json`.
+    pub text: String,
+    /// The method name (validated against the methods when planned).
+    pub method: String,
+    /// The base model.
+    pub base: Option<Source>,
+    /// The experts, in recipe order.
+    pub experts: Vec<ExpertSpec>,
+    /// Recipe-wide parameters.
+    pub parameters: Parameters,
+    /// What to write.
+    pub output: OutputKind,
+    /// Output dtype; `None` keeps each tensor's base dtype.
+    pub dtype: Option<Dtype>,
+    /// Seed of the random methods.
+    pub seed: u64,
+}
+
+impl Recipe {
+    /// Reads a recipe, choosing the format by extension: `.toml` native, `.yml`/`.yaml` mergekit.
+    pub fn load(path: &Path) -> Result<Recipe> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        match path.extension().and_then(|e| e.to_str()) {
+            Some("toml") => native::parse(path, text),
+            Some("yml" | "yaml") => mergekit::parse(path, text),
+            _ => Err(Error::Recipe {
+                path: path.to_path_buf(),
+                message: "unknown recipe format: use `.toml` (mmx) or `.yml`/`.yaml` (mergekit)"
+                    .to_string(),
+            }),
+        }
+    }
+}
+
+/// Reads a parameter table from JSON, naming the key path of a bad value.
+fn parameters(path: &Path, at: &str, value: Option<&serde_json::Value>) -> Result<Parameters> {
+    let mut out = Parameters::new();
+    match value {
+        None | Some(serde_json::Value::Null) => {}
+        Some(serde_json::Value::Object(map)) => {
+            for (k, v) in map {
+                let parsed = ParamValue::from_json(v).map_err(|message| Error::Recipe {
+                    path: path.to_path_buf(),
+                    message: format!("`{at}.{k}`: {message}"),
+                })?;
+                out.insert(k.clone(), parsed);
+            }
+        }
+        Some(other) => {
+            return Err(Error::Recipe {
+                path: path.to_path_buf(),
+                message: format!("`{at}` must be a table of parameters, found {other}"),
+            })
+        }
+    }
+    Ok(out)
+}
+
+/// Turns a source string into a [`Source`]: `model+lora`, refusing registry and hub references
+/// this build cannot resolve. Relative paths are joined to `root`.
+fn source(path: &Path, at: &str, text: &str, root: &Path) -> Result<Source> {
+    let fail = |message: String| Error::Recipe {
+        path: path.to_path_buf(),
+        message: format!("`{at}`: {message}"),
+    };
+    if text.starts_with("registry:") || text.starts_with("blake3:") {
+        return Err(fail(format!(
+            "`{text}` is a registry reference; this build of mmx reads local directories only"
+        )));
+    }
+    let local = |p: &str| -> Result<PathBuf> {
+        let (p, revision) = match p.split_once('@') {
+            Some((p, rev)) => (p, Some(rev)),
+            None => (p, None),
+        };
+        if let Some(rev) = revision {
+            return Err(fail(format!(
+                "`{p}@{rev}` names a hub revision; mmx reads local directories only and never downloads"
+            )));
+        }
+        let joined = root.join(p);
+        if !joined.is_dir() {
+            return Err(fail(format!(
+                "`{}` is not a directory (mmx reads local directories only and never downloads from a hub)",
+                joined.display()
+            )));
+        }
+        Ok(joined)
+    };
+    let parts: Vec<&str> = text.split('+').collect();
+    match parts.as_slice() {
+        [model] => Ok(Source::Dir(local(model)?)),
+        [model, lora] => Ok(Source::WithLora {
+            model: local(model)?,
+            lora: local(lora)?,
+        }),
+        _ => Err(fail(format!(
+            "`{text}` has more than one `+`; the syntax is `model+lora`"
+        ))),
+    }
+}

@@ -1,0 +1,257 @@
+//! mmx's native TOML recipe (DESIGN.md §3). Relative paths are relative to the recipe file.
+
+use std::path::Path;
+
+use serde_json::Value;
+
+use super::{parameters, source, ExpertSpec, OutputKind, ParamValue, Recipe, RecipeFormat};
+use crate::error::{Error, Result};
+use crate::tensor::Dtype;
+
+const MERGE_KEYS: &[&str] = &[
+    "method",
+    "base",
+    "output",
+    "space",
+    "rank",
+    "dtype",
+    "seed",
+    "parameters",
+    "experts",
+];
+const EXPERT_KEYS: &[&str] = &["source", "weight", "parameters"];
+
+/// Parses a native recipe.
+pub fn parse(path: &Path, text: String) -> Result<Recipe> {
+    let fail = |message: String| Error::Recipe {
+        path: path.to_path_buf(),
+        message,
+    };
+    let doc: toml::Table = toml::from_str(&text).map_err(|e| fail(e.to_string()))?;
+    let doc = serde_json::to_value(doc).map_err(|e| fail(e.to_string()))?;
+    if let Some(key) = doc
+        .as_object()
+        .and_then(|m| m.keys().find(|k| *k != "merge"))
+    {
+        return Err(fail(format!(
+            "unknown top-level key `{key}` (expected `[merge]`)"
+        )));
+    }
+    let merge = doc
+        .get("merge")
+        .and_then(Value::as_object)
+        .ok_or_else(|| fail("no `[merge]` table".to_string()))?;
+    if let Some(key) = merge.keys().find(|k| !MERGE_KEYS.contains(&k.as_str())) {
+        return Err(fail(format!(
+            "unknown key `merge.{key}` (expected one of {})",
+            MERGE_KEYS.join(", ")
+        )));
+    }
+    let string = |key: &str| -> Result<Option<&str>> {
+        match merge.get(key) {
+            None => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s)),
+            Some(other) => Err(fail(format!(
+                "`merge.{key}` must be a string, found {other}"
+            ))),
+        }
+    };
+    let root = path.parent().unwrap_or(Path::new("."));
+    let method = string("method")?
+        .ok_or_else(|| fail("`merge.method` is missing".to_string()))?
+        .to_string();
+    let base = string("base")?
+        .map(|b| source(path, "merge.base", b, root))
+        .transpose()?;
+    let output = match string("output")?.unwrap_or("full") {
+        "full" => OutputKind::Full,
+        "delta" => OutputKind::Delta,
+        "lora" => OutputKind::Lora,
+        other => {
+            return Err(fail(format!(
+                "`merge.output` is `{other}`, expected `full`, `delta` or `lora`"
+            )))
+        }
+    };
+    match string("space")?.unwrap_or("full") {
+        "full" => {}
+        "core" => {
+            return Err(fail(
+                "`merge.space = \"core\"` (core-space merging) is not available in this build; use `space = \"full\"`"
+                    .to_string(),
+            ))
+        }
+        other => {
+            return Err(fail(format!(
+                "`merge.space` is `{other}`, expected `full` or `core`"
+            )))
+        }
+    }
+    if merge.contains_key("rank") && output != OutputKind::Lora {
+        return Err(fail(
+            "`merge.rank` applies to LoRA output only (`output = \"lora\"`)".to_string(),
+        ));
+    }
+    let dtype = string("dtype")?
+        .map(|d| {
+            Dtype::from_user(d).ok_or_else(|| {
+                fail(format!(
+                    "`merge.dtype` is `{d}`, expected `float32`, `float16` or `bfloat16`"
+                ))
+            })
+        })
+        .transpose()?;
+    let seed = match merge.get("seed") {
+        None => 0,
+        Some(v) => v.as_u64().ok_or_else(|| {
+            fail(format!(
+                "`merge.seed` must be a non-negative integer, found {v}"
+            ))
+        })?,
+    };
+    let parameters_table = parameters(path, "merge.parameters", merge.get("parameters"))?;
+
+    let items = match merge.get("experts") {
+        Some(Value::Array(items)) if !items.is_empty() => items,
+        _ => return Err(fail("no `[[merge.experts]]`".to_string())),
+    };
+    let mut experts = Vec::with_capacity(items.len());
+    for (i, item) in items.iter().enumerate() {
+        let at = format!("merge.experts[{i}]");
+        let Value::Object(map) = item else {
+            return Err(fail(format!("`{at}` must be a table")));
+        };
+        if let Some(key) = map.keys().find(|k| !EXPERT_KEYS.contains(&k.as_str())) {
+            return Err(fail(format!(
+                "unknown key `{at}.{key}` (expected one of {})",
+                EXPERT_KEYS.join(", ")
+            )));
+        }
+        let src = map
+            .get("source")
+            .and_then(Value::as_str)
+            .ok_or_else(|| fail(format!("`{at}.source` is missing or not a string")))?;
+        let mut params = parameters(path, &format!("{at}.parameters"), map.get("parameters"))?;
+        if let Some(w) = map.get("weight") {
+            let weight =
+                ParamValue::from_json(w).map_err(|m| fail(format!("`{at}.weight`: {m}")))?;
+            if params.insert("weight".to_string(), weight).is_some() {
+                return Err(fail(format!(
+                    "`{at}` sets `weight` twice (beside and inside `parameters`)"
+                )));
+            }
+        }
+        experts.push(ExpertSpec {
+            source: source(path, &format!("{at}.source"), src, root)?,
+            parameters: params,
+        });
+    }
+    Ok(Recipe {
+        path: path.to_path_buf(),
+        format: RecipeFormat::Native,
+        text,
+        method,
+        base,
+        experts,
+        parameters: parameters_table,
+        output,
+        dtype,
+        seed,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::recipe::{Scalar, Source};
+
+    fn dirs() -> tempfile::TempDir {
+        let d = tempfile::tempdir().unwrap();
+        for name in ["base", "a", "b"] {
+            std::fs::create_dir(d.path().join(name)).unwrap();
+        }
+        d
+    }
+
+    #[test]
+    fn reads_a_recipe_relative_to_its_file() {
+        let d = dirs();
+        let path = d.path().join("r.toml");
+        let text = r#"
+[merge]
+method = "ties"
+base = "base"
+dtype = "bfloat16"
+seed = 7
+[merge.parameters]
+density = 0.5
+[[merge.experts]]
+source = "a"
+weight = 0.7
+[[merge.experts]]
+source = "base+b"
+parameters = { density = [0.2, 0.8] }
+"#;
+        let r = parse(&path, text.to_string()).unwrap();
+        assert_eq!(r.method, "ties");
+        assert_eq!(r.base, Some(Source::Dir(d.path().join("base"))));
+        assert_eq!(r.dtype, Some(Dtype::BF16));
+        assert_eq!(r.seed, 7);
+        assert_eq!(
+            r.experts[0].parameters["weight"],
+            ParamValue::Scalar(Scalar::Number(0.7))
+        );
+        assert_eq!(
+            r.experts[1].source,
+            Source::WithLora {
+                model: d.path().join("base"),
+                lora: d.path().join("b")
+            }
+        );
+        assert!(matches!(
+            r.experts[1].parameters["density"],
+            ParamValue::Gradient(_)
+        ));
+    }
+
+    #[test]
+    fn names_the_key_that_is_wrong() {
+        let d = dirs();
+        let path = d.path().join("r.toml");
+        for (text, needle) in [
+            (
+                "[merge]\nmethod='ties'\nbase='base'\nfoo=1\n[[merge.experts]]\nsource='a'",
+                "merge.foo",
+            ),
+            (
+                "[merge]\nmethod='ties'\n[[merge.experts]]\nsource='missing'",
+                "merge.experts[0].source",
+            ),
+            (
+                "[merge]\nmethod='ties'\n[[merge.experts]]\nsource='a'\nwieght=1",
+                "merge.experts[0].wieght",
+            ),
+            (
+                "[merge]\nmethod='ties'\ndtype='int8'\n[[merge.experts]]\nsource='a'",
+                "merge.dtype",
+            ),
+            (
+                "[merge]\nmethod='ties'\nspace='core'\n[[merge.experts]]\nsource='a'",
+                "core",
+            ),
+            (
+                "[merge]\nmethod='ties'\n[[merge.experts]]\nsource='registry:x:v1'",
+                "registry",
+            ),
+            (
+                "[merge]\nmethod='ties'\n[[merge.experts]]\nsource='a+b+base'",
+                "more than one",
+            ),
+            ("[merge]\nmethod = \n", "line 2"),
+        ] {
+            let err = parse(&path, text.to_string()).unwrap_err().to_string();
+            assert!(err.contains(needle), "{text}: {err}");
+            assert!(err.contains("r.toml"), "{err}");
+        }
+    }
+}

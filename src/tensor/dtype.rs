@@ -1,0 +1,174 @@
+//! Element types as safetensors names them, and conversion to and from f32.
+
+use serde::{Deserialize, Serialize};
+
+/// A safetensors element type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[allow(missing_docs, non_camel_case_types)]
+pub enum Dtype {
+    BOOL,
+    U8,
+    I8,
+    U16,
+    I16,
+    F16,
+    BF16,
+    U32,
+    I32,
+    F32,
+    U64,
+    I64,
+    F64,
+    F8_E4M3,
+    F8_E5M2,
+}
+
+impl Dtype {
+    /// Bytes per element.
+    pub fn size(self) -> usize {
+        match self {
+            Dtype::BOOL | Dtype::U8 | Dtype::I8 | Dtype::F8_E4M3 | Dtype::F8_E5M2 => 1,
+            Dtype::U16 | Dtype::I16 | Dtype::F16 | Dtype::BF16 => 2,
+            Dtype::U32 | Dtype::I32 | Dtype::F32 => 4,
+            Dtype::U64 | Dtype::I64 | Dtype::F64 => 8,
+        }
+    }
+
+    /// The name used in safetensors headers (`F32`, `BF16`, ...).
+    pub fn name(self) -> &'static str {
+        match self {
+            Dtype::BOOL => "BOOL",
+            Dtype::U8 => "U8",
+            Dtype::I8 => "I8",
+            Dtype::U16 => "U16",
+            Dtype::I16 => "I16",
+            Dtype::F16 => "F16",
+            Dtype::BF16 => "BF16",
+            Dtype::U32 => "U32",
+            Dtype::I32 => "I32",
+            Dtype::F32 => "F32",
+            Dtype::U64 => "U64",
+            Dtype::I64 => "I64",
+            Dtype::F64 => "F64",
+            Dtype::F8_E4M3 => "F8_E4M3",
+            Dtype::F8_E5M2 => "F8_E5M2",
+        }
+    }
+
+    /// Whether mmx can do arithmetic on it (it converts to f32 exactly enough).
+    pub fn is_float(self) -> bool {
+        matches!(self, Dtype::F16 | Dtype::BF16 | Dtype::F32 | Dtype::F64)
+    }
+
+    /// Whether mmx can write it as a merge output.
+    pub fn is_output(self) -> bool {
+        matches!(self, Dtype::F16 | Dtype::BF16 | Dtype::F32)
+    }
+
+    /// Parses the spellings users write in recipes: `float32`, `float16`, `bfloat16`, `f32`, ...
+    pub fn from_user(name: &str) -> Option<Dtype> {
+        match name.to_ascii_lowercase().as_str() {
+            "float32" | "f32" | "fp32" => Some(Dtype::F32),
+            "float16" | "f16" | "fp16" | "half" => Some(Dtype::F16),
+            "bfloat16" | "bf16" => Some(Dtype::BF16),
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for Dtype {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Converts little-endian bytes of a float dtype into f32 values; `None` for non-float dtypes.
+pub fn to_f32(dtype: Dtype, bytes: &[u8]) -> Option<Vec<f32>> {
+    let out = match dtype {
+        Dtype::F32 => bytes
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect(),
+        Dtype::F16 => bytes
+            .chunks_exact(2)
+            .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+        Dtype::BF16 => bytes
+            .chunks_exact(2)
+            .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+        Dtype::F64 => bytes
+            .chunks_exact(8)
+            .map(|c| {
+                let mut b = [0u8; 8];
+                b.copy_from_slice(c);
+                f64::from_le_bytes(b) as f32
+            })
+            .collect(),
+        _ => return None,
+    };
+    Some(out)
+}
+
+/// Encodes f32 values as little-endian bytes of an output dtype (round to nearest even, as
+/// PyTorch's casts do); `None` for a dtype mmx does not write.
+pub fn from_f32(dtype: Dtype, values: &[f32]) -> Option<Vec<u8>> {
+    let out = match dtype {
+        Dtype::F32 => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        Dtype::F16 => values
+            .iter()
+            .flat_map(|v| half::f16::from_f32(*v).to_le_bytes())
+            .collect(),
+        Dtype::BF16 => values
+            .iter()
+            .flat_map(|v| half::bf16::from_f32(*v).to_le_bytes())
+            .collect(),
+        _ => return None,
+    };
+    Some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trips_exactly_representable_values() {
+        let values = [0.0f32, -1.5, 2.0, 0.25, -1024.0];
+        for dtype in [Dtype::F32, Dtype::F16, Dtype::BF16] {
+            let bytes = from_f32(dtype, &values).unwrap();
+            assert_eq!(bytes.len(), values.len() * dtype.size());
+            assert_eq!(to_f32(dtype, &bytes).unwrap(), values, "{dtype}");
+        }
+    }
+
+    #[test]
+    fn bf16_rounds_to_nearest_even() {
+        // 1 + 2^-8 lies exactly between two bf16 values (1 and 1 + 2^-7): ties go to even (1).
+        let halfway = 1.0 + 2f32.powi(-8);
+        let bytes = from_f32(Dtype::BF16, &[halfway]).unwrap();
+        assert_eq!(to_f32(Dtype::BF16, &bytes).unwrap(), [1.0]);
+        let above = 1.0 + 2f32.powi(-8) + 2f32.powi(-12);
+        let bytes = from_f32(Dtype::BF16, &[above]).unwrap();
+        assert_eq!(to_f32(Dtype::BF16, &bytes).unwrap(), [1.0 + 2f32.powi(-7)]);
+    }
+
+    #[test]
+    fn reads_f64_and_refuses_integers() {
+        let bytes: Vec<u8> = [1.25f64, -3.0]
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect();
+        assert_eq!(to_f32(Dtype::F64, &bytes).unwrap(), [1.25, -3.0]);
+        assert!(to_f32(Dtype::I64, &bytes).is_none());
+        assert!(from_f32(Dtype::F64, &[1.0]).is_none());
+    }
+
+    #[test]
+    fn parses_user_spellings() {
+        assert_eq!(Dtype::from_user("bfloat16"), Some(Dtype::BF16));
+        assert_eq!(Dtype::from_user("Float16"), Some(Dtype::F16));
+        assert_eq!(Dtype::from_user("float32"), Some(Dtype::F32));
+        assert_eq!(Dtype::from_user("int8"), None);
+    }
+}

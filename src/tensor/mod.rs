@@ -1,0 +1,16 @@
+//! Tensors on disk: dtypes, zero-copy safetensors reading with validated headers, and atomic,
+//! sharded writing.
+//!
+//! The main types are [`SafetensorsFile`] (read) and [`ShardedWriter`] (write).
+
+mod dtype;
+mod file;
+mod header;
+mod writer;
+
+pub use dtype::{from_f32, to_f32, Dtype};
+pub use file::{check_finite, SafetensorsFile};
+pub use header::{encode_header, parse_header, Header, HeaderError, TensorInfo, MAX_HEADER_BYTES};
+pub use writer::{
+    sync_dir, temp_sibling, write_atomic, write_safetensors, ShardedWriter, TensorSpec,
+};

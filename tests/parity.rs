@@ -1,0 +1,175 @@
+//! Reference parity: mmx against outputs that mergekit 0.1.5 and PEFT 0.21 wrote for the same
+//! inputs (tests/fixtures/reference, made by tests/fixtures/make_reference.py).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use mmx::adapter::Adapter;
+use mmx::checkpoint::Checkpoint;
+use mmx::tensor::SafetensorsFile;
+use serde_json::Value;
+
+fn reference_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/reference")
+}
+
+fn cases() -> Value {
+    let text = std::fs::read_to_string(reference_dir().join("cases.json")).unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+/// Runs `mmx merge` on a mergekit config from the fixtures directory, as mergekit was run.
+fn merge(config: &str, out: &Path) {
+    let status = Command::new(env!("CARGO_BIN_EXE_mmx"))
+        .current_dir(reference_dir())
+        .args(["merge", config, "--seed", "0", "-o"])
+        .arg(out)
+        .output()
+        .unwrap();
+    assert!(
+        status.status.success(),
+        "{config}: {}",
+        String::from_utf8_lossy(&status.stderr)
+    );
+}
+
+/// The largest elementwise error of `ours` against `theirs`, relative to the largest magnitude of
+/// `theirs` in the same tensor (elementwise ratios are meaningless where TIES leaves zeros).
+fn relative_error(ours: &[f32], theirs: &[f32]) -> f64 {
+    let scale = theirs.iter().fold(0f64, |m, v| m.max(v.abs() as f64));
+    let worst = ours
+        .iter()
+        .zip(theirs)
+        .fold(0f64, |m, (a, b)| m.max((*a as f64 - *b as f64).abs()));
+    worst / scale.max(f64::MIN_POSITIVE)
+}
+
+#[test]
+fn deterministic_methods_match_mergekit() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut checked = 0;
+    for case in cases()["cases"].as_array().unwrap() {
+        if case["kind"] != "exact" {
+            continue;
+        }
+        let name = case["case"].as_str().unwrap();
+        let out = dir.path().join(name);
+        merge(case["config"].as_str().unwrap(), &out);
+        let ours = SafetensorsFile::open(out.join("model.safetensors")).unwrap();
+        let theirs =
+            SafetensorsFile::open(reference_dir().join(case["output"].as_str().unwrap())).unwrap();
+        let mut worst = 0f64;
+        let names: Vec<&str> = theirs.names().collect();
+        assert_eq!(
+            ours.names().collect::<Vec<_>>(),
+            names,
+            "{name}: tensor set"
+        );
+        for tensor in names {
+            let err = relative_error(
+                &ours.read_f32(tensor).unwrap(),
+                &theirs.read_f32(tensor).unwrap(),
+            );
+            assert!(
+                err <= 1e-5,
+                "{name}: `{tensor}` differs by {err:e} relative"
+            );
+            worst = worst.max(err);
+        }
+        eprintln!("parity {name:<22} worst relative error {worst:.2e}");
+        checked += 1;
+    }
+    assert!(checked >= 10, "only {checked} exact cases found");
+}
+
+/// Fraction of changed entries and L1 norm of (output − base) over all tensors.
+fn delta_stats(model: &SafetensorsFile, base: &Checkpoint) -> (f64, f64) {
+    let (mut changed, mut total, mut l1) = (0usize, 0usize, 0f64);
+    for tensor in model.names() {
+        let out = model.read_f32(tensor).unwrap();
+        let b = base.read_f32(tensor).unwrap();
+        for (o, b) in out.iter().zip(&b) {
+            let d = (*o as f64) - (*b as f64);
+            changed += usize::from(d != 0.0);
+            l1 += d.abs();
+        }
+        total += out.len();
+    }
+    (changed as f64 / total as f64, l1)
+}
+
+#[test]
+fn random_methods_match_mergekit_statistically() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = Checkpoint::open(reference_dir().join("base")).unwrap();
+    let mut checked = 0;
+    for case in cases()["cases"].as_array().unwrap() {
+        if case["kind"] != "statistical" {
+            continue;
+        }
+        let name = case["case"].as_str().unwrap();
+        let out = dir.path().join(name);
+        merge(case["config"].as_str().unwrap(), &out);
+        let ours = SafetensorsFile::open(out.join("model.safetensors")).unwrap();
+        let theirs =
+            SafetensorsFile::open(reference_dir().join(case["output"].as_str().unwrap())).unwrap();
+        let (frac_ours, l1_ours) = delta_stats(&ours, &base);
+        let (frac_theirs, l1_theirs) = delta_stats(&theirs, &base);
+        eprintln!(
+            "parity {name:<14} changed {frac_ours:.4} vs {frac_theirs:.4}, L1 ratio {:.4}",
+            l1_ours / l1_theirs
+        );
+        assert!(
+            (frac_ours - frac_theirs).abs() < 0.01,
+            "{name}: changed fraction"
+        );
+        assert!(
+            (l1_ours / l1_theirs - 1.0).abs() < 0.03,
+            "{name}: L1 norm of the merged delta"
+        );
+        checked += 1;
+    }
+    assert_eq!(checked, 4, "dare_ties, dare_linear, della, della_linear");
+}
+
+#[test]
+fn adapters_apply_like_peft_merge_and_unload() {
+    let mut checked = 0;
+    for entry in cases()["adapters"].as_array().unwrap() {
+        let root = reference_dir();
+        let adapter = Adapter::open(root.join(entry["adapter"].as_str().unwrap())).unwrap();
+        let base = Checkpoint::open(root.join(entry["base"].as_str().unwrap())).unwrap();
+        let merged = SafetensorsFile::open(root.join(entry["merged"].as_str().unwrap())).unwrap();
+        let mut worst = 0f64;
+        let mut changed = 0;
+        for tensor in merged.names() {
+            let expected = merged.read_f32(tensor).unwrap();
+            let mut ours = match adapter.replacement(tensor).unwrap() {
+                Some(r) => r,
+                None => base.read_f32(tensor).unwrap(),
+            };
+            if let Some(delta) = adapter.delta(tensor).unwrap() {
+                ours.iter_mut().zip(&delta).for_each(|(v, d)| *v += d);
+                changed += 1;
+            }
+            let err = relative_error(&ours, &expected);
+            assert!(
+                err <= 1e-5,
+                "{}: `{tensor}` differs by {err:e}",
+                entry["adapter"]
+            );
+            worst = worst.max(err);
+        }
+        assert!(
+            changed > 0,
+            "{}: the adapter changed nothing",
+            entry["adapter"]
+        );
+        eprintln!(
+            "parity {:<12} (PEFT merge_and_unload) worst relative error {worst:.2e}",
+            entry["adapter"].as_str().unwrap()
+        );
+        checked += 1;
+    }
+    assert!(checked >= 3, "only {checked} adapters checked");
+}
