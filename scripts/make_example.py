@@ -293,7 +293,14 @@ def build_adapters():
                 assert a.ne(0).all() and b.ne(0).all()
         pm.peft_config["default"].base_model_name_or_path = BASE_NAME
         out = ADAPTER_DIR / specialty
-        pm.save_pretrained(str(out), safe_serialization=True)
+        # PEFT looks up base_model_name_or_path while saving (to see whether the
+        # vocabulary was resized); run from examples/ so the relative name resolves.
+        cwd = os.getcwd()
+        os.chdir(EXAMPLES)
+        try:
+            pm.save_pretrained(str(out), safe_serialization=True)
+        finally:
+            os.chdir(cwd)
         readme = out / "README.md"
         if readme.exists():
             readme.unlink()

@@ -5,6 +5,7 @@ use std::collections::BTreeSet;
 use std::path::Path;
 
 use super::expert::Expert;
+use super::sparsify::check_della;
 use super::method::{DisjointMean, ExpertParams, GlobalParams, Method, RescaleMode, SignElection};
 use crate::checkpoint::Checkpoint;
 use crate::error::{Error, Result};
@@ -500,15 +501,19 @@ fn check_ranges(method: Method, tensor: &str, expert: &str, p: &ExpertParams) ->
     if p.epsilon < 0.0 {
         return Err(fail("epsilon", format!("{} is negative", p.epsilon)));
     }
-    let della = matches!(method, Method::Della | Method::DellaLinear);
-    if della && p.density < 1.0 && !(p.density - p.epsilon > 0.0 && p.density + p.epsilon < 1.0) {
-        return Err(fail(
-            "epsilon",
-            format!(
-                "della needs 0 < density − epsilon and density + epsilon < 1, got density {} and epsilon {}",
-                p.density, p.epsilon
-            ),
-        ));
+    if matches!(method, Method::Della | Method::DellaLinear) {
+        check_della(p.density, p.epsilon, tensor).map_err(|e| match e {
+            Error::Parameter {
+                name,
+                tensor,
+                message,
+            } => Error::Parameter {
+                name,
+                tensor,
+                message: format!("expert `{expert}`: {message}"),
+            },
+            other => other,
+        })?;
     }
     Ok(())
 }

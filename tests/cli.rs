@@ -1,0 +1,265 @@
+//! The `mmx` binary on good and bad input: every bad input is a clear error naming the file and
+//! the tensor, exit code 2, and no output (not even a partial or temporary one).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use mmx::tensor::{from_f32, write_safetensors, SafetensorsFile, TensorSpec};
+
+fn reference(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/reference")
+        .join(name)
+}
+
+fn mmx(args: &[&str], cwd: &Path) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_mmx"))
+        .current_dir(cwd)
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
+    }
+}
+
+/// Copies a fixture model into `dir`, letting `edit` change, drop or reshape its tensors.
+fn edited_model(
+    from: &str,
+    dir: &Path,
+    edit: impl Fn(&str, &mut Vec<usize>, &mut Vec<f32>) -> bool,
+) -> PathBuf {
+    copy_dir(&reference(from), dir);
+    let file = SafetensorsFile::open(reference(from).join("model.safetensors")).unwrap();
+    let mut tensors = Vec::new();
+    for name in file.names() {
+        let mut shape = file.info(name).unwrap().shape.clone();
+        let mut values = file.read_f32(name).unwrap();
+        if edit(name, &mut shape, &mut values) {
+            let spec = TensorSpec {
+                name: name.to_string(),
+                dtype: mmx::tensor::Dtype::F32,
+                shape,
+            };
+            tensors.push((spec, from_f32(mmx::tensor::Dtype::F32, &values).unwrap()));
+        }
+    }
+    let path = dir.join("model.safetensors");
+    std::fs::remove_file(&path).unwrap();
+    write_safetensors(&path, &tensors, &BTreeMap::new()).unwrap();
+    dir.to_path_buf()
+}
+
+/// Writes a mergekit config merging `experts` onto the fixture base and returns its path.
+fn config(dir: &Path, method: &str, experts: &[&Path], extra: &str) -> PathBuf {
+    let mut text = format!(
+        "merge_method: {method}\nbase_model: {}\ndtype: float32\nmodels:\n",
+        reference("base").display()
+    );
+    for e in experts {
+        text.push_str(&format!("  - model: {}\n    parameters: {{weight: 1.0}}\n", e.display()));
+    }
+    text.push_str(extra);
+    let path = dir.join("merge.yml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// Asserts a failed merge: exit code 2, every needle in the message, and nothing left in `work`
+/// but the inputs (no output directory, no temporary directory).
+fn assert_refused(work: &Path, cfg: &Path, needles: &[&str]) {
+    let before: Vec<_> = std::fs::read_dir(work).unwrap().map(|e| e.unwrap().file_name()).collect();
+    let out = mmx(&["merge", cfg.to_str().unwrap(), "-o", "merged"], work);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    for needle in needles {
+        assert!(stderr.contains(needle), "`{needle}` not in: {stderr}");
+    }
+    let after: Vec<_> = std::fs::read_dir(work).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(before, after, "the failed merge left files behind: {stderr}");
+}
+
+const TENSOR: &str = "model.layers.1.mlp.up_proj.weight";
+
+#[test]
+fn refuses_a_shape_mismatch() {
+    let work = tempfile::tempdir().unwrap();
+    let bad = edited_model("ft_a", &work.path().join("bad"), |name, shape, _| {
+        if name == TENSOR {
+            shape.swap(0, 1);
+        }
+        true
+    });
+    let cfg = config(work.path(), "ties", &[&bad, &reference("ft_b")], "parameters: {density: 0.5}\n");
+    assert_refused(work.path(), &cfg, &["bad", TENSOR, "[32, 64]", "[64, 32]"]);
+}
+
+#[test]
+fn refuses_a_missing_tensor() {
+    let work = tempfile::tempdir().unwrap();
+    let bad = edited_model("ft_a", &work.path().join("bad"), |name, _, _| name != TENSOR);
+    let cfg = config(work.path(), "task_arithmetic", &[&bad], "");
+    assert_refused(work.path(), &cfg, &["bad", TENSOR, "missing"]);
+}
+
+#[test]
+fn refuses_a_non_finite_value() {
+    let work = tempfile::tempdir().unwrap();
+    let bad = edited_model("ft_a", &work.path().join("bad"), |name, _, values| {
+        if name == TENSOR {
+            values[5] = f32::NAN;
+        }
+        true
+    });
+    let cfg = config(work.path(), "ties", &[&bad, &reference("ft_b")], "parameters: {density: 0.5}\n");
+    assert_refused(work.path(), &cfg, &["bad", TENSOR, "non-finite", "element 5"]);
+}
+
+#[test]
+fn refuses_an_unknown_method_or_parameter() {
+    let work = tempfile::tempdir().unwrap();
+    let cfg = config(work.path(), "frankenmerge", &[&reference("ft_a")], "");
+    assert_refused(work.path(), &cfg, &["merge.yml", "unknown merge method `frankenmerge`"]);
+    let cfg = config(work.path(), "ties", &[&reference("ft_a")], "parameters: {densty: 0.5}\n");
+    assert_refused(work.path(), &cfg, &["merge.yml", "unknown parameter `densty`", "density"]);
+    let cfg = config(work.path(), "ties", &[&reference("ft_a")], "parameters: {density: 1.5}\n");
+    assert_refused(work.path(), &cfg, &["density", "outside (0, 1]"]);
+}
+
+#[test]
+fn refuses_a_checkpoint_of_another_architecture() {
+    let work = tempfile::tempdir().unwrap();
+    let cfg = config(work.path(), "ties", &[&reference("gpt2_base")], "");
+    assert_refused(work.path(), &cfg, &["gpt2_base", "GPT2LMHeadModel", "LlamaForCausalLM", "different architectures"]);
+    let cfg = config(work.path(), "ties", &[&reference("lora_gpt2")], "");
+    assert_refused(work.path(), &cfg, &["lora_gpt2", "different base model"]);
+}
+
+#[test]
+fn refuses_truncated_and_crafted_safetensors() {
+    let work = tempfile::tempdir().unwrap();
+    let truncated = work.path().join("truncated");
+    copy_dir(&reference("ft_a"), &truncated);
+    let weights = truncated.join("model.safetensors");
+    let bytes = std::fs::read(&weights).unwrap();
+    std::fs::write(&weights, &bytes[..bytes.len() - 100]).unwrap();
+    let cfg = config(work.path(), "ties", &[&truncated], "");
+    assert_refused(work.path(), &cfg, &["truncated/model.safetensors", "truncated file"]);
+
+    // A header whose second tensor overlaps the first.
+    let crafted = work.path().join("crafted");
+    copy_dir(&reference("ft_a"), &crafted);
+    let header = br#"{"a":{"dtype":"F32","shape":[4],"data_offsets":[0,16]},"b":{"dtype":"F32","shape":[4],"data_offsets":[8,24]}}"#;
+    let mut file = (header.len() as u64).to_le_bytes().to_vec();
+    file.extend_from_slice(header);
+    file.extend_from_slice(&[0u8; 24]);
+    std::fs::write(crafted.join("model.safetensors"), file).unwrap();
+    let cfg = config(work.path(), "ties", &[&crafted], "");
+    assert_refused(work.path(), &cfg, &["crafted/model.safetensors", "tensor `b` starts at 8"]);
+}
+
+#[test]
+fn refuses_an_adapter_it_cannot_apply() {
+    let work = tempfile::tempdir().unwrap();
+    let dora = work.path().join("dora");
+    copy_dir(&reference("lora_a"), &dora);
+    let cfg_path = dora.join("adapter_config.json");
+    let text = std::fs::read_to_string(&cfg_path).unwrap();
+    std::fs::write(&cfg_path, text.replace("\"use_dora\": false", "\"use_dora\": true")).unwrap();
+    let cfg = config(work.path(), "ties", &[&dora], "");
+    assert_refused(work.path(), &cfg, &["dora/adapter_config.json", "DoRA"]);
+}
+
+#[test]
+fn keeps_an_existing_directory_it_did_not_write() {
+    let work = tempfile::tempdir().unwrap();
+    std::fs::create_dir(work.path().join("merged")).unwrap();
+    std::fs::write(work.path().join("merged/notes.txt"), "mine").unwrap();
+    let cfg = config(work.path(), "task_arithmetic", &[&reference("ft_a")], "");
+    assert_refused(work.path(), &cfg, &["merged", "--force"]);
+    assert_eq!(std::fs::read_to_string(work.path().join("merged/notes.txt")).unwrap(), "mine");
+}
+
+#[test]
+fn dry_run_writes_nothing_and_json_is_machine_readable() {
+    let work = tempfile::tempdir().unwrap();
+    let cfg = config(work.path(), "ties", &[&reference("ft_a"), &reference("ft_b")], "");
+    let cfg = cfg.to_str().unwrap();
+    let out = mmx(&["merge", cfg, "-o", "merged", "--dry-run", "--json"], work.path());
+    assert!(out.status.success());
+    let plan: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(plan["tensors"]["merged"], 21);
+    assert!(plan["memory_estimate_bytes"].as_u64().unwrap() > 0);
+    assert!(!work.path().join("merged").exists());
+
+    let out = mmx(&["merge", cfg, "-o", "merged", "--json"], work.path());
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(summary["tensors"]["merged"], 21);
+    let record: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(work.path().join("merged/mmx-merge.json")).unwrap())
+            .unwrap();
+    assert_eq!(record["method"], "ties");
+    assert_eq!(record["inputs"].as_array().unwrap().len(), 3);
+    let digest = record["inputs"][1]["files"][1]["blake3"].as_str().unwrap();
+    let bytes = std::fs::read(reference("ft_a/model.safetensors")).unwrap();
+    assert_eq!(digest, blake3::hash(&bytes).to_hex().as_str());
+    // Rerunning over an earlier mmx output replaces it.
+    let again = mmx(&["merge", cfg, "-o", "merged"], work.path());
+    assert!(again.status.success());
+}
+
+#[test]
+fn random_merges_do_not_depend_on_the_thread_count() {
+    let work = tempfile::tempdir().unwrap();
+    let cfg = config(
+        work.path(),
+        "dare_ties",
+        &[&reference("ft_a"), &reference("ft_b"), &reference("ft_c")],
+        "parameters: {density: 0.4}\n",
+    );
+    let cfg = cfg.to_str().unwrap();
+    for (threads, dir) in [("1", "one"), ("2", "two")] {
+        let out = mmx(&["merge", cfg, "-o", dir, "--seed", "3", "--threads", threads], work.path());
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+    let one = std::fs::read(work.path().join("one/model.safetensors")).unwrap();
+    let two = std::fs::read(work.path().join("two/model.safetensors")).unwrap();
+    assert!(one == two, "same seed, different thread counts, different bytes");
+    let other = mmx(&["merge", cfg, "-o", "other", "--seed", "4"], work.path());
+    assert!(other.status.success());
+    let other = std::fs::read(work.path().join("other/model.safetensors")).unwrap();
+    assert!(one != other, "a different seed gave the same masks");
+}
+
+#[test]
+fn shards_large_outputs_and_copies_the_tokenizer() {
+    let work = tempfile::tempdir().unwrap();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let out = mmx(
+        &["merge", root.join("recipes/quickstart.toml").to_str().unwrap(), "-o", "merged", "--shard-size", "1M"],
+        work.path(),
+    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let merged = work.path().join("merged");
+    assert!(merged.join("tokenizer.json").is_file());
+    let index: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(merged.join("model.safetensors.index.json")).unwrap(),
+    )
+    .unwrap();
+    let shards: std::collections::BTreeSet<&str> = index["weight_map"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    assert!(shards.len() >= 3, "{shards:?}");
+    let checkpoint = mmx::checkpoint::Checkpoint::open(&merged).unwrap();
+    assert_eq!(checkpoint.names().len(), index["weight_map"].as_object().unwrap().len());
+}
