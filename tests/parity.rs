@@ -173,3 +173,41 @@ fn adapters_apply_like_peft_merge_and_unload() {
     }
     assert!(checked >= 3, "only {checked} adapters checked");
 }
+
+#[test]
+fn adapters_save_byte_for_byte_as_peft_does() {
+    let dir = tempfile::tempdir().unwrap();
+    for name in ["lora_a", "lora_b", "lora_embed", "lora_gpt2"] {
+        let src = reference_dir().join(name);
+        let adapter = Adapter::open(&src).unwrap();
+        let file = adapter.file();
+        let tensors: Vec<_> = file
+            .names()
+            .map(|n| {
+                let info = file.info(n).unwrap();
+                let spec = mmx::tensor::TensorSpec {
+                    name: n.to_string(),
+                    dtype: info.dtype,
+                    shape: info.shape.clone(),
+                };
+                (spec, file.bytes(n).unwrap().to_vec())
+            })
+            .collect();
+        let out = dir.path().join(name);
+        Adapter::save(&out, &adapter.config().raw, &tensors).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(out.join("adapter_config.json")).unwrap(),
+            std::fs::read_to_string(src.join("adapter_config.json")).unwrap(),
+            "{name}: adapter_config.json"
+        );
+        let again = Adapter::open(&out).unwrap();
+        assert_eq!(again.modules().len(), adapter.modules().len());
+        for tensor in file.names() {
+            assert_eq!(again.file().bytes(tensor).unwrap(), file.bytes(tensor).unwrap());
+        }
+        assert_eq!(
+            again.file().header().metadata.get("format").map(String::as_str),
+            Some("pt")
+        );
+    }
+}
