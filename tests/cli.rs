@@ -63,7 +63,10 @@ fn config(dir: &Path, method: &str, experts: &[&Path], extra: &str) -> PathBuf {
         reference("base").display()
     );
     for e in experts {
-        text.push_str(&format!("  - model: {}\n    parameters: {{weight: 1.0}}\n", e.display()));
+        text.push_str(&format!(
+            "  - model: {}\n    parameters: {{weight: 1.0}}\n",
+            e.display()
+        ));
     }
     text.push_str(extra);
     let path = dir.join("merge.yml");
@@ -74,15 +77,26 @@ fn config(dir: &Path, method: &str, experts: &[&Path], extra: &str) -> PathBuf {
 /// Asserts a failed merge: exit code 2, every needle in the message, and nothing left in `work`
 /// but the inputs (no output directory, no temporary directory).
 fn assert_refused(work: &Path, cfg: &Path, needles: &[&str]) {
-    let before: Vec<_> = std::fs::read_dir(work).unwrap().map(|e| e.unwrap().file_name()).collect();
+    let listing = || {
+        let mut names: Vec<_> = std::fs::read_dir(work)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        names.sort();
+        names
+    };
+    let before = listing();
     let out = mmx(&["merge", cfg.to_str().unwrap(), "-o", "merged"], work);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{stderr}");
     for needle in needles {
         assert!(stderr.contains(needle), "`{needle}` not in: {stderr}");
     }
-    let after: Vec<_> = std::fs::read_dir(work).unwrap().map(|e| e.unwrap().file_name()).collect();
-    assert_eq!(before, after, "the failed merge left files behind: {stderr}");
+    let after = listing();
+    assert_eq!(
+        before, after,
+        "the failed merge left files behind: {stderr}"
+    );
 }
 
 const TENSOR: &str = "model.layers.1.mlp.up_proj.weight";
@@ -96,14 +110,21 @@ fn refuses_a_shape_mismatch() {
         }
         true
     });
-    let cfg = config(work.path(), "ties", &[&bad, &reference("ft_b")], "parameters: {density: 0.5}\n");
+    let cfg = config(
+        work.path(),
+        "ties",
+        &[&bad, &reference("ft_b")],
+        "parameters: {density: 0.5}\n",
+    );
     assert_refused(work.path(), &cfg, &["bad", TENSOR, "[32, 64]", "[64, 32]"]);
 }
 
 #[test]
 fn refuses_a_missing_tensor() {
     let work = tempfile::tempdir().unwrap();
-    let bad = edited_model("ft_a", &work.path().join("bad"), |name, _, _| name != TENSOR);
+    let bad = edited_model("ft_a", &work.path().join("bad"), |name, _, _| {
+        name != TENSOR
+    });
     let cfg = config(work.path(), "task_arithmetic", &[&bad], "");
     assert_refused(work.path(), &cfg, &["bad", TENSOR, "missing"]);
 }
@@ -117,18 +138,45 @@ fn refuses_a_non_finite_value() {
         }
         true
     });
-    let cfg = config(work.path(), "ties", &[&bad, &reference("ft_b")], "parameters: {density: 0.5}\n");
-    assert_refused(work.path(), &cfg, &["bad", TENSOR, "non-finite", "element 5"]);
+    let cfg = config(
+        work.path(),
+        "ties",
+        &[&bad, &reference("ft_b")],
+        "parameters: {density: 0.5}\n",
+    );
+    assert_refused(
+        work.path(),
+        &cfg,
+        &["bad", TENSOR, "non-finite", "element 5"],
+    );
 }
 
 #[test]
 fn refuses_an_unknown_method_or_parameter() {
     let work = tempfile::tempdir().unwrap();
     let cfg = config(work.path(), "frankenmerge", &[&reference("ft_a")], "");
-    assert_refused(work.path(), &cfg, &["merge.yml", "unknown merge method `frankenmerge`"]);
-    let cfg = config(work.path(), "ties", &[&reference("ft_a")], "parameters: {densty: 0.5}\n");
-    assert_refused(work.path(), &cfg, &["merge.yml", "unknown parameter `densty`", "density"]);
-    let cfg = config(work.path(), "ties", &[&reference("ft_a")], "parameters: {density: 1.5}\n");
+    assert_refused(
+        work.path(),
+        &cfg,
+        &["merge.yml", "unknown merge method `frankenmerge`"],
+    );
+    let cfg = config(
+        work.path(),
+        "ties",
+        &[&reference("ft_a")],
+        "parameters: {densty: 0.5}\n",
+    );
+    assert_refused(
+        work.path(),
+        &cfg,
+        &["merge.yml", "unknown parameter `densty`", "density"],
+    );
+    let cfg = config(
+        work.path(),
+        "ties",
+        &[&reference("ft_a")],
+        "parameters: {density: 1.5}\n",
+    );
     assert_refused(work.path(), &cfg, &["density", "outside (0, 1]"]);
 }
 
@@ -136,7 +184,16 @@ fn refuses_an_unknown_method_or_parameter() {
 fn refuses_a_checkpoint_of_another_architecture() {
     let work = tempfile::tempdir().unwrap();
     let cfg = config(work.path(), "ties", &[&reference("gpt2_base")], "");
-    assert_refused(work.path(), &cfg, &["gpt2_base", "GPT2LMHeadModel", "LlamaForCausalLM", "different architectures"]);
+    assert_refused(
+        work.path(),
+        &cfg,
+        &[
+            "gpt2_base",
+            "GPT2LMHeadModel",
+            "LlamaForCausalLM",
+            "different architectures",
+        ],
+    );
     let cfg = config(work.path(), "ties", &[&reference("lora_gpt2")], "");
     assert_refused(work.path(), &cfg, &["lora_gpt2", "different base model"]);
 }
@@ -150,7 +207,11 @@ fn refuses_truncated_and_crafted_safetensors() {
     let bytes = std::fs::read(&weights).unwrap();
     std::fs::write(&weights, &bytes[..bytes.len() - 100]).unwrap();
     let cfg = config(work.path(), "ties", &[&truncated], "");
-    assert_refused(work.path(), &cfg, &["truncated/model.safetensors", "truncated file"]);
+    assert_refused(
+        work.path(),
+        &cfg,
+        &["truncated/model.safetensors", "truncated file"],
+    );
 
     // A header whose second tensor overlaps the first.
     let crafted = work.path().join("crafted");
@@ -161,7 +222,11 @@ fn refuses_truncated_and_crafted_safetensors() {
     file.extend_from_slice(&[0u8; 24]);
     std::fs::write(crafted.join("model.safetensors"), file).unwrap();
     let cfg = config(work.path(), "ties", &[&crafted], "");
-    assert_refused(work.path(), &cfg, &["crafted/model.safetensors", "tensor `b` starts at 8"]);
+    assert_refused(
+        work.path(),
+        &cfg,
+        &["crafted/model.safetensors", "tensor `b` starts at 8"],
+    );
 }
 
 #[test]
@@ -171,7 +236,11 @@ fn refuses_an_adapter_it_cannot_apply() {
     copy_dir(&reference("lora_a"), &dora);
     let cfg_path = dora.join("adapter_config.json");
     let text = std::fs::read_to_string(&cfg_path).unwrap();
-    std::fs::write(&cfg_path, text.replace("\"use_dora\": false", "\"use_dora\": true")).unwrap();
+    std::fs::write(
+        &cfg_path,
+        text.replace("\"use_dora\": false", "\"use_dora\": true"),
+    )
+    .unwrap();
     let cfg = config(work.path(), "ties", &[&dora], "");
     assert_refused(work.path(), &cfg, &["dora/adapter_config.json", "DoRA"]);
 }
@@ -183,15 +252,26 @@ fn keeps_an_existing_directory_it_did_not_write() {
     std::fs::write(work.path().join("merged/notes.txt"), "mine").unwrap();
     let cfg = config(work.path(), "task_arithmetic", &[&reference("ft_a")], "");
     assert_refused(work.path(), &cfg, &["merged", "--force"]);
-    assert_eq!(std::fs::read_to_string(work.path().join("merged/notes.txt")).unwrap(), "mine");
+    assert_eq!(
+        std::fs::read_to_string(work.path().join("merged/notes.txt")).unwrap(),
+        "mine"
+    );
 }
 
 #[test]
 fn dry_run_writes_nothing_and_json_is_machine_readable() {
     let work = tempfile::tempdir().unwrap();
-    let cfg = config(work.path(), "ties", &[&reference("ft_a"), &reference("ft_b")], "");
+    let cfg = config(
+        work.path(),
+        "ties",
+        &[&reference("ft_a"), &reference("ft_b")],
+        "",
+    );
     let cfg = cfg.to_str().unwrap();
-    let out = mmx(&["merge", cfg, "-o", "merged", "--dry-run", "--json"], work.path());
+    let out = mmx(
+        &["merge", cfg, "-o", "merged", "--dry-run", "--json"],
+        work.path(),
+    );
     assert!(out.status.success());
     let plan: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(plan["tensors"]["merged"], 21);
@@ -199,7 +279,11 @@ fn dry_run_writes_nothing_and_json_is_machine_readable() {
     assert!(!work.path().join("merged").exists());
 
     let out = mmx(&["merge", cfg, "-o", "merged", "--json"], work.path());
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(summary["tensors"]["merged"], 21);
     let record: serde_json::Value =
@@ -226,12 +310,22 @@ fn random_merges_do_not_depend_on_the_thread_count() {
     );
     let cfg = cfg.to_str().unwrap();
     for (threads, dir) in [("1", "one"), ("2", "two")] {
-        let out = mmx(&["merge", cfg, "-o", dir, "--seed", "3", "--threads", threads], work.path());
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let out = mmx(
+            &["merge", cfg, "-o", dir, "--seed", "3", "--threads", threads],
+            work.path(),
+        );
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     let one = std::fs::read(work.path().join("one/model.safetensors")).unwrap();
     let two = std::fs::read(work.path().join("two/model.safetensors")).unwrap();
-    assert!(one == two, "same seed, different thread counts, different bytes");
+    assert!(
+        one == two,
+        "same seed, different thread counts, different bytes"
+    );
     let other = mmx(&["merge", cfg, "-o", "other", "--seed", "4"], work.path());
     assert!(other.status.success());
     let other = std::fs::read(work.path().join("other/model.safetensors")).unwrap();
@@ -243,10 +337,21 @@ fn shards_large_outputs_and_copies_the_tokenizer() {
     let work = tempfile::tempdir().unwrap();
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let out = mmx(
-        &["merge", root.join("recipes/quickstart.toml").to_str().unwrap(), "-o", "merged", "--shard-size", "1M"],
+        &[
+            "merge",
+            root.join("recipes/quickstart.toml").to_str().unwrap(),
+            "-o",
+            "merged",
+            "--shard-size",
+            "1M",
+        ],
         work.path(),
     );
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let merged = work.path().join("merged");
     assert!(merged.join("tokenizer.json").is_file());
     let index: serde_json::Value = serde_json::from_slice(
@@ -261,5 +366,8 @@ fn shards_large_outputs_and_copies_the_tokenizer() {
         .collect();
     assert!(shards.len() >= 3, "{shards:?}");
     let checkpoint = mmx::checkpoint::Checkpoint::open(&merged).unwrap();
-    assert_eq!(checkpoint.names().len(), index["weight_map"].as_object().unwrap().len());
+    assert_eq!(
+        checkpoint.names().len(),
+        index["weight_map"].as_object().unwrap().len()
+    );
 }

@@ -203,10 +203,18 @@ fn adapters_save_byte_for_byte_as_peft_does() {
         let again = Adapter::open(&out).unwrap();
         assert_eq!(again.modules().len(), adapter.modules().len());
         for tensor in file.names() {
-            assert_eq!(again.file().bytes(tensor).unwrap(), file.bytes(tensor).unwrap());
+            assert_eq!(
+                again.file().bytes(tensor).unwrap(),
+                file.bytes(tensor).unwrap()
+            );
         }
         assert_eq!(
-            again.file().header().metadata.get("format").map(String::as_str),
+            again
+                .file()
+                .header()
+                .metadata
+                .get("format")
+                .map(String::as_str),
             Some("pt")
         );
     }

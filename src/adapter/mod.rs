@@ -1,8 +1,8 @@
 //! PEFT LoRA adapters: `adapter_config.json` ([`LoraConfig`]), the weights and their modules
 //! ([`Adapter`], [`LoraModule`]), and the dense update s·B·A each module makes.
 
-mod lora;
 mod config;
+mod lora;
 
-pub use lora::{lora_delta, Adapter, LoraKind, LoraModule, PEFT_PREFIX};
 pub use config::LoraConfig;
+pub use lora::{lora_delta, Adapter, LoraKind, LoraModule, PEFT_PREFIX};

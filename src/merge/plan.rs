@@ -5,8 +5,8 @@ use std::collections::BTreeSet;
 use std::path::Path;
 
 use super::expert::Expert;
-use super::sparsify::check_della;
 use super::method::{DisjointMean, ExpertParams, GlobalParams, Method, RescaleMode, SignElection};
+use super::sparsify::check_della;
 use crate::checkpoint::Checkpoint;
 use crate::error::{Error, Result};
 use crate::recipe::{layer_position, OutputKind, Parameters, Recipe, Scalar, Source};
