@@ -4,17 +4,20 @@
 # (reading every input byte + writing the output's bytes with fsync).
 #
 # usage: scripts/bench-vs-mergekit.sh [WORKDIR] [--layers N] [--vocab N] [--repeat N]
+#                                     [--no-check] [--check-f32]
 #
 #   WORKDIR      scratch directory (default /tmp/mmx-bench); models live in WORKDIR/models and
 #                are generated once (reused while their layers/vocab match)
 #   --layers N   decoder layers of the synthetic models (default 24, as Qwen2-0.5B)
 #   --vocab N    vocabulary size (default 151936, as Qwen2-0.5B)
 #   --repeat N   timed runs per (method, tool); the table shows the fastest (default 1)
+#   --no-check   skip the comparison of the mmx and mergekit TIES outputs
+#   --check-f32  also compare mmx's TIES output with an extra, untimed mergekit run that
+#                computes in float32 (mmx should match it except at magnitude ties)
 #
 # environment:
 #   MMX_BIN           mmx binary (default target/release/mmx under the repository root)
-#   MMX_BENCH_PYTHON  python with numpy (+ torch/safetensors for the output check)
-#                     (default /tmp/ref/bin/python)
+#   MMX_BENCH_PYTHON  python with numpy (default /tmp/ref/bin/python)
 #   MERGEKIT_YAML     mergekit-yaml (default: next to MMX_BENCH_PYTHON)
 #
 # Output: a table on stdout, and the same table as markdown in WORKDIR/results.md.
@@ -26,6 +29,8 @@ WORKDIR=/tmp/mmx-bench
 LAYERS=24
 VOCAB=151936
 REPEAT=1
+CHECK=1
+CHECK_F32=0
 while [[ $# -gt 0 ]]; do
     case $1 in
         --layers) LAYERS=${2:?--layers needs a value}; shift 2 ;;
@@ -34,6 +39,8 @@ while [[ $# -gt 0 ]]; do
         --vocab=*) VOCAB=${1#*=}; shift ;;
         --repeat) REPEAT=${2:?--repeat needs a value}; shift 2 ;;
         --repeat=*) REPEAT=${1#*=}; shift ;;
+        --no-check) CHECK=0; shift ;;
+        --check-f32) CHECK_F32=1; shift ;;
         -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
         -*) echo "unknown option: $1" >&2; exit 2 ;;
         *) WORKDIR=$1; shift ;;
@@ -94,6 +101,96 @@ models:
 dtype: bfloat16 # mergekit computes in bf16 with this; mmx always computes in f32
 EOF
 done
+
+# Compares two merged outputs tensor by tensor (numpy only; reads safetensors itself).
+cat >"$WORKDIR/compare_outputs.py" <<'EOF'
+# usage: compare_outputs.py MMX_OUT MERGEKIT_OUT BASE DENSITY FT...
+import glob, json, sys
+import numpy as np
+
+def index(d):
+    """tensor name -> (file, dtype, shape, start, end) for every *.safetensors in d."""
+    idx = {}
+    for f in sorted(glob.glob(d + "/*.safetensors")):
+        with open(f, "rb") as h:
+            n = int.from_bytes(h.read(8), "little")
+            header = json.loads(h.read(n))
+        for k, v in header.items():
+            if k != "__metadata__":
+                idx[k] = (f, v["dtype"], v["shape"], 8 + n + v["data_offsets"][0], 8 + n + v["data_offsets"][1])
+    return idx
+
+NP = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16}
+
+def get(idx, k):
+    """The tensor as flat float32."""
+    f, dt, shape, s, e = idx[k]
+    raw = np.fromfile(f, dtype=NP[dt], count=(e - s) // np.dtype(NP[dt]).itemsize, offset=s)
+    if dt == "BF16":
+        return (raw.astype(np.uint32) << 16).view(np.float32)
+    return raw.astype(np.float32)
+
+def bf16_round(x):
+    u = x.view(np.uint32)
+    u = (u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000
+    return u.view(np.float32)
+
+def ambiguous(delta, density):
+    """Elements whose keep/drop under magnitude top-k depends on how ties are broken."""
+    w = np.abs(delta)
+    k = max(1, int(density * w.size))
+    if k >= w.size:
+        return np.zeros(w.size, bool)
+    thr = np.partition(w, w.size - k)[w.size - k]  # k-th largest
+    at = w == thr
+    if np.count_nonzero(w > thr) + np.count_nonzero(at) <= k:
+        return np.zeros(w.size, bool)
+    return at
+
+mmx_dir, mk_dir, base_dir, density = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
+a, b, base = index(mmx_dir), index(mk_dir), index(base_dir)
+fts = [index(d) for d in sys.argv[5:]]
+odd = sorted(set(a) ^ set(b))
+msg = []
+if odd:
+    msg.append(f"tensor names differ: {odd[:3]}{' ...' if len(odd) > 3 else ''}")
+n = n_diff = n_tie = 0
+worst, worst_name = 0.0, ""
+common = sorted(set(a) & set(b))
+for k in common:
+    if a[k][2] != b[k][2]:
+        msg.append(f"{k}: shape {a[k][2]} vs {b[k][2]}")
+        continue
+    x, y = get(a, k), get(b, k)
+    diff = x != y
+    n += diff.size
+    nd = np.count_nonzero(diff)
+    if nd == 0:
+        continue
+    z = get(base, k)
+    tie = np.zeros(diff.size, bool)
+    for ft in fts:
+        d = get(ft, k) - z  # exact in f32 (mmx's view); mergekit with dtype bf16 rounds it
+        tie |= ambiguous(d, density)
+        tie |= ambiguous(bf16_round(d), density)
+    n_diff += nd
+    n_tie += np.count_nonzero(diff & tie)
+    rest = diff & ~tie
+    if rest.any():
+        upd = y - z
+        rms = float(np.sqrt(np.mean(upd.astype(np.float64) ** 2))) or 1.0
+        rel = float(np.max(np.abs(x[rest] - y[rest]))) / rms
+        if rel > worst:
+            worst, worst_name = rel, k
+msg.append(f"{len(common)} tensors, {100 * n_diff / max(n, 1):.2f}% of elements differ")
+if n_diff:
+    msg.append(f"{100 * n_tie / n_diff:.1f}% of those sit on a magnitude tie at the density cut-off "
+               f"(mergekit's argsort breaks ties arbitrarily)")
+    if n_diff > n_tie:
+        msg.append(f"the other {100 * (n_diff - n_tie) / n:.2f}% differ by at most "
+                   f"{worst:.2f}x the RMS of the merged update (in {worst_name})")
+print("; ".join(msg))
+EOF
 
 # ---------------------------------------------------------------- timing helpers
 now() { date +%s.%N; }
@@ -184,44 +281,31 @@ for method in ties dare_ties; do
         fi
     done
 
-    # sanity check: for TIES (deterministic) the two outputs should agree up to bf16 rounding
-    # (mergekit rounds every intermediate to bf16; mmx computes in f32 and rounds once).
-    if [[ $method = ties && ${STATUS[ties/mmx]:-} = ok && ${STATUS[ties/mergekit]:-} = ok ]]; then
-        echo "== comparing ties outputs (mmx vs mergekit)"
-        CHECK=$("$PY" - "$OUTS/ties-mmx" "$OUTS/ties-mergekit" "$MODELS/base" <<'EOF' 2>&1
-import glob, sys, torch
-from safetensors import safe_open
-def index(d):
-    idx = {}
-    for f in sorted(glob.glob(d + "/*.safetensors")):
-        with safe_open(f, "pt") as h:
-            for k in h.keys():
-                idx[k] = f
-    return idx
-a, b, base = (index(d) for d in sys.argv[1:4])
-missing = sorted(set(a) ^ set(b))
-if missing:
-    print(f"tensor names differ: {missing[:5]}{' ...' if len(missing) > 5 else ''}")
-worst, worst_name, n, n_diff, sum_rel = 0.0, "", 0, 0, 0.0
-for k in sorted(set(a) & set(b)):
-    with safe_open(a[k], "pt") as h: x = h.get_tensor(k).float()
-    with safe_open(b[k], "pt") as h: y = h.get_tensor(k).float()
-    with safe_open(base[k], "pt") as h: z = h.get_tensor(k).float()
-    if x.shape != y.shape:
-        print(f"{k}: shape {tuple(x.shape)} vs {tuple(y.shape)}"); continue
-    d = (x - y).abs()
-    # error relative to the size of the task-vector update (merged - base)
-    rel = (d.norm() / ((y - z).norm() + 1e-12)).item()
-    n += d.numel(); n_diff += int((d > 0).sum()); sum_rel += rel
-    if rel > worst:
-        worst, worst_name = rel, k
-m = len(set(a) & set(b))
-print(f"{m} tensors; {100 * n_diff / max(n, 1):.2f}% of elements differ; "
-      f"||mmx - mergekit|| / ||mergekit - base||: mean {sum_rel / max(m, 1):.4f}, "
-      f"max {worst:.4f} ({worst_name})")
-EOF
-) || CHECK="check failed: $CHECK"
-        echo "   $CHECK"
+    # Output check for TIES (deterministic): mmx and mergekit should pick the same elements
+    # except where magnitudes tie at the density cut-off. Against the timed run (dtype bfloat16)
+    # mergekit's bf16 arithmetic adds its own rounding; --check-f32 also compares against an
+    # untimed mergekit run computing in float32, which mmx should match except for those ties.
+    if [[ $method = ties && $CHECK = 1 && ${STATUS[ties/mmx]:-} = ok && ${STATUS[ties/mergekit]:-} = ok ]]; then
+        echo "== comparing ties outputs: mmx vs mergekit (dtype bfloat16, the timed run)"
+        CHECK_BF16=$("$PY" "$WORKDIR/compare_outputs.py" "$OUTS/ties-mmx" "$OUTS/ties-mergekit" \
+            "$MODELS/base" 0.5 "$MODELS/ft1" "$MODELS/ft2" "$MODELS/ft3" 2>&1) ||
+            CHECK_BF16="comparison failed: $CHECK_BF16"
+        echo "   $CHECK_BF16"
+        if [[ $CHECK_F32 = 1 ]]; then
+            echo "== comparing ties outputs: mmx vs mergekit (dtype float32, out_dtype bfloat16; untimed)"
+            sed 's/^dtype: bfloat16.*/dtype: float32\nout_dtype: bfloat16/' "$CONFIGS/ties.yml" >"$CONFIGS/ties-f32.yml"
+            rm -rf "$OUTS/ties-mergekit-f32"
+            if "$MERGEKIT" "$CONFIGS/ties-f32.yml" "$OUTS/ties-mergekit-f32" "${MK_FLAGS[@]}" \
+                >"$LOGS/ties-mergekit-f32.log" 2>&1; then
+                CHECK_F32_MSG=$("$PY" "$WORKDIR/compare_outputs.py" "$OUTS/ties-mmx" "$OUTS/ties-mergekit-f32" \
+                    "$MODELS/base" 0.5 "$MODELS/ft1" "$MODELS/ft2" "$MODELS/ft3" 2>&1) ||
+                    CHECK_F32_MSG="comparison failed: $CHECK_F32_MSG"
+            else
+                CHECK_F32_MSG="mergekit float32 run failed, see $LOGS/ties-mergekit-f32.log"
+            fi
+            echo "   $CHECK_F32_MSG"
+            rm -rf "$OUTS/ties-mergekit-f32"
+        fi
     fi
     rm -rf "$OUTS/$method-mmx" "$OUTS/$method-mergekit"
 done
@@ -240,6 +324,11 @@ WRITE_S=$(elapsed "$t0" "$t1")
 rm -f "$WORKDIR/iofloor.bin"
 FLOOR_S=$(awk -v a="$READ_S" -v b="$WRITE_S" 'BEGIN { printf "%.3f", a + b }')
 echo "   read ${READ_S}s + write ${WRITE_S}s = ${FLOOR_S}s"
+
+# mergekit's fixed cost (python + torch + transformers imports), for reading small-scale numbers
+timed "$LOGS/mergekit-startup.time" "$LOGS/mergekit-startup.log" "$MERGEKIT" --help ||
+    echo "0 0 0 0" >"$LOGS/mergekit-startup.time"
+read -r mk_start_s mk_start_rss _ <"$LOGS/mergekit-startup.time"
 
 # ---------------------------------------------------------------- (e) report
 cpu_model=$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//' || true)
@@ -270,7 +359,11 @@ row() { printf '| %-9s | %-8s | %8s | %12s | %5s | %10s | %15s | %14s |\n' "$@";
         "best wall of $REPEAT run(s), worst peak RSS"
     echo "- I/O floor ${FLOOR_S} s = read all inputs ${READ_S} s (cat, warm cache)" \
         "+ write output size ${WRITE_S} s (dd conv=fsync)"
-    [[ -n ${CHECK:-} ]] && echo "- ties output check: $CHECK"
+    echo "- mergekit start-up alone (\`mergekit-yaml --help\`): ${mk_start_s} s, $((mk_start_rss / 1024)) MiB peak RSS"
+    echo "- mmx fsyncs its output files, mergekit does not (its output may still be dirty in the page" \
+        "cache when it exits); peak RSS counts resident pages of the memory-mapped inputs for both"
+    if [[ -n ${CHECK_BF16:-} ]]; then echo "- ties output, mmx vs mergekit (bf16 compute): $CHECK_BF16"; fi
+    if [[ -n ${CHECK_F32_MSG:-} ]]; then echo "- ties output, mmx vs mergekit (f32 compute, untimed): $CHECK_F32_MSG"; fi
     echo
     row method tool "wall s" "peak RSS MiB" "CPU%" "/ I/O floor" "time mk / mmx" "RSS mmx / mk"
     row "---" "---" "---:" "---:" "---:" "---:" "---:" "---:"

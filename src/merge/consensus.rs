@@ -74,7 +74,7 @@ pub fn disjoint_merge(
         let mut vote = [0.0f32; BLOCK];
         let mut mixed = [0.0f32; BLOCK];
         let mut divisor = [0.0f32; BLOCK];
-        let mut conflict = [false; BLOCK];
+        let mut conflict = [0u8; BLOCK];
         for (delta, &w) in deltas.iter().zip(weights) {
             let f = vote_factor(w);
             for (s, &x) in vote[..len].iter_mut().zip(&delta[start..end]) {
@@ -84,24 +84,27 @@ pub fn disjoint_merge(
         for (delta, &w) in deltas.iter().zip(weights) {
             let (f, part) = (vote_factor(w), share(w));
             let block = &delta[start..end];
-            for j in 0..len {
-                let x = block[j];
-                let ballot = f * x;
-                // A NaN vote fails `>= 0` and elects `−`, as in mergekit.
-                let positive = vote[j] >= 0.0;
-                let (agrees, opposes) = if positive {
-                    (ballot > 0.0, ballot < 0.0)
-                } else {
-                    (ballot < 0.0, ballot > 0.0)
-                };
-                if agrees {
-                    mixed[j] += w * x;
-                    divisor[j] += part;
-                }
-                conflict[j] |= opposes;
+            let lanes = block
+                .iter()
+                .zip(&vote[..len])
+                .zip(&mut mixed[..len])
+                .zip(&mut divisor[..len])
+                .zip(&mut conflict[..len]);
+            for ((((&x, &v), m), d), c) in lanes {
+                // Oriented by the elected sign: > 0 agrees, < 0 opposes, 0 abstains. A NaN
+                // vote fails `>= 0` and elects `−`, as in mergekit. Branch-free to vectorise.
+                let elected = if v >= 0.0 { 1.0 } else { -1.0 };
+                let oriented = f * x * elected;
+                let agrees = oriented > 0.0;
+                *m += if agrees { w * x } else { 0.0 };
+                *d += if agrees { part } else { 0.0 };
+                *c |= u8::from(oriented < 0.0);
             }
         }
-        conflicts += conflict[..len].iter().filter(|&&c| c).count();
+        conflicts += conflict[..len]
+            .iter()
+            .map(|&c| usize::from(c))
+            .sum::<usize>();
         let out = &mut deltas[0][start..end];
         if normalize {
             for ((o, &m), &d) in out.iter_mut().zip(&mixed).zip(&divisor) {

@@ -369,7 +369,6 @@ pub fn merge_tensor(
         globals,
         name,
         shape,
-        magnitudes: Vec::new(),
         order: Vec::new(),
     };
     let mut kept_fraction = Vec::with_capacity(experts.len());
@@ -506,13 +505,12 @@ fn check_params(
     Ok(())
 }
 
-/// The trim step for one tensor, with the scratch buffers that its experts share.
+/// The trim step for one tensor, with the scratch buffer (DELLA's row order) its experts share.
 struct Trimmer<'a> {
     trim: Trim,
     globals: &'a GlobalParams,
     name: &'a str,
     shape: &'a [usize],
-    magnitudes: Vec<f32>,
     order: Vec<usize>,
 }
 
@@ -530,13 +528,13 @@ impl Trimmer<'_> {
         match self.trim {
             Trim::None => {}
             Trim::Magnitude => {
-                sparsify::magnitude(delta, p.density, &mut self.magnitudes);
+                sparsify::magnitude(delta, p.density);
             }
             Trim::Random => {
                 sparsify::random(delta, p.density, &rng);
             }
             Trim::Outliers => {
-                sparsify::outliers(delta, p.density, p.gamma, &mut self.magnitudes);
+                sparsify::outliers(delta, p.density, p.gamma);
             }
             Trim::Della => {
                 let (shape, name) = (self.shape, self.name);
@@ -552,7 +550,7 @@ impl Trimmer<'_> {
             }
             Trim::TopK => {
                 let k = sparsify::keep_count(p.density, delta.len());
-                sparsify::top_k(delta, k, &mut self.magnitudes);
+                sparsify::top_k(delta, k);
             }
         }
         if globals.rescale {
@@ -641,12 +639,23 @@ fn linear(
 /// `‖values − base‖₂` in `f64`, or `‖values‖₂` without a base.
 fn distance(values: &[f32], base: Option<&[f32]>) -> f64 {
     let squares = match base {
-        Some(base) => values
-            .iter()
-            .zip(base)
-            .map(|(&v, &b)| (f64::from(v) - f64::from(b)).powi(2))
-            .sum::<f64>(),
-        None => values.iter().map(|&v| f64::from(v).powi(2)).sum(),
+        Some(base) => {
+            let mut lanes = [0f64; 8];
+            let (v8, b8) = (values.chunks_exact(8), base.chunks_exact(8));
+            let tail: f64 = v8
+                .remainder()
+                .iter()
+                .zip(b8.remainder())
+                .map(|(&v, &b)| (f64::from(v) - f64::from(b)).powi(2))
+                .sum();
+            for (vc, bc) in v8.zip(b8) {
+                for ((lane, &v), &b) in lanes.iter_mut().zip(vc).zip(bc) {
+                    *lane += (f64::from(v) - f64::from(b)).powi(2);
+                }
+            }
+            lanes.iter().sum::<f64>() + tail
+        }
+        None => sparsify::lane_sum(values, |v| f64::from(v).powi(2)),
     };
     squares.sqrt()
 }

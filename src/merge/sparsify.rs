@@ -3,16 +3,14 @@
 //!
 //! Every function works on a flat `&mut [f32]` and zeroes what it drops. Where mergekit's
 //! order among equal magnitudes is left to an unstable sort, ours is fixed: a larger
-//! `|v|` ranks first, then a lower flat index. Selections are O(n)
-//! (`select_nth_unstable_by` on a scratch copy of the magnitudes), never a full sort;
-//! only DELLA sorts, one row at a time, because it needs every rank.
+//! `|v|` ranks first, then a lower flat index. Selections are a radix select over the
+//! bits of the magnitudes (a few linear passes, no copy), never a sort; only DELLA
+//! sorts, one row at a time, because it needs every rank.
 //!
 //! Counts such as `floor(density · numel)` are computed from the decimal value of the
 //! `f32` parameter (see [`keep_count`]) so that they agree with mergekit, whose
 //! parameters are Python floats: `0.7_f32` is `0.69999998…`, which would keep 6 of 10
 //! elements where mergekit keeps 7.
-
-use std::cmp::Ordering;
 
 use crate::error::{Error, Result};
 use crate::merge::rng::MaskRng;
@@ -38,49 +36,90 @@ fn decimal(x: f32) -> f64 {
 struct Cut {
     threshold: f32,
     ties: usize,
+    /// How many elements equal the threshold in all; when every one of them is kept, the
+    /// cut needs no running count and is a plain comparison.
+    equal: usize,
 }
 
 impl Cut {
-    /// Finds the cut for `1 <= r <= magnitudes.len()` in O(n); `magnitudes` is reordered.
-    fn new(magnitudes: &mut [f32], r: usize) -> Cut {
-        let (above, &mut threshold, _) =
-            magnitudes.select_nth_unstable_by(r - 1, |a, b| b.total_cmp(a));
-        let strictly_above = above
-            .iter()
-            .filter(|a| a.total_cmp(&threshold) == Ordering::Greater)
-            .count();
+    /// Finds the cut for `1 <= r <= values.len()` by the magnitudes of `values`, in three
+    /// linear passes: a radix select over the bits of `|v|`, whose order as integers is the
+    /// order of the magnitudes for finite values. Nothing is copied or reordered.
+    fn new(values: &[f32], r: usize) -> Cut {
+        let mut prefix = 0u32;
+        let mut prefix_mask = 0u32;
+        let mut remaining = r;
+        let mut above = 0usize;
+        let mut equal = 0usize;
+        for (shift, width) in [(21u32, 10u32), (10, 11), (0, 10)] {
+            let digit_mask = (1u32 << width) - 1;
+            let mut histogram = vec![0usize; 1 << width];
+            for v in values {
+                let key = magnitude_bits(*v);
+                if key & prefix_mask == prefix {
+                    histogram[((key >> shift) & digit_mask) as usize] += 1;
+                }
+            }
+            for (digit, &count) in histogram.iter().enumerate().rev() {
+                if count >= remaining {
+                    prefix |= (digit as u32) << shift;
+                    prefix_mask |= digit_mask << shift;
+                    equal = count;
+                    break;
+                }
+                remaining -= count;
+                above += count;
+            }
+        }
         Cut {
-            threshold,
-            ties: r - strictly_above,
+            threshold: f32::from_bits(prefix),
+            ties: r - above,
+            equal,
         }
     }
 
-    /// Tells, for each element in index order, whether it is in the set.
-    fn walker(self) -> impl FnMut(f32) -> bool {
-        let mut ties_left = self.ties;
-        move |magnitude| match magnitude.total_cmp(&self.threshold) {
-            Ordering::Greater => true,
-            Ordering::Equal if ties_left > 0 => {
-                ties_left -= 1;
-                true
-            }
-            _ => false,
+    /// The index just past the last tied element the cut keeps: ties at or before it are in
+    /// the set, ties after it are not. Found by counting ties a block at a time.
+    fn split(&self, values: &[f32]) -> usize {
+        if self.ties == self.equal {
+            return values.len();
         }
+        let threshold = self.threshold.to_bits();
+        let is_tie = |v: &f32| magnitude_bits(*v) == threshold;
+        let mut seen = 0;
+        for (b, block) in values.chunks(4096).enumerate() {
+            let count = block.iter().filter(|v| is_tie(v)).count();
+            if seen + count >= self.ties {
+                for (j, v) in block.iter().enumerate() {
+                    seen += usize::from(is_tie(v));
+                    if seen == self.ties {
+                        return b * 4096 + j + 1;
+                    }
+                }
+            }
+            seen += count;
+        }
+        values.len()
+    }
+
+    /// Whether the element at `index` with magnitude bits `bits` is in the set, given
+    /// [`split`](Self::split).
+    #[inline]
+    fn contains(&self, bits: u32, index: usize, split: usize) -> bool {
+        let threshold = self.threshold.to_bits();
+        bits > threshold || (bits == threshold && index < split)
     }
 }
 
-/// Copies `|v|` into the reusable scratch buffer.
-fn magnitudes<'s>(delta: &[f32], scratch: &'s mut Vec<f32>) -> &'s mut [f32] {
-    scratch.clear();
-    scratch.extend(delta.iter().map(|v| v.abs()));
-    scratch
+/// The bits of `|v|`: for finite values their integer order is the order of magnitudes.
+#[inline]
+fn magnitude_bits(v: f32) -> u32 {
+    v.to_bits() & 0x7fff_ffff
 }
 
 /// Keeps exactly the `k` largest entries by `|v|` (ties to the lower index) and zeroes
 /// the rest; returns the number of positions kept, `min(k, numel)`.
-///
-/// `scratch` is reused across calls so that merging many experts allocates once.
-pub fn top_k(delta: &mut [f32], k: usize, scratch: &mut Vec<f32>) -> usize {
+pub fn top_k(delta: &mut [f32], k: usize) -> usize {
     let n = delta.len();
     if k >= n {
         return n;
@@ -89,11 +128,14 @@ pub fn top_k(delta: &mut [f32], k: usize, scratch: &mut Vec<f32>) -> usize {
         delta.fill(0.0);
         return 0;
     }
-    let mut keep = Cut::new(magnitudes(delta, scratch), k).walker();
-    for v in delta.iter_mut() {
-        if !keep(v.abs()) {
-            *v = 0.0;
-        }
+    let cut = Cut::new(delta, k);
+    let split = cut.split(delta);
+    for (i, v) in delta.iter_mut().enumerate() {
+        *v = if cut.contains(magnitude_bits(*v), i, split) {
+            *v
+        } else {
+            0.0
+        };
     }
     k
 }
@@ -105,7 +147,7 @@ pub fn top_k(delta: &mut [f32], k: usize, scratch: &mut Vec<f32>) -> usize {
 /// mergekit 0.1.5 keeps at least one element for any positive density (older versions
 /// asserted `k > 0` instead). PEFT's `magnitude_prune` keeps exactly
 /// `floor(density · numel)`, possibly none: use [`top_k`] with [`keep_count`] for that.
-pub fn magnitude(delta: &mut [f32], density: f32, scratch: &mut Vec<f32>) -> usize {
+pub fn magnitude(delta: &mut [f32], density: f32) -> usize {
     if density >= 1.0 {
         return delta.len();
     }
@@ -114,7 +156,7 @@ pub fn magnitude(delta: &mut [f32], density: f32, scratch: &mut Vec<f32>) -> usi
         return 0;
     }
     let k = keep_count(density, delta.len()).max(1);
-    top_k(delta, k, scratch)
+    top_k(delta, k)
 }
 
 /// DARE drop (mergekit `random`): keeps element `i` iff `rng.uniform(i) < density`, with
@@ -132,11 +174,10 @@ pub fn random_at(delta: &mut [f32], first: u64, density: f32, rng: &MaskRng) -> 
     }
     let mut kept = 0;
     for (index, v) in (first..).zip(delta.iter_mut()) {
-        if rng.uniform(index) < density {
-            kept += 1;
-        } else {
-            *v = 0.0;
-        }
+        // Branch-free so that the generator vectorises.
+        let keep = rng.uniform(index) < density;
+        kept += usize::from(keep);
+        *v = if keep { *v } else { 0.0 };
     }
     kept
 }
@@ -153,7 +194,7 @@ pub fn random_at(delta: &mut [f32], first: u64, density: f32, rng: &MaskRng) -> 
 /// this function does. mergekit ranks by an ascending unstable sort, so among equal
 /// magnitudes its choice is arbitrary (on small tensors, where torch's sort happens to be
 /// stable, it drops the higher index as the outlier; we drop the lower).
-pub fn outliers(delta: &mut [f32], density: f32, gamma: f32, scratch: &mut Vec<f32>) -> usize {
+pub fn outliers(delta: &mut [f32], density: f32, gamma: f32) -> usize {
     let n = delta.len();
     if density >= 1.0 {
         return n;
@@ -166,13 +207,19 @@ pub fn outliers(delta: &mut [f32], density: f32, gamma: f32, scratch: &mut Vec<f
     let n_top = keep_count(gamma, n).min(n - target);
     // Kept: ranks [n_top, n_top + target) in the descending order, i.e. inside the top
     // `n_top + target` but outside the top `n_top`.
-    let mut within = Cut::new(magnitudes(delta, scratch), n_top + target).walker();
-    let mut outlier = (n_top > 0).then(|| Cut::new(scratch, n_top).walker());
-    for v in delta.iter_mut() {
-        let magnitude = v.abs();
-        // Both walkers must see every element, in order, to count their ties.
-        let inside = within(magnitude);
-        let top = outlier.as_mut().is_some_and(|is_top| is_top(magnitude));
+    let within = Cut::new(delta, n_top + target);
+    let within_split = within.split(delta);
+    let outlier = (n_top > 0).then(|| {
+        let cut = Cut::new(delta, n_top);
+        let split = cut.split(delta);
+        (cut, split)
+    });
+    for (i, v) in delta.iter_mut().enumerate() {
+        let bits = magnitude_bits(*v);
+        let inside = within.contains(bits, i, within_split);
+        let top = outlier
+            .as_ref()
+            .is_some_and(|(cut, split)| cut.contains(bits, i, *split));
         if !inside || top {
             *v = 0.0;
         }
@@ -291,7 +338,21 @@ pub fn della(
 
 /// `Σ |v|`, accumulated in `f64`.
 pub fn l1_norm(values: &[f32]) -> f64 {
-    values.iter().map(|v| f64::from(v.abs())).sum()
+    lane_sum(values, |v| f64::from(v.abs()))
+}
+
+/// Σ term(v) in f64 over eight interleaved partial sums, so the loop vectorises instead of
+/// waiting on one accumulator; the order is fixed, so the result is too.
+pub(crate) fn lane_sum(values: &[f32], term: impl Fn(f32) -> f64) -> f64 {
+    let mut lanes = [0f64; 8];
+    let chunks = values.chunks_exact(8);
+    let tail: f64 = chunks.remainder().iter().map(|&v| term(v)).sum();
+    for chunk in chunks {
+        for (lane, &v) in lanes.iter_mut().zip(chunk) {
+            *lane += term(v);
+        }
+    }
+    lanes.iter().sum::<f64>() + tail
 }
 
 /// mergekit's `rescale` (`RescaleNorm.l1`): multiplies `masked` by
@@ -347,55 +408,53 @@ mod tests {
     #[test]
     fn top_k_keeps_the_largest_magnitudes() {
         let mut d = [3.0, -1.0, 4.0, -1.0, 5.0, -9.0, 2.0, 6.0];
-        assert_eq!(top_k(&mut d, 3, &mut Vec::new()), 3);
+        assert_eq!(top_k(&mut d, 3), 3);
         assert_eq!(d, [0.0, 0.0, 0.0, 0.0, 5.0, -9.0, 0.0, 6.0]);
     }
 
     #[test]
     fn top_k_breaks_ties_towards_the_lower_index() {
         let mut d = [1.0, -2.0, 2.0, -2.0, 1.0];
-        top_k(&mut d, 2, &mut Vec::new());
+        top_k(&mut d, 2);
         assert_eq!(d, [0.0, -2.0, 2.0, 0.0, 0.0]);
         let mut d = [0.5, 0.5, 0.5, 0.5];
-        top_k(&mut d, 3, &mut Vec::new());
+        top_k(&mut d, 3);
         assert_eq!(d, [0.5, 0.5, 0.5, 0.0]);
     }
 
     #[test]
     fn top_k_edges() {
         let mut d = [1.0, -2.0];
-        assert_eq!(top_k(&mut d, 0, &mut Vec::new()), 0);
+        assert_eq!(top_k(&mut d, 0), 0);
         assert_eq!(d, [0.0, 0.0]);
         let mut d = [1.0, -2.0];
-        assert_eq!(top_k(&mut d, 5, &mut Vec::new()), 2);
+        assert_eq!(top_k(&mut d, 5), 2);
         assert_eq!(d, [1.0, -2.0]);
     }
 
     #[test]
     fn magnitude_follows_mergekit() {
-        let mut s = Vec::new();
         // floor(0.5 · 5) = 2.
         let mut d = [1.0, -2.0, 3.0, -4.0, 0.5];
-        assert_eq!(magnitude(&mut d, 0.5, &mut s), 2);
+        assert_eq!(magnitude(&mut d, 0.5), 2);
         assert_eq!(d, [0.0, 0.0, 3.0, -4.0, 0.0]);
         // floor(0.1 · 5) = 0, but a positive density keeps at least one.
         let mut d = [1.0, -2.0, 3.0, -4.0, 0.5];
-        assert_eq!(magnitude(&mut d, 0.1, &mut s), 1);
+        assert_eq!(magnitude(&mut d, 0.1), 1);
         assert_eq!(d, [0.0, 0.0, 0.0, -4.0, 0.0]);
         // 0.7 of 10 is 7, not 6.
         let mut d: Vec<f32> = (1..=10).map(|v| v as f32).collect();
-        assert_eq!(magnitude(&mut d, 0.7, &mut s), 7);
+        assert_eq!(magnitude(&mut d, 0.7), 7);
         assert_eq!(d, [0.0, 0.0, 0.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0]);
         let mut d = [1.0, -2.0];
-        assert_eq!(magnitude(&mut d, 1.0, &mut s), 2);
+        assert_eq!(magnitude(&mut d, 1.0), 2);
         assert_eq!(d, [1.0, -2.0]);
-        assert_eq!(magnitude(&mut d, 0.0, &mut s), 0);
+        assert_eq!(magnitude(&mut d, 0.0), 0);
         assert_eq!(d, [0.0, 0.0]);
     }
 
     #[test]
     fn outliers_drop_the_top_gamma_and_the_bottom() {
-        let mut s = Vec::new();
         let signed = |d: &mut [f32]| {
             for (i, v) in d.iter_mut().enumerate() {
                 if i % 2 == 1 {
@@ -406,7 +465,7 @@ mod tests {
         // n = 10, target 5, n_top 1, n_bot 4: keep magnitudes 5..=9.
         let mut d: Vec<f32> = (1..=10).map(|v| v as f32).collect();
         signed(&mut d);
-        assert_eq!(outliers(&mut d, 0.5, 0.1, &mut s), 5);
+        assert_eq!(outliers(&mut d, 0.5, 0.1), 5);
         assert_eq!(
             d,
             [0.0, 0.0, 0.0, 0.0, 5.0, -6.0, 7.0, -8.0, 9.0, 0.0],
@@ -414,17 +473,17 @@ mod tests {
         );
         // target 9, n_top 2 > 10 − 9: the outlier cut shrinks to 1.
         let mut d: Vec<f32> = (1..=10).map(|v| v as f32).collect();
-        assert_eq!(outliers(&mut d, 0.9, 0.2, &mut s), 9);
+        assert_eq!(outliers(&mut d, 0.9, 0.2), 9);
         assert_eq!(d, [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 0.0]);
         // gamma 0.01 on 10 elements: n_top 0, keep the top 3 (0.1.4 zeroed everything).
         let mut d: Vec<f32> = (1..=10).rev().map(|v| v as f32).collect();
-        assert_eq!(outliers(&mut d, 0.3, 0.01, &mut s), 3);
+        assert_eq!(outliers(&mut d, 0.3, 0.01), 3);
         assert_eq!(d, [10.0, 9.0, 8.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]);
         // Density 1 drops no outliers; density 0 drops everything.
         let mut d = [1.0, 100.0];
-        assert_eq!(outliers(&mut d, 1.0, 0.5, &mut s), 2);
+        assert_eq!(outliers(&mut d, 1.0, 0.5), 2);
         assert_eq!(d, [1.0, 100.0]);
-        assert_eq!(outliers(&mut d, 0.0, 0.5, &mut s), 0);
+        assert_eq!(outliers(&mut d, 0.0, 0.5), 0);
         assert_eq!(d, [0.0, 0.0]);
     }
 
@@ -432,7 +491,7 @@ mod tests {
     fn outliers_break_ties_like_top_k() {
         // All equal: ranks follow the index; drop rank 0 (n_top 1), keep ranks 1 and 2.
         let mut d = [2.0, -2.0, 2.0, -2.0, 2.0];
-        outliers(&mut d, 0.4, 0.2, &mut Vec::new());
+        outliers(&mut d, 0.4, 0.2);
         assert_eq!(d, [0.0, -2.0, 2.0, 0.0, 0.0]);
     }
 
@@ -628,6 +687,35 @@ mod tests {
     }
 
     proptest! {
+        /// The radix select keeps exactly what a stable sort by (|v| descending, index)
+        /// keeps, over values spanning many exponents, with ties, zeros of both signs and
+        /// subnormals.
+        #[test]
+        fn top_k_equals_a_stable_sort(
+            values in prop::collection::vec(
+                prop_oneof![
+                    Just(0.0f32), Just(-0.0f32), Just(1.0e-40f32), Just(-3.0f32), Just(3.0f32),
+                    -1.0e6f32..1.0e6, -1.0e-3f32..1.0e-3,
+                ],
+                1..400,
+            ),
+            k_seed: usize,
+        ) {
+            let k = k_seed % (values.len() + 1);
+            let mut order: Vec<usize> = (0..values.len()).collect();
+            order.sort_by(|&a, &b| values[b].abs().total_cmp(&values[a].abs()).then(a.cmp(&b)));
+            let mut expected = vec![0.0f32; values.len()];
+            for &i in &order[..k] {
+                expected[i] = values[i];
+            }
+            let mut d = values.clone();
+            top_k(&mut d, k);
+            prop_assert_eq!(
+                d.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                expected.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+            );
+        }
+
         #[test]
         fn top_k_keeps_exactly_k_of_the_largest(
             values in prop::collection::vec(-100i32..100, 1..200),
@@ -637,7 +725,7 @@ mod tests {
             let original: Vec<f32> = values.iter().map(|&v| v as f32 + 0.5).collect();
             let k = k_seed % (original.len() + 1);
             let mut d = original.clone();
-            prop_assert_eq!(top_k(&mut d, k, &mut Vec::new()), k);
+            prop_assert_eq!(top_k(&mut d, k), k);
             prop_assert_eq!(d.iter().filter(|v| **v != 0.0).count(), k);
             let smallest_kept = d.iter().filter(|v| **v != 0.0).map(|v| v.abs()).fold(f32::INFINITY, f32::min);
             for (o, v) in original.iter().zip(&d) {
@@ -654,7 +742,7 @@ mod tests {
             density in 0.0f32..1.0,
         ) {
             let mut d = values.clone();
-            let kept = magnitude(&mut d, density, &mut Vec::new());
+            let kept = magnitude(&mut d, density);
             let expected = if density <= 0.0 { 0 } else { keep_count(density, values.len()).max(1) };
             prop_assert_eq!(kept, expected);
             prop_assert_eq!(d.iter().filter(|v| **v != 0.0).count(), expected);
@@ -689,7 +777,7 @@ mod tests {
             let original: Vec<f32> = values.iter().map(|&v| f32::from(v)).collect();
             let n = original.len();
             let mut d = original.clone();
-            let kept = outliers(&mut d, density, gamma, &mut Vec::new());
+            let kept = outliers(&mut d, density, gamma);
             let target = keep_count(density, n);
             prop_assert_eq!(kept, target);
             prop_assert_eq!(d.iter().filter(|v| **v != 0.0).count(), target);

@@ -87,7 +87,11 @@ impl SafetensorsFile {
 
 /// Refuses NaN and infinity, naming the first offending element.
 pub fn check_finite(path: &Path, tensor: &str, values: &[f32]) -> Result<()> {
-    if values.iter().all(|v| v.is_finite()) {
+    // Blocks without early exit inside, so that the scan vectorises.
+    let finite = values
+        .chunks(4096)
+        .all(|c| c.iter().fold(true, |ok, v| ok & v.is_finite()));
+    if finite {
         return Ok(());
     }
     let index = values
