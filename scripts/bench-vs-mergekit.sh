@@ -78,9 +78,9 @@ mapfile -t INPUTS < <(find "$MODELS" -name '*.safetensors' | sort)
 IN_BYTES=$(find "$MODELS" -name '*.safetensors' -printf '%s\n' | awk '{ s += $1 } END { printf "%.0f", s }')
 
 # ---------------------------------------------------------------- (b) configs
-# dtype: bfloat16 as most published mergekit configs use. With it mergekit does the merge
-# arithmetic in bf16, while mmx always computes in f32 and only stores bf16, so mmx does
-# at least as much arithmetic work per element and is the more accurate of the two.
+# `dtype: bfloat16`, as most published mergekit configs have. Note that mergekit then does the
+# merge arithmetic in bf16, while mmx always computes in f32 (and stores bf16), so the two do
+# not run the same arithmetic: mmx's is the more precise (see the output check below).
 for method in ties dare_ties; do
     cat >"$CONFIGS/$method.yml" <<EOF
 merge_method: $method
@@ -198,11 +198,11 @@ elapsed() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.3f", b - a }'; }
 
 warm_inputs() { cat "${INPUTS[@]}" >/dev/null; }
 
-# timed RESULT_FILE LOG_FILE CMD...: writes "wall_s maxrss_kib user_s sys_s" to RESULT_FILE
+# timer_run RESULT_FILE LOG_FILE CMD...: writes "wall_s maxrss_kib user_s sys_s" to RESULT_FILE
 # and returns the command's exit status.
 if [[ -x /usr/bin/time ]]; then
     TIMER="/usr/bin/time"
-    timed() {
+    timer_run() {
         local res=$1 log=$2; shift 2
         local rc=0
         /usr/bin/time -f '%e %M %U %S' -o "$res.raw" "$@" >"$log" 2>&1 || rc=$?
@@ -211,7 +211,7 @@ if [[ -x /usr/bin/time ]]; then
     }
 else
     TIMER="python resource.getrusage(RUSAGE_CHILDREN)"
-    timed() {
+    timer_run() {
         local res=$1 log=$2; shift 2
         "$PY" - "$res" "$@" >"$log" 2>&1 <<'EOF'
 import resource, subprocess, sys, time
@@ -227,6 +227,52 @@ EOF
     }
 fi
 
+# peak_anon PID: while PID lives, samples every 0.1 s the RssAnon (heap, not page cache or
+# mapped files) summed over the leaf processes below PID, i.e. the merge tool itself, not the
+# timer; prints the peak in KiB. Peak RSS from the timer also counts the resident pages of
+# memory-mapped input files, which both tools use; this is the memory they allocate.
+peak_anon() {
+    local root=$1 peak=0 total p t k v kids leaf
+    local -a stack
+    while kill -0 "$root" 2>/dev/null; do
+        total=0
+        stack=("$root")
+        while ((${#stack[@]})); do
+            p=${stack[-1]}
+            unset 'stack[-1]'
+            leaf=1
+            for t in /proc/"$p"/task/*/children; do
+                kids=()
+                read -r -a kids 2>/dev/null <"$t" || true  # no trailing newline: read "fails" at EOF
+                if ((${#kids[@]})); then leaf=0; stack+=("${kids[@]}"); fi
+            done
+            if ((leaf)) && [[ $p != "$root" ]]; then
+                while read -r k v _; do
+                    if [[ $k = RssAnon: ]]; then total=$((total + v)); break; fi
+                done 2>/dev/null <"/proc/$p/status" || true
+            fi
+        done
+        if ((total > peak)); then peak=$total; fi
+        sleep 0.1
+    done
+    echo "$peak"
+}
+
+# timed RESULT_FILE LOG_FILE CMD...: writes "wall_s maxrss_kib user_s sys_s peak_anon_kib"
+timed() {
+    local res=$1 rc=0 run sampler
+    timer_run "$@" &
+    run=$!
+    peak_anon "$run" >"$res.anon" &
+    sampler=$!
+    wait "$run" || rc=$?
+    wait "$sampler" || true
+    printf '%s %s\n' "$(cat "$res" 2>/dev/null || echo 0 0 0 0)" "$(cat "$res.anon" 2>/dev/null || echo 0)" >"$res.all"
+    mv "$res.all" "$res"
+    rm -f "$res.anon"
+    return $rc
+}
+
 # ---------------------------------------------------------------- (c) merges
 MK_FLAGS=(--random-seed 0 --no-cuda --device cpu --no-copy-tokenizer --no-write-model-card)
 set_cmd() { # tool method out -> cmd array
@@ -237,7 +283,7 @@ set_cmd() { # tool method out -> cmd array
 }
 st_bytes() { find "$@" -name '*.safetensors' -printf '%s\n' | awk '{ s += $1 } END { printf "%.0f", s }'; }
 
-declare -A WALL RSS CPU STATUS
+declare -A WALL RSS ANON CPU STATUS
 OUT_BYTES=
 FAILED=0
 for method in ties dare_ties; do
@@ -253,7 +299,7 @@ for method in ties dare_ties; do
             res=$LOGS/$method-$tool-$r.time
             set_cmd "$tool" "$method" "$out"
             if [[ $tool = mmx && ! -x $MMX ]]; then
-                echo "mmx binary not found: $MMX" >"$log"; echo "0 0 0 0" >"$res"; rc=127
+                echo "mmx binary not found: $MMX" >"$log"; echo "0 0 0 0 0" >"$res"; rc=127
             else
                 echo "== $key run $r/$REPEAT: ${cmd[*]}"
                 rc=0; timed "$res" "$log" "${cmd[@]}" || rc=$?
@@ -265,8 +311,8 @@ for method in ties dare_ties; do
                 FAILED=1
                 break
             fi
-            read -r wall rss user sys <"$res"
-            echo "   wall ${wall}s  peak RSS $((rss / 1024)) MiB  user ${user}s  sys ${sys}s"
+            read -r wall rss user sys anon <"$res"
+            echo "   wall ${wall}s  peak RSS $((rss / 1024)) MiB  peak anon $((anon / 1024)) MiB  user ${user}s  sys ${sys}s"
             if [[ -z $best ]] || awk -v a="$wall" -v b="$best" 'BEGIN { exit !(a < b) }'; then
                 best=$wall
                 WALL[$key]=$wall
@@ -274,6 +320,7 @@ for method in ties dare_ties; do
             fi
             # worst case over the repeats for memory
             if [[ -z ${RSS[$key]:-} || $rss -gt ${RSS[$key]} ]]; then RSS[$key]=$rss; fi
+            if [[ -z ${ANON[$key]:-} || $anon -gt ${ANON[$key]} ]]; then ANON[$key]=$anon; fi
             STATUS[$key]=ok
         done
         if [[ ${STATUS[$key]:-} = ok && -z $OUT_BYTES ]]; then
@@ -327,7 +374,7 @@ echo "   read ${READ_S}s + write ${WRITE_S}s = ${FLOOR_S}s"
 
 # mergekit's fixed cost (python + torch + transformers imports), for reading small-scale numbers
 timed "$LOGS/mergekit-startup.time" "$LOGS/mergekit-startup.log" "$MERGEKIT" --help ||
-    echo "0 0 0 0" >"$LOGS/mergekit-startup.time"
+    echo "0 0 0 0 0" >"$LOGS/mergekit-startup.time"
 read -r mk_start_s mk_start_rss _ <"$LOGS/mergekit-startup.time"
 
 # ---------------------------------------------------------------- (e) report
@@ -340,7 +387,7 @@ mmx_version=$("$MMX" --version 2>/dev/null | head -1 || true)
 params=$(awk -v b="$OUT_BYTES" 'BEGIN { printf "%.0f", b / 2 / 1e6 }')
 
 fmt_ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2fx", a / b; else printf "–" }'; }
-row() { printf '| %-9s | %-8s | %8s | %12s | %5s | %10s | %15s | %14s |\n' "$@"; }
+row() { printf '| %-9s | %-8s | %8s | %12s | %13s | %5s | %11s | %13s | %12s |\n' "$@"; }
 
 {
     echo "### mmx vs mergekit $mk_version, CPU"
@@ -361,17 +408,19 @@ row() { printf '| %-9s | %-8s | %8s | %12s | %5s | %10s | %15s | %14s |\n' "$@";
         "+ write output size ${WRITE_S} s (dd conv=fsync)"
     echo "- mergekit start-up alone (\`mergekit-yaml --help\`): ${mk_start_s} s, $((mk_start_rss / 1024)) MiB peak RSS"
     echo "- mmx fsyncs its output files, mergekit does not (its output may still be dirty in the page" \
-        "cache when it exits); peak RSS counts resident pages of the memory-mapped inputs for both"
+        "cache when it exits)"
+    echo "- peak RSS (from the timer) counts resident pages of the memory-mapped inputs, which both" \
+        "tools use; peak anon is the largest RssAnon (allocated memory) sampled every 0.1 s"
     if [[ -n ${CHECK_BF16:-} ]]; then echo "- ties output, mmx vs mergekit (bf16 compute): $CHECK_BF16"; fi
     if [[ -n ${CHECK_F32_MSG:-} ]]; then echo "- ties output, mmx vs mergekit (f32 compute, untimed): $CHECK_F32_MSG"; fi
     echo
-    row method tool "wall s" "peak RSS MiB" "CPU%" "/ I/O floor" "time mk / mmx" "RSS mmx / mk"
-    row "---" "---" "---:" "---:" "---:" "---:" "---:" "---:"
+    row method tool "wall s" "peak RSS MiB" "peak anon MiB" "CPU%" "/ I/O floor" "time mk / mmx" "RSS mmx / mk"
+    row "---" "---" "---:" "---:" "---:" "---:" "---:" "---:" "---:"
     for method in ties dare_ties; do
         for tool in mmx mergekit; do
             key=$method/$tool
             if [[ ${STATUS[$key]:-} != ok ]]; then
-                row "$method" "$tool" "${STATUS[$key]:-not run}" "" "" "" "" ""
+                row "$method" "$tool" "${STATUS[$key]:-not run}" "" "" "" "" "" ""
                 continue
             fi
             speed= mem=
@@ -379,7 +428,7 @@ row() { printf '| %-9s | %-8s | %8s | %12s | %5s | %10s | %15s | %14s |\n' "$@";
                 speed=$(fmt_ratio "${WALL[$method/mergekit]}" "${WALL[$key]}")
                 mem=$(fmt_ratio "${RSS[$key]}" "${RSS[$method/mergekit]}")
             fi
-            row "$method" "$tool" "$(printf '%.2f' "${WALL[$key]}")" "$((RSS[$key] / 1024))" "${CPU[$key]}" \
+            row "$method" "$tool" "$(printf '%.2f' "${WALL[$key]}")" "$((RSS[$key] / 1024))" "$((ANON[$key] / 1024))" "${CPU[$key]}" \
                 "$(fmt_ratio "${WALL[$key]}" "$FLOOR_S")" "$speed" "$mem"
         done
     done

@@ -123,6 +123,29 @@ impl Adapter {
         Ok(Some(lora_delta(m, &a, &b)))
     }
 
+    /// Rows `[first, end)` of [`delta`](Self::delta), without computing the others.
+    pub fn delta_rows(&self, name: &str, first: usize, end: usize) -> Result<Option<Vec<f32>>> {
+        let Some(m) = self.modules.get(name) else {
+            return Ok(None);
+        };
+        let a = self.file.read_f32(&m.a_key)?;
+        let b = self.file.read_f32(&m.b_key)?;
+        Ok(Some(lora_delta_rows(m, &a, &b, first, end)))
+    }
+
+    /// Elements `[start, end)` of the `modules_to_save` tensor for base tensor `name`, if any.
+    pub fn replacement_range(
+        &self,
+        name: &str,
+        start: usize,
+        end: usize,
+    ) -> Result<Option<Vec<f32>>> {
+        match self.saved.get(name) {
+            Some(key) => self.file.read_f32_range(key, start, end).map(Some),
+            None => Ok(None),
+        }
+    }
+
     /// The full tensor this adapter stores for base tensor `name` (`modules_to_save`), if any.
     pub fn replacement(&self, name: &str) -> Result<Option<Vec<f32>>> {
         match self.saved.get(name) {
@@ -156,9 +179,16 @@ impl Adapter {
 
 /// Computes s·B·A (or its transpose) for one module from row-major A `[r, k]` and B `[m, r]`.
 pub fn lora_delta(m: &LoraModule, a: &[f32], b: &[f32]) -> Vec<f32> {
+    lora_delta_rows(m, a, b, 0, m.target_shape[0])
+}
+
+/// Rows `[first, end)` of [`lora_delta`]'s result, computed without the rest. Every element
+/// is the same dot product over the rank as in the whole product.
+pub fn lora_delta_rows(m: &LoraModule, a: &[f32], b: &[f32], first: usize, end: usize) -> Vec<f32> {
     let r = m.rank;
     let (rows, cols) = (m.target_shape[0], m.target_shape[1]);
-    let mut out = vec![0f32; rows * cols];
+    assert!(first <= end && end <= rows, "row range within the target");
+    let mut out = vec![0f32; (end - first) * cols];
     // A is [r, k], B is [m, r]. Linear: out[m, k] = B·A. Linear with fan_in_fan_out and
     // Embedding: out[k, m] = (B·A)ᵀ = Aᵀ·Bᵀ, read through swapped strides, never copied.
     let transposed = match m.kind {
@@ -166,16 +196,17 @@ pub fn lora_delta(m: &LoraModule, a: &[f32], b: &[f32]) -> Vec<f32> {
         LoraKind::Embedding => true,
     };
     // SAFETY: the slices hold exactly the elements the dimensions and strides address: a is
-    // r×k, b is m×r and out is rows×cols, checked when the module was indexed.
+    // r×k, b is m×r (checked when the module was indexed), out is (end − first)×cols, and the
+    // left operand starts at row `first` of a matrix with `rows` rows.
     unsafe {
         if transposed {
-            // out[k, m]: lhs = Aᵀ (k×r, element (i,j) at j*k + i), rhs = Bᵀ (r×m, (i,j) at j*r + i).
+            // lhs = Aᵀ (k×r, element (i,j) at j*k + i), rhs = Bᵀ (r×m, (i,j) at j*r + i).
             matrixmultiply::sgemm(
-                rows,
+                end - first,
                 r,
                 cols,
                 m.scaling,
-                a.as_ptr(),
+                a.as_ptr().add(first),
                 1,
                 rows as isize,
                 b.as_ptr(),
@@ -188,11 +219,11 @@ pub fn lora_delta(m: &LoraModule, a: &[f32], b: &[f32]) -> Vec<f32> {
             );
         } else {
             matrixmultiply::sgemm(
-                rows,
+                end - first,
                 r,
                 cols,
                 m.scaling,
-                b.as_ptr(),
+                b.as_ptr().add(first * r),
                 r as isize,
                 1,
                 a.as_ptr(),
@@ -357,6 +388,26 @@ mod tests {
     fn linear_delta_is_scaled_b_times_a() {
         let d = lora_delta(&module(LoraKind::Linear, false, [4, 3]), &A, &B);
         assert_eq!(d, [0.5, 1., 1.5, 2., 2.5, 3., 2.5, 3.5, 4.5, -1., -0.5, 0.]);
+    }
+
+    #[test]
+    fn row_ranges_equal_the_rows_of_the_whole_product() {
+        for (kind, fifo, shape) in [
+            (LoraKind::Linear, false, [4, 3]),
+            (LoraKind::Linear, true, [3, 4]),
+            (LoraKind::Embedding, false, [3, 4]),
+        ] {
+            let m = module(kind, fifo, shape);
+            let whole = lora_delta(&m, &A, &B);
+            for (first, end) in [(0, 1), (1, 3), (2, shape[0]), (0, shape[0])] {
+                let rows = lora_delta_rows(&m, &A, &B, first, end);
+                assert_eq!(
+                    rows,
+                    whole[first * shape[1]..end * shape[1]],
+                    "{kind:?} {first}..{end}"
+                );
+            }
+        }
     }
 
     #[test]

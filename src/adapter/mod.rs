@@ -5,4 +5,4 @@ mod config;
 mod lora;
 
 pub use config::LoraConfig;
-pub use lora::{lora_delta, Adapter, LoraKind, LoraModule, PEFT_PREFIX};
+pub use lora::{lora_delta, lora_delta_rows, Adapter, LoraKind, LoraModule, PEFT_PREFIX};

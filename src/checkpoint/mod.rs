@@ -195,6 +195,18 @@ impl Checkpoint {
         self.require(name)?.read_f32(name)
     }
 
+    /// Elements `[start, end)` of a float tensor as f32.
+    pub fn read_f32_range(&self, name: &str, start: usize, end: usize) -> Result<Vec<f32>> {
+        self.require(name)?.read_f32_range(name, start, end)
+    }
+
+    /// Drops this process's mapping of a tensor's pages (see [`SafetensorsFile::release`]).
+    pub fn release(&self, name: &str) {
+        if let Some(shard) = self.shard(name) {
+            shard.release(name);
+        }
+    }
+
     /// The weight files, for digests.
     pub fn files(&self) -> Vec<&Path> {
         self.shards.iter().map(|s| s.path()).collect()

@@ -9,6 +9,7 @@ use rayon::prelude::*;
 
 use super::method::{merge_tensor, TensorJob, TensorStats};
 use super::plan::{Plan, TensorPlan};
+use super::stream::{is_streamed, merge_streamed};
 use crate::error::{Error, Result};
 use crate::recipe::OutputKind;
 use crate::tensor::{check_finite, from_f32, to_f32, ShardedWriter};
@@ -75,14 +76,14 @@ pub fn execute(
                 return (i, Err(None));
             }
             budget.acquire(t.working_bytes);
-            let result = compute(plan, t).and_then(|(bytes, stats)| {
-                writer.write(&t.name, &bytes)?;
-                progress(bytes.len() as u64);
-                Ok(TensorRecord {
+            let result = run_tensor(plan, t, writer).map(|stats| {
+                progress(t.shape.iter().product::<usize>() as u64 * t.dtype.size() as u64);
+                TensorRecord {
                     name: t.name.clone(),
                     stats,
-                })
+                }
             });
+            release(plan, &t.name);
             budget.release(t.working_bytes);
             if result.is_err() {
                 failed.store(true, Ordering::Relaxed);
@@ -113,8 +114,32 @@ pub fn execute(
     Ok(records.into_iter().flatten().collect())
 }
 
-/// Computes one output tensor: its bytes in the output dtype and the merge statistics.
-fn compute(plan: &Plan, t: &TensorPlan) -> Result<(Vec<u8>, Option<TensorStats>)> {
+/// Computes one output tensor and writes it; returns the merge statistics (`None` for a
+/// tensor copied from the base).
+fn run_tensor(plan: &Plan, t: &TensorPlan, writer: &ShardedWriter) -> Result<Option<TensorStats>> {
+    match &t.merge {
+        Some(params) if is_streamed(&t.shape) => merge_streamed(plan, t, params, writer).map(Some),
+        _ => {
+            let (bytes, stats) = compute(plan, t)?;
+            writer.write(&t.name, &bytes)?;
+            Ok(stats)
+        }
+    }
+}
+
+/// Lets the kernel drop the input pages of a finished tensor, so that resident memory stays
+/// near the working set instead of growing to the size of the inputs.
+fn release(plan: &Plan, name: &str) {
+    if let Some(b) = &plan.base {
+        b.release(name);
+    }
+    for e in &plan.experts {
+        e.release(name);
+    }
+}
+
+/// Computes one output tensor in memory: its bytes in the output dtype and the merge statistics.
+pub(crate) fn compute(plan: &Plan, t: &TensorPlan) -> Result<(Vec<u8>, Option<TensorStats>)> {
     let reference = plan.reference();
     let Some(params) = &t.merge else {
         let info = reference.info(&t.name).expect("planned from the reference");

@@ -106,6 +106,50 @@ impl Expert {
         Ok(values)
     }
 
+    /// Elements `[start, end)` of [`tensor`](Self::tensor), whole rows of length `row_len`.
+    pub fn tensor_range(
+        &self,
+        name: &str,
+        base: Option<&Checkpoint>,
+        (start, end): (usize, usize),
+        row_len: usize,
+    ) -> Result<Vec<f32>> {
+        let replacement = self
+            .adapter()
+            .map(|a| a.replacement_range(name, start, end))
+            .transpose()?
+            .flatten();
+        let mut values = match (replacement, self.model(), base) {
+            (Some(r), _, _) => r,
+            (None, Some(model), _) => model.read_f32_range(name, start, end)?,
+            (None, None, Some(base)) => base.read_f32_range(name, start, end)?,
+            (None, None, None) => {
+                return Err(Error::Checkpoint {
+                    path: PathBuf::from(&self.label),
+                    message: "a LoRA adapter expert needs a base model".to_string(),
+                })
+            }
+        };
+        let delta = self
+            .adapter()
+            .map(|a| a.delta_rows(name, start / row_len, end / row_len))
+            .transpose()?
+            .flatten();
+        if let Some(delta) = delta {
+            for (v, d) in values.iter_mut().zip(&delta) {
+                *v += d;
+            }
+        }
+        Ok(values)
+    }
+
+    /// Drops the mapped pages of tensor `name` in this expert's files.
+    pub fn release(&self, name: &str) {
+        if let Some(m) = self.model() {
+            m.release(name);
+        }
+    }
+
     /// The files this expert reads, for digests.
     pub fn files(&self) -> Vec<PathBuf> {
         let mut files = Vec::new();

@@ -145,7 +145,7 @@ pub struct MergedTensor {
 
 /// The trim step of a task-arithmetic method.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Trim {
+pub(crate) enum Trim {
     None,
     Magnitude,
     Random,
@@ -209,14 +209,15 @@ impl Method {
     }
 
     /// Whether the method elects signs.
-    fn has_consensus(self) -> bool {
+    pub(crate) fn has_consensus(self) -> bool {
         matches!(
             self,
             Method::Ties | Method::DareTies | Method::BreadcrumbsTies | Method::Della
         )
     }
 
-    fn trim(self) -> Trim {
+    /// The method's trim step.
+    pub(crate) fn trim(self) -> Trim {
         match self {
             Method::Linear | Method::TaskArithmetic => Trim::None,
             Method::Ties => Trim::Magnitude,
@@ -455,7 +456,7 @@ fn check_job(
 }
 
 /// Checks the parameters that `method` reads.
-fn check_params(
+pub(crate) fn check_params(
     method: Method,
     globals: &GlobalParams,
     name: &str,
@@ -565,7 +566,7 @@ impl Trimmer<'_> {
 
 /// `Σ w_m·δ_m` into `deltas[0]`, divided by `Σ w_m` when normalising (a sum under 1e-8
 /// in magnitude counts as 1, as in mergekit).
-fn weighted_sum(deltas: &mut [Vec<f32>], weights: &[f32], normalize: bool) {
+pub(crate) fn weighted_sum(deltas: &mut [Vec<f32>], weights: &[f32], normalize: bool) {
     let Some(((first, rest), (&w0, w_rest))) = deltas.split_first_mut().zip(weights.split_first())
     else {
         return;
@@ -589,7 +590,7 @@ fn weighted_sum(deltas: &mut [Vec<f32>], weights: &[f32], normalize: bool) {
 
 /// mergekit `linear`: `Σ w·X`, divided by `Σ w` when normalising. The base, if any, is
 /// not an input (see [`Method::needs_base`]); it only anchors `delta_l2`.
-fn linear(
+pub(crate) fn linear(
     name: &str,
     base: Option<&[f32]>,
     mut experts: Vec<Vec<f32>>,
@@ -638,7 +639,12 @@ fn linear(
 
 /// `‖values − base‖₂` in `f64`, or `‖values‖₂` without a base.
 fn distance(values: &[f32], base: Option<&[f32]>) -> f64 {
-    let squares = match base {
+    squared_distance(values, base).sqrt()
+}
+
+/// `‖values − base‖₂²` in `f64`, or `‖values‖₂²` without a base.
+pub(crate) fn squared_distance(values: &[f32], base: Option<&[f32]>) -> f64 {
+    match base {
         Some(base) => {
             let mut lanes = [0f64; 8];
             let (v8, b8) = (values.chunks_exact(8), base.chunks_exact(8));
@@ -656,12 +662,11 @@ fn distance(values: &[f32], base: Option<&[f32]>) -> f64 {
             lanes.iter().sum::<f64>() + tail
         }
         None => sparsify::lane_sum(values, |v| f64::from(v).powi(2)),
-    };
-    squares.sqrt()
+    }
 }
 
 /// `count / numel` (0 for an empty tensor).
-fn fraction(count: usize, numel: usize) -> f32 {
+pub(crate) fn fraction(count: usize, numel: usize) -> f32 {
     if numel == 0 {
         0.0
     } else {

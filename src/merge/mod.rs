@@ -19,6 +19,7 @@ mod output;
 mod plan;
 pub mod rng;
 pub mod sparsify;
+mod stream;
 
 pub use executor::{execute, TensorRecord};
 pub use expert::{Expert, ExpertInput};

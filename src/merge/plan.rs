@@ -7,6 +7,7 @@ use std::path::Path;
 use super::expert::Expert;
 use super::method::{DisjointMean, ExpertParams, GlobalParams, Method, RescaleMode, SignElection};
 use super::sparsify::check_della;
+use super::stream::{is_streamed, working_bytes};
 use crate::checkpoint::Checkpoint;
 use crate::error::{Error, Result};
 use crate::recipe::{layer_position, OutputKind, Parameters, Recipe, Scalar, Source};
@@ -159,7 +160,9 @@ impl Plan {
             } else {
                 None
             };
-            let working_bytes = if merge.is_some() {
+            let working_bytes = if merge.is_some() && is_streamed(&info.shape) {
+                working_bytes(experts.len())
+            } else if merge.is_some() {
                 numel * 4 * (experts.len() as u64 + 3) + numel * dtype.size() as u64
             } else {
                 numel * (info.dtype.size() + dtype.size()) as u64

@@ -33,12 +33,46 @@ fn decimal(x: f32) -> f64 {
 /// The top-`r` set under the order (larger `|v|` first, then lower index): every element
 /// with `|v|` above `threshold`, plus the first `ties` elements (by index) equal to it.
 #[derive(Debug, Clone, Copy)]
-struct Cut {
+pub(crate) struct Cut {
     threshold: f32,
-    ties: usize,
+    /// How many elements equal to the threshold are in the set (the first ones by index).
+    pub(crate) ties: usize,
     /// How many elements equal the threshold in all; when every one of them is kept, the
     /// cut needs no running count and is a plain comparison.
-    equal: usize,
+    pub(crate) equal: usize,
+}
+
+/// One digit of the radix select: which elements it looks at and which bucket each goes in.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Digit {
+    prefix: u32,
+    prefix_mask: u32,
+    shift: u32,
+    digit_mask: u32,
+}
+
+impl Digit {
+    /// Number of buckets.
+    pub(crate) fn buckets(&self) -> usize {
+        self.digit_mask as usize + 1
+    }
+
+    /// The bucket of `v`, or `None` when `v` lies outside the range still searched.
+    #[inline]
+    pub(crate) fn bucket(&self, v: f32) -> Option<usize> {
+        let key = magnitude_bits(v);
+        (key & self.prefix_mask == self.prefix)
+            .then_some(((key >> self.shift) & self.digit_mask) as usize)
+    }
+
+    /// Adds the buckets of `values` to `histogram`.
+    pub(crate) fn count(&self, values: &[f32], histogram: &mut [usize]) {
+        for v in values {
+            if let Some(b) = self.bucket(*v) {
+                histogram[b] += 1;
+            }
+        }
+    }
 }
 
 impl Cut {
@@ -46,6 +80,24 @@ impl Cut {
     /// linear passes: a radix select over the bits of `|v|`, whose order as integers is the
     /// order of the magnitudes for finite values. Nothing is copied or reordered.
     fn new(values: &[f32], r: usize) -> Cut {
+        let selected: std::result::Result<Cut, std::convert::Infallible> =
+            Cut::select(r, |digit| {
+                let mut histogram = vec![0usize; digit.buckets()];
+                digit.count(values, &mut histogram);
+                Ok(histogram)
+            });
+        match selected {
+            Ok(cut) => cut,
+            Err(never) => match never {},
+        }
+    }
+
+    /// The radix select itself, for the `r`-th largest magnitude: `histogram` returns, for a
+    /// digit, the bucket counts over all elements (however they are stored).
+    pub(crate) fn select<E>(
+        r: usize,
+        mut histogram: impl FnMut(Digit) -> std::result::Result<Vec<usize>, E>,
+    ) -> std::result::Result<Cut, E> {
         let mut prefix = 0u32;
         let mut prefix_mask = 0u32;
         let mut remaining = r;
@@ -53,14 +105,13 @@ impl Cut {
         let mut equal = 0usize;
         for (shift, width) in [(21u32, 10u32), (10, 11), (0, 10)] {
             let digit_mask = (1u32 << width) - 1;
-            let mut histogram = vec![0usize; 1 << width];
-            for v in values {
-                let key = magnitude_bits(*v);
-                if key & prefix_mask == prefix {
-                    histogram[((key >> shift) & digit_mask) as usize] += 1;
-                }
-            }
-            for (digit, &count) in histogram.iter().enumerate().rev() {
+            let counts = histogram(Digit {
+                prefix,
+                prefix_mask,
+                shift,
+                digit_mask,
+            })?;
+            for (digit, &count) in counts.iter().enumerate().rev() {
                 if count >= remaining {
                     prefix |= (digit as u32) << shift;
                     prefix_mask |= digit_mask << shift;
@@ -71,11 +122,17 @@ impl Cut {
                 above += count;
             }
         }
-        Cut {
+        Ok(Cut {
             threshold: f32::from_bits(prefix),
             ties: r - above,
             equal,
-        }
+        })
+    }
+
+    /// Whether `v`'s magnitude equals the threshold.
+    #[inline]
+    pub(crate) fn is_tie(&self, v: f32) -> bool {
+        magnitude_bits(v) == self.threshold.to_bits()
     }
 
     /// The index just past the last tied element the cut keeps: ties at or before it are in
@@ -84,29 +141,31 @@ impl Cut {
         if self.ties == self.equal {
             return values.len();
         }
-        let threshold = self.threshold.to_bits();
-        let is_tie = |v: &f32| magnitude_bits(*v) == threshold;
+        self.split_after(values, self.ties).unwrap_or(values.len())
+    }
+
+    /// The index just past the `n`-th tie in `values` (n ≥ 1), if there are that many.
+    pub(crate) fn split_after(&self, values: &[f32], n: usize) -> Option<usize> {
         let mut seen = 0;
         for (b, block) in values.chunks(4096).enumerate() {
-            let count = block.iter().filter(|v| is_tie(v)).count();
-            if seen + count >= self.ties {
+            let count = block.iter().filter(|v| self.is_tie(**v)).count();
+            if seen + count >= n {
                 for (j, v) in block.iter().enumerate() {
-                    seen += usize::from(is_tie(v));
-                    if seen == self.ties {
-                        return b * 4096 + j + 1;
+                    seen += usize::from(self.is_tie(*v));
+                    if seen == n {
+                        return Some(b * 4096 + j + 1);
                     }
                 }
             }
             seen += count;
         }
-        values.len()
+        None
     }
 
-    /// Whether the element at `index` with magnitude bits `bits` is in the set, given
-    /// [`split`](Self::split).
+    /// Whether the element at `index` with value `v` is in the set, given the split.
     #[inline]
-    fn contains(&self, bits: u32, index: usize, split: usize) -> bool {
-        let threshold = self.threshold.to_bits();
+    pub(crate) fn contains(&self, v: f32, index: usize, split: usize) -> bool {
+        let (bits, threshold) = (magnitude_bits(v), self.threshold.to_bits());
         bits > threshold || (bits == threshold && index < split)
     }
 }
@@ -131,11 +190,7 @@ pub fn top_k(delta: &mut [f32], k: usize) -> usize {
     let cut = Cut::new(delta, k);
     let split = cut.split(delta);
     for (i, v) in delta.iter_mut().enumerate() {
-        *v = if cut.contains(magnitude_bits(*v), i, split) {
-            *v
-        } else {
-            0.0
-        };
+        *v = if cut.contains(*v, i, split) { *v } else { 0.0 };
     }
     k
 }
@@ -172,6 +227,38 @@ pub fn random_at(delta: &mut [f32], first: u64, density: f32, rng: &MaskRng) -> 
     if density >= 1.0 {
         return delta.len();
     }
+    // The generator's 64-bit multiplies vectorise only with wide registers: use them where the
+    // CPU has them. Integer arithmetic, so every path gives the same mask.
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512dq")
+        {
+            // SAFETY: the CPU has the features the function is compiled for.
+            return unsafe { random_mask_avx512(delta, first, density, rng) };
+        }
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: as above.
+            return unsafe { random_mask_avx2(delta, first, density, rng) };
+        }
+    }
+    random_mask(delta, first, density, rng)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512dq")]
+unsafe fn random_mask_avx512(delta: &mut [f32], first: u64, density: f32, rng: &MaskRng) -> usize {
+    random_mask(delta, first, density, rng)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn random_mask_avx2(delta: &mut [f32], first: u64, density: f32, rng: &MaskRng) -> usize {
+    random_mask(delta, first, density, rng)
+}
+
+#[inline(always)]
+fn random_mask(delta: &mut [f32], first: u64, density: f32, rng: &MaskRng) -> usize {
     let mut kept = 0;
     for (index, v) in (first..).zip(delta.iter_mut()) {
         // Branch-free so that the generator vectorises.
@@ -215,11 +302,10 @@ pub fn outliers(delta: &mut [f32], density: f32, gamma: f32) -> usize {
         (cut, split)
     });
     for (i, v) in delta.iter_mut().enumerate() {
-        let bits = magnitude_bits(*v);
-        let inside = within.contains(bits, i, within_split);
+        let inside = within.contains(*v, i, within_split);
         let top = outlier
             .as_ref()
-            .is_some_and(|(cut, split)| cut.contains(bits, i, *split));
+            .is_some_and(|(cut, split)| cut.contains(*v, i, *split));
         if !inside || top {
             *v = 0.0;
         }
@@ -277,6 +363,22 @@ pub fn della(
     order: &mut Vec<usize>,
     tensor: &str,
 ) -> Result<usize> {
+    della_at(delta, 0, shape, density, epsilon, rng, order, tensor)
+}
+
+/// [`della`] on whole rows of a larger tensor that start at flat element `first`: `shape`
+/// describes the part, and each element draws the mask value the whole tensor would give it.
+#[allow(clippy::too_many_arguments)]
+pub fn della_at(
+    delta: &mut [f32],
+    first: u64,
+    shape: &[usize],
+    density: f32,
+    epsilon: f32,
+    rng: &MaskRng,
+    order: &mut Vec<usize>,
+    tensor: &str,
+) -> Result<usize> {
     let n = delta.len();
     if density >= 1.0 {
         return Ok(n);
@@ -325,7 +427,7 @@ pub fn della(
                 };
                 let p_keep = low + rank_norm * 2.0 * epsilon;
                 let i = at(j);
-                if rng.uniform(i as u64) < p_keep {
+                if rng.uniform(first + i as u64) < p_keep {
                     kept += 1;
                 } else {
                     delta[i] = 0.0;
@@ -363,15 +465,17 @@ pub(crate) fn lane_sum(values: &[f32], term: impl Fn(f32) -> f64) -> f64 {
 /// This matches `1/density` only in expectation; see [`rescale_inverse`] for the DARE
 /// paper's rule.
 pub fn rescale_l1(masked: &mut [f32], original_l1: f64) {
+    if let Some(factor) = l1_factor(original_l1, l1_norm(masked)) {
+        for v in masked.iter_mut() {
+            *v *= factor;
+        }
+    }
+}
+
+/// The factor of [`rescale_l1`] from the two norms; `None` when either is below 1e-7.
+pub(crate) fn l1_factor(original_l1: f64, masked_l1: f64) -> Option<f32> {
     const EPS: f64 = 1e-7;
-    let masked_l1 = l1_norm(masked);
-    if original_l1 < EPS || masked_l1 < EPS {
-        return;
-    }
-    let factor = (original_l1 / masked_l1) as f32;
-    for v in masked.iter_mut() {
-        *v *= factor;
-    }
+    (original_l1 >= EPS && masked_l1 >= EPS).then(|| (original_l1 / masked_l1) as f32)
 }
 
 /// The DARE paper's (and PEFT's) rescale: divides every entry by `density`, which makes

@@ -1,5 +1,6 @@
 //! Element types as safetensors names them, and conversion to and from f32.
 
+use half::slice::HalfFloatSliceExt;
 use serde::{Deserialize, Serialize};
 
 /// A safetensors element type.
@@ -85,18 +86,31 @@ impl std::fmt::Display for Dtype {
 /// Converts little-endian bytes of a float dtype into f32 values; `None` for non-float dtypes.
 pub fn to_f32(dtype: Dtype, bytes: &[u8]) -> Option<Vec<f32>> {
     let out = match dtype {
-        Dtype::F32 => bytes
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect(),
-        Dtype::F16 => bytes
-            .chunks_exact(2)
-            .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
-            .collect(),
-        Dtype::BF16 => bytes
-            .chunks_exact(2)
-            .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
-            .collect(),
+        Dtype::F32 => {
+            let mut out = vec![0f32; bytes.len() / 4];
+            for (o, c) in out.iter_mut().zip(bytes.chunks_exact(4)) {
+                *o = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+            }
+            out
+        }
+        // bf16 is the upper half of an f32: widening is a shift, exact for every value.
+        Dtype::BF16 => {
+            let mut out = vec![0f32; bytes.len() / 2];
+            for (o, c) in out.iter_mut().zip(bytes.chunks_exact(2)) {
+                *o = f32::from_bits(u32::from(u16::from_le_bytes([c[0], c[1]])) << 16);
+            }
+            out
+        }
+        Dtype::F16 => {
+            let halves: Vec<half::f16> = bytes
+                .chunks_exact(2)
+                .map(|c| half::f16::from_le_bytes([c[0], c[1]]))
+                .collect();
+            let mut out = vec![0f32; halves.len()];
+            // Uses the CPU's conversion instructions where it has them.
+            halves.convert_to_f32_slice(&mut out);
+            out
+        }
         Dtype::F64 => bytes
             .chunks_exact(8)
             .map(|c| {
@@ -110,19 +124,45 @@ pub fn to_f32(dtype: Dtype, bytes: &[u8]) -> Option<Vec<f32>> {
     Some(out)
 }
 
+/// Rounds a finite f32 to bf16 bits, to nearest with ties to even (as PyTorch does); NaN stays
+/// NaN.
+#[inline]
+fn bf16_bits(v: f32) -> u16 {
+    let bits = v.to_bits();
+    if v.is_nan() {
+        return ((bits >> 16) | 0x40) as u16;
+    }
+    let rounding = 0x7fff + ((bits >> 16) & 1);
+    (bits.wrapping_add(rounding) >> 16) as u16
+}
+
 /// Encodes f32 values as little-endian bytes of an output dtype (round to nearest even, as
 /// PyTorch's casts do); `None` for a dtype mmx does not write.
 pub fn from_f32(dtype: Dtype, values: &[f32]) -> Option<Vec<u8>> {
     let out = match dtype {
-        Dtype::F32 => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
-        Dtype::F16 => values
-            .iter()
-            .flat_map(|v| half::f16::from_f32(*v).to_le_bytes())
-            .collect(),
-        Dtype::BF16 => values
-            .iter()
-            .flat_map(|v| half::bf16::from_f32(*v).to_le_bytes())
-            .collect(),
+        Dtype::F32 => {
+            let mut out = vec![0u8; values.len() * 4];
+            for (o, v) in out.chunks_exact_mut(4).zip(values) {
+                o.copy_from_slice(&v.to_le_bytes());
+            }
+            out
+        }
+        Dtype::F16 => {
+            let mut halves = vec![half::f16::ZERO; values.len()];
+            halves.convert_from_f32_slice(values);
+            let mut out = vec![0u8; values.len() * 2];
+            for (o, h) in out.chunks_exact_mut(2).zip(&halves) {
+                o.copy_from_slice(&h.to_le_bytes());
+            }
+            out
+        }
+        Dtype::BF16 => {
+            let mut out = vec![0u8; values.len() * 2];
+            for (o, v) in out.chunks_exact_mut(2).zip(values) {
+                o.copy_from_slice(&bf16_bits(*v).to_le_bytes());
+            }
+            out
+        }
         _ => return None,
     };
     Some(out)
@@ -151,6 +191,35 @@ mod tests {
         let above = 1.0 + 2f32.powi(-8) + 2f32.powi(-12);
         let bytes = from_f32(Dtype::BF16, &[above]).unwrap();
         assert_eq!(to_f32(Dtype::BF16, &bytes).unwrap(), [1.0 + 2f32.powi(-7)]);
+    }
+
+    proptest::proptest! {
+        /// The fast bf16 paths agree bit for bit with the `half` crate's conversions.
+        #[test]
+        fn bf16_conversions_match_half(bits in proptest::num::u32::ANY) {
+            let v = f32::from_bits(bits);
+            let ours = from_f32(Dtype::BF16, &[v]).unwrap();
+            let theirs = half::bf16::from_f32(v);
+            if v.is_nan() {
+                proptest::prop_assert!(to_f32(Dtype::BF16, &ours).unwrap()[0].is_nan());
+            } else {
+                proptest::prop_assert_eq!(ours, theirs.to_le_bytes().to_vec());
+            }
+            let back = to_f32(Dtype::BF16, &theirs.to_le_bytes()).unwrap()[0];
+            proptest::prop_assert_eq!(back.to_bits(), theirs.to_f32().to_bits());
+        }
+
+        /// The f16 paths agree with `half`'s scalar conversions.
+        #[test]
+        fn f16_conversions_match_half(v in proptest::num::f32::ANY) {
+            let ours = from_f32(Dtype::F16, &[v]).unwrap();
+            let theirs = half::f16::from_f32(v);
+            if !v.is_nan() {
+                proptest::prop_assert_eq!(&ours, &theirs.to_le_bytes().to_vec());
+                let back = to_f32(Dtype::F16, &ours).unwrap()[0];
+                proptest::prop_assert_eq!(back.to_bits(), theirs.to_f32().to_bits());
+            }
+        }
     }
 
     #[test]

@@ -3,7 +3,7 @@
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
-use memmap2::Mmap;
+use memmap2::{Mmap, UncheckedAdvice};
 
 use super::header::{parse_header, Header, TensorInfo};
 use super::{dtype, Dtype};
@@ -79,6 +79,62 @@ impl SafetensorsFile {
         Ok(values)
     }
 
+    /// Elements `[start, end)` of a float tensor (flat, row-major) as f32, refused if any is
+    /// NaN or infinite; the index in the error is the tensor-wide one.
+    pub fn read_f32_range(&self, name: &str, start: usize, end: usize) -> Result<Vec<f32>> {
+        let info = self.require(name)?;
+        let size = info.dtype.size();
+        if start > end || end > info.numel() {
+            return Err(Error::ShapeMismatch {
+                path: self.path.clone(),
+                tensor: name.to_string(),
+                expected: vec![info.numel()],
+                actual: vec![end],
+            });
+        }
+        let bytes = &self.bytes(name)?[start * size..end * size];
+        let values = dtype::to_f32(info.dtype, bytes).ok_or_else(|| Error::Dtype {
+            path: self.path.clone(),
+            tensor: name.to_string(),
+            dtype: info.dtype.to_string(),
+            reason: "not a float type mmx can merge".to_string(),
+        })?;
+        check_finite(&self.path, name, &values).map_err(|e| match e {
+            Error::NonFinite {
+                path,
+                tensor,
+                index,
+                value,
+            } => Error::NonFinite {
+                path,
+                tensor,
+                index: index + start,
+                value,
+            },
+            other => other,
+        })?;
+        Ok(values)
+    }
+
+    /// Lets the kernel drop this process's mapping of a tensor's pages, so that a tensor
+    /// already merged stops counting towards resident memory. The file is unchanged and a later
+    /// read faults the pages back in.
+    pub fn release(&self, name: &str) {
+        if let Some(info) = self.info(name) {
+            let start = self.header.data_start + info.start;
+            // SAFETY: the map is read-only and backed by a file mmx does not modify, so dropping
+            // its pages cannot change what any borrowed slice reads: the next access maps the
+            // same bytes back from the page cache. Errors only mean the advice was not taken.
+            let _ = unsafe {
+                self.mmap.unchecked_advise_range(
+                    UncheckedAdvice::DontNeed,
+                    start,
+                    info.end - info.start,
+                )
+            };
+        }
+    }
+
     /// The dtype of a tensor.
     pub fn dtype(&self, name: &str) -> Result<Dtype> {
         Ok(self.require(name)?.dtype)
@@ -87,10 +143,14 @@ impl SafetensorsFile {
 
 /// Refuses NaN and infinity, naming the first offending element.
 pub fn check_finite(path: &Path, tensor: &str, values: &[f32]) -> Result<()> {
-    // Blocks without early exit inside, so that the scan vectorises.
-    let finite = values
-        .chunks(4096)
-        .all(|c| c.iter().fold(true, |ok, v| ok & v.is_finite()));
+    // Exponent bits all set means NaN or infinity. Integer ops over blocks without an early
+    // exit inside, so that the scan vectorises.
+    const EXPONENT: u32 = 0x7f80_0000;
+    let finite = values.chunks(4096).all(|c| {
+        c.iter().fold(0u32, |bad, v| {
+            bad | u32::from(v.to_bits() & EXPONENT == EXPONENT)
+        }) == 0
+    });
     if finite {
         return Ok(());
     }

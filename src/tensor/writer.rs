@@ -2,7 +2,7 @@
 //! whose layout is fixed before any tensor is computed, so that workers write each tensor at its
 //! offset in any order and the bytes do not depend on the thread count.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::FileExt;
@@ -118,7 +118,8 @@ pub struct ShardedWriter {
     dir: PathBuf,
     files: Vec<(String, File)>,
     slots: HashMap<String, Slot>,
-    written: Mutex<HashSet<String>>,
+    /// Bytes written so far per tensor.
+    written: Mutex<HashMap<String, usize>>,
     weight_map: BTreeMap<String, String>,
     total_size: u64,
 }
@@ -198,7 +199,7 @@ impl ShardedWriter {
             dir: dir.to_path_buf(),
             files,
             slots,
-            written: Mutex::new(HashSet::new()),
+            written: Mutex::new(HashMap::new()),
             weight_map,
             total_size,
         })
@@ -206,28 +207,58 @@ impl ShardedWriter {
 
     /// Writes one tensor's bytes at its planned place.
     pub fn write(&self, name: &str, bytes: &[u8]) -> Result<()> {
-        let slot = self.slots.get(name).ok_or_else(|| Error::Output {
-            path: self.dir.clone(),
-            message: format!("tensor `{name}` is not part of the planned output"),
-        })?;
-        let (file_name, file) = &self.files[slot.shard];
-        if bytes.len() != slot.len {
-            return Err(Error::Output {
-                path: self.dir.join(file_name),
-                message: format!(
-                    "tensor `{name}` has {} bytes, the plan reserved {}",
+        let len = self.slot(name)?.len;
+        if bytes.len() != len {
+            return Err(self.overflow(
+                name,
+                format!(
+                    "tensor `{name}` has {} bytes, the plan reserved {len}",
+                    bytes.len()
+                ),
+            ));
+        }
+        self.write_at(name, 0, bytes)
+    }
+
+    /// Writes part of a tensor, `offset` bytes into it. The parts of one tensor must not
+    /// overlap; [`finish`](Self::finish) checks that they add up to the whole.
+    pub fn write_at(&self, name: &str, offset: usize, bytes: &[u8]) -> Result<()> {
+        let slot = self.slot(name)?;
+        if offset + bytes.len() > slot.len {
+            return Err(self.overflow(
+                name,
+                format!(
+                    "{} bytes at offset {offset} run past the {} bytes planned for tensor `{name}`",
                     bytes.len(),
                     slot.len
                 ),
-            });
+            ));
         }
-        file.write_all_at(bytes, slot.offset)
+        let (file_name, file) = &self.files[slot.shard];
+        file.write_all_at(bytes, slot.offset + offset as u64)
             .map_err(|e| Error::io(self.dir.join(file_name), e))?;
-        self.written
+        *self
+            .written
             .lock()
             .expect("writer lock is never poisoned by a panic while held")
-            .insert(name.to_string());
+            .entry(name.to_string())
+            .or_default() += bytes.len();
         Ok(())
+    }
+
+    fn slot(&self, name: &str) -> Result<&Slot> {
+        self.slots.get(name).ok_or_else(|| Error::Output {
+            path: self.dir.clone(),
+            message: format!("tensor `{name}` is not part of the planned output"),
+        })
+    }
+
+    fn overflow(&self, name: &str, message: String) -> Error {
+        let shard = self.slots.get(name).map_or(0, |s| s.shard);
+        Error::Output {
+            path: self.dir.join(&self.files[shard].0),
+            message,
+        }
     }
 
     /// Checks every planned tensor was written, fsyncs the shards and writes the index when there
@@ -237,16 +268,14 @@ impl ShardedWriter {
             .written
             .into_inner()
             .expect("writer lock is never poisoned by a panic while held");
-        if written.len() != self.slots.len() {
-            let missing = self
-                .weight_map
-                .keys()
-                .find(|k| !written.contains(*k))
-                .cloned()
-                .unwrap_or_default();
+        let incomplete = self
+            .weight_map
+            .keys()
+            .find(|k| written.get(*k).copied().unwrap_or(0) != self.slots[*k].len);
+        if let Some(missing) = incomplete {
             return Err(Error::Output {
                 path: self.dir.clone(),
-                message: format!("tensor `{missing}` was planned but never written"),
+                message: format!("tensor `{missing}` was planned but never written in full"),
             });
         }
         let mut names = Vec::with_capacity(self.files.len() + 1);
