@@ -52,6 +52,35 @@ pub fn disjoint_merge(
     mean: DisjointMean,
     normalize: bool,
 ) -> usize {
+    // Wider vectors where the CPU has them; the arithmetic, and so the result, is the same.
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU has the feature the function is compiled for.
+        return unsafe { disjoint_merge_avx2(deltas, weights, election, mean, normalize) };
+    }
+    disjoint_merge_generic(deltas, weights, election, mean, normalize)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn disjoint_merge_avx2(
+    deltas: &mut [Vec<f32>],
+    weights: &[f32],
+    election: SignElection,
+    mean: DisjointMean,
+    normalize: bool,
+) -> usize {
+    disjoint_merge_generic(deltas, weights, election, mean, normalize)
+}
+
+#[inline(always)]
+fn disjoint_merge_generic(
+    deltas: &mut [Vec<f32>],
+    weights: &[f32],
+    election: SignElection,
+    mean: DisjointMean,
+    normalize: bool,
+) -> usize {
     assert_eq!(deltas.len(), weights.len(), "one weight per delta");
     let n = deltas.first().map_or(0, Vec::len);
     assert!(

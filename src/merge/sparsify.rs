@@ -42,6 +42,73 @@ pub(crate) struct Cut {
     pub(crate) equal: usize,
 }
 
+/// A radix select in progress: the digits already fixed and the rank still sought. Several
+/// searches can advance in step over the same pass of the data.
+pub(crate) struct RadixSearch {
+    prefix: u32,
+    prefix_mask: u32,
+    remaining: usize,
+    above: usize,
+    equal: usize,
+    r: usize,
+    step: usize,
+}
+
+/// (shift, width) of the three digits, most significant first; 31 bits in all, the sign is
+/// cleared.
+const DIGITS: [(u32, u32); 3] = [(21, 10), (10, 11), (0, 10)];
+
+impl RadixSearch {
+    /// Starts a search for the `r`-th largest magnitude (1 ≤ r ≤ n).
+    pub(crate) fn new(r: usize) -> RadixSearch {
+        RadixSearch {
+            prefix: 0,
+            prefix_mask: 0,
+            remaining: r,
+            above: 0,
+            equal: 0,
+            r,
+            step: 0,
+        }
+    }
+
+    /// The digit to histogram next, or `None` when the search is done.
+    pub(crate) fn digit(&self) -> Option<Digit> {
+        let &(shift, width) = DIGITS.get(self.step)?;
+        Some(Digit {
+            prefix: self.prefix,
+            prefix_mask: self.prefix_mask,
+            shift,
+            digit_mask: (1u32 << width) - 1,
+        })
+    }
+
+    /// Fixes the next digit from its histogram over all elements.
+    pub(crate) fn advance(&mut self, counts: &[usize]) {
+        let digit = self.digit().expect("advance only while a digit is left");
+        for (d, &count) in counts.iter().enumerate().rev() {
+            if count >= self.remaining {
+                self.prefix |= (d as u32) << digit.shift;
+                self.prefix_mask |= digit.digit_mask << digit.shift;
+                self.equal = count;
+                break;
+            }
+            self.remaining -= count;
+            self.above += count;
+        }
+        self.step += 1;
+    }
+
+    /// The cut found.
+    pub(crate) fn finish(self) -> Cut {
+        Cut {
+            threshold: f32::from_bits(self.prefix),
+            ties: self.r - self.above,
+            equal: self.equal,
+        }
+    }
+}
+
 /// One digit of the radix select: which elements it looks at and which bucket each goes in.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Digit {
@@ -98,37 +165,12 @@ impl Cut {
         r: usize,
         mut histogram: impl FnMut(Digit) -> std::result::Result<Vec<usize>, E>,
     ) -> std::result::Result<Cut, E> {
-        let mut prefix = 0u32;
-        let mut prefix_mask = 0u32;
-        let mut remaining = r;
-        let mut above = 0usize;
-        let mut equal = 0usize;
-        for (shift, width) in [(21u32, 10u32), (10, 11), (0, 10)] {
-            let digit_mask = (1u32 << width) - 1;
-            let counts = histogram(Digit {
-                prefix,
-                prefix_mask,
-                shift,
-                digit_mask,
-            })?;
-            for (digit, &count) in counts.iter().enumerate().rev() {
-                if count >= remaining {
-                    prefix |= (digit as u32) << shift;
-                    prefix_mask |= digit_mask << shift;
-                    equal = count;
-                    break;
-                }
-                remaining -= count;
-                above += count;
-            }
+        let mut search = RadixSearch::new(r);
+        while let Some(digit) = search.digit() {
+            search.advance(&histogram(digit)?);
         }
-        Ok(Cut {
-            threshold: f32::from_bits(prefix),
-            ties: r - above,
-            equal,
-        })
+        Ok(search.finish())
     }
-
     /// Whether `v`'s magnitude equals the threshold.
     #[inline]
     pub(crate) fn is_tie(&self, v: f32) -> bool {

@@ -20,7 +20,7 @@ use super::method::{
 };
 use super::plan::{MergeParams, Plan, TensorPlan};
 use super::rng::MaskRng;
-use super::sparsify::{self, Cut};
+use super::sparsify::{self, Cut, RadixSearch};
 use crate::error::{Error, Result};
 use crate::recipe::OutputKind;
 use crate::tensor::{check_finite, from_f32, ShardedWriter};
@@ -54,6 +54,17 @@ enum Keep {
     /// A random mask (DARE).
     Random,
     /// DELLA's per-row mask.
+    Della,
+}
+
+/// What one expert's trim needs found before it can be applied; indices point into the list
+/// of cuts searched together.
+enum Need {
+    All,
+    Nothing,
+    Top(usize),
+    Band(usize, Option<usize>),
+    Random,
     Della,
 }
 
@@ -153,95 +164,159 @@ impl Job<'_> {
         Ok(d)
     }
 
-    /// The `r`-th largest magnitude of expert `e`'s delta and the index past its last kept
-    /// tie, from histogram passes over the chunks.
-    fn select(&self, e: usize, r: usize) -> Result<Selection> {
-        let cut = Cut::select(r, |digit| {
+    /// Finds several magnitude cuts at once, `wanted[i] = (expert, r)` for the `r`-th largest
+    /// magnitude of that expert's delta, with the index past each one's last kept tie. Every
+    /// pass over the chunks reads the base and each expert once for all the cuts.
+    fn select_all(&self, wanted: &[(usize, usize)]) -> Result<Vec<Selection>> {
+        let mut experts: Vec<usize> = wanted.iter().map(|&(e, _)| e).collect();
+        experts.dedup();
+        let mut searches: Vec<RadixSearch> =
+            wanted.iter().map(|&(_, r)| RadixSearch::new(r)).collect();
+        while let Some(digits) = searches
+            .iter()
+            .map(RadixSearch::digit)
+            .collect::<Option<Vec<_>>>()
+        {
             let partial = self.each_chunk(|_, range| {
                 let base = self.base(range)?.expect("streamed GTA merges have a base");
-                let d = self.delta(e, &base, range)?;
-                let mut histogram = vec![0usize; digit.buckets()];
-                digit.count(&d, &mut histogram);
-                Ok(histogram)
+                let mut histograms: Vec<Vec<usize>> =
+                    digits.iter().map(|d| vec![0; d.buckets()]).collect();
+                for &e in &experts {
+                    let d = self.delta(e, &base, range)?;
+                    for ((&(we, _), digit), h) in wanted.iter().zip(&digits).zip(&mut histograms) {
+                        if we == e {
+                            digit.count(&d, h);
+                        }
+                    }
+                }
+                Ok(histograms)
             })?;
-            let mut total = vec![0usize; digit.buckets()];
-            for h in partial {
-                total.iter_mut().zip(h).for_each(|(t, c)| *t += c);
+            for (i, search) in searches.iter_mut().enumerate() {
+                let mut total = vec![0usize; digits[i].buckets()];
+                for histograms in &partial {
+                    total
+                        .iter_mut()
+                        .zip(&histograms[i])
+                        .for_each(|(t, c)| *t += c);
+                }
+                search.advance(&total);
             }
-            Ok(total)
-        })?;
-        if cut.ties == cut.equal {
-            return Ok(Selection {
-                cut,
-                split: self.numel(),
-            });
         }
-        let counts = self.each_chunk(|_, range| {
-            let base = self.base(range)?.expect("streamed GTA merges have a base");
-            let d = self.delta(e, &base, range)?;
-            Ok(d.iter().filter(|v| cut.is_tie(**v)).count())
-        })?;
-        let mut seen = 0;
-        for (&(start, end), count) in self.chunks.iter().zip(counts) {
-            if seen + count >= cut.ties {
-                let base = self
-                    .base((start, end))?
-                    .expect("streamed GTA merges have a base");
-                let d = self.delta(e, &base, (start, end))?;
-                let within = cut
-                    .split_after(&d, cut.ties - seen)
-                    .expect("the chunk holds the remaining ties");
-                return Ok(Selection {
-                    split: start + within,
-                    cut,
-                });
+        let cuts: Vec<Cut> = searches.into_iter().map(RadixSearch::finish).collect();
+
+        // Ties: where only some elements equal to a threshold are kept, the first ones by
+        // index are; count ties per chunk to find where the last kept one lies.
+        let tied: Vec<usize> = (0..cuts.len())
+            .filter(|&i| cuts[i].ties < cuts[i].equal)
+            .collect();
+        let mut splits = vec![self.numel(); cuts.len()];
+        if !tied.is_empty() {
+            let counts = self.each_chunk(|_, range| {
+                let base = self.base(range)?.expect("streamed GTA merges have a base");
+                let mut counts = vec![0usize; tied.len()];
+                for &e in &experts {
+                    let d = self.delta(e, &base, range)?;
+                    for (c, &i) in counts.iter_mut().zip(&tied) {
+                        if wanted[i].0 == e {
+                            *c = d.iter().filter(|v| cuts[i].is_tie(**v)).count();
+                        }
+                    }
+                }
+                Ok(counts)
+            })?;
+            for (k, &i) in tied.iter().enumerate() {
+                let mut seen = 0;
+                for (&(start, end), chunk_counts) in self.chunks.iter().zip(&counts) {
+                    let count = chunk_counts[k];
+                    if seen + count >= cuts[i].ties {
+                        let base = self
+                            .base((start, end))?
+                            .expect("streamed GTA merges have a base");
+                        let d = self.delta(wanted[i].0, &base, (start, end))?;
+                        let within = cuts[i]
+                            .split_after(&d, cuts[i].ties - seen)
+                            .expect("the chunk holds the remaining ties");
+                        splits[i] = start + within;
+                        break;
+                    }
+                    seen += count;
+                }
             }
-            seen += count;
         }
-        unreachable!("the histogram counted `equal` ≥ `ties` tied elements")
+        Ok(cuts
+            .into_iter()
+            .zip(splits)
+            .map(|(cut, split)| Selection { cut, split })
+            .collect())
     }
 
-    /// Decides what expert `e` keeps, mirroring the trims of `sparsify` on a whole tensor.
-    fn keep(&self, trim: Trim, p: &ExpertParams, e: usize) -> Result<Keep> {
+    /// Decides what every expert keeps, mirroring the trims of `sparsify` on a whole tensor;
+    /// the magnitude cuts of all experts are found together.
+    fn keeps(&self, trim: Trim, params: &[ExpertParams]) -> Result<Vec<Keep>> {
         let n = self.numel();
-        if trim == Trim::None || p.density >= 1.0 {
-            return Ok(Keep::All);
+        let mut wanted = Vec::new();
+        let mut plans = Vec::with_capacity(params.len());
+        for (e, p) in params.iter().enumerate() {
+            let plan = if trim == Trim::None || p.density >= 1.0 {
+                Need::All
+            } else {
+                match trim {
+                    Trim::None => Need::All,
+                    Trim::Magnitude | Trim::TopK => {
+                        let k = sparsify::keep_count(p.density, n);
+                        let k = if trim == Trim::Magnitude && p.density > 0.0 {
+                            k.max(1)
+                        } else {
+                            k
+                        };
+                        match k {
+                            0 => Need::Nothing,
+                            k if k >= n => Need::All,
+                            k => {
+                                wanted.push((e, k));
+                                Need::Top(wanted.len() - 1)
+                            }
+                        }
+                    }
+                    Trim::Outliers => {
+                        let target = sparsify::keep_count(p.density, n).min(n);
+                        if target == 0 {
+                            Need::Nothing
+                        } else {
+                            let n_top = sparsify::keep_count(p.gamma, n).min(n - target);
+                            wanted.push((e, n_top + target));
+                            let within = wanted.len() - 1;
+                            let top = (n_top > 0).then(|| {
+                                wanted.push((e, n_top));
+                                wanted.len() - 1
+                            });
+                            Need::Band(within, top)
+                        }
+                    }
+                    Trim::Random => Need::Random,
+                    Trim::Della if p.density <= 0.0 => Need::Nothing,
+                    Trim::Della => Need::Della,
+                }
+            };
+            plans.push(plan);
         }
-        Ok(match trim {
-            Trim::None => Keep::All,
-            Trim::Magnitude | Trim::TopK => {
-                let k = sparsify::keep_count(p.density, n);
-                let k = if trim == Trim::Magnitude && p.density > 0.0 {
-                    k.max(1)
-                } else {
-                    k
-                };
-                match k {
-                    0 => Keep::Nothing,
-                    k if k >= n => Keep::All,
-                    k => Keep::Top(self.select(e, k)?),
-                }
-            }
-            Trim::Outliers => {
-                let target = sparsify::keep_count(p.density, n).min(n);
-                if target == 0 {
-                    Keep::Nothing
-                } else {
-                    let n_top = sparsify::keep_count(p.gamma, n).min(n - target);
-                    let within = self.select(e, n_top + target)?;
-                    let top = (n_top > 0).then(|| self.select(e, n_top)).transpose()?;
-                    Keep::Band(within, top)
-                }
-            }
-            Trim::Random => Keep::Random,
-            Trim::Della => {
-                if p.density <= 0.0 {
-                    Keep::Nothing
-                } else {
-                    Keep::Della
-                }
-            }
-        })
+        let mut selections: Vec<Option<Selection>> = if wanted.is_empty() {
+            Vec::new()
+        } else {
+            self.select_all(&wanted)?.into_iter().map(Some).collect()
+        };
+        let mut take = |i: usize| selections[i].take().expect("each selection is used once");
+        Ok(plans
+            .into_iter()
+            .map(|plan| match plan {
+                Need::All => Keep::All,
+                Need::Nothing => Keep::Nothing,
+                Need::Top(i) => Keep::Top(take(i)),
+                Need::Band(within, top) => Keep::Band(take(within), top.map(&mut take)),
+                Need::Random => Keep::Random,
+                Need::Della => Keep::Della,
+            })
+            .collect())
     }
 
     /// Applies expert `e`'s trim (without rescale) to its delta on a chunk.
@@ -363,9 +438,9 @@ fn merge_in_chunks(
     }
 
     let trim = method.trim();
+    let keeps = job.keeps(trim, &params.experts)?;
     let mut trims = Vec::with_capacity(plan.experts.len());
-    for (e, p) in params.experts.iter().enumerate() {
-        let keep = job.keep(trim, p, e)?;
+    for ((e, p), keep) in params.experts.iter().enumerate().zip(keeps) {
         let mut expert = ExpertTrim {
             keep,
             rescale: Rescale::None,

@@ -246,6 +246,14 @@ impl ShardedWriter {
         Ok(())
     }
 
+    /// Starts writing what is written so far to disk (errors are left for
+    /// [`finish`](Self::finish)'s fsync to report).
+    pub fn flush_to_disk(&self) {
+        for (_, file) in &self.files {
+            let _ = file.sync_data();
+        }
+    }
+
     fn slot(&self, name: &str) -> Result<&Slot> {
         self.slots.get(name).ok_or_else(|| Error::Output {
             path: self.dir.clone(),
