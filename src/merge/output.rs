@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, RecvTimeoutError};
 use std::time::Duration;
 
 use serde_json::{json, Value};
@@ -124,16 +124,17 @@ pub fn write_merge(
     let metadata = BTreeMap::from([("format".to_string(), "pt".to_string())]);
     let writer = ShardedWriter::create(&tmp, stem, &specs, options.shard_bytes, &metadata)?;
     // Write back to disk while merging, so that the final fsync does not wait for all of it.
-    let done = AtomicBool::new(false);
+    let (done, finished) = mpsc::channel::<()>();
     let records = std::thread::scope(|scope| {
         scope.spawn(|| {
-            while !done.load(Ordering::Relaxed) {
-                std::thread::sleep(Duration::from_millis(200));
+            while let Err(RecvTimeoutError::Timeout) =
+                finished.recv_timeout(Duration::from_millis(200))
+            {
                 writer.flush_to_disk();
             }
         });
         let records = execute(plan, &writer, options.max_memory, progress);
-        done.store(true, Ordering::Relaxed);
+        drop(done);
         records
     })?;
     let mut files = writer.finish(stem)?;
