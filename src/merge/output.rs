@@ -126,14 +126,15 @@ pub fn write_merge(
     // Write back to disk while merging, so that the final fsync does not wait for all of it.
     let (done, finished) = mpsc::channel::<()>();
     let records = std::thread::scope(|scope| {
-        scope.spawn(|| {
+        let writer = &writer;
+        scope.spawn(move || {
             while let Err(RecvTimeoutError::Timeout) =
                 finished.recv_timeout(Duration::from_millis(200))
             {
                 writer.flush_to_disk();
             }
         });
-        let records = execute(plan, &writer, options.max_memory, progress);
+        let records = execute(plan, writer, options.max_memory, progress);
         drop(done);
         records
     })?;
