@@ -1,12 +1,13 @@
 //! An expert's input: a full model, a PEFT adapter on the base, or a model with an adapter
 //! applied in memory (mergekit's `model+lora`), read one tensor at a time.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use crate::adapter::Adapter;
 use crate::checkpoint::Checkpoint;
 use crate::error::{Error, Result};
 use crate::recipe::{Parameters, Source};
+use crate::tensor::check_finite;
 
 /// What an expert is made of.
 #[derive(Debug)]
@@ -102,6 +103,8 @@ impl Expert {
             for (v, d) in values.iter_mut().zip(&delta) {
                 *v += d;
             }
+            // What was read is checked as it is read; the sum may still overflow.
+            check_finite(Path::new(&self.label), name, &values)?;
         }
         Ok(values)
     }
@@ -139,6 +142,20 @@ impl Expert {
             for (v, d) in values.iter_mut().zip(&delta) {
                 *v += d;
             }
+            check_finite(Path::new(&self.label), name, &values).map_err(|e| match e {
+                Error::NonFinite {
+                    path,
+                    tensor,
+                    index,
+                    value,
+                } => Error::NonFinite {
+                    path,
+                    tensor,
+                    index: index + start,
+                    value,
+                },
+                other => other,
+            })?;
         }
         Ok(values)
     }

@@ -21,7 +21,7 @@ use super::method::{
 use super::plan::{MergeParams, Plan, TensorPlan};
 use super::rng::MaskRng;
 use super::sparsify::{self, Cut, RadixSearch};
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::recipe::OutputKind;
 use crate::tensor::{check_finite, from_f32, ShardedWriter};
 
@@ -108,16 +108,12 @@ impl Job<'_> {
         self.t.shape.iter().product()
     }
 
-    /// Runs `f` on every chunk in parallel; results in chunk order.
+    /// Runs `f` on every chunk (its element range) in parallel; results in chunk order.
     fn each_chunk<T: Send>(
         &self,
-        f: impl Fn(usize, (usize, usize)) -> Result<T> + Sync,
+        f: impl Fn((usize, usize)) -> Result<T> + Sync,
     ) -> Result<Vec<T>> {
-        self.chunks
-            .par_iter()
-            .enumerate()
-            .map(|(i, &range)| f(i, range))
-            .collect()
+        self.chunks.par_iter().map(|&range| f(range)).collect()
     }
 
     fn base(&self, (start, end): (usize, usize)) -> Result<Option<Vec<f32>>> {
@@ -128,27 +124,13 @@ impl Job<'_> {
             .transpose()
     }
 
-    /// The expert's full values on a chunk.
+    /// The expert's full values on a chunk (checked finite as they are read).
     fn expert(&self, e: usize, base: Option<&[f32]>, range: (usize, usize)) -> Result<Vec<f32>> {
         let expert = &self.plan.experts[e];
         let values = match base {
             Some(b) if !expert.touches(&self.t.name) => b.to_vec(),
             _ => expert.tensor_range(&self.t.name, self.plan.base.as_ref(), range, self.row_len)?,
         };
-        check_finite(Path::new(&expert.label), &self.t.name, &values).map_err(|e| match e {
-            Error::NonFinite {
-                path,
-                tensor,
-                index,
-                value,
-            } => Error::NonFinite {
-                path,
-                tensor,
-                index: index + range.0,
-                value,
-            },
-            other => other,
-        })?;
         Ok(values)
     }
 
@@ -177,7 +159,7 @@ impl Job<'_> {
             .map(RadixSearch::digit)
             .collect::<Option<Vec<_>>>()
         {
-            let partial = self.each_chunk(|_, range| {
+            let partial = self.each_chunk(|range| {
                 let base = self.base(range)?.expect("streamed GTA merges have a base");
                 let mut histograms: Vec<Vec<usize>> =
                     digits.iter().map(|d| vec![0; d.buckets()]).collect();
@@ -211,7 +193,7 @@ impl Job<'_> {
             .collect();
         let mut splits = vec![self.numel(); cuts.len()];
         if !tied.is_empty() {
-            let counts = self.each_chunk(|_, range| {
+            let counts = self.each_chunk(|range| {
                 let base = self.base(range)?.expect("streamed GTA merges have a base");
                 let mut counts = vec![0usize; tied.len()];
                 for &e in &experts {
@@ -415,7 +397,7 @@ fn merge_in_chunks(
     };
 
     if method == Method::Linear {
-        let squares = job.each_chunk(|_, range| {
+        let squares = job.each_chunk(|range| {
             let base = job.base(range)?;
             let experts = (0..plan.experts.len())
                 .map(|e| job.expert(e, base.as_deref(), range))
@@ -439,41 +421,57 @@ fn merge_in_chunks(
 
     let trim = method.trim();
     let keeps = job.keeps(trim, &params.experts)?;
-    let mut trims = Vec::with_capacity(plan.experts.len());
-    for ((e, p), keep) in params.experts.iter().enumerate().zip(keeps) {
-        let mut expert = ExpertTrim {
+    let mut trims: Vec<ExpertTrim> = params
+        .experts
+        .iter()
+        .zip(keeps)
+        .enumerate()
+        .map(|(e, (p, keep))| ExpertTrim {
             keep,
             rescale: Rescale::None,
             rng: MaskRng::new(globals.seed, &t.name, plan.experts[e].index),
             params: *p,
-        };
-        // As on a whole tensor: any trim below density 1 rescales when asked to.
-        if globals.rescale && trim != Trim::None && p.density < 1.0 {
-            expert.rescale = match globals.rescale_mode {
-                RescaleMode::InverseDensity => Rescale::Inverse(p.density),
-                RescaleMode::L1 => {
-                    let norms = job.each_chunk(|_, range| {
-                        let base = job.base(range)?.expect("streamed GTA merges have a base");
+        })
+        .collect();
+    // As on a whole tensor: any trim below density 1 rescales when asked to.
+    let rescaled: Vec<usize> = (0..trims.len())
+        .filter(|&e| globals.rescale && trim != Trim::None && trims[e].params.density < 1.0)
+        .collect();
+    match globals.rescale_mode {
+        RescaleMode::InverseDensity => {
+            for &e in &rescaled {
+                trims[e].rescale = Rescale::Inverse(trims[e].params.density);
+            }
+        }
+        RescaleMode::L1 if !rescaled.is_empty() => {
+            // Norms of every rescaled expert's delta before and after its trim, in one pass.
+            let norms = job.each_chunk(|range| {
+                let base = job.base(range)?.expect("streamed GTA merges have a base");
+                let mut order = Vec::new();
+                rescaled
+                    .iter()
+                    .map(|&e| {
                         let mut d = job.delta(e, &base, range)?;
                         let original = sparsify::l1_norm(&d);
-                        job.apply_keep(&expert, &mut d, range, &mut Vec::new())?;
+                        job.apply_keep(&trims[e], &mut d, range, &mut order)?;
                         Ok((original, sparsify::l1_norm(&d)))
-                    })?;
-                    let (original, masked) = norms
-                        .iter()
-                        .fold((0f64, 0f64), |(a, b), (x, y)| (a + x, b + y));
-                    match sparsify::l1_factor(original, masked) {
-                        Some(f) => Rescale::Factor(f),
-                        None => Rescale::None,
-                    }
+                    })
+                    .collect::<Result<Vec<_>>>()
+            })?;
+            for (k, &e) in rescaled.iter().enumerate() {
+                let (original, masked) = norms.iter().fold((0f64, 0f64), |(a, b), chunk| {
+                    (a + chunk[k].0, b + chunk[k].1)
+                });
+                if let Some(f) = sparsify::l1_factor(original, masked) {
+                    trims[e].rescale = Rescale::Factor(f);
                 }
-            };
+            }
         }
-        trims.push(expert);
+        RescaleMode::L1 => {}
     }
 
     let consensus = method.has_consensus();
-    let results = job.each_chunk(|_, range| {
+    let results = job.each_chunk(|range| {
         let base = job.base(range)?.expect("streamed GTA merges have a base");
         let mut order = Vec::new();
         let mut kept = Vec::with_capacity(trims.len());
