@@ -7,7 +7,7 @@ use crate::adapter::Adapter;
 use crate::checkpoint::Checkpoint;
 use crate::error::{Error, Result};
 use crate::recipe::{Parameters, Source};
-use crate::tensor::check_finite;
+use crate::tensor::{check_finite, check_finite_from};
 
 /// What an expert is made of.
 #[derive(Debug)]
@@ -142,20 +142,7 @@ impl Expert {
             for (v, d) in values.iter_mut().zip(&delta) {
                 *v += d;
             }
-            check_finite(Path::new(&self.label), name, &values).map_err(|e| match e {
-                Error::NonFinite {
-                    path,
-                    tensor,
-                    index,
-                    value,
-                } => Error::NonFinite {
-                    path,
-                    tensor,
-                    index: index + start,
-                    value,
-                },
-                other => other,
-            })?;
+            check_finite_from(Path::new(&self.label), name, &values, start)?;
         }
         Ok(values)
     }

@@ -99,20 +99,7 @@ impl SafetensorsFile {
             dtype: info.dtype.to_string(),
             reason: "not a float type mmx can merge".to_string(),
         })?;
-        check_finite(&self.path, name, &values).map_err(|e| match e {
-            Error::NonFinite {
-                path,
-                tensor,
-                index,
-                value,
-            } => Error::NonFinite {
-                path,
-                tensor,
-                index: index + start,
-                value,
-            },
-            other => other,
-        })?;
+        check_finite_from(&self.path, name, &values, start)?;
         Ok(values)
     }
 
@@ -143,6 +130,12 @@ impl SafetensorsFile {
 
 /// Refuses NaN and infinity, naming the first offending element.
 pub fn check_finite(path: &Path, tensor: &str, values: &[f32]) -> Result<()> {
+    check_finite_from(path, tensor, values, 0)
+}
+
+/// [`check_finite`] for the part of a tensor that starts at flat element `first`: the error
+/// names the element's index in the whole tensor.
+pub fn check_finite_from(path: &Path, tensor: &str, values: &[f32], first: usize) -> Result<()> {
     // Exponent bits all set means NaN or infinity. Integer ops over blocks without an early
     // exit inside, so that the scan vectorises.
     const EXPONENT: u32 = 0x7f80_0000;
@@ -161,7 +154,7 @@ pub fn check_finite(path: &Path, tensor: &str, values: &[f32]) -> Result<()> {
     Err(Error::NonFinite {
         path: path.to_path_buf(),
         tensor: tensor.to_string(),
-        index,
+        index: first + index,
         value: values[index],
     })
 }

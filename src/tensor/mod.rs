@@ -9,7 +9,7 @@ mod header;
 mod writer;
 
 pub use dtype::{from_f32, to_f32, Dtype};
-pub use file::{check_finite, SafetensorsFile};
+pub use file::{check_finite, check_finite_from, SafetensorsFile};
 pub use header::{encode_header, parse_header, Header, HeaderError, TensorInfo, MAX_HEADER_BYTES};
 pub use writer::{
     sync_dir, temp_sibling, write_atomic, write_safetensors, ShardedWriter, TensorSpec,
