@@ -171,6 +171,11 @@ impl Cut {
         }
         Ok(search.finish())
     }
+    /// The magnitude at the cut.
+    pub(crate) fn threshold(&self) -> f32 {
+        self.threshold
+    }
+
     /// Whether `v`'s magnitude equals the threshold.
     #[inline]
     pub(crate) fn is_tie(&self, v: f32) -> bool {

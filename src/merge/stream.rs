@@ -154,6 +154,8 @@ impl Job<'_> {
         experts.dedup();
         let mut searches: Vec<RadixSearch> =
             wanted.iter().map(|&(_, r)| RadixSearch::new(r)).collect();
+        // The last pass's per-chunk histograms: their bucket of the threshold counts its ties.
+        let mut last = None;
         while let Some(digits) = searches
             .iter()
             .map(RadixSearch::digit)
@@ -183,29 +185,31 @@ impl Job<'_> {
                 }
                 search.advance(&total);
             }
+            last = Some((digits, partial));
         }
         let cuts: Vec<Cut> = searches.into_iter().map(RadixSearch::finish).collect();
+        let (digits, partial) = last.expect("a radix search has digits");
 
         // Ties: where only some elements equal to a threshold are kept, the first ones by
-        // index are; count ties per chunk to find where the last kept one lies.
+        // index are; the chunk holding the last kept one is found from the tie counts.
         let tied: Vec<usize> = (0..cuts.len())
             .filter(|&i| cuts[i].ties < cuts[i].equal)
             .collect();
         let mut splits = vec![self.numel(); cuts.len()];
         if !tied.is_empty() {
-            let counts = self.each_chunk(|range| {
-                let base = self.base(range)?.expect("streamed GTA merges have a base");
-                let mut counts = vec![0usize; tied.len()];
-                for &e in &experts {
-                    let d = self.delta(e, &base, range)?;
-                    for (c, &i) in counts.iter_mut().zip(&tied) {
-                        if wanted[i].0 == e {
-                            *c = d.iter().filter(|v| cuts[i].is_tie(**v)).count();
-                        }
-                    }
-                }
-                Ok(counts)
-            })?;
+            let counts: Vec<Vec<usize>> = partial
+                .iter()
+                .map(|histograms| {
+                    tied.iter()
+                        .map(|&i| {
+                            let bucket = digits[i]
+                                .bucket(cuts[i].threshold())
+                                .expect("the threshold matches its own prefix");
+                            histograms[i][bucket]
+                        })
+                        .collect()
+                })
+                .collect();
             for (k, &i) in tied.iter().enumerate() {
                 let mut seen = 0;
                 for (&(start, end), chunk_counts) in self.chunks.iter().zip(&counts) {
