@@ -86,21 +86,11 @@ impl std::fmt::Display for Dtype {
 /// Converts little-endian bytes of a float dtype into f32 values; `None` for non-float dtypes.
 pub fn to_f32(dtype: Dtype, bytes: &[u8]) -> Option<Vec<f32>> {
     let out = match dtype {
-        Dtype::F32 => {
-            let mut out = vec![0f32; bytes.len() / 4];
-            for (o, c) in out.iter_mut().zip(bytes.chunks_exact(4)) {
-                *o = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
-            }
-            out
-        }
+        Dtype::F32 => decode(bytes, |c: &[u8; 4]| f32::from_le_bytes(*c)),
         // bf16 is the upper half of an f32: widening is a shift, exact for every value.
-        Dtype::BF16 => {
-            let mut out = vec![0f32; bytes.len() / 2];
-            for (o, c) in out.iter_mut().zip(bytes.chunks_exact(2)) {
-                *o = f32::from_bits(u32::from(u16::from_le_bytes([c[0], c[1]])) << 16);
-            }
-            out
-        }
+        Dtype::BF16 => decode(bytes, |c: &[u8; 2]| {
+            f32::from_bits(u32::from(u16::from_le_bytes(*c)) << 16)
+        }),
         Dtype::F16 => {
             let halves: Vec<half::f16> = bytes
                 .chunks_exact(2)
@@ -124,6 +114,20 @@ pub fn to_f32(dtype: Dtype, bytes: &[u8]) -> Option<Vec<f32>> {
     Some(out)
 }
 
+/// Decodes fixed-size little-endian elements (`N` bytes each) without zeroing the buffer first.
+fn decode<const N: usize>(bytes: &[u8], element: impl Fn(&[u8; N]) -> f32) -> Vec<f32> {
+    let (chunks, _) = bytes.as_chunks::<N>();
+    let n = chunks.len();
+    let mut out = Vec::with_capacity(n);
+    for (o, c) in out.spare_capacity_mut().iter_mut().zip(chunks) {
+        o.write(element(c));
+    }
+    // SAFETY: the loop wrote all `n` elements: `bytes` holds `n` chunks of `N` bytes and the
+    // spare capacity is at least `n`.
+    unsafe { out.set_len(n) };
+    out
+}
+
 /// Rounds a finite f32 to bf16 bits, to nearest with ties to even (as PyTorch does); NaN stays
 /// NaN.
 #[inline]
@@ -139,30 +143,27 @@ fn bf16_bits(v: f32) -> u16 {
 /// Encodes f32 values as little-endian bytes of an output dtype (round to nearest even, as
 /// PyTorch's casts do); `None` for a dtype mmx does not write.
 pub fn from_f32(dtype: Dtype, values: &[f32]) -> Option<Vec<u8>> {
+    // Arrays collected from exact-size iterators, then flattened: one pass, no zeroing.
     let out = match dtype {
-        Dtype::F32 => {
-            let mut out = vec![0u8; values.len() * 4];
-            for (o, v) in out.chunks_exact_mut(4).zip(values) {
-                o.copy_from_slice(&v.to_le_bytes());
-            }
-            out
-        }
+        Dtype::F32 => values
+            .iter()
+            .map(|v| v.to_le_bytes())
+            .collect::<Vec<[u8; 4]>>()
+            .into_flattened(),
         Dtype::F16 => {
             let mut halves = vec![half::f16::ZERO; values.len()];
             halves.convert_from_f32_slice(values);
-            let mut out = vec![0u8; values.len() * 2];
-            for (o, h) in out.chunks_exact_mut(2).zip(&halves) {
-                o.copy_from_slice(&h.to_le_bytes());
-            }
-            out
+            halves
+                .iter()
+                .map(|h| h.to_le_bytes())
+                .collect::<Vec<[u8; 2]>>()
+                .into_flattened()
         }
-        Dtype::BF16 => {
-            let mut out = vec![0u8; values.len() * 2];
-            for (o, v) in out.chunks_exact_mut(2).zip(values) {
-                o.copy_from_slice(&bf16_bits(*v).to_le_bytes());
-            }
-            out
-        }
+        Dtype::BF16 => values
+            .iter()
+            .map(|v| bf16_bits(*v).to_le_bytes())
+            .collect::<Vec<[u8; 2]>>()
+            .into_flattened(),
         _ => return None,
     };
     Some(out)
