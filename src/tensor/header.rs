@@ -263,7 +263,7 @@ pub fn encode_header(
         );
     }
     let mut json = serde_json::to_vec(&serde_json::Value::Object(map)).expect("JSON serialises");
-    while json.len() % 8 != 0 {
+    while !json.len().is_multiple_of(8) {
         json.push(b' ');
     }
     let mut out = Vec::with_capacity(8 + json.len());
