@@ -219,3 +219,92 @@ fn adapters_save_byte_for_byte_as_peft_does() {
         );
     }
 }
+
+/// The same TIES merge written as a delta (native recipe) and in bf16 (mergekit `out_dtype`),
+/// under a memory budget too small for two tensors at once: the delta plus the base is
+/// mergekit's output, and the bf16 output is mergekit's rounded to nearest even.
+#[test]
+fn delta_and_bf16_outputs_hold_the_same_merge() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = reference_dir();
+    let recipe = dir.path().join("ties.toml");
+    std::fs::write(
+        &recipe,
+        format!(
+            "[merge]\nmethod = 'ties'\nbase = '{base}'\noutput = 'delta'\n\
+             [merge.parameters]\ndensity = 0.5\n\
+             [[merge.experts]]\nsource = '{a}'\nweight = 1.0\n\
+             [[merge.experts]]\nsource = '{b}'\nweight = 0.7\n\
+             [[merge.experts]]\nsource = '{c}'\nweight = 0.4\nparameters = {{ density = 0.3 }}\n",
+            base = root.join("base").display(),
+            a = root.join("ft_a").display(),
+            b = root.join("ft_b").display(),
+            c = root.join("ft_c").display(),
+        ),
+    )
+    .unwrap();
+    let out = dir.path().join("delta");
+    let status = Command::new(env!("CARGO_BIN_EXE_mmx"))
+        .args([
+            "merge",
+            recipe.to_str().unwrap(),
+            "--max-memory",
+            "1K",
+            "-o",
+        ])
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(
+        status.status.success(),
+        "{}",
+        String::from_utf8_lossy(&status.stderr)
+    );
+    let delta = SafetensorsFile::open(out.join("delta.safetensors")).unwrap();
+    let base = Checkpoint::open(root.join("base")).unwrap();
+    let theirs = SafetensorsFile::open(root.join("out/ties/model.safetensors")).unwrap();
+    for tensor in theirs.names() {
+        let mut ours = delta.read_f32(tensor).unwrap();
+        ours.iter_mut()
+            .zip(base.read_f32(tensor).unwrap())
+            .for_each(|(d, b)| *d += b);
+        let err = relative_error(&ours, &theirs.read_f32(tensor).unwrap());
+        assert!(err <= 1e-6, "delta + base: `{tensor}` differs by {err:e}");
+    }
+
+    let config = std::fs::read_to_string(root.join("configs/ties.yml")).unwrap();
+    let bf16_config = dir.path().join("ties_bf16.yml");
+    let config = config.replace("model: ", &format!("model: {}/", root.display()));
+    let config = config.replace(
+        "base_model: base",
+        &format!("base_model: {}/base", root.display()),
+    );
+    std::fs::write(&bf16_config, format!("{config}out_dtype: bfloat16\n")).unwrap();
+    let out = dir.path().join("bf16");
+    let status = Command::new(env!("CARGO_BIN_EXE_mmx"))
+        .args(["merge", bf16_config.to_str().unwrap(), "-o"])
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(
+        status.status.success(),
+        "{}",
+        String::from_utf8_lossy(&status.stderr)
+    );
+    let ours = SafetensorsFile::open(out.join("model.safetensors")).unwrap();
+    for tensor in theirs.names() {
+        assert_eq!(ours.info(tensor).unwrap().dtype, mmx::tensor::Dtype::BF16);
+        let expected =
+            mmx::tensor::from_f32(mmx::tensor::Dtype::BF16, &theirs.read_f32(tensor).unwrap())
+                .unwrap();
+        assert_eq!(ours.bytes(tensor).unwrap(), expected, "`{tensor}` in bf16");
+    }
+    let config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("config.json")).unwrap()).unwrap();
+    let dtype_key = if config.get("dtype").is_some() {
+        "dtype"
+    } else {
+        "torch_dtype"
+    };
+    assert_eq!(config[dtype_key], "bfloat16");
+}
