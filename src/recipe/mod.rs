@@ -140,6 +140,28 @@ fn parameters(path: &Path, at: &str, value: Option<&serde_json::Value>) -> Resul
     Ok(out)
 }
 
+/// Removes `.` and `name/..` pairs from a path without touching the file system, so that
+/// recipes name their inputs as people would (`examples/x`, not `recipes/../examples/x`).
+fn lexically_normal(path: &Path) -> PathBuf {
+    use std::path::Component;
+    let mut out = PathBuf::new();
+    for part in path.components() {
+        match part {
+            Component::CurDir => {}
+            Component::ParentDir
+                if matches!(out.components().next_back(), Some(Component::Normal(_))) =>
+            {
+                out.pop();
+            }
+            other => out.push(other),
+        }
+    }
+    if out.as_os_str().is_empty() {
+        out.push(".");
+    }
+    out
+}
+
 /// Turns a source string into a [`Source`]: `model+lora`, refusing registry and hub references
 /// this build cannot resolve. Relative paths are joined to `root`.
 fn source(path: &Path, at: &str, text: &str, root: &Path) -> Result<Source> {
@@ -162,7 +184,7 @@ fn source(path: &Path, at: &str, text: &str, root: &Path) -> Result<Source> {
                 "`{p}@{rev}` names a hub revision; mmx reads local directories only and never downloads"
             )));
         }
-        let joined = root.join(p);
+        let joined = lexically_normal(&root.join(p));
         if !joined.is_dir() {
             return Err(fail(format!(
                 "`{}` is not a directory (mmx reads local directories only and never downloads from a hub)",
@@ -181,5 +203,22 @@ fn source(path: &Path, at: &str, text: &str, root: &Path) -> Result<Source> {
         _ => Err(fail(format!(
             "`{text}` has more than one `+`; the syntax is `model+lora`"
         ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn normalises_paths_lexically() {
+        assert_eq!(
+            lexically_normal(Path::new("recipes/../examples/a")),
+            PathBuf::from("examples/a")
+        );
+        assert_eq!(lexically_normal(Path::new("./a/./b")), PathBuf::from("a/b"));
+        assert_eq!(lexically_normal(Path::new("../a")), PathBuf::from("../a"));
+        assert_eq!(lexically_normal(Path::new("/x/../y")), PathBuf::from("/y"));
+        assert_eq!(lexically_normal(Path::new("a/..")), PathBuf::from("."));
     }
 }
