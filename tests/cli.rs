@@ -371,3 +371,115 @@ fn shards_large_outputs_and_copies_the_tokenizer() {
         index["weight_map"].as_object().unwrap().len()
     );
 }
+
+/// Writes a model whose large tensors are merged in streamed chunks, and small ones.
+fn large_model(dir: &Path, seed: u32) {
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::write(
+        dir.join("config.json"),
+        r#"{"architectures":["X"],"model_type":"x"}"#,
+    )
+    .unwrap();
+    let values = |n: usize, salt: u32| -> Vec<f32> {
+        (0..n as u32)
+            .map(|i| {
+                let h = (i ^ salt).wrapping_mul(0x9E37_79B1).rotate_left(13) ^ seed;
+                (h.wrapping_mul(0x85EB_CA6B) >> 8) as f32 / (1u32 << 24) as f32 - 0.5
+            })
+            .collect()
+    };
+    let tensor = |name: &str, shape: Vec<usize>, salt: u32| {
+        let n = shape.iter().product();
+        let bytes = from_f32(mmx::tensor::Dtype::BF16, &values(n, salt)).unwrap();
+        let spec = TensorSpec {
+            name: name.to_string(),
+            dtype: mmx::tensor::Dtype::BF16,
+            shape,
+        };
+        (spec, bytes)
+    };
+    // Several large tensors and small ones, so that workers wait on the budget while others
+    // merge in chunks.
+    let mut tensors = vec![tensor("norm.weight", vec![1100], 2)];
+    for (k, name) in ["big.weight", "big1.weight", "big2.weight", "big3.weight"]
+        .iter()
+        .enumerate()
+    {
+        tensors.push(tensor(name, vec![2048, 1100], 10 + k as u32));
+        tensors.push(tensor(
+            &format!("small{k}.weight"),
+            vec![64, 64],
+            20 + k as u32,
+        ));
+    }
+    write_safetensors(&dir.join("model.safetensors"), &tensors, &BTreeMap::new()).unwrap();
+}
+
+/// Tensors large enough to be merged in chunks, under a budget too small for anything, on four
+/// workers: the merge completes, and gives what the whole-tensor method gives.
+#[test]
+fn streamed_tensors_merge_like_whole_ones_under_a_tight_budget() {
+    use mmx::merge::method::{merge_tensor, Method, TensorJob};
+    let work = tempfile::tempdir().unwrap();
+    for (name, seed) in [("base", 0), ("a", 7), ("b", 9)] {
+        large_model(&work.path().join(name), seed);
+    }
+    std::fs::write(
+        work.path().join("ties.yml"),
+        "merge_method: ties\nbase_model: base\nmodels:\n  - model: a\n    parameters: {weight: 1.0}\n  - model: b\n    parameters: {weight: 0.5}\nparameters: {density: 0.3}\n",
+    )
+    .unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_mmx"))
+        .current_dir(work.path())
+        .args([
+            "merge",
+            "ties.yml",
+            "-o",
+            "out",
+            "--max-memory",
+            "1K",
+            "--threads",
+            "4",
+        ])
+        .spawn()
+        .unwrap();
+    let start = std::time::Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if start.elapsed() > std::time::Duration::from_secs(120) {
+            child.kill().unwrap();
+            panic!("the merge did not finish in 2 minutes");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    assert!(status.success());
+
+    let read =
+        |dir: &str| SafetensorsFile::open(work.path().join(dir).join("model.safetensors")).unwrap();
+    let (base, a, b, out) = (read("base"), read("a"), read("b"), read("out"));
+    let name = "big.weight";
+    let mut params = vec![Method::Ties.default_expert(); 2];
+    params[0].weight = 1.0;
+    params[1].weight = 0.5;
+    params.iter_mut().for_each(|p| p.density = 0.3);
+    let whole = merge_tensor(
+        Method::Ties,
+        &Method::Ties.default_globals(),
+        TensorJob {
+            name,
+            shape: &[2048, 1100],
+            base: Some(&base.read_f32(name).unwrap()),
+            experts: vec![a.read_f32(name).unwrap(), b.read_f32(name).unwrap()],
+            params,
+            expert_ids: vec![0, 1],
+        },
+    )
+    .unwrap();
+    let expected = from_f32(mmx::tensor::Dtype::BF16, &whole.values).unwrap();
+    assert!(
+        out.bytes(name).unwrap() == expected,
+        "streamed and whole merges differ"
+    );
+}

@@ -2,10 +2,8 @@
 //! budget that bounds how many tensors are in flight at once.
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Condvar, Mutex};
-
-use rayon::prelude::*;
 
 use super::method::{merge_tensor, TensorJob, TensorStats};
 use super::plan::{Plan, TensorPlan};
@@ -53,6 +51,10 @@ impl Budget {
 /// Computes every planned tensor and writes it through `writer`. `progress` is called once per
 /// finished tensor with its output bytes. On the first error the remaining tensors are skipped
 /// and that error is returned.
+///
+/// Tensors are taken in turn by plain worker threads, which may wait for the memory budget;
+/// the chunks of a streamed tensor run on rayon's pool, whose threads never wait on the budget
+/// (a pool thread that did could be handed another tensor while its own still holds memory).
 pub fn execute(
     plan: &Plan,
     writer: &ShardedWriter,
@@ -68,13 +70,14 @@ pub fn execute(
     // Largest first, so that the big tensors do not straggle at the end.
     let mut order: Vec<usize> = (0..plan.tensors.len()).collect();
     order.sort_by_key(|&i| std::cmp::Reverse(plan.tensors[i].working_bytes));
-    let results: Vec<(usize, Result<TensorRecord>)> = order
-        .into_par_iter()
-        .map(|i| {
-            let t = &plan.tensors[i];
+    let next = AtomicUsize::new(0);
+    let work = || {
+        let mut done = Vec::new();
+        while let Some(&i) = order.get(next.fetch_add(1, Ordering::Relaxed)) {
             if failed.load(Ordering::Relaxed) {
-                return (i, Err(None));
+                break;
             }
+            let t = &plan.tensors[i];
             budget.acquire(t.working_bytes);
             let result = run_tensor(plan, t, writer).map(|stats| {
                 progress(t.shape.iter().product::<usize>() as u64 * t.dtype.size() as u64);
@@ -88,14 +91,18 @@ pub fn execute(
             if result.is_err() {
                 failed.store(true, Ordering::Relaxed);
             }
-            (i, result.map_err(Some))
-        })
-        .filter_map(|(i, r)| match r {
-            Err(None) => None,
-            Err(Some(e)) => Some((i, Err(e))),
-            Ok(rec) => Some((i, Ok(rec))),
-        })
-        .collect();
+            done.push((i, result));
+        }
+        done
+    };
+    let workers = rayon::current_num_threads().max(1);
+    let results: Vec<(usize, Result<TensorRecord>)> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..workers).map(|_| scope.spawn(work)).collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().expect("merge workers do not panic"))
+            .collect()
+    });
     let mut records: Vec<Option<TensorRecord>> = vec![None; plan.tensors.len()];
     let mut first_error: Option<(usize, Error)> = None;
     for (i, r) in results {
