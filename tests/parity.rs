@@ -18,19 +18,28 @@ fn cases() -> Value {
     serde_json::from_str(&text).unwrap()
 }
 
-/// Runs `mmx merge` on a mergekit config from the fixtures directory, as mergekit was run.
-fn merge(config: &str, out: &Path) {
+/// Runs `mmx merge RECIPE -o OUT EXTRA...` in `cwd`, asserting it succeeds.
+fn run_merge(cwd: &Path, recipe: &Path, out: &Path, extra: &[&str]) {
     let status = Command::new(env!("CARGO_BIN_EXE_mmx"))
-        .current_dir(reference_dir())
-        .args(["merge", config, "--seed", "0", "-o"])
+        .current_dir(cwd)
+        .arg("merge")
+        .arg(recipe)
+        .arg("-o")
         .arg(out)
+        .args(extra)
         .output()
         .unwrap();
     assert!(
         status.status.success(),
-        "{config}: {}",
+        "{}: {}",
+        recipe.display(),
         String::from_utf8_lossy(&status.stderr)
     );
+}
+
+/// Runs `mmx merge` on a mergekit config from the fixtures directory, as mergekit was run.
+fn merge(config: &str, out: &Path) {
+    run_merge(&reference_dir(), Path::new(config), out, &["--seed", "0"]);
 }
 
 /// The largest elementwise error of `ours` against `theirs`, relative to the largest magnitude of
@@ -244,22 +253,7 @@ fn delta_and_bf16_outputs_hold_the_same_merge() {
     )
     .unwrap();
     let out = dir.path().join("delta");
-    let status = Command::new(env!("CARGO_BIN_EXE_mmx"))
-        .args([
-            "merge",
-            recipe.to_str().unwrap(),
-            "--max-memory",
-            "1K",
-            "-o",
-        ])
-        .arg(&out)
-        .output()
-        .unwrap();
-    assert!(
-        status.status.success(),
-        "{}",
-        String::from_utf8_lossy(&status.stderr)
-    );
+    run_merge(dir.path(), &recipe, &out, &["--max-memory", "1K"]);
     let delta = SafetensorsFile::open(out.join("delta.safetensors")).unwrap();
     let base = Checkpoint::open(root.join("base")).unwrap();
     let theirs = SafetensorsFile::open(root.join("out/ties/model.safetensors")).unwrap();
@@ -281,16 +275,7 @@ fn delta_and_bf16_outputs_hold_the_same_merge() {
     );
     std::fs::write(&bf16_config, format!("{config}out_dtype: bfloat16\n")).unwrap();
     let out = dir.path().join("bf16");
-    let status = Command::new(env!("CARGO_BIN_EXE_mmx"))
-        .args(["merge", bf16_config.to_str().unwrap(), "-o"])
-        .arg(&out)
-        .output()
-        .unwrap();
-    assert!(
-        status.status.success(),
-        "{}",
-        String::from_utf8_lossy(&status.stderr)
-    );
+    run_merge(dir.path(), &bf16_config, &out, &[]);
     let ours = SafetensorsFile::open(out.join("model.safetensors")).unwrap();
     for tensor in theirs.names() {
         assert_eq!(ours.info(tensor).unwrap().dtype, mmx::tensor::Dtype::BF16);
