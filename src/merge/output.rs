@@ -88,93 +88,27 @@ pub fn file_digest(path: &Path) -> Result<String> {
     Ok(hasher.finalize().to_hex().to_string())
 }
 
-/// Runs the plan and writes its output to `target`. `progress` receives the bytes of each
-/// finished tensor.
-pub fn write_merge(
-    plan: &Plan,
+/// Writes a directory atomically: `fill` writes the files into a fresh temporary directory
+/// beside `target` and returns their names; the directory is then synced and renamed into
+/// place (an earlier output there moves aside first and is removed last). On any error the
+/// temporary directory is removed and `target` is left as it was.
+pub(crate) fn write_dir_atomically(
     target: &Path,
-    options: &OutputOptions,
-    progress: &(dyn Fn(u64) + Sync),
-) -> Result<MergeSummary> {
-    check_target(target, options.force)?;
+    force: bool,
+    fill: impl FnOnce(&Path) -> Result<Vec<String>>,
+) -> Result<Vec<String>> {
+    check_target(target, force)?;
     let parent = match target.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
     };
     std::fs::create_dir_all(&parent).map_err(|e| Error::io(&parent, e))?;
-    let inputs = digests(plan)?;
-
     let tmp = temp_sibling(target);
     std::fs::create_dir(&tmp).map_err(|e| Error::io(&tmp, e))?;
     let mut guard = TempDir(Some(tmp.clone()));
-
-    let stem = match plan.recipe.output {
-        OutputKind::Delta => "delta",
-        _ => "model",
-    };
-    let specs: Vec<TensorSpec> = plan
-        .tensors
-        .iter()
-        .map(|t| TensorSpec {
-            name: t.name.clone(),
-            dtype: t.dtype,
-            shape: t.shape.clone(),
-        })
-        .collect();
-    let metadata = BTreeMap::from([("format".to_string(), "pt".to_string())]);
-    let writer = ShardedWriter::create(&tmp, stem, &specs, options.shard_bytes, &metadata)?;
-    // Write back to disk while merging, so that the final fsync does not wait for all of it.
-    let (done, finished) = mpsc::channel::<()>();
-    let records = std::thread::scope(|scope| {
-        let writer = &writer;
-        scope.spawn(move || {
-            while let Err(RecvTimeoutError::Timeout) =
-                finished.recv_timeout(Duration::from_millis(200))
-            {
-                writer.flush_to_disk();
-            }
-        });
-        let records = execute(plan, writer, options.max_memory, progress);
-        drop(done);
-        records
-    })?;
-    let mut files = writer.finish(stem)?;
-
-    let reference = plan.reference();
-    let mut config = reference.config().clone();
-    if let Some(dtype) = plan.recipe.dtype {
-        let name = match dtype.name() {
-            "BF16" => "bfloat16",
-            "F16" => "float16",
-            _ => "float32",
-        };
-        for key in ["torch_dtype", "dtype"] {
-            if config.contains_key(key) {
-                config.insert(key.to_string(), Value::String(name.to_string()));
-            }
-        }
-    }
-    let config_bytes = serde_json::to_vec_pretty(&config).expect("JSON serialises");
-    write_atomic(&tmp.join("config.json"), &config_bytes)?;
-    files.push("config.json".to_string());
-    if plan.recipe.output == OutputKind::Full {
-        for name in COPIED_FILES {
-            let src = reference.dir().join(name);
-            if src.is_file() {
-                let bytes = std::fs::read(&src).map_err(|e| Error::io(&src, e))?;
-                write_atomic(&tmp.join(name), &bytes)?;
-                files.push(name.to_string());
-            }
-        }
-    }
-    let record = merge_record(plan, &inputs, &files, &records);
-    let record_bytes = serde_json::to_vec_pretty(&record).expect("JSON serialises");
-    write_atomic(&tmp.join(MERGE_RECORD), &record_bytes)?;
-    files.push(MERGE_RECORD.to_string());
+    let files = fill(&tmp)?;
     sync_dir(&tmp)?;
 
-    // Swap into place: the old output (if any) moves aside first and goes only once the new one
-    // is in its place.
     let old = target.exists().then(|| temp_sibling(target));
     if let Some(old) = &old {
         std::fs::rename(target, old).map_err(|e| Error::io(target, e))?;
@@ -190,6 +124,86 @@ pub fn write_merge(
         std::fs::remove_dir_all(&old).map_err(|e| Error::io(&old, e))?;
     }
     sync_dir(&parent)?;
+    Ok(files)
+}
+
+/// Runs the plan and writes its output to `target`. `progress` receives the bytes of each
+/// finished tensor.
+pub fn write_merge(
+    plan: &Plan,
+    target: &Path,
+    options: &OutputOptions,
+    progress: &(dyn Fn(u64) + Sync),
+) -> Result<MergeSummary> {
+    check_target(target, options.force)?;
+    let inputs = digests(plan)?;
+    let mut records = Vec::new();
+    let files = write_dir_atomically(target, options.force, |tmp| {
+        let stem = match plan.recipe.output {
+            OutputKind::Delta => "delta",
+            _ => "model",
+        };
+        let specs: Vec<TensorSpec> = plan
+            .tensors
+            .iter()
+            .map(|t| TensorSpec {
+                name: t.name.clone(),
+                dtype: t.dtype,
+                shape: t.shape.clone(),
+            })
+            .collect();
+        let metadata = BTreeMap::from([("format".to_string(), "pt".to_string())]);
+        let writer = ShardedWriter::create(tmp, stem, &specs, options.shard_bytes, &metadata)?;
+        // Write back to disk while merging, so that the final fsync does not wait for all of it.
+        let (done, finished) = mpsc::channel::<()>();
+        records = std::thread::scope(|scope| {
+            let writer = &writer;
+            scope.spawn(move || {
+                while let Err(RecvTimeoutError::Timeout) =
+                    finished.recv_timeout(Duration::from_millis(200))
+                {
+                    writer.flush_to_disk();
+                }
+            });
+            let records = execute(plan, writer, options.max_memory, progress);
+            drop(done);
+            records
+        })?;
+        let mut files = writer.finish(stem)?;
+
+        let reference = plan.reference();
+        let mut config = reference.config().clone();
+        if let Some(dtype) = plan.recipe.dtype {
+            let name = match dtype.name() {
+                "BF16" => "bfloat16",
+                "F16" => "float16",
+                _ => "float32",
+            };
+            for key in ["torch_dtype", "dtype"] {
+                if config.contains_key(key) {
+                    config.insert(key.to_string(), Value::String(name.to_string()));
+                }
+            }
+        }
+        let config_bytes = serde_json::to_vec_pretty(&config).expect("JSON serialises");
+        write_atomic(&tmp.join("config.json"), &config_bytes)?;
+        files.push("config.json".to_string());
+        if plan.recipe.output == OutputKind::Full {
+            for name in COPIED_FILES {
+                let src = reference.dir().join(name);
+                if src.is_file() {
+                    let bytes = std::fs::read(&src).map_err(|e| Error::io(&src, e))?;
+                    write_atomic(&tmp.join(name), &bytes)?;
+                    files.push(name.to_string());
+                }
+            }
+        }
+        let record = merge_record(plan, &inputs, &files, &records);
+        let record_bytes = serde_json::to_vec_pretty(&record).expect("JSON serialises");
+        write_atomic(&tmp.join(MERGE_RECORD), &record_bytes)?;
+        files.push(MERGE_RECORD.to_string());
+        Ok(files)
+    })?;
 
     let merged = records.iter().filter(|r| r.stats.is_some()).count();
     Ok(MergeSummary {
