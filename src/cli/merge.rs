@@ -10,6 +10,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
 
 use super::{default_max_memory, human_bytes, parse_size};
+use crate::merge::cat::{is_lora_native, CatMerge};
 use crate::merge::{check_target, write_merge, OutputOptions, Plan};
 use crate::recipe::Recipe;
 
@@ -86,6 +87,9 @@ pub fn run(args: MergeArgs) -> anyhow::Result<ExitCode> {
             .map_or("merge".into(), |s| s.to_string_lossy().into_owned());
         PathBuf::from("out").join(stem)
     });
+    if is_lora_native(&recipe.method) {
+        return run_cat(recipe, &output, &args);
+    }
     let plan = Plan::build(recipe)?;
     let max_memory = args.max_memory.unwrap_or_else(default_max_memory);
     let merged = plan.tensors.iter().filter(|t| t.merge.is_some()).count();
@@ -169,6 +173,39 @@ pub fn run(args: MergeArgs) -> anyhow::Result<ExitCode> {
             summary.copied,
             plan.method.name(),
             summary.output.display()
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `cat`: adapters to one adapter, exactly.
+fn run_cat(recipe: Recipe, output: &std::path::Path, args: &MergeArgs) -> anyhow::Result<ExitCode> {
+    let merge = CatMerge::build(recipe)?;
+    let (modules, max_rank) = merge.shape();
+    if args.dry_run {
+        check_target(output, args.force)?;
+        if args.json {
+            let plan = json!({"dry_run": true, "method": "cat", "output": output.display().to_string(), "modules": modules, "max_rank": max_rank});
+            println!("{}", serde_json::to_string_pretty(&plan)?);
+        } else {
+            println!("method      cat (LoRA output, exact)");
+            println!("modules     {modules}, ranks up to {max_rank}");
+            println!("output      {}", output.display());
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    let start = Instant::now();
+    let summary = merge.write(output, args.force)?;
+    let seconds = start.elapsed().as_secs_f64();
+    if args.json {
+        let out = json!({"output": output.display().to_string(), "method": "cat", "modules": summary.modules, "max_rank": summary.max_rank, "seconds": seconds, "files": summary.files});
+        println!("{}", serde_json::to_string_pretty(&out)?);
+    } else {
+        println!(
+            "concatenated {} modules (ranks up to {}) into {} in {seconds:.2}s",
+            summary.modules,
+            summary.max_rank,
+            output.display()
         );
     }
     Ok(ExitCode::SUCCESS)

@@ -11,6 +11,7 @@
 //! # Ok::<(), mmx::Error>(())
 //! ```
 
+pub mod cat;
 pub mod consensus;
 mod executor;
 mod expert;

@@ -1,0 +1,357 @@
+//! `cat`: LoRA adapters merged by concatenating their ranks, which is exact. For module m,
+//! `A' = [w₁·s₁·A₁; …; w_T·s_T·A_T]` and `B' = [B₁ … B_T]`, so that with scaling 1
+//! `B'·A' = Σ w_t·s_t·B_t·A_t`, the weighted sum of the experts' updates, at rank `Σ r_t`.
+//!
+//! Where PEFT's `add_weighted_adapter(combination_type="cat")` gives every module the sum of
+//! the adapters' largest ranks (padding with zeros), each module here gets exactly the sum of
+//! its own ranks, recorded in `rank_pattern` (with `alpha_pattern` keeping every scaling at 1).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+
+use serde_json::{json, Map, Value};
+
+use super::output::{file_digest, write_dir_atomically, MERGE_RECORD};
+use crate::adapter::{Adapter, LoraKind, PEFT_PREFIX};
+use crate::checkpoint::Checkpoint;
+use crate::error::{Error, Result};
+use crate::recipe::{layer_position, OutputKind, Recipe, Scalar, Source};
+use crate::tensor::{from_f32, write_atomic, Dtype, TensorSpec};
+
+/// Whether a method name is one of the LoRA-native methods (merged adapter to adapter).
+pub fn is_lora_native(method: &str) -> bool {
+    method == "cat"
+}
+
+/// A checked `cat` merge.
+#[derive(Debug)]
+pub struct CatMerge {
+    recipe: Recipe,
+    base: Checkpoint,
+    adapters: Vec<(String, Adapter)>,
+    /// For each adapted base tensor, the experts that adapt it, in recipe order.
+    modules: BTreeMap<String, Vec<usize>>,
+}
+
+/// What a `cat` merge wrote.
+#[derive(Debug, Clone)]
+pub struct CatSummary {
+    /// Modules in the merged adapter.
+    pub modules: usize,
+    /// The largest rank of a module.
+    pub max_rank: usize,
+    /// Files written.
+    pub files: Vec<String>,
+}
+
+fn recipe_error(recipe: &Recipe, message: String) -> Error {
+    Error::Recipe {
+        path: recipe.path.clone(),
+        message,
+    }
+}
+
+impl CatMerge {
+    /// Opens the base and the adapters and checks that they fit together.
+    pub fn build(recipe: Recipe) -> Result<CatMerge> {
+        if recipe.output != OutputKind::Lora {
+            return Err(recipe_error(
+                &recipe,
+                "`cat` merges LoRA adapters into a LoRA adapter: set `output = \"lora\"` (for a full model, `task_arithmetic` gives the same weights)".to_string(),
+            ));
+        }
+        for name in recipe.parameters.keys() {
+            if name != "weight" {
+                return Err(recipe_error(
+                    &recipe,
+                    format!("unknown parameter `{name}` for method `cat` (it takes: weight)"),
+                ));
+            }
+        }
+        let base = match &recipe.base {
+            Some(Source::Dir(dir)) => Checkpoint::open(dir)?,
+            _ => {
+                return Err(recipe_error(
+                    &recipe,
+                    "`cat` needs the adapters' base model as `base`, to check them against"
+                        .to_string(),
+                ))
+            }
+        };
+        let mut adapters = Vec::with_capacity(recipe.experts.len());
+        for (i, expert) in recipe.experts.iter().enumerate() {
+            if let Some(name) = expert.parameters.keys().find(|k| *k != "weight") {
+                return Err(recipe_error(
+                    &recipe,
+                    format!("expert {i} (`{}`): unknown parameter `{name}` for method `cat` (it takes: weight)", expert.source),
+                ));
+            }
+            let dir = match &expert.source {
+                Source::Dir(dir) if Adapter::is_adapter_dir(dir) => dir,
+                other => return Err(recipe_error(
+                    &recipe,
+                    format!(
+                        "expert {i} (`{other}`) is not a PEFT adapter; `cat` merges adapters only"
+                    ),
+                )),
+            };
+            adapters.push((expert.source.to_string(), Adapter::open(dir)?));
+        }
+        let fifo: BTreeSet<bool> = adapters
+            .iter()
+            .map(|(_, a)| a.config().fan_in_fan_out)
+            .collect();
+        if fifo.len() > 1 {
+            return Err(recipe_error(
+                &recipe,
+                "the adapters disagree on `fan_in_fan_out`, so they cannot share one adapter"
+                    .to_string(),
+            ));
+        }
+        let mut modules: BTreeMap<String, Vec<usize>> = BTreeMap::new();
+        for (e, (_, adapter)) in adapters.iter().enumerate() {
+            if let Some(name) = adapter.saved_tensors().keys().next() {
+                return Err(Error::Adapter {
+                    path: adapter.dir().to_path_buf(),
+                    message: format!(
+                        "stores `{name}` whole (`modules_to_save` or a saved base layer), which `cat` cannot merge"
+                    ),
+                });
+            }
+            for (name, module) in adapter.modules() {
+                let info = base.info(name).ok_or_else(|| Error::Adapter {
+                    path: adapter.dir().to_path_buf(),
+                    message: format!(
+                        "adapts `{name}`, which `{}` does not have: the adapter was trained on a different base model",
+                        base.dir().display()
+                    ),
+                })?;
+                if info.shape != module.target_shape {
+                    return Err(Error::ShapeMismatch {
+                        path: adapter.dir().to_path_buf(),
+                        tensor: name.clone(),
+                        expected: info.shape.clone(),
+                        actual: module.target_shape.to_vec(),
+                    });
+                }
+                modules.entry(name.clone()).or_default().push(e);
+            }
+        }
+        for (name, experts) in &modules {
+            let kind = |e: usize| adapters[e].1.modules()[name].kind;
+            if experts.iter().any(|&e| kind(e) != kind(experts[0])) {
+                return Err(recipe_error(
+                    &recipe,
+                    format!("`{name}` is adapted as a linear layer by one adapter and as an embedding by another"),
+                ));
+            }
+        }
+        Ok(CatMerge {
+            recipe,
+            base,
+            adapters,
+            modules,
+        })
+    }
+
+    /// The weight of expert `e` for base tensor `name` (scalars, filters and layer gradients as
+    /// for every method).
+    fn weight(&self, e: usize, name: &str) -> Result<f32> {
+        let t = layer_position(name, self.base.num_layers());
+        let expert = &self.recipe.experts[e].parameters;
+        let value = [expert, &self.recipe.parameters]
+            .iter()
+            .find_map(|p| p.get("weight").and_then(|v| v.resolve(name, t)));
+        match value {
+            None => Ok(1.0),
+            Some(Scalar::Number(w)) if w.is_finite() => Ok(w as f32),
+            Some(other) => Err(Error::Parameter {
+                name: "weight".to_string(),
+                tensor: name.to_string(),
+                message: format!("expected a finite number, found {other:?}"),
+            }),
+        }
+    }
+
+    /// Number of modules and the largest merged rank, for a dry run.
+    pub fn shape(&self) -> (usize, usize) {
+        let max_rank = self
+            .modules
+            .iter()
+            .map(|(name, experts)| self.rank(name, experts))
+            .max()
+            .unwrap_or(0);
+        (self.modules.len(), max_rank)
+    }
+
+    fn rank(&self, name: &str, experts: &[usize]) -> usize {
+        experts
+            .iter()
+            .map(|&e| self.adapters[e].1.modules()[name].rank)
+            .sum()
+    }
+
+    /// Writes the merged adapter (PEFT layout) and `mmx-merge.json` into `target`.
+    pub fn write(&self, target: &Path, force: bool) -> Result<CatSummary> {
+        let dtype = match self.recipe.dtype {
+            Some(d) => d,
+            None => {
+                let (_, first) = &self.adapters[0];
+                let module = first.modules().values().next();
+                match module {
+                    Some(m) => first.file().dtype(&m.a_key)?,
+                    None => Dtype::F32,
+                }
+            }
+        };
+        let mut tensors = Vec::with_capacity(self.modules.len() * 2);
+        let mut ranks = BTreeMap::new();
+        for (name, experts) in &self.modules {
+            let rank = self.rank(name, experts);
+            let (first_adapter, first) = {
+                let adapter = &self.adapters[experts[0]].1;
+                (adapter, &adapter.modules()[name])
+            };
+            // A is [r, k] and B is [m, r] whatever the layout of the base weight.
+            let a_rows_len = first_adapter
+                .file()
+                .info(&first.a_key)
+                .expect("indexed")
+                .shape[1];
+            let b_rows = first_adapter
+                .file()
+                .info(&first.b_key)
+                .expect("indexed")
+                .shape[0];
+            let mut a = Vec::with_capacity(rank * a_rows_len);
+            let mut b = vec![0f32; b_rows * rank];
+            let mut column = 0;
+            for &e in experts {
+                let adapter = &self.adapters[e].1;
+                let module = &adapter.modules()[name];
+                let factor = self.weight(e, name)? * module.scaling;
+                a.extend(
+                    adapter
+                        .file()
+                        .read_f32(&module.a_key)?
+                        .into_iter()
+                        .map(|v| v * factor),
+                );
+                let be = adapter.file().read_f32(&module.b_key)?;
+                for (row, src) in b.chunks_exact_mut(rank).zip(be.chunks_exact(module.rank)) {
+                    row[column..column + module.rank].copy_from_slice(src);
+                }
+                column += module.rank;
+            }
+            let module_path = name.strip_suffix(".weight").unwrap_or(name);
+            let (a_key, b_key) = match first.kind {
+                LoraKind::Linear => (
+                    format!("{PEFT_PREFIX}{module_path}.lora_A.weight"),
+                    format!("{PEFT_PREFIX}{module_path}.lora_B.weight"),
+                ),
+                LoraKind::Embedding => (
+                    format!("{PEFT_PREFIX}{module_path}.lora_embedding_A"),
+                    format!("{PEFT_PREFIX}{module_path}.lora_embedding_B"),
+                ),
+            };
+            let encode = |values: &[f32]| from_f32(dtype, values).expect("output dtype");
+            tensors.push((
+                TensorSpec {
+                    name: a_key,
+                    dtype,
+                    shape: vec![rank, a_rows_len],
+                },
+                encode(&a),
+            ));
+            tensors.push((
+                TensorSpec {
+                    name: b_key,
+                    dtype,
+                    shape: vec![b_rows, rank],
+                },
+                encode(&b),
+            ));
+            ranks.insert(module_path.to_string(), rank);
+        }
+
+        let config = self.config(&ranks);
+        let inputs = self.digests()?;
+        let files = write_dir_atomically(target, force, |tmp| {
+            Adapter::save(tmp, &config, &tensors)?;
+            let record = json!({
+                "tool": {"name": "mmx", "version": env!("CARGO_PKG_VERSION")},
+                "recipe": {"path": self.recipe.path.display().to_string(), "text": self.recipe.text},
+                "method": "cat",
+                "output": "lora",
+                "inputs": inputs,
+                "modules": ranks.iter().map(|(m, r)| json!({"module": m, "rank": r})).collect::<Vec<_>>(),
+            });
+            let bytes = serde_json::to_vec_pretty(&record).expect("JSON serialises");
+            write_atomic(&tmp.join(MERGE_RECORD), &bytes)?;
+            Ok(vec![
+                "adapter_config.json".to_string(),
+                "adapter_model.safetensors".to_string(),
+                MERGE_RECORD.to_string(),
+            ])
+        })?;
+        let (modules, max_rank) = self.shape();
+        Ok(CatSummary {
+            modules,
+            max_rank,
+            files,
+        })
+    }
+
+    /// The merged adapter's config: the first adapter's, with the ranks of the merge, every
+    /// scaling 1 (alpha = rank) and the union of the target modules.
+    fn config(&self, ranks: &BTreeMap<String, usize>) -> Map<String, Value> {
+        let mut config = self.adapters[0].1.config().raw.clone();
+        let r = ranks.values().copied().max().unwrap_or(1);
+        let pattern = |value: &dyn Fn(usize) -> Value| -> Map<String, Value> {
+            ranks
+                .iter()
+                .filter(|(_, &rank)| rank != r)
+                .map(|(module, &rank)| (regex::escape(module), value(rank)))
+                .collect()
+        };
+        let targets: BTreeSet<&str> = ranks
+            .keys()
+            .map(|m| m.rsplit('.').next().unwrap_or(m))
+            .collect();
+        config.insert("r".into(), json!(r));
+        config.insert("lora_alpha".into(), json!(r));
+        config.insert("rank_pattern".into(), Value::Object(pattern(&|k| json!(k))));
+        config.insert(
+            "alpha_pattern".into(),
+            Value::Object(pattern(&|k| json!(k))),
+        );
+        config.insert("use_rslora".into(), json!(false));
+        config.insert("target_modules".into(), json!(targets));
+        config.insert("modules_to_save".into(), Value::Null);
+        config
+    }
+
+    fn digests(&self) -> Result<Vec<Value>> {
+        let mut inputs = Vec::new();
+        let mut base_files = vec![self.base.dir().join("config.json")];
+        base_files.extend(self.base.files().into_iter().map(Path::to_path_buf));
+        let mut groups = vec![(format!("base:{}", self.base.dir().display()), base_files)];
+        for (label, adapter) in &self.adapters {
+            groups.push((
+                format!("expert:{label}"),
+                vec![
+                    adapter.dir().join("adapter_config.json"),
+                    adapter.file().path().to_path_buf(),
+                ],
+            ));
+        }
+        for (role, files) in groups {
+            let files = files
+                .iter()
+                .map(|f| Ok(json!({"path": f.display().to_string(), "blake3": file_digest(f)?})))
+                .collect::<Result<Vec<_>>>()?;
+            inputs.push(json!({"input": role, "files": files}));
+        }
+        Ok(inputs)
+    }
+}
