@@ -15,11 +15,17 @@ fn reference(name: &str) -> PathBuf {
 
 /// Writes a `cat` recipe over lora_a (weight 0.8) and lora_b (0.5) and runs it.
 fn cat(dir: &Path, output: &str, extra: &str) -> Output {
-    let recipe = dir.join("cat.toml");
+    lora_native(dir, "cat", output, extra)
+}
+
+/// Writes a recipe of a LoRA-native `method` over lora_a (0.8) and lora_b (0.5), runs it
+/// into `dir/out`.
+fn lora_native(dir: &Path, method: &str, output: &str, extra: &str) -> Output {
+    let recipe = dir.join(format!("{method}.toml"));
     std::fs::write(
         &recipe,
         format!(
-            "[merge]\nmethod = 'cat'\nbase = '{}'\noutput = '{output}'\n{extra}\n\
+            "[merge]\nmethod = '{method}'\nbase = '{}'\noutput = '{output}'\n{extra}\n\
              [[merge.experts]]\nsource = '{}'\nweight = 0.8\n\
              [[merge.experts]]\nsource = '{}'\nweight = 0.5\n",
             reference("base").display(),
@@ -148,4 +154,116 @@ fn cat_refuses_what_it_cannot_merge() {
         );
         assert!(!dir.path().join("out").exists());
     }
+}
+
+/// The delta each module of the adapter in `dir` applies, by base tensor name.
+fn deltas(dir: &Path) -> Vec<(String, Vec<f32>)> {
+    let adapter = Adapter::open(dir).unwrap();
+    adapter
+        .modules()
+        .keys()
+        .map(|name| (name.clone(), adapter.delta(name).unwrap().unwrap()))
+        .collect()
+}
+
+#[test]
+fn svd_matches_peft_add_weighted_adapter() {
+    let cases: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(reference("cases.json")).unwrap()).unwrap();
+    let case = cases["lora_native"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["method"] == "svd")
+        .unwrap();
+    assert_eq!(case["rank"], 4);
+    let dir = tempfile::tempdir().unwrap();
+    // No `rank`: PEFT's default, the largest rank among the experts (4).
+    let out = lora_native(dir.path(), "svd", "lora", "");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let theirs = SafetensorsFile::open(reference(case["deltas"].as_str().unwrap())).unwrap();
+    let merged = Adapter::open(dir.path().join("out")).unwrap();
+    let mut worst = 0f64;
+    for (name, ours) in deltas(&dir.path().join("out")) {
+        assert_eq!(merged.modules()[&name].rank, 4, "{name}");
+        let err = max_relative_error(&ours, &theirs.read_f32(&name).unwrap());
+        assert!(err <= 1e-4, "{name}: {err:e}");
+        worst = worst.max(err);
+    }
+    eprintln!("svd (rank 4) vs PEFT add_weighted_adapter(svd): worst relative error {worst:.2e}");
+    let record: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.path().join("out/mmx-merge.json")).unwrap())
+            .unwrap();
+    let discarded = record["modules"][0]["discarded_energy"].as_f64().unwrap();
+    assert!(discarded > 0.0 && discarded < 1.0, "{discarded}");
+}
+
+#[test]
+fn svd_at_full_rank_is_cat_and_energy_targets_pick_ranks() {
+    let full = tempfile::tempdir().unwrap();
+    let out = lora_native(full.path(), "svd", "lora", "rank = 8");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let exact = tempfile::tempdir().unwrap();
+    assert!(cat(exact.path(), "lora", "").status.success());
+    for ((name, ours), (_, theirs)) in deltas(&full.path().join("out"))
+        .into_iter()
+        .zip(deltas(&exact.path().join("out")))
+    {
+        let err = max_relative_error(&ours, &theirs);
+        assert!(
+            err <= 1e-5,
+            "{name}: svd at the full rank differs from cat by {err:e}"
+        );
+    }
+
+    // Energy 1.0 keeps every direction; a low target keeps fewer, and the record says how much
+    // each module lost, never more than the target allows.
+    for (target, check) in [("1.0", 0.0), ("0.6", 0.4)] {
+        let dir = tempfile::tempdir().unwrap();
+        let out = lora_native(
+            dir.path(),
+            "svd",
+            "lora",
+            &format!("rank = 'energy:{target}'"),
+        );
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let record: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(dir.path().join("out/mmx-merge.json")).unwrap())
+                .unwrap();
+        let merged = Adapter::open(dir.path().join("out")).unwrap();
+        for module in record["modules"].as_array().unwrap() {
+            let discarded = module["discarded_energy"].as_f64().unwrap();
+            assert!(discarded <= check + 1e-9, "{target}: {module}");
+            let name = format!("{}.weight", module["module"].as_str().unwrap());
+            assert_eq!(
+                merged.modules()[&name].rank as u64,
+                module["rank"].as_u64().unwrap()
+            );
+        }
+        if target == "0.6" {
+            assert!(
+                merged.modules().values().any(|m| m.rank < 6),
+                "a 60% target truncates"
+            );
+        }
+    }
+    let bad = tempfile::tempdir().unwrap();
+    let out = lora_native(bad.path(), "svd", "lora", "rank = 'energy:1.5'");
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("merge.rank"));
+    let out = lora_native(bad.path(), "cat", "lora", "rank = 4");
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("drop `rank`"));
 }

@@ -10,7 +10,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
 
 use super::{default_max_memory, human_bytes, parse_size};
-use crate::merge::cat::{is_lora_native, CatMerge};
+use crate::merge::lora_native::{is_lora_native, LoraMerge};
 use crate::merge::{check_target, write_merge, OutputOptions, Plan};
 use crate::recipe::Recipe;
 
@@ -88,7 +88,7 @@ pub fn run(args: MergeArgs) -> anyhow::Result<ExitCode> {
         PathBuf::from("out").join(stem)
     });
     if is_lora_native(&recipe.method) {
-        return run_cat(recipe, &output, &args);
+        return run_lora_native(recipe, &output, &args);
     }
     let plan = Plan::build(recipe)?;
     let max_memory = args.max_memory.unwrap_or_else(default_max_memory);
@@ -178,17 +178,22 @@ pub fn run(args: MergeArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// `cat`: adapters to one adapter, exactly.
-fn run_cat(recipe: Recipe, output: &std::path::Path, args: &MergeArgs) -> anyhow::Result<ExitCode> {
-    let merge = CatMerge::build(recipe)?;
+/// `cat` and `svd`: adapters to one adapter.
+fn run_lora_native(
+    recipe: Recipe,
+    output: &std::path::Path,
+    args: &MergeArgs,
+) -> anyhow::Result<ExitCode> {
+    let method = recipe.method.clone();
+    let merge = LoraMerge::build(recipe)?;
     let (modules, max_rank) = merge.shape();
     if args.dry_run {
         check_target(output, args.force)?;
         if args.json {
-            let plan = json!({"dry_run": true, "method": "cat", "output": output.display().to_string(), "modules": modules, "max_rank": max_rank});
+            let plan = json!({"dry_run": true, "method": method, "output": output.display().to_string(), "modules": modules, "max_rank": max_rank});
             println!("{}", serde_json::to_string_pretty(&plan)?);
         } else {
-            println!("method      cat (LoRA output, exact)");
+            println!("method      {method} (LoRA output)");
             println!("modules     {modules}, ranks up to {max_rank}");
             println!("output      {}", output.display());
         }
@@ -198,13 +203,14 @@ fn run_cat(recipe: Recipe, output: &std::path::Path, args: &MergeArgs) -> anyhow
     let summary = merge.write(output, args.force)?;
     let seconds = start.elapsed().as_secs_f64();
     if args.json {
-        let out = json!({"output": output.display().to_string(), "method": "cat", "modules": summary.modules, "max_rank": summary.max_rank, "seconds": seconds, "files": summary.files});
+        let out = json!({"output": output.display().to_string(), "method": method, "modules": summary.modules, "max_rank": summary.max_rank, "max_discarded_energy": summary.max_discarded, "seconds": seconds, "files": summary.files});
         println!("{}", serde_json::to_string_pretty(&out)?);
     } else {
         println!(
-            "concatenated {} modules (ranks up to {}) into {} in {seconds:.2}s",
+            "merged {} modules with {method} into a LoRA adapter (ranks up to {}, at most {:.2}% of a module's energy discarded) in {} in {seconds:.2}s",
             summary.modules,
             summary.max_rank,
+            100.0 * summary.max_discarded,
             output.display()
         );
     }

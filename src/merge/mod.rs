@@ -11,10 +11,10 @@
 //! # Ok::<(), mmx::Error>(())
 //! ```
 
-pub mod cat;
 pub mod consensus;
 mod executor;
 mod expert;
+pub mod lora_native;
 pub mod method;
 mod output;
 mod plan;

@@ -159,6 +159,7 @@ pub fn parse(path: &Path, text: String) -> Result<Recipe> {
         output: OutputKind::Full,
         dtype,
         seed: 0,
+        rank: None,
     })
 }
 

@@ -98,6 +98,18 @@ pub struct Recipe {
     pub dtype: Option<Dtype>,
     /// Seed of the random methods.
     pub seed: u64,
+    /// Rank of a LoRA output (`rank = 16` or `rank = "energy:0.99"`); `None` keeps the methods'
+    /// own default.
+    pub rank: Option<RankTarget>,
+}
+
+/// How many singular directions a LoRA output keeps per module.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum RankTarget {
+    /// Exactly this rank (or less where the update has less).
+    Fixed(usize),
+    /// The smallest rank whose singular values hold this fraction of the squared norm.
+    Energy(f64),
 }
 
 impl Recipe {

@@ -4,7 +4,9 @@ use std::path::Path;
 
 use serde_json::Value;
 
-use super::{parameters, source, ExpertSpec, OutputKind, ParamValue, Recipe, RecipeFormat};
+use super::{
+    parameters, source, ExpertSpec, OutputKind, ParamValue, RankTarget, Recipe, RecipeFormat,
+};
 use crate::error::{Error, Result};
 use crate::tensor::Dtype;
 
@@ -92,6 +94,36 @@ pub fn parse(path: &Path, text: String) -> Result<Recipe> {
             "`merge.rank` applies to LoRA output only (`output = \"lora\"`)".to_string(),
         ));
     }
+    let rank = match merge.get("rank") {
+        None => None,
+        Some(Value::Number(n)) => match n.as_u64() {
+            Some(r) if r > 0 => Some(RankTarget::Fixed(r as usize)),
+            _ => {
+                return Err(fail(format!(
+                    "`merge.rank` must be a positive integer, found {n}"
+                )))
+            }
+        },
+        Some(Value::String(text)) => {
+            let energy = text
+                .strip_prefix("energy:")
+                .and_then(|e| e.parse::<f64>().ok())
+                .filter(|e| *e > 0.0 && *e <= 1.0);
+            match energy {
+                Some(e) => Some(RankTarget::Energy(e)),
+                None => {
+                    return Err(fail(format!(
+                        "`merge.rank` is `{text}`: expected a positive integer or \"energy:F\" with 0 < F ≤ 1"
+                    )))
+                }
+            }
+        }
+        Some(other) => {
+            return Err(fail(format!(
+                "`merge.rank` must be an integer or \"energy:F\", found {other}"
+            )))
+        }
+    };
     let dtype = string("dtype")?
         .map(|d| {
             Dtype::from_user(d).ok_or_else(|| {
@@ -157,6 +189,7 @@ pub fn parse(path: &Path, text: String) -> Result<Recipe> {
         output,
         dtype,
         seed,
+        rank,
     })
 }
 

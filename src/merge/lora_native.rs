@@ -15,18 +15,28 @@ use super::output::{file_digest, write_dir_atomically, MERGE_RECORD};
 use crate::adapter::{Adapter, LoraKind, PEFT_PREFIX};
 use crate::checkpoint::Checkpoint;
 use crate::error::{Error, Result};
-use crate::recipe::{layer_position, OutputKind, Recipe, Scalar, Source};
+use crate::recipe::{layer_position, OutputKind, RankTarget, Recipe, Scalar, Source};
 use crate::tensor::{from_f32, write_atomic, Dtype, TensorSpec};
 
 /// Whether a method name is one of the LoRA-native methods (merged adapter to adapter).
 pub fn is_lora_native(method: &str) -> bool {
-    method == "cat"
+    matches!(method, "cat" | "svd")
+}
+
+/// How the experts' factors become the output's.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum LoraMethod {
+    /// Concatenated: exact, rank = Σ r_t.
+    Cat,
+    /// The exact weighted sum truncated by SVD to a rank target.
+    Svd(RankTarget),
 }
 
 /// A checked `cat` merge.
 #[derive(Debug)]
-pub struct CatMerge {
+pub struct LoraMerge {
     recipe: Recipe,
+    method: LoraMethod,
     base: Checkpoint,
     adapters: Vec<(String, Adapter)>,
     /// For each adapted base tensor, the experts that adapt it, in recipe order.
@@ -35,11 +45,13 @@ pub struct CatMerge {
 
 /// What a `cat` merge wrote.
 #[derive(Debug, Clone)]
-pub struct CatSummary {
+pub struct LoraSummary {
     /// Modules in the merged adapter.
     pub modules: usize,
     /// The largest rank of a module.
     pub max_rank: usize,
+    /// The largest fraction of a module's squared norm the truncation discarded (`svd`).
+    pub max_discarded: f64,
     /// Files written.
     pub files: Vec<String>,
 }
@@ -51,20 +63,23 @@ fn recipe_error(recipe: &Recipe, message: String) -> Error {
     }
 }
 
-impl CatMerge {
+impl LoraMerge {
     /// Opens the base and the adapters and checks that they fit together.
-    pub fn build(recipe: Recipe) -> Result<CatMerge> {
+    pub fn build(recipe: Recipe) -> Result<LoraMerge> {
         if recipe.output != OutputKind::Lora {
             return Err(recipe_error(
                 &recipe,
-                "`cat` merges LoRA adapters into a LoRA adapter: set `output = \"lora\"` (for a full model, `task_arithmetic` gives the same weights)".to_string(),
+                format!("`{}` merges LoRA adapters into a LoRA adapter: set `output = \"lora\"` (for a full model, `task_arithmetic` gives the exact weighted sum)", recipe.method),
             ));
         }
         for name in recipe.parameters.keys() {
             if name != "weight" {
                 return Err(recipe_error(
                     &recipe,
-                    format!("unknown parameter `{name}` for method `cat` (it takes: weight)"),
+                    format!(
+                        "unknown parameter `{name}` for method `{}` (it takes: weight)",
+                        recipe.method
+                    ),
                 ));
             }
         }
@@ -73,8 +88,10 @@ impl CatMerge {
             _ => {
                 return Err(recipe_error(
                     &recipe,
-                    "`cat` needs the adapters' base model as `base`, to check them against"
-                        .to_string(),
+                    format!(
+                        "`{}` needs the adapters' base model as `base`, to check them against",
+                        recipe.method
+                    ),
                 ))
             }
         };
@@ -83,17 +100,19 @@ impl CatMerge {
             if let Some(name) = expert.parameters.keys().find(|k| *k != "weight") {
                 return Err(recipe_error(
                     &recipe,
-                    format!("expert {i} (`{}`): unknown parameter `{name}` for method `cat` (it takes: weight)", expert.source),
+                    format!("expert {i} (`{}`): unknown parameter `{name}` for method `{}` (it takes: weight)", expert.source, recipe.method),
                 ));
             }
             let dir = match &expert.source {
                 Source::Dir(dir) if Adapter::is_adapter_dir(dir) => dir,
-                other => return Err(recipe_error(
-                    &recipe,
-                    format!(
+                other => {
+                    return Err(recipe_error(
+                        &recipe,
+                        format!(
                         "expert {i} (`{other}`) is not a PEFT adapter; `cat` merges adapters only"
                     ),
-                )),
+                    ))
+                }
             };
             adapters.push((expert.source.to_string(), Adapter::open(dir)?));
         }
@@ -114,7 +133,7 @@ impl CatMerge {
                 return Err(Error::Adapter {
                     path: adapter.dir().to_path_buf(),
                     message: format!(
-                        "stores `{name}` whole (`modules_to_save` or a saved base layer), which `cat` cannot merge"
+                        "stores `{name}` whole (`modules_to_save` or a saved base layer), which LoRA-native merging cannot merge"
                     ),
                 });
             }
@@ -146,8 +165,27 @@ impl CatMerge {
                 ));
             }
         }
-        Ok(CatMerge {
+        let method = match (recipe.method.as_str(), recipe.rank) {
+            ("cat", None) => LoraMethod::Cat,
+            ("cat", Some(_)) => {
+                return Err(recipe_error(
+                    &recipe,
+                    "`cat` is exact and its rank is the sum of the experts' ranks: drop `rank`, or use `svd` to truncate".to_string(),
+                ))
+            }
+            (_, Some(target)) => LoraMethod::Svd(target),
+            // PEFT's default: the largest rank among the experts.
+            (_, None) => LoraMethod::Svd(RankTarget::Fixed(
+                adapters
+                    .iter()
+                    .flat_map(|(_, a)| a.modules().values().map(|m| m.rank))
+                    .max()
+                    .unwrap_or(1),
+            )),
+        };
+        Ok(LoraMerge {
             recipe,
+            method,
             base,
             adapters,
             modules,
@@ -173,12 +211,15 @@ impl CatMerge {
         }
     }
 
-    /// Number of modules and the largest merged rank, for a dry run.
+    /// Number of modules and the largest rank a module can get, for a dry run.
     pub fn shape(&self) -> (usize, usize) {
         let max_rank = self
             .modules
             .iter()
-            .map(|(name, experts)| self.rank(name, experts))
+            .map(|(name, experts)| match self.method {
+                LoraMethod::Svd(RankTarget::Fixed(k)) => k.min(self.rank(name, experts)),
+                _ => self.rank(name, experts),
+            })
             .max()
             .unwrap_or(0);
         (self.modules.len(), max_rank)
@@ -192,7 +233,7 @@ impl CatMerge {
     }
 
     /// Writes the merged adapter (PEFT layout) and `mmx-merge.json` into `target`.
-    pub fn write(&self, target: &Path, force: bool) -> Result<CatSummary> {
+    pub fn write(&self, target: &Path, force: bool) -> Result<LoraSummary> {
         let dtype = match self.recipe.dtype {
             Some(d) => d,
             None => {
@@ -206,6 +247,7 @@ impl CatMerge {
         };
         let mut tensors = Vec::with_capacity(self.modules.len() * 2);
         let mut ranks = BTreeMap::new();
+        let mut discarded = BTreeMap::new();
         for (name, experts) in &self.modules {
             let rank = self.rank(name, experts);
             let (first_adapter, first) = {
@@ -243,6 +285,14 @@ impl CatMerge {
                 }
                 column += module.rank;
             }
+            let (a, b, rank) = match self.method {
+                LoraMethod::Cat => (a, b, rank),
+                LoraMethod::Svd(target) => {
+                    let truncated = truncate(&a, &b, rank, a_rows_len, b_rows, target, name)?;
+                    discarded.insert(name.clone(), truncated.discarded);
+                    (truncated.a, truncated.b, truncated.rank)
+                }
+            };
             let module_path = name.strip_suffix(".weight").unwrap_or(name);
             let (a_key, b_key) = match first.kind {
                 LoraKind::Linear => (
@@ -281,10 +331,19 @@ impl CatMerge {
             let record = json!({
                 "tool": {"name": "mmx", "version": env!("CARGO_PKG_VERSION")},
                 "recipe": {"path": self.recipe.path.display().to_string(), "text": self.recipe.text},
-                "method": "cat",
+                "method": self.recipe.method,
                 "output": "lora",
+                "rank": match self.method {
+                    LoraMethod::Cat => json!("sum of the experts' ranks"),
+                    LoraMethod::Svd(RankTarget::Fixed(k)) => json!(k),
+                    LoraMethod::Svd(RankTarget::Energy(e)) => json!(format!("energy:{e}")),
+                },
                 "inputs": inputs,
-                "modules": ranks.iter().map(|(m, r)| json!({"module": m, "rank": r})).collect::<Vec<_>>(),
+                "modules": ranks.iter().map(|(m, r)| json!({
+                    "module": m,
+                    "rank": r,
+                    "discarded_energy": discarded.get(&format!("{m}.weight")),
+                })).collect::<Vec<_>>(),
             });
             let bytes = serde_json::to_vec_pretty(&record).expect("JSON serialises");
             write_atomic(&tmp.join(MERGE_RECORD), &bytes)?;
@@ -294,10 +353,10 @@ impl CatMerge {
                 MERGE_RECORD.to_string(),
             ])
         })?;
-        let (modules, max_rank) = self.shape();
-        Ok(CatSummary {
-            modules,
-            max_rank,
+        Ok(LoraSummary {
+            modules: ranks.len(),
+            max_rank: ranks.values().copied().max().unwrap_or(0),
+            max_discarded: discarded.values().copied().fold(0.0, f64::max),
             files,
         })
     }
@@ -354,4 +413,70 @@ impl CatMerge {
         }
         Ok(inputs)
     }
+}
+
+/// Factors truncated by SVD, with the share of the squared norm they leave out.
+struct Truncated {
+    a: Vec<f32>,
+    b: Vec<f32>,
+    rank: usize,
+    discarded: f64,
+}
+
+/// Truncates the update `B·A` (`b` is `rows × r`, `a` is `r × cols`, row-major) to `target`
+/// without forming the `rows × cols` matrix: with `B = Q_B·R_B` and `Aᵀ = Q_A·R_A`,
+/// `B·A = Q_B·(R_B·R_Aᵀ)·Q_Aᵀ`, so the SVD of the small core `R_B·R_Aᵀ = U·S·Vᵀ` gives
+/// `B·A = (Q_B·U)·S·(Q_A·V)ᵀ`. As PEFT does, the singular values go into `B`.
+fn truncate(
+    a: &[f32],
+    b: &[f32],
+    r: usize,
+    cols: usize,
+    rows: usize,
+    target: RankTarget,
+    tensor: &str,
+) -> Result<Truncated> {
+    use faer::Mat;
+    let b_mat = Mat::<f64>::from_fn(rows, r, |i, j| f64::from(b[i * r + j]));
+    let a_t = Mat::<f64>::from_fn(cols, r, |i, j| f64::from(a[j * cols + i]));
+    let (qr_b, qr_a) = (b_mat.qr(), a_t.qr());
+    let (q_b, q_a) = (qr_b.compute_thin_Q(), qr_a.compute_thin_Q());
+    let core = qr_b.thin_R() * qr_a.thin_R().transpose();
+    let svd = core.thin_svd().map_err(|e| Error::Parameter {
+        name: "rank".to_string(),
+        tensor: tensor.to_string(),
+        message: format!("the SVD of the merged update did not converge: {e:?}"),
+    })?;
+    let s = svd.S().column_vector();
+    let energies: Vec<f64> = (0..s.nrows()).map(|i| s[i] * s[i]).collect();
+    let total: f64 = energies.iter().sum();
+    let k = match target {
+        RankTarget::Fixed(k) => k.min(energies.len()),
+        RankTarget::Energy(fraction) => {
+            let mut kept = 0.0;
+            let mut k = 0;
+            while k < energies.len() && kept < fraction * total {
+                kept += energies[k];
+                k += 1;
+            }
+            k.max(1).min(energies.len())
+        }
+    };
+    let kept: f64 = energies[..k].iter().sum();
+    let left = &q_b * svd.U().get(.., ..k);
+    let right = &q_a * svd.V().get(.., ..k);
+    let b_out: Vec<f32> = (0..rows)
+        .flat_map(|i| (0..k).map(move |j| (i, j)))
+        .map(|(i, j)| (left[(i, j)] * s[j]) as f32)
+        .collect();
+    let a_out: Vec<f32> = (0..k)
+        .flat_map(|i| (0..cols).map(move |j| (i, j)))
+        .map(|(i, j)| right[(j, i)] as f32)
+        .collect();
+    Ok(Truncated {
+        a: a_out,
+        b: b_out,
+        rank: k,
+        discarded: if total > 0.0 { 1.0 - kept / total } else { 0.0 },
+    })
 }
