@@ -1,17 +1,15 @@
 //! LoRA-native merging: `cat` writes one adapter whose update is exactly the weighted sum of
 //! the experts' updates, in PEFT's format.
 
-use std::path::{Path, PathBuf};
+mod common;
+
+use std::path::Path;
 use std::process::{Command, Output};
 
 use mmx::adapter::Adapter;
 use mmx::tensor::SafetensorsFile;
 
-fn reference(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/reference")
-        .join(name)
-}
+use common::{max_relative_error, reference};
 
 /// Writes a `cat` recipe over lora_a (weight 0.8) and lora_b (0.5) and runs it.
 fn cat(dir: &Path, output: &str, extra: &str) -> Output {
@@ -39,15 +37,6 @@ fn lora_native(dir: &Path, method: &str, output: &str, extra: &str) -> Output {
         .arg(dir.join("out"))
         .output()
         .unwrap()
-}
-
-fn max_relative_error(ours: &[f32], theirs: &[f32]) -> f64 {
-    let scale = theirs.iter().fold(0f64, |m, v| m.max(v.abs() as f64));
-    let worst = ours
-        .iter()
-        .zip(theirs)
-        .fold(0f64, |m, (a, b)| m.max((*a as f64 - *b as f64).abs()));
-    worst / scale.max(f64::MIN_POSITIVE)
 }
 
 #[test]

@@ -1,6 +1,8 @@
 //! Reference parity: mmx against outputs that mergekit 0.1.5 and PEFT 0.21 wrote for the same
 //! inputs (tests/fixtures/reference, made by tests/fixtures/make_reference.py).
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -8,6 +10,8 @@ use mmx::adapter::Adapter;
 use mmx::checkpoint::Checkpoint;
 use mmx::tensor::SafetensorsFile;
 use serde_json::Value;
+
+use common::max_relative_error;
 
 fn reference_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/reference")
@@ -42,17 +46,6 @@ fn merge(config: &str, out: &Path) {
     run_merge(&reference_dir(), Path::new(config), out, &["--seed", "0"]);
 }
 
-/// The largest elementwise error of `ours` against `theirs`, relative to the largest magnitude of
-/// `theirs` in the same tensor (elementwise ratios are meaningless where TIES leaves zeros).
-fn relative_error(ours: &[f32], theirs: &[f32]) -> f64 {
-    let scale = theirs.iter().fold(0f64, |m, v| m.max(v.abs() as f64));
-    let worst = ours
-        .iter()
-        .zip(theirs)
-        .fold(0f64, |m, (a, b)| m.max((*a as f64 - *b as f64).abs()));
-    worst / scale.max(f64::MIN_POSITIVE)
-}
-
 #[test]
 fn deterministic_methods_match_mergekit() {
     let dir = tempfile::tempdir().unwrap();
@@ -75,7 +68,7 @@ fn deterministic_methods_match_mergekit() {
             "{name}: tensor set"
         );
         for tensor in names {
-            let err = relative_error(
+            let err = max_relative_error(
                 &ours.read_f32(tensor).unwrap(),
                 &theirs.read_f32(tensor).unwrap(),
             );
@@ -161,7 +154,7 @@ fn adapters_apply_like_peft_merge_and_unload() {
                 ours.iter_mut().zip(&delta).for_each(|(v, d)| *v += d);
                 changed += 1;
             }
-            let err = relative_error(&ours, &expected);
+            let err = max_relative_error(&ours, &expected);
             assert!(
                 err <= 1e-5,
                 "{}: `{tensor}` differs by {err:e}",
@@ -262,7 +255,7 @@ fn delta_and_bf16_outputs_hold_the_same_merge() {
         ours.iter_mut()
             .zip(base.read_f32(tensor).unwrap())
             .for_each(|(d, b)| *d += b);
-        let err = relative_error(&ours, &theirs.read_f32(tensor).unwrap());
+        let err = max_relative_error(&ours, &theirs.read_f32(tensor).unwrap());
         assert!(err <= 1e-6, "delta + base: `{tensor}` differs by {err:e}");
     }
 
