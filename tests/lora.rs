@@ -256,3 +256,159 @@ fn svd_at_full_rank_is_cat_and_energy_targets_pick_ranks() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("drop `rank`"));
 }
+
+/// Core space is lossless: task arithmetic there, factored at the full rank, is the exact
+/// weighted sum of the updates (what `cat` writes), and full-space task arithmetic's delta.
+#[test]
+fn core_space_task_arithmetic_is_the_exact_sum() {
+    let core = tempfile::tempdir().unwrap();
+    let out = lora_native(core.path(), "task_arithmetic", "lora", "rank = 8");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let full = tempfile::tempdir().unwrap();
+    let out = lora_native(full.path(), "task_arithmetic", "delta", "");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let full_delta = SafetensorsFile::open(full.path().join("out/delta.safetensors")).unwrap();
+    let mut worst = 0f64;
+    for (name, ours) in deltas(&core.path().join("out")) {
+        let err = max_relative_error(&ours, &full_delta.read_f32(&name).unwrap());
+        assert!(err <= 1e-5, "{name}: {err:e}");
+        worst = worst.max(err);
+    }
+    eprintln!("core-space vs full-space task arithmetic: worst relative error {worst:.2e}");
+}
+
+/// TIES in core space trims and elects signs on the small core matrices: it differs from the
+/// exact sum, keeps its rank target, and records what the factoring discarded.
+#[test]
+fn core_space_ties_writes_a_lora_at_its_rank() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = lora_native(
+        dir.path(),
+        "ties",
+        "lora",
+        "rank = 4\n[merge.parameters]\ndensity = 0.5",
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let merged = Adapter::open(dir.path().join("out")).unwrap();
+    assert!(merged.modules().values().all(|m| m.rank == 4));
+    let exact = tempfile::tempdir().unwrap();
+    assert!(cat(exact.path(), "lora", "").status.success());
+    let differs = deltas(&dir.path().join("out"))
+        .into_iter()
+        .zip(deltas(&exact.path().join("out")))
+        .any(|((_, a), (_, b))| max_relative_error(&a, &b) > 1e-3);
+    assert!(
+        differs,
+        "TIES at density 0.5 should not equal the plain sum"
+    );
+    let record: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.path().join("out/mmx-merge.json")).unwrap())
+            .unwrap();
+    assert_eq!(record["space"], "core");
+    // A recipe that asks for full space with LoRA output is refused, as is core space with a
+    // full output.
+    let bad = tempfile::tempdir().unwrap();
+    let out = lora_native(bad.path(), "ties", "lora", "space = 'full'");
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("space = \"core\""));
+    let out = lora_native(bad.path(), "ties", "full", "space = 'core'");
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("output = \"lora\""));
+}
+
+/// Writes and runs a recipe over the four bundled specialty adapters.
+fn bundled(dir: &Path, name: &str, header: &str, parameters: &str) -> Output {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples");
+    let mut text = format!(
+        "[merge]\n{header}\nbase = '{}'\n[merge.parameters]\n{parameters}\n",
+        root.join("tiny-med-base").display()
+    );
+    for (specialty, weight) in [
+        ("cardiology", 1.0),
+        ("radiology", 0.8),
+        ("pathology", 1.2),
+        ("dermatology", 0.6),
+    ] {
+        text.push_str(&format!(
+            "[[merge.experts]]\nsource = '{}'\nweight = {weight}\n",
+            root.join("adapters").join(specialty).display()
+        ));
+    }
+    let recipe = dir.join(format!("{name}.toml"));
+    std::fs::write(&recipe, text).unwrap();
+    Command::new(env!("CARGO_BIN_EXE_mmx"))
+        .args(["merge", recipe.to_str().unwrap(), "-o"])
+        .arg(dir.join(name))
+        .output()
+        .unwrap()
+}
+
+/// CACI with gamma 0, confidence "none", in full space, is TIES: the same bytes.
+#[test]
+fn caci_reduces_to_ties_end_to_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let caci = bundled(
+        dir.path(),
+        "caci",
+        "method = 'caci'\noutput = 'full'",
+        "density = 0.4\ngamma = 0.0\nconfidence = 'none'",
+    );
+    assert!(
+        caci.status.success(),
+        "{}",
+        String::from_utf8_lossy(&caci.stderr)
+    );
+    let ties = bundled(
+        dir.path(),
+        "ties",
+        "method = 'ties'\noutput = 'full'",
+        "density = 0.4",
+    );
+    assert!(
+        ties.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ties.stderr)
+    );
+    let read = |name: &str| std::fs::read(dir.path().join(name).join("model.safetensors")).unwrap();
+    assert!(
+        read("caci") == read("ties"),
+        "CACI(γ=0, confidence none) differs from TIES"
+    );
+
+    // With its defaults (γ 1, rms confidence) it attenuates, so it differs from TIES, and in
+    // core space it writes a LoRA adapter at the requested rank.
+    let attenuated = bundled(
+        dir.path(),
+        "caci_default",
+        "method = 'caci'\noutput = 'full'",
+        "",
+    );
+    assert!(attenuated.status.success());
+    assert!(read("caci_default") != read("ties"));
+    let lora = bundled(
+        dir.path(),
+        "caci_lora",
+        "method = 'caci'\noutput = 'lora'\nrank = 16",
+        "",
+    );
+    assert!(
+        lora.status.success(),
+        "{}",
+        String::from_utf8_lossy(&lora.stderr)
+    );
+    let adapter = Adapter::open(dir.path().join("caci_lora")).unwrap();
+    assert!(adapter.modules().values().all(|m| m.rank <= 16));
+    assert!(adapter.modules().values().any(|m| m.rank == 16));
+}

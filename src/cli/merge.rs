@@ -10,7 +10,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
 
 use super::{default_max_memory, human_bytes, parse_size};
-use crate::merge::lora_native::{is_lora_native, LoraMerge};
+use crate::merge::lora_native::{merges_adapters, LoraMerge};
 use crate::merge::{check_target, write_merge, OutputOptions, Plan};
 use crate::recipe::Recipe;
 
@@ -87,7 +87,7 @@ pub fn run(args: MergeArgs) -> anyhow::Result<ExitCode> {
             .map_or("merge".into(), |s| s.to_string_lossy().into_owned());
         PathBuf::from("out").join(stem)
     });
-    if is_lora_native(&recipe.method) {
+    if merges_adapters(&recipe) {
         return run_lora_native(recipe, &output, &args);
     }
     let plan = Plan::build(recipe)?;

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Condvar, Mutex};
 
-use super::method::{merge_tensor, TensorJob, TensorStats};
+use super::method::{merge_tensor, Method, TensorJob, TensorStats};
 use super::plan::{Plan, TensorPlan};
 use super::stream::{is_streamed, merge_streamed};
 use crate::error::{Error, Result};
@@ -125,7 +125,10 @@ pub fn execute(
 /// tensor copied from the base).
 fn run_tensor(plan: &Plan, t: &TensorPlan, writer: &ShardedWriter) -> Result<Option<TensorStats>> {
     match &t.merge {
-        Some(params) if is_streamed(&t.shape) => merge_streamed(plan, t, params, writer).map(Some),
+        // CACI's confidence and conflict terms are not streamed yet: it runs in memory.
+        Some(params) if is_streamed(&t.shape) && plan.method != Method::Caci => {
+            merge_streamed(plan, t, params, writer).map(Some)
+        }
         _ => {
             let (bytes, stats) = compute(plan, t)?;
             writer.write(&t.name, &bytes)?;

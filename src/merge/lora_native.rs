@@ -11,16 +11,23 @@ use std::path::Path;
 
 use serde_json::{json, Map, Value};
 
+use super::method::{merge_tensor, Method, TensorJob};
 use super::output::{file_digest, write_dir_atomically, MERGE_RECORD};
+use super::plan::{check_parameter_names, resolve};
 use crate::adapter::{Adapter, LoraKind, PEFT_PREFIX};
 use crate::checkpoint::Checkpoint;
 use crate::error::{Error, Result};
-use crate::recipe::{layer_position, OutputKind, RankTarget, Recipe, Scalar, Source};
+use crate::recipe::{layer_position, OutputKind, RankTarget, Recipe, Scalar, Source, Space};
 use crate::tensor::{from_f32, write_atomic, Dtype, TensorSpec};
 
 /// Whether a method name is one of the LoRA-native methods (merged adapter to adapter).
 pub fn is_lora_native(method: &str) -> bool {
     matches!(method, "cat" | "svd")
+}
+
+/// Whether a recipe is merged adapter to adapter: a LoRA-native method, or LoRA output.
+pub fn merges_adapters(recipe: &Recipe) -> bool {
+    is_lora_native(&recipe.method) || recipe.output == OutputKind::Lora
 }
 
 /// How the experts' factors become the output's.
@@ -30,6 +37,9 @@ enum LoraMethod {
     Cat,
     /// The exact weighted sum truncated by SVD to a rank target.
     Svd(RankTarget),
+    /// A standard method run on each module's core-space matrices, then factored to a rank
+    /// target.
+    Core(Method, RankTarget),
 }
 
 /// A checked `cat` merge.
@@ -72,7 +82,31 @@ impl LoraMerge {
                 format!("`{}` merges LoRA adapters into a LoRA adapter: set `output = \"lora\"` (for a full model, `task_arithmetic` gives the exact weighted sum)", recipe.method),
             ));
         }
-        for name in recipe.parameters.keys() {
+        let standard = Method::from_name(&recipe.method);
+        if !is_lora_native(&recipe.method) {
+            let method = standard.ok_or_else(|| {
+                let known: Vec<&str> = Method::all().iter().map(|m| m.name()).collect();
+                recipe_error(
+                    &recipe,
+                    format!(
+                        "unknown merge method `{}` (known: {}, cat, svd)",
+                        recipe.method,
+                        known.join(", ")
+                    ),
+                )
+            })?;
+            if recipe.space != Space::Core {
+                return Err(recipe_error(
+                    &recipe,
+                    format!(
+                        "LoRA output of `{}` is merged in core space: set `space = \"core\"`",
+                        recipe.method
+                    ),
+                ));
+            }
+            check_parameter_names(&recipe, method)?;
+        }
+        for name in recipe.parameters.keys().filter(|_| standard.is_none()) {
             if name != "weight" {
                 return Err(recipe_error(
                     &recipe,
@@ -97,7 +131,11 @@ impl LoraMerge {
         };
         let mut adapters = Vec::with_capacity(recipe.experts.len());
         for (i, expert) in recipe.experts.iter().enumerate() {
-            if let Some(name) = expert.parameters.keys().find(|k| *k != "weight") {
+            if let Some(name) = expert
+                .parameters
+                .keys()
+                .find(|k| *k != "weight" && standard.is_none())
+            {
                 return Err(recipe_error(
                     &recipe,
                     format!("expert {i} (`{}`): unknown parameter `{name}` for method `{}` (it takes: weight)", expert.source, recipe.method),
@@ -165,7 +203,16 @@ impl LoraMerge {
                 ));
             }
         }
+        let largest_rank = adapters
+            .iter()
+            .flat_map(|(_, a)| a.modules().values().map(|m| m.rank))
+            .max()
+            .unwrap_or(1);
         let method = match (recipe.method.as_str(), recipe.rank) {
+            (_, rank) if standard.is_some() => LoraMethod::Core(
+                standard.expect("checked"),
+                rank.unwrap_or(RankTarget::Fixed(largest_rank)),
+            ),
             ("cat", None) => LoraMethod::Cat,
             ("cat", Some(_)) => {
                 return Err(recipe_error(
@@ -175,13 +222,7 @@ impl LoraMerge {
             }
             (_, Some(target)) => LoraMethod::Svd(target),
             // PEFT's default: the largest rank among the experts.
-            (_, None) => LoraMethod::Svd(RankTarget::Fixed(
-                adapters
-                    .iter()
-                    .flat_map(|(_, a)| a.modules().values().map(|m| m.rank))
-                    .max()
-                    .unwrap_or(1),
-            )),
+            (_, None) => LoraMethod::Svd(RankTarget::Fixed(largest_rank)),
         };
         Ok(LoraMerge {
             recipe,
@@ -217,7 +258,8 @@ impl LoraMerge {
             .modules
             .iter()
             .map(|(name, experts)| match self.method {
-                LoraMethod::Svd(RankTarget::Fixed(k)) => k.min(self.rank(name, experts)),
+                LoraMethod::Svd(RankTarget::Fixed(k))
+                | LoraMethod::Core(_, RankTarget::Fixed(k)) => k.min(self.rank(name, experts)),
                 _ => self.rank(name, experts),
             })
             .max()
@@ -286,6 +328,12 @@ impl LoraMerge {
                 column += module.rank;
             }
             let (a, b, rank) = match self.method {
+                LoraMethod::Core(method, target) => {
+                    let merged =
+                        self.core_merge(name, experts, method, target, a_rows_len, b_rows)?;
+                    discarded.insert(name.clone(), merged.discarded);
+                    (merged.a, merged.b, merged.rank)
+                }
                 LoraMethod::Cat => (a, b, rank),
                 LoraMethod::Svd(target) => {
                     let truncated = truncate(&a, &b, rank, a_rows_len, b_rows, target, name)?;
@@ -332,11 +380,12 @@ impl LoraMerge {
                 "tool": {"name": "mmx", "version": env!("CARGO_PKG_VERSION")},
                 "recipe": {"path": self.recipe.path.display().to_string(), "text": self.recipe.text},
                 "method": self.recipe.method,
+                "space": if matches!(self.method, LoraMethod::Core(..)) { "core" } else { "factors" },
                 "output": "lora",
                 "rank": match self.method {
                     LoraMethod::Cat => json!("sum of the experts' ranks"),
-                    LoraMethod::Svd(RankTarget::Fixed(k)) => json!(k),
-                    LoraMethod::Svd(RankTarget::Energy(e)) => json!(format!("energy:{e}")),
+                    LoraMethod::Svd(RankTarget::Fixed(k)) | LoraMethod::Core(_, RankTarget::Fixed(k)) => json!(k),
+                    LoraMethod::Svd(RankTarget::Energy(e)) | LoraMethod::Core(_, RankTarget::Energy(e)) => json!(format!("energy:{e}")),
                 },
                 "inputs": inputs,
                 "modules": ranks.iter().map(|(m, r)| json!({
@@ -359,6 +408,97 @@ impl LoraMerge {
             max_discarded: discarded.values().copied().fold(0.0, f64::max),
             files,
         })
+    }
+
+    /// Runs a standard method on the core-space matrices of one module and factors the result.
+    ///
+    /// With `Q_B` an orthonormal basis of the stacked `s_t·B_t` (columns) and `Q_A` of the
+    /// stacked `A_t` (rows), expert t's update is `Q_B·M_t·Q_Aᵀ` exactly, with
+    /// `M_t = (Q_Bᵀ·s_t·B_t)·(A_t·Q_A)` of size at most `R × R`, `R = Σ r_t`. The method runs on
+    /// the `M_t` as on any tensor (the base is zero there), and the merged core is factored by
+    /// SVD: nothing of size out×in is formed.
+    fn core_merge(
+        &self,
+        name: &str,
+        experts: &[usize],
+        method: Method,
+        target: RankTarget,
+        cols: usize,
+        rows: usize,
+    ) -> Result<Truncated> {
+        use faer::Mat;
+        let r: usize = experts
+            .iter()
+            .map(|&e| self.adapters[e].1.modules()[name].rank)
+            .sum();
+        let mut b_stack = Mat::<f64>::zeros(rows, r);
+        let mut a_stack_t = Mat::<f64>::zeros(cols, r);
+        let mut offsets = Vec::with_capacity(experts.len());
+        let mut offset = 0;
+        for &e in experts {
+            let adapter = &self.adapters[e].1;
+            let module = &adapter.modules()[name];
+            let b = adapter.file().read_f32(&module.b_key)?;
+            let a = adapter.file().read_f32(&module.a_key)?;
+            let s = f64::from(module.scaling);
+            for i in 0..rows {
+                for j in 0..module.rank {
+                    b_stack[(i, offset + j)] = s * f64::from(b[i * module.rank + j]);
+                }
+            }
+            for j in 0..module.rank {
+                for i in 0..cols {
+                    a_stack_t[(i, offset + j)] = f64::from(a[j * cols + i]);
+                }
+            }
+            offsets.push((offset, module.rank));
+            offset += module.rank;
+        }
+        let q_b = b_stack.qr().compute_thin_Q();
+        let q_a = a_stack_t.qr().compute_thin_Q();
+        let (core_rows, core_cols) = (q_b.ncols(), q_a.ncols());
+        let cores: Vec<Vec<f32>> = offsets
+            .iter()
+            .map(|&(start, len)| {
+                let p = q_b.transpose() * b_stack.get(.., start..start + len);
+                let n = a_stack_t.get(.., start..start + len).transpose() * &q_a;
+                let m = &p * &n;
+                (0..core_rows)
+                    .flat_map(|i| (0..core_cols).map(move |j| (i, j)))
+                    .map(|(i, j)| m[(i, j)] as f32)
+                    .collect()
+            })
+            .collect();
+
+        // Parameters as for the full tensor: filters and gradients see the module's name.
+        let t = layer_position(name, self.base.num_layers());
+        let labelled: Vec<(&str, &crate::recipe::Parameters)> = experts
+            .iter()
+            .map(|&e| {
+                (
+                    self.adapters[e].0.as_str(),
+                    &self.recipe.experts[e].parameters,
+                )
+            })
+            .collect();
+        let params = resolve(&self.recipe, method, &labelled, name, t)?;
+        let zeros = vec![0f32; core_rows * core_cols];
+        let merged = merge_tensor(
+            method,
+            &params.globals,
+            TensorJob {
+                name,
+                shape: &[core_rows, core_cols],
+                base: Some(&zeros),
+                experts: cores,
+                params: params.experts,
+                expert_ids: experts.to_vec(),
+            },
+        )?;
+        let core = Mat::<f64>::from_fn(core_rows, core_cols, |i, j| {
+            f64::from(merged.values[i * core_cols + j])
+        });
+        factor(&q_b, &core, &q_a, target, name)
     }
 
     /// The merged adapter's config: the first adapter's, with the ranks of the merge, every
@@ -440,8 +580,26 @@ fn truncate(
     let b_mat = Mat::<f64>::from_fn(rows, r, |i, j| f64::from(b[i * r + j]));
     let a_t = Mat::<f64>::from_fn(cols, r, |i, j| f64::from(a[j * cols + i]));
     let (qr_b, qr_a) = (b_mat.qr(), a_t.qr());
-    let (q_b, q_a) = (qr_b.compute_thin_Q(), qr_a.compute_thin_Q());
     let core = qr_b.thin_R() * qr_a.thin_R().transpose();
+    factor(
+        &qr_b.compute_thin_Q(),
+        &core,
+        &qr_a.compute_thin_Q(),
+        target,
+        tensor,
+    )
+}
+
+/// Factors `Q_B·C·Q_Aᵀ` (orthonormal `Q_B`, `Q_A`; small core `C`) at a rank target through the
+/// SVD `C = U·S·Vᵀ`: `B = Q_B·U_k·S_k` (the singular values in `B`, as PEFT does) and
+/// `A = (Q_A·V_k)ᵀ`.
+fn factor(
+    q_b: &faer::Mat<f64>,
+    core: &faer::Mat<f64>,
+    q_a: &faer::Mat<f64>,
+    target: RankTarget,
+    tensor: &str,
+) -> Result<Truncated> {
     let svd = core.thin_svd().map_err(|e| Error::Parameter {
         name: "rank".to_string(),
         tensor: tensor.to_string(),
@@ -463,8 +621,9 @@ fn truncate(
         }
     };
     let kept: f64 = energies[..k].iter().sum();
-    let left = &q_b * svd.U().get(.., ..k);
-    let right = &q_a * svd.V().get(.., ..k);
+    let left = q_b * svd.U().get(.., ..k);
+    let right = q_a * svd.V().get(.., ..k);
+    let (rows, cols) = (left.nrows(), right.nrows());
     let b_out: Vec<f32> = (0..rows)
         .flat_map(|i| (0..k).map(move |j| (i, j)))
         .map(|(i, j)| (left[(i, j)] * s[j]) as f32)

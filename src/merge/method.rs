@@ -25,6 +25,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
+use crate::merge::caci;
 use crate::merge::consensus;
 pub use crate::merge::consensus::{DisjointMean, SignElection};
 use crate::merge::rng::MaskRng;
@@ -57,6 +58,20 @@ pub enum Method {
     /// magnitude, then the weighted sum, with no election and no normalisation. mergekit
     /// has no such method.
     MagnitudePrune,
+    /// Conflict-aware capability integration (DESIGN.md §5): TIES's trim, a sign vote weighted
+    /// by each expert's confidence, the disjoint mean, and contested coordinates attenuated by
+    /// `(1 − κ)^γ`. With `gamma = 0` and `confidence = "none"` it is TIES.
+    Caci,
+}
+
+/// How CACI weighs an expert's vote.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Confidence {
+    /// `w / rms(Δ)`: a loud expert does not dictate every sign.
+    Rms,
+    /// `w`, as TIES.
+    None,
 }
 
 /// How trimmed deltas are scaled back up when `rescale` is on.
@@ -87,6 +102,10 @@ pub struct GlobalParams {
     pub disjoint_mean: DisjointMean,
     /// Keys the random masks, with the tensor name and the expert index.
     pub seed: u64,
+    /// CACI's attenuation exponent γ (1 by default).
+    pub attenuation: f32,
+    /// CACI's vote weights.
+    pub confidence: Confidence,
 }
 
 /// Per-expert parameters for one tensor.
@@ -154,7 +173,7 @@ pub(crate) enum Trim {
     TopK,
 }
 
-const ALL: [Method; 10] = [
+const ALL: [Method; 11] = [
     Method::Linear,
     Method::TaskArithmetic,
     Method::Ties,
@@ -165,6 +184,7 @@ const ALL: [Method; 10] = [
     Method::Della,
     Method::DellaLinear,
     Method::MagnitudePrune,
+    Method::Caci,
 ];
 
 impl Method {
@@ -186,6 +206,7 @@ impl Method {
             Method::Della => "della",
             Method::DellaLinear => "della_linear",
             Method::MagnitudePrune => "magnitude_prune",
+            Method::Caci => "caci",
         }
     }
 
@@ -225,6 +246,7 @@ impl Method {
             Method::Breadcrumbs | Method::BreadcrumbsTies => Trim::Outliers,
             Method::Della | Method::DellaLinear => Trim::Della,
             Method::MagnitudePrune => Trim::TopK,
+            Method::Caci => Trim::Magnitude,
         }
     }
 
@@ -258,6 +280,7 @@ impl Method {
                 "disjoint_mean",
             ],
             Method::MagnitudePrune => &["lambda"],
+            Method::Caci => &["lambda", "gamma", "confidence"],
         }
     }
 
@@ -272,7 +295,8 @@ impl Method {
             | Method::Ties
             | Method::DareLinear
             | Method::DareTies
-            | Method::MagnitudePrune => &["weight", "density"],
+            | Method::MagnitudePrune
+            | Method::Caci => &["weight", "density"],
         }
     }
 
@@ -287,6 +311,7 @@ impl Method {
             | Method::Breadcrumbs
             | Method::BreadcrumbsTies
             | Method::MagnitudePrune => (false, false),
+            Method::Caci => (true, false),
         };
         GlobalParams {
             lambda: 1.0,
@@ -296,6 +321,8 @@ impl Method {
             sign_election: SignElection::Weighted,
             disjoint_mean: DisjointMean::Weights,
             seed: 0,
+            attenuation: 1.0,
+            confidence: Confidence::Rms,
         }
     }
 
@@ -304,7 +331,8 @@ impl Method {
     pub fn default_expert(self) -> ExpertParams {
         ExpertParams {
             weight: 1.0,
-            density: 1.0,
+            // CACI keeps each expert's top half by default (DESIGN.md §5).
+            density: if self == Method::Caci { 0.5 } else { 1.0 },
             gamma: 0.01,
             epsilon: 0.15,
         }
@@ -365,6 +393,9 @@ pub fn merge_tensor(
         });
     }
 
+    if method == Method::Caci {
+        return caci::merge(base, experts, &params, globals);
+    }
     let mut trimmer = Trimmer {
         trim: method.trim(),
         globals,
@@ -728,7 +759,7 @@ mod tests {
 
     #[test]
     fn names_round_trip() {
-        assert_eq!(Method::all().len(), 10);
+        assert_eq!(Method::all().len(), 11);
         for &m in Method::all() {
             assert_eq!(Method::from_name(m.name()), Some(m));
             assert_eq!(
@@ -747,7 +778,8 @@ mod tests {
 
     #[test]
     fn defaults_are_mergekits() {
-        // (method, normalize, rescale) from mergekit 0.1.5 `registry.py` and `linear.py`.
+        // (method, normalize, rescale) from mergekit 0.1.5 `registry.py` and `linear.py`;
+        // CACI (ours) normalises like TIES.
         let table = [
             (Method::Linear, true, false),
             (Method::TaskArithmetic, false, false),
@@ -759,6 +791,7 @@ mod tests {
             (Method::Della, true, true),
             (Method::DellaLinear, false, true),
             (Method::MagnitudePrune, false, false),
+            (Method::Caci, true, false),
         ];
         for (m, normalize, rescale) in table {
             let g = m.default_globals();
@@ -768,9 +801,11 @@ mod tests {
             assert_eq!(g.sign_election, SignElection::Weighted);
             assert_eq!(g.disjoint_mean, DisjointMean::Weights);
             let e = m.default_expert();
+            // CACI keeps half by default (DESIGN.md §5); mergekit's methods keep everything.
+            let density = if m == Method::Caci { 0.5 } else { 1.0 };
             assert_eq!(
                 (e.weight, e.density, e.gamma, e.epsilon),
-                (1.0, 1.0, 0.01, 0.15)
+                (1.0, density, 0.01, 0.15)
             );
         }
     }

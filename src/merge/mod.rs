@@ -11,6 +11,7 @@
 //! # Ok::<(), mmx::Error>(())
 //! ```
 
+mod caci;
 pub mod consensus;
 mod executor;
 mod expert;

@@ -5,12 +5,14 @@ use std::collections::BTreeSet;
 use std::path::Path;
 
 use super::expert::Expert;
-use super::method::{DisjointMean, ExpertParams, GlobalParams, Method, RescaleMode, SignElection};
+use super::method::{
+    Confidence, DisjointMean, ExpertParams, GlobalParams, Method, RescaleMode, SignElection,
+};
 use super::sparsify::check_della;
 use super::stream::{is_streamed, working_bytes};
 use crate::checkpoint::Checkpoint;
 use crate::error::{Error, Result};
-use crate::recipe::{layer_position, OutputKind, Parameters, Recipe, Scalar, Source};
+use crate::recipe::{layer_position, OutputKind, Parameters, Recipe, Scalar, Source, Space};
 use crate::tensor::Dtype;
 
 /// What happens to one output tensor.
@@ -74,10 +76,10 @@ impl Plan {
                 ),
             )
         })?;
-        if recipe.output == OutputKind::Lora {
+        if recipe.space == Space::Core {
             return Err(recipe_error(
                 &recipe,
-                "LoRA output (`output = \"lora\"`) needs core-space merging, which this build does not have yet; use `full` or `delta`".to_string(),
+                "core-space merging writes a LoRA adapter: set `output = \"lora\"`".to_string(),
             ));
         }
         check_parameter_names(&recipe, method)?;
@@ -156,17 +158,22 @@ impl Plan {
             };
             let merge = if mergeable {
                 let t = layer_position(name, num_layers);
-                Some(resolve(&recipe, method, &experts, name, t)?)
+                let labelled: Vec<(&str, &Parameters)> = experts
+                    .iter()
+                    .map(|e| (e.label.as_str(), &e.parameters))
+                    .collect();
+                Some(resolve(&recipe, method, &labelled, name, t)?)
             } else {
                 None
             };
-            let working_bytes = if merge.is_some() && is_streamed(&info.shape) {
-                working_bytes(experts.len())
-            } else if merge.is_some() {
-                numel * 4 * (experts.len() as u64 + 3) + numel * dtype.size() as u64
-            } else {
-                numel * (info.dtype.size() + dtype.size()) as u64
-            };
+            let working_bytes =
+                if merge.is_some() && is_streamed(&info.shape) && method != Method::Caci {
+                    working_bytes(experts.len())
+                } else if merge.is_some() {
+                    numel * 4 * (experts.len() as u64 + 3) + numel * dtype.size() as u64
+                } else {
+                    numel * (info.dtype.size() + dtype.size()) as u64
+                };
             tensors.push(TensorPlan {
                 name: name.to_string(),
                 shape: info.shape.clone(),
@@ -218,7 +225,7 @@ fn same_dir(a: &Path, b: &Path) -> bool {
 }
 
 /// Refuses parameter names the method does not take, at every level, before anything is opened.
-fn check_parameter_names(recipe: &Recipe, method: Method) -> Result<()> {
+pub(crate) fn check_parameter_names(recipe: &Recipe, method: Method) -> Result<()> {
     let globals = method.global_parameters();
     let per_expert = method.expert_parameters();
     let describe = || {
@@ -406,10 +413,11 @@ fn lookup(levels: &[&Parameters], name: &str, tensor: &str, t: f64) -> Option<Sc
 }
 
 /// Resolves the method-wide and per-expert parameters for one tensor and checks their ranges.
-fn resolve(
+/// `experts` are (label, own parameters) in recipe order.
+pub(crate) fn resolve(
     recipe: &Recipe,
     method: Method,
-    experts: &[Expert],
+    experts: &[(&str, &Parameters)],
     tensor: &str,
     t: f64,
 ) -> Result<MergeParams> {
@@ -460,13 +468,32 @@ fn resolve(
                     ],
                 )?
             }
+            "gamma" => {
+                let gamma = number(recipe, name, tensor, v)?;
+                if gamma < 0.0 {
+                    return Err(Error::Parameter {
+                        name: name.to_string(),
+                        tensor: tensor.to_string(),
+                        message: format!("{gamma} is negative (CACI attenuates by (1 − κ)^gamma)"),
+                    });
+                }
+                globals.attenuation = gamma as f32;
+            }
+            "confidence" => {
+                globals.confidence = choice(
+                    name,
+                    tensor,
+                    v,
+                    &[("rms", Confidence::Rms), ("none", Confidence::None)],
+                )?
+            }
             other => unreachable!("method lists global parameter `{other}` without a reader"),
         }
     }
     let mut per_expert = Vec::with_capacity(experts.len());
-    for e in experts {
+    for &(label, parameters) in experts {
         let mut p = method.default_expert();
-        let levels = [&e.parameters, &recipe.parameters];
+        let levels = [parameters, &recipe.parameters];
         for name in method.expert_parameters() {
             let Some(v) = lookup(&levels, name, tensor, t) else {
                 continue;
@@ -480,7 +507,7 @@ fn resolve(
                 other => unreachable!("method lists expert parameter `{other}` without a reader"),
             }
         }
-        check_ranges(method, tensor, &e.label, &p)?;
+        check_ranges(method, tensor, label, &p)?;
         per_expert.push(p);
     }
     Ok(MergeParams {

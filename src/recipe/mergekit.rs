@@ -7,7 +7,7 @@ use std::path::Path;
 
 use serde_json::Value;
 
-use super::{parameters, source, ExpertSpec, OutputKind, Recipe, RecipeFormat};
+use super::{parameters, source, ExpertSpec, OutputKind, Recipe, RecipeFormat, Space};
 use crate::error::{Error, Result};
 use crate::tensor::Dtype;
 
@@ -159,6 +159,7 @@ pub fn parse(path: &Path, text: String) -> Result<Recipe> {
         output: OutputKind::Full,
         dtype,
         seed: 0,
+        space: Space::Full,
         rank: None,
     })
 }

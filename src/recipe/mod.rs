@@ -98,9 +98,22 @@ pub struct Recipe {
     pub dtype: Option<Dtype>,
     /// Seed of the random methods.
     pub seed: u64,
+    /// Where LoRA experts are merged: in each module's core space, or on the full weights.
+    pub space: Space,
     /// Rank of a LoRA output (`rank = 16` or `rank = "energy:0.99"`); `None` keeps the methods'
     /// own default.
     pub rank: Option<RankTarget>,
+}
+
+/// Where a merge of LoRA experts happens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Space {
+    /// On the full weights (or full updates), as mergekit does.
+    Full,
+    /// In each module's core space: with `U_B` an orthonormal basis of the experts' stacked `B`s
+    /// and `V_A` of their stacked `A`s, expert t's update is `U_B·M_t·V_Aᵀ` with a small `M_t`;
+    /// the method runs on the `M_t`.
+    Core,
 }
 
 /// How many singular directions a LoRA output keeps per module.

@@ -5,7 +5,7 @@ use std::path::Path;
 use serde_json::Value;
 
 use super::{
-    parameters, source, ExpertSpec, OutputKind, ParamValue, RankTarget, Recipe, RecipeFormat,
+    parameters, source, ExpertSpec, OutputKind, ParamValue, RankTarget, Recipe, RecipeFormat, Space,
 };
 use crate::error::{Error, Result};
 use crate::tensor::Dtype;
@@ -75,20 +75,17 @@ pub fn parse(path: &Path, text: String) -> Result<Recipe> {
             )))
         }
     };
-    match string("space")?.unwrap_or("full") {
-        "full" => {}
-        "core" => {
-            return Err(fail(
-                "`merge.space = \"core\"` (core-space merging) is not available in this build; use `space = \"full\"`"
-                    .to_string(),
-            ))
-        }
-        other => {
+    // LoRA output merges in core space unless told otherwise; anything else on full weights.
+    let space = match string("space")? {
+        None if output == OutputKind::Lora => Space::Core,
+        None | Some("full") => Space::Full,
+        Some("core") => Space::Core,
+        Some(other) => {
             return Err(fail(format!(
                 "`merge.space` is `{other}`, expected `full` or `core`"
             )))
         }
-    }
+    };
     if merge.contains_key("rank") && output != OutputKind::Lora {
         return Err(fail(
             "`merge.rank` applies to LoRA output only (`output = \"lora\"`)".to_string(),
@@ -189,6 +186,7 @@ pub fn parse(path: &Path, text: String) -> Result<Recipe> {
         output,
         dtype,
         seed,
+        space,
         rank,
     })
 }
@@ -269,8 +267,8 @@ parameters = { density = [0.2, 0.8] }
                 "merge.dtype",
             ),
             (
-                "[merge]\nmethod='ties'\nspace='core'\n[[merge.experts]]\nsource='a'",
-                "core",
+                "[merge]\nmethod='ties'\nspace='middle'\n[[merge.experts]]\nsource='a'",
+                "merge.space",
             ),
             (
                 "[merge]\nmethod='ties'\n[[merge.experts]]\nsource='registry:x:v1'",

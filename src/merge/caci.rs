@@ -1,0 +1,222 @@
+//! CACI, conflict-aware capability integration (DESIGN.md §5), on one tensor:
+//!
+//! 1. confidence `c_t = w_t / rms(Δ_t)` (or `w_t` with `confidence = "none"`);
+//! 2. trim each `Δ_t` to its top `density` by magnitude (TIES's trim) → `Δ̂_t`;
+//! 3. elect `σ = sign(Σ c_t·Δ̂_t)` (ties positive), i.e. `sign(P − N)` with
+//!    `P = Σ c_t·max(Δ̂_t, 0)` and `N = Σ c_t·max(−Δ̂_t, 0)`;
+//! 4. conflict `κ = min(P, N) / max(P, N)` (0 where nothing opposes);
+//! 5. disjoint mean over the experts that agree with σ: `μ = Σ w_t·Δ̂_t / Σ w_t`;
+//! 6. `Δ = λ·μ·(1 − κ)^γ`.
+//!
+//! The vote and the mean are computed in the same order and form as TIES's, so that with
+//! `gamma = 0` and `confidence = "none"` the result is TIES's to the bit.
+
+use super::method::{fraction, squared_distance, Confidence, ExpertParams, GlobalParams};
+use super::method::{MergedTensor, TensorStats};
+use super::sparsify;
+use crate::error::Result;
+
+/// Merges one tensor with CACI; `experts` are full tensors, `base` their common base.
+pub(crate) fn merge(
+    base: &[f32],
+    mut experts: Vec<Vec<f32>>,
+    params: &[ExpertParams],
+    globals: &GlobalParams,
+) -> Result<MergedTensor> {
+    let n = base.len();
+    let mut confidence = Vec::with_capacity(experts.len());
+    let mut kept_fraction = Vec::with_capacity(experts.len());
+    for (delta, p) in experts.iter_mut().zip(params) {
+        for (d, b) in delta.iter_mut().zip(base) {
+            *d -= b;
+        }
+        confidence.push(match globals.confidence {
+            Confidence::None => p.weight,
+            Confidence::Rms => {
+                let rms = (sparsify::lane_sum(delta, |v| f64::from(v) * f64::from(v))
+                    / n.max(1) as f64)
+                    .sqrt();
+                if rms > 0.0 {
+                    (f64::from(p.weight) / rms) as f32
+                } else {
+                    0.0
+                }
+            }
+        });
+        if p.density < 1.0 {
+            sparsify::magnitude(delta, p.density);
+        }
+        kept_fraction.push(fraction(delta.iter().filter(|v| **v != 0.0).count(), n));
+    }
+
+    let mut values = vec![0f32; n];
+    let mut conflicts = 0usize;
+    for (j, out) in values.iter_mut().enumerate() {
+        let (mut vote, mut positive, mut negative) = (0f32, 0f32, 0f32);
+        for (delta, &c) in experts.iter().zip(&confidence) {
+            let x = delta[j];
+            vote += c * x;
+            positive += c * x.max(0.0);
+            negative += c * (-x).max(0.0);
+        }
+        let elected = if vote >= 0.0 { 1.0 } else { -1.0 };
+        let (mut mixed, mut divisor, mut opposed) = (0f32, 0f32, false);
+        for ((delta, &c), p) in experts.iter().zip(&confidence).zip(params) {
+            let oriented = c * delta[j] * elected;
+            if oriented > 0.0 {
+                mixed += p.weight * delta[j];
+                divisor += p.weight;
+            }
+            opposed |= oriented < 0.0;
+        }
+        conflicts += usize::from(opposed);
+        let mean = mixed / if divisor == 0.0 { 1.0 } else { divisor };
+        let (low, high) = (positive.min(negative), positive.max(negative));
+        let kappa = if high > 0.0 { low / high } else { 0.0 };
+        *out = mean * (1.0 - kappa).powf(globals.attenuation);
+    }
+    if globals.lambda != 1.0 {
+        values.iter_mut().for_each(|v| *v *= globals.lambda);
+    }
+    values.iter_mut().zip(base).for_each(|(v, b)| *v += b);
+    let delta_l2 = squared_distance(&values, Some(base)).sqrt();
+    Ok(MergedTensor {
+        values,
+        stats: TensorStats {
+            kept_fraction,
+            sign_conflict: Some(fraction(conflicts, n)),
+            delta_l2,
+        },
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use crate::merge::method::{merge_tensor, Confidence, GlobalParams, Method, TensorJob};
+
+    fn run(
+        method: Method,
+        globals: &GlobalParams,
+        experts: &[Vec<f32>],
+        weights: &[f32],
+        density: f32,
+    ) -> Vec<f32> {
+        let base = vec![0.5f32; experts[0].len()];
+        let params = weights
+            .iter()
+            .map(|&w| {
+                let mut p = method.default_expert();
+                p.weight = w;
+                p.density = density;
+                p
+            })
+            .collect();
+        merge_tensor(
+            method,
+            globals,
+            TensorJob {
+                name: "t",
+                shape: &[experts[0].len()],
+                base: Some(&base),
+                experts: experts
+                    .iter()
+                    .map(|e| e.iter().map(|v| v + 0.5).collect())
+                    .collect(),
+                params,
+                expert_ids: (0..experts.len()).collect(),
+            },
+        )
+        .unwrap()
+        .values
+        .iter()
+        .map(|v| v - 0.5)
+        .collect()
+    }
+
+    #[test]
+    fn attenuates_contested_coordinates() {
+        // Deltas (base 0.5 removed): a = [1, 2, -1], b = [3, -2, -1]; weights 1, no trim,
+        // confidence by weight, gamma 1.
+        // j=0: P = 4, N = 0, κ = 0, μ = (1+3)/2 = 2        → 2
+        // j=1: P = 2, N = 2, vote 0 → +, κ = 1, μ = 2      → 0
+        // j=2: P = 0, N = 2, κ = 0, μ = -1                 → -1
+        let g = GlobalParams {
+            confidence: Confidence::None,
+            ..Method::Caci.default_globals()
+        };
+        let out = run(
+            Method::Caci,
+            &g,
+            &[vec![1.0, 2.0, -1.0], vec![3.0, -2.0, -1.0]],
+            &[1.0, 1.0],
+            1.0,
+        );
+        assert_eq!(out, [2.0, 0.0, -1.0]);
+        // Three experts at j: 2, 2, -1 → P = 4, N = 1, κ = 1/4, μ = 2, (1 − κ)^2 = 9/16 → 1.125.
+        let g = GlobalParams {
+            confidence: Confidence::None,
+            attenuation: 2.0,
+            ..Method::Caci.default_globals()
+        };
+        let out = run(
+            Method::Caci,
+            &g,
+            &[vec![2.0], vec![2.0], vec![-1.0]],
+            &[1.0; 3],
+            1.0,
+        );
+        assert_eq!(out, [1.125]);
+    }
+
+    #[test]
+    fn rms_confidence_stops_a_loud_expert_from_deciding_every_sign() {
+        // a is 10× louder than b and c, which agree against it on element 0: with weights
+        // alone a wins the vote (10 > 2), with rms confidence b and c do.
+        let a = vec![10.0, 10.0, 10.0, 10.0];
+        let b = vec![-1.0, 1.0, 1.0, 1.0];
+        let c = vec![-1.0, 1.0, 1.0, 1.0];
+        let experts = [a, b, c];
+        let by_weight = GlobalParams {
+            confidence: Confidence::None,
+            attenuation: 0.0,
+            ..Method::Caci.default_globals()
+        };
+        let by_rms = GlobalParams {
+            attenuation: 0.0,
+            ..Method::Caci.default_globals()
+        };
+        assert_eq!(
+            run(Method::Caci, &by_weight, &experts, &[1.0; 3], 1.0)[0],
+            10.0
+        );
+        assert_eq!(
+            run(Method::Caci, &by_rms, &experts, &[1.0; 3], 1.0)[0],
+            -1.0
+        );
+    }
+
+    proptest! {
+        /// With gamma 0 and confidence "none", CACI is TIES, bit for bit.
+        #[test]
+        fn reduces_to_ties(
+            experts in prop::collection::vec(prop::collection::vec(-4.0f32..4.0, 24), 1..5),
+            weights in prop::collection::vec(0.1f32..2.0, 5),
+            density in 0.1f32..1.0,
+        ) {
+            let weights = &weights[..experts.len()];
+            let caci = GlobalParams {
+                attenuation: 0.0,
+                confidence: Confidence::None,
+                ..Method::Caci.default_globals()
+            };
+            let ours = run(Method::Caci, &caci, &experts, weights, density);
+            let ties = run(Method::Ties, &Method::Ties.default_globals(), &experts, weights, density);
+            prop_assert_eq!(
+                ours.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                ties.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+            );
+        }
+    }
+}
