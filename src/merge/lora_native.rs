@@ -9,6 +9,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
+use rayon::prelude::*;
 use serde_json::{json, Map, Value};
 
 use super::method::{merge_tensor, Method, TensorJob};
@@ -274,6 +275,113 @@ impl LoraMerge {
             .sum()
     }
 
+    /// The experts' factors side by side, `w_t·s_t` folded into each `A_t` as PEFT does:
+    /// `A` is `rank × cols`, `B` is `rows × rank`, and `B·A = Σ w_t·s_t·B_t·A_t`.
+    fn concatenated(
+        &self,
+        name: &str,
+        experts: &[usize],
+        rank: usize,
+        a_rows_len: usize,
+        b_rows: usize,
+    ) -> Result<(Vec<f32>, Vec<f32>)> {
+        let mut a = Vec::with_capacity(rank * a_rows_len);
+        let mut b = vec![0f32; b_rows * rank];
+        let mut column = 0;
+        for &e in experts {
+            let adapter = &self.adapters[e].1;
+            let module = &adapter.modules()[name];
+            let factor = self.weight(e, name)? * module.scaling;
+            a.extend(
+                adapter
+                    .file()
+                    .read_f32(&module.a_key)?
+                    .into_iter()
+                    .map(|v| v * factor),
+            );
+            let be = adapter.file().read_f32(&module.b_key)?;
+            for (row, src) in b.chunks_exact_mut(rank).zip(be.chunks_exact(module.rank)) {
+                row[column..column + module.rank].copy_from_slice(src);
+            }
+            column += module.rank;
+        }
+        Ok((a, b))
+    }
+
+    /// Merges one module: its two output tensors, its path, its rank and the energy the
+    /// factoring discarded (`None` for `cat`, which is exact).
+    fn merge_module(&self, name: &str, experts: &[usize], dtype: Dtype) -> Result<ModuleOutput> {
+        let mut tensors = Vec::with_capacity(2);
+        let mut lost = None;
+        let rank = self.rank(name, experts);
+        let (first_adapter, first) = {
+            let adapter = &self.adapters[experts[0]].1;
+            (adapter, &adapter.modules()[name])
+        };
+        // A is [r, k] and B is [m, r] whatever the layout of the base weight.
+        let a_rows_len = first_adapter
+            .file()
+            .info(&first.a_key)
+            .expect("indexed")
+            .shape[1];
+        let b_rows = first_adapter
+            .file()
+            .info(&first.b_key)
+            .expect("indexed")
+            .shape[0];
+        let (a, b, rank) = match self.method {
+            LoraMethod::Core(method, target) => {
+                let merged = self.core_merge(name, experts, method, target, a_rows_len, b_rows)?;
+                lost = Some(merged.discarded);
+                (merged.a, merged.b, merged.rank)
+            }
+            LoraMethod::Cat => {
+                let (a, b) = self.concatenated(name, experts, rank, a_rows_len, b_rows)?;
+                (a, b, rank)
+            }
+            LoraMethod::Svd(target) => {
+                let (a, b) = self.concatenated(name, experts, rank, a_rows_len, b_rows)?;
+                let truncated = truncate(&a, &b, rank, a_rows_len, b_rows, target, name)?;
+                lost = Some(truncated.discarded);
+                (truncated.a, truncated.b, truncated.rank)
+            }
+        };
+        let module_path = name.strip_suffix(".weight").unwrap_or(name);
+        let (a_key, b_key) = match first.kind {
+            LoraKind::Linear => (
+                format!("{PEFT_PREFIX}{module_path}.lora_A.weight"),
+                format!("{PEFT_PREFIX}{module_path}.lora_B.weight"),
+            ),
+            LoraKind::Embedding => (
+                format!("{PEFT_PREFIX}{module_path}.lora_embedding_A"),
+                format!("{PEFT_PREFIX}{module_path}.lora_embedding_B"),
+            ),
+        };
+        let encode = |values: &[f32]| from_f32(dtype, values).expect("output dtype");
+        tensors.push((
+            TensorSpec {
+                name: a_key,
+                dtype,
+                shape: vec![rank, a_rows_len],
+            },
+            encode(&a),
+        ));
+        tensors.push((
+            TensorSpec {
+                name: b_key,
+                dtype,
+                shape: vec![b_rows, rank],
+            },
+            encode(&b),
+        ));
+        Ok(ModuleOutput {
+            tensors,
+            path: module_path.to_string(),
+            rank,
+            discarded: lost,
+        })
+    }
+
     /// Writes the merged adapter (PEFT layout) and `mmx-merge.json` into `target`.
     pub fn write(&self, target: &Path, force: bool) -> Result<LoraSummary> {
         let dtype = match self.recipe.dtype {
@@ -287,89 +395,21 @@ impl LoraMerge {
                 }
             }
         };
-        let mut tensors = Vec::with_capacity(self.modules.len() * 2);
+        // Modules are independent: merged in parallel, gathered in order.
+        let outputs: Vec<ModuleOutput> = self
+            .modules
+            .par_iter()
+            .map(|(name, experts)| self.merge_module(name, experts, dtype))
+            .collect::<Result<_>>()?;
+        let mut tensors = Vec::with_capacity(outputs.len() * 2);
         let mut ranks = BTreeMap::new();
         let mut discarded = BTreeMap::new();
-        for (name, experts) in &self.modules {
-            let rank = self.rank(name, experts);
-            let (first_adapter, first) = {
-                let adapter = &self.adapters[experts[0]].1;
-                (adapter, &adapter.modules()[name])
-            };
-            // A is [r, k] and B is [m, r] whatever the layout of the base weight.
-            let a_rows_len = first_adapter
-                .file()
-                .info(&first.a_key)
-                .expect("indexed")
-                .shape[1];
-            let b_rows = first_adapter
-                .file()
-                .info(&first.b_key)
-                .expect("indexed")
-                .shape[0];
-            let mut a = Vec::with_capacity(rank * a_rows_len);
-            let mut b = vec![0f32; b_rows * rank];
-            let mut column = 0;
-            for &e in experts {
-                let adapter = &self.adapters[e].1;
-                let module = &adapter.modules()[name];
-                let factor = self.weight(e, name)? * module.scaling;
-                a.extend(
-                    adapter
-                        .file()
-                        .read_f32(&module.a_key)?
-                        .into_iter()
-                        .map(|v| v * factor),
-                );
-                let be = adapter.file().read_f32(&module.b_key)?;
-                for (row, src) in b.chunks_exact_mut(rank).zip(be.chunks_exact(module.rank)) {
-                    row[column..column + module.rank].copy_from_slice(src);
-                }
-                column += module.rank;
+        for output in outputs {
+            if let Some(d) = output.discarded {
+                discarded.insert(format!("{}.weight", output.path), d);
             }
-            let (a, b, rank) = match self.method {
-                LoraMethod::Core(method, target) => {
-                    let merged =
-                        self.core_merge(name, experts, method, target, a_rows_len, b_rows)?;
-                    discarded.insert(name.clone(), merged.discarded);
-                    (merged.a, merged.b, merged.rank)
-                }
-                LoraMethod::Cat => (a, b, rank),
-                LoraMethod::Svd(target) => {
-                    let truncated = truncate(&a, &b, rank, a_rows_len, b_rows, target, name)?;
-                    discarded.insert(name.clone(), truncated.discarded);
-                    (truncated.a, truncated.b, truncated.rank)
-                }
-            };
-            let module_path = name.strip_suffix(".weight").unwrap_or(name);
-            let (a_key, b_key) = match first.kind {
-                LoraKind::Linear => (
-                    format!("{PEFT_PREFIX}{module_path}.lora_A.weight"),
-                    format!("{PEFT_PREFIX}{module_path}.lora_B.weight"),
-                ),
-                LoraKind::Embedding => (
-                    format!("{PEFT_PREFIX}{module_path}.lora_embedding_A"),
-                    format!("{PEFT_PREFIX}{module_path}.lora_embedding_B"),
-                ),
-            };
-            let encode = |values: &[f32]| from_f32(dtype, values).expect("output dtype");
-            tensors.push((
-                TensorSpec {
-                    name: a_key,
-                    dtype,
-                    shape: vec![rank, a_rows_len],
-                },
-                encode(&a),
-            ));
-            tensors.push((
-                TensorSpec {
-                    name: b_key,
-                    dtype,
-                    shape: vec![b_rows, rank],
-                },
-                encode(&b),
-            ));
-            ranks.insert(module_path.to_string(), rank);
+            ranks.insert(output.path, output.rank);
+            tensors.extend(output.tensors);
         }
 
         let config = self.config(&ranks);
@@ -553,6 +593,14 @@ impl LoraMerge {
         }
         Ok(inputs)
     }
+}
+
+/// One module of the output.
+struct ModuleOutput {
+    tensors: Vec<(TensorSpec, Vec<u8>)>,
+    path: String,
+    rank: usize,
+    discarded: Option<f64>,
 }
 
 /// Factors truncated by SVD, with the share of the squared norm they leave out.
