@@ -1,10 +1,14 @@
-//! `cat`: LoRA adapters merged by concatenating their ranks, which is exact. For module m,
-//! `A' = [w₁·s₁·A₁; …; w_T·s_T·A_T]` and `B' = [B₁ … B_T]`, so that with scaling 1
-//! `B'·A' = Σ w_t·s_t·B_t·A_t`, the weighted sum of the experts' updates, at rank `Σ r_t`.
+//! Adapters merged into an adapter ([`LoraMerge`]), never forming an out×in matrix:
 //!
-//! Where PEFT's `add_weighted_adapter(combination_type="cat")` gives every module the sum of
-//! the adapters' largest ranks (padding with zeros), each module here gets exactly the sum of
-//! its own ranks, recorded in `rank_pattern` (with `alpha_pattern` keeping every scaling at 1).
+//! - `cat`, exact: for module m, `A' = [w₁·s₁·A₁; …; w_T·s_T·A_T]` and `B' = [B₁ … B_T]`, so
+//!   that with scaling 1 `B'·A' = Σ w_t·s_t·B_t·A_t` at rank `Σ r_t`. Where PEFT's
+//!   `add_weighted_adapter(combination_type="cat")` gives every module the sum of the adapters'
+//!   largest ranks (padding with zeros), each module here gets exactly the sum of its own,
+//!   recorded in `rank_pattern` (with `alpha_pattern` keeping every scaling at 1);
+//! - `svd`: that exact sum truncated to a rank target through a QR of the stacked factors and
+//!   the SVD of the small core (as PEFT's `combination_type="svd"`, without its dense SVD);
+//! - core space: any standard method (TIES, DARE, CACI, ...) run on each module's core
+//!   matrices, the result factored the same way.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
@@ -43,7 +47,7 @@ enum LoraMethod {
     Core(Method, RankTarget),
 }
 
-/// A checked `cat` merge.
+/// A checked adapter-to-adapter merge.
 #[derive(Debug)]
 pub struct LoraMerge {
     recipe: Recipe,
@@ -54,14 +58,14 @@ pub struct LoraMerge {
     modules: BTreeMap<String, Vec<usize>>,
 }
 
-/// What a `cat` merge wrote.
+/// What an adapter-to-adapter merge wrote.
 #[derive(Debug, Clone)]
 pub struct LoraSummary {
     /// Modules in the merged adapter.
     pub modules: usize,
     /// The largest rank of a module.
     pub max_rank: usize,
-    /// The largest fraction of a module's squared norm the truncation discarded (`svd`).
+    /// The largest fraction of a module's squared norm the factoring discarded (0 for `cat`).
     pub max_discarded: f64,
     /// Files written.
     pub files: Vec<String>,
