@@ -30,7 +30,7 @@ pub enum Device {
 pub struct MergeArgs {
     /// The recipe: mmx TOML (`.toml`) or a mergekit config (`.yml`, `.yaml`).
     recipe: PathBuf,
-    /// Output directory [default: out/<recipe name>].
+    /// Output directory [default: `out/RECIPE-NAME`].
     #[arg(short, long)]
     output: Option<PathBuf>,
     /// Where to compute.
