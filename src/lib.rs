@@ -21,6 +21,7 @@ pub mod adapter;
 pub mod checkpoint;
 #[doc(hidden)]
 pub mod cli;
+pub mod conflict;
 pub mod error;
 pub mod merge;
 pub mod recipe;

@@ -483,3 +483,47 @@ fn streamed_tensors_merge_like_whole_ones_under_a_tight_budget() {
         "streamed and whole merges differ"
     );
 }
+
+/// `mmx conflicts` on the quickstart: the bundled adapters were built so that cardiology and
+/// pathology share a direction that radiology and dermatology oppose.
+#[test]
+fn conflicts_report_the_bundled_experts_disagreements() {
+    let work = tempfile::tempdir().unwrap();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let json = work.path().join("conflicts.json");
+    let out = mmx(
+        &[
+            "conflicts",
+            root.join("recipes/quickstart.toml").to_str().unwrap(),
+            "--json",
+            json.to_str().unwrap(),
+        ],
+        work.path(),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("q_proj"));
+    let report: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    assert_eq!(report["modules"].as_array().unwrap().len(), 28);
+    let cos = |i: usize, j: usize| report["cosine"][i][j].as_f64().unwrap();
+    for i in 0..4 {
+        assert!((cos(i, i) - 1.0).abs() < 1e-9);
+        for j in 0..4 {
+            assert!((cos(i, j) - cos(j, i)).abs() < 1e-12, "symmetric");
+        }
+    }
+    // Experts 0..4: cardiology, radiology, pathology, dermatology.
+    assert!(cos(0, 2) > 0.0 && cos(1, 3) > 0.0, "same-side pairs agree");
+    assert!(
+        cos(0, 1) < 0.0 && cos(2, 3) < 0.0,
+        "opposite-side pairs disagree"
+    );
+    let first = &report["modules"][0];
+    for key in ["sign_conflict", "mean_kappa", "minority_mass"] {
+        let v = first[key].as_f64().unwrap();
+        assert!((0.0..=1.0).contains(&v), "{key} = {v}");
+    }
+}

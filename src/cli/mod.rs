@@ -1,5 +1,6 @@
 //! The command line: clap definitions and one file per command. The only module that prints.
 
+mod conflicts;
 mod merge;
 
 use std::process::ExitCode;
@@ -18,6 +19,8 @@ struct Cli {
 enum Command {
     /// Merge the experts of a recipe (mmx TOML or mergekit YAML).
     Merge(merge::MergeArgs),
+    /// Measure how the experts of a recipe conflict, per module type and per layer.
+    Conflicts(conflicts::ConflictsArgs),
 }
 
 /// Parses the process arguments and runs the command. Errors exit with code 2.
@@ -25,6 +28,7 @@ pub fn run() -> anyhow::Result<ExitCode> {
     let cli = Cli::parse();
     match cli.command {
         Command::Merge(args) => merge::run(args),
+        Command::Conflicts(args) => conflicts::run(args),
     }
 }
 

@@ -1,0 +1,60 @@
+//! `mmx conflicts RECIPE`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::Args;
+
+use crate::conflict::{analyze, Group};
+use crate::recipe::Recipe;
+use crate::tensor::write_atomic;
+
+/// Arguments of `mmx conflicts`.
+#[derive(Debug, Args)]
+pub struct ConflictsArgs {
+    /// The recipe whose experts to compare (mmx TOML or mergekit YAML).
+    recipe: PathBuf,
+    /// Also write the full report (every module, every pair) as JSON to this file.
+    #[arg(long, value_name = "FILE")]
+    json: Option<PathBuf>,
+}
+
+fn print_groups(title: &str, groups: &[Group]) {
+    println!(
+        "{title:<16} {:>7} {:>13} {:>10} {:>14}",
+        "modules", "sign conflict", "mean κ", "minority mass"
+    );
+    for g in groups {
+        println!(
+            "{:<16} {:>7} {:>12.1}% {:>10.3} {:>13.1}%",
+            g.name,
+            g.modules,
+            100.0 * g.sign_conflict,
+            g.mean_kappa,
+            100.0 * g.minority_mass
+        );
+    }
+}
+
+/// Runs `mmx conflicts`.
+pub fn run(args: ConflictsArgs) -> anyhow::Result<ExitCode> {
+    let report = analyze(Recipe::load(&args.recipe)?)?;
+    print_groups("module type", &report.by_type);
+    println!();
+    print_groups("layer", &report.by_layer);
+    println!();
+    println!(
+        "cosine of the experts' updates (mean over {} modules)",
+        report.modules.len()
+    );
+    for (label, row) in report.experts.iter().zip(&report.cosine) {
+        let cells: Vec<String> = row.iter().map(|c| format!("{c:>6.2}")).collect();
+        println!("{} {label}", cells.join(" "));
+    }
+    if let Some(path) = &args.json {
+        let bytes = serde_json::to_vec_pretty(&report).context("serialising the report")?;
+        write_atomic(path, &bytes)?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
