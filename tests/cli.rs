@@ -339,7 +339,7 @@ fn shards_large_outputs_and_copies_the_tokenizer() {
     let out = mmx(
         &[
             "merge",
-            root.join("recipes/quickstart.toml").to_str().unwrap(),
+            root.join("recipes/ties.toml").to_str().unwrap(),
             "-o",
             "merged",
             "--shard-size",

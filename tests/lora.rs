@@ -412,3 +412,56 @@ fn caci_reduces_to_ties_end_to_end() {
     assert!(adapter.modules().values().all(|m| m.rank <= 16));
     assert!(adapter.modules().values().any(|m| m.rank == 16));
 }
+
+/// The energy of each expert the merge keeps: all of it when the merge spans the whole core
+/// space (task arithmetic at full rank), less under a rank cut; reported per module and per
+/// expert.
+#[test]
+fn core_merges_report_the_energy_kept_per_expert() {
+    let run = |rank: usize| {
+        let dir = tempfile::tempdir().unwrap();
+        let recipe = dir.path().join("ta.toml");
+        std::fs::write(
+            &recipe,
+            format!(
+                "[merge]\nmethod = 'task_arithmetic'\nbase = '{}'\noutput = 'lora'\nrank = {rank}\n\
+                 [[merge.experts]]\nsource = '{}'\n[[merge.experts]]\nsource = '{}'\n",
+                reference("base").display(),
+                reference("lora_a").display(),
+                reference("lora_b").display(),
+            ),
+        )
+        .unwrap();
+        let out = Command::new(env!("CARGO_BIN_EXE_mmx"))
+            .args(["merge", recipe.to_str().unwrap(), "--json", "-o"])
+            .arg(dir.path().join("out"))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let kept: Vec<f64> = summary["retained_energy"]
+            .as_object()
+            .unwrap()
+            .values()
+            .map(|v| v.as_f64().unwrap())
+            .collect();
+        assert_eq!(kept.len(), 2);
+        kept
+    };
+    for share in run(8) {
+        assert!(
+            (share - 1.0).abs() < 1e-6,
+            "full rank keeps everything: {share}"
+        );
+    }
+    for share in run(2) {
+        assert!(
+            share > 0.0 && share < 0.999,
+            "rank 2 of 8 keeps part: {share}"
+        );
+    }
+}

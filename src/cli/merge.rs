@@ -203,7 +203,12 @@ fn run_lora_native(
     let summary = merge.write(output, args.force)?;
     let seconds = start.elapsed().as_secs_f64();
     if args.json {
-        let out = json!({"output": output.display().to_string(), "method": method, "modules": summary.modules, "max_rank": summary.max_rank, "max_discarded_energy": summary.max_discarded, "seconds": seconds, "files": summary.files});
+        let retained: serde_json::Map<String, serde_json::Value> = summary
+            .retained_by_expert
+            .iter()
+            .map(|(label, share)| (label.clone(), json!(share)))
+            .collect();
+        let out = json!({"output": output.display().to_string(), "method": method, "modules": summary.modules, "max_rank": summary.max_rank, "max_discarded_energy": summary.max_discarded, "mean_sign_conflict": summary.mean_sign_conflict, "retained_energy": retained, "seconds": seconds, "files": summary.files});
         println!("{}", serde_json::to_string_pretty(&out)?);
     } else {
         println!(
@@ -213,6 +218,15 @@ fn run_lora_native(
             100.0 * summary.max_discarded,
             output.display()
         );
+        if let Some(conflict) = summary.mean_sign_conflict {
+            println!(
+                "conflicts: {:.1}% of core coordinates had kept entries of both signs (mean over modules)",
+                100.0 * conflict
+            );
+        }
+        for (label, share) in &summary.retained_by_expert {
+            println!("kept {:>5.1}% of the update of {label}", 100.0 * share);
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -67,6 +67,10 @@ pub struct LoraSummary {
     pub max_rank: usize,
     /// The largest fraction of a module's squared norm the factoring discarded (0 for `cat`).
     pub max_discarded: f64,
+    /// Core space: each expert's update's share the merge keeps (mean over its modules).
+    pub retained_by_expert: Vec<(String, f64)>,
+    /// Core space, methods that elect signs: the mean share of core coordinates in conflict.
+    pub mean_sign_conflict: Option<f64>,
     /// Files written.
     pub files: Vec<String>,
 }
@@ -317,6 +321,8 @@ impl LoraMerge {
     fn merge_module(&self, name: &str, experts: &[usize], dtype: Dtype) -> Result<ModuleOutput> {
         let mut tensors = Vec::with_capacity(2);
         let mut lost = None;
+        let mut retained = Vec::new();
+        let mut sign_conflict = None;
         let rank = self.rank(name, experts);
         let (first_adapter, first) = {
             let adapter = &self.adapters[experts[0]].1;
@@ -337,6 +343,8 @@ impl LoraMerge {
             LoraMethod::Core(method, target) => {
                 let merged = self.core_merge(name, experts, method, target, a_rows_len, b_rows)?;
                 lost = Some(merged.discarded);
+                retained = experts.iter().copied().zip(merged.retained).collect();
+                sign_conflict = merged.sign_conflict;
                 (merged.a, merged.b, merged.rank)
             }
             LoraMethod::Cat => {
@@ -383,6 +391,8 @@ impl LoraMerge {
             path: module_path.to_string(),
             rank,
             discarded: lost,
+            retained,
+            sign_conflict,
         })
     }
 
@@ -408,13 +418,41 @@ impl LoraMerge {
         let mut tensors = Vec::with_capacity(outputs.len() * 2);
         let mut ranks = BTreeMap::new();
         let mut discarded = BTreeMap::new();
+        let mut conflicts = BTreeMap::new();
+        let mut kept_by_expert = vec![(0f64, 0usize); self.adapters.len()];
         for output in outputs {
+            let module = format!("{}.weight", output.path);
             if let Some(d) = output.discarded {
-                discarded.insert(format!("{}.weight", output.path), d);
+                discarded.insert(module.clone(), d);
             }
+            for &(e, share) in &output.retained {
+                kept_by_expert[e].0 += share;
+                kept_by_expert[e].1 += 1;
+            }
+            let retained: BTreeMap<&str, f64> = output
+                .retained
+                .iter()
+                .map(|&(e, share)| (self.adapters[e].0.as_str(), share))
+                .collect();
+            conflicts.insert(
+                module,
+                json!({"sign_conflict": output.sign_conflict, "retained_energy": retained}),
+            );
             ranks.insert(output.path, output.rank);
             tensors.extend(output.tensors);
         }
+        let retained_by_expert: Vec<(String, f64)> = kept_by_expert
+            .iter()
+            .zip(&self.adapters)
+            .filter(|((_, count), _)| *count > 0)
+            .map(|((sum, count), (label, _))| (label.clone(), sum / *count as f64))
+            .collect();
+        let conflict_values: Vec<f64> = conflicts
+            .values()
+            .filter_map(|c| c["sign_conflict"].as_f64())
+            .collect();
+        let mean_sign_conflict = (!conflict_values.is_empty())
+            .then(|| conflict_values.iter().sum::<f64>() / conflict_values.len() as f64);
 
         let config = self.config(&ranks);
         let inputs = self.digests()?;
@@ -432,11 +470,16 @@ impl LoraMerge {
                     LoraMethod::Svd(RankTarget::Energy(e)) | LoraMethod::Core(_, RankTarget::Energy(e)) => json!(format!("energy:{e}")),
                 },
                 "inputs": inputs,
-                "modules": ranks.iter().map(|(m, r)| json!({
-                    "module": m,
-                    "rank": r,
-                    "discarded_energy": discarded.get(&format!("{m}.weight")),
-                })).collect::<Vec<_>>(),
+                "modules": ranks.iter().map(|(m, r)| {
+                    let module = format!("{m}.weight");
+                    json!({
+                        "module": m,
+                        "rank": r,
+                        "discarded_energy": discarded.get(&module),
+                        "sign_conflict": conflicts.get(&module).map(|c| c["sign_conflict"].clone()),
+                        "retained_energy": conflicts.get(&module).map(|c| c["retained_energy"].clone()),
+                    })
+                }).collect::<Vec<_>>(),
             });
             let bytes = serde_json::to_vec_pretty(&record).expect("JSON serialises");
             write_atomic(&tmp.join(MERGE_RECORD), &bytes)?;
@@ -450,6 +493,8 @@ impl LoraMerge {
             modules: ranks.len(),
             max_rank: ranks.values().copied().max().unwrap_or(0),
             max_discarded: discarded.values().copied().fold(0.0, f64::max),
+            retained_by_expert,
+            mean_sign_conflict,
             files,
         })
     }
@@ -534,7 +579,7 @@ impl LoraMerge {
                 name,
                 shape: &[core_rows, core_cols],
                 base: Some(&zeros),
-                experts: cores,
+                experts: cores.clone(),
                 params: params.experts,
                 expert_ids: experts.to_vec(),
             },
@@ -542,7 +587,25 @@ impl LoraMerge {
         let core = Mat::<f64>::from_fn(core_rows, core_cols, |i, j| {
             f64::from(merged.values[i * core_cols + j])
         });
-        factor(&q_b, &core, &q_a, target, name)
+        let mut truncated = factor(&q_b, &core, &q_a, target, name)?;
+        // Both bases are orthonormal, so norms in core space are norms of the full updates.
+        truncated.retained = cores
+            .iter()
+            .map(|m| {
+                let m = Mat::<f64>::from_fn(core_rows, core_cols, |i, j| {
+                    f64::from(m[i * core_cols + j])
+                });
+                let projected = truncated.left.transpose() * &m * &truncated.right;
+                let (kept, all) = (projected.norm_l2(), m.norm_l2());
+                if all > 0.0 {
+                    kept / all
+                } else {
+                    1.0
+                }
+            })
+            .collect();
+        truncated.sign_conflict = merged.stats.sign_conflict;
+        Ok(truncated)
     }
 
     /// The merged adapter's config: the first adapter's, with the ranks of the merge, every
@@ -605,6 +668,9 @@ struct ModuleOutput {
     path: String,
     rank: usize,
     discarded: Option<f64>,
+    /// (expert index, share of its update kept) for core-space merges.
+    retained: Vec<(usize, f64)>,
+    sign_conflict: Option<f32>,
 }
 
 /// Factors truncated by SVD, with the share of the squared norm they leave out.
@@ -613,6 +679,14 @@ struct Truncated {
     b: Vec<f32>,
     rank: usize,
     discarded: f64,
+    /// The kept singular vectors of the core, left (`core rows × rank`) and right.
+    left: faer::Mat<f64>,
+    right: faer::Mat<f64>,
+    /// For a core-space merge, the share of each expert's update the merge's subspaces keep
+    /// (`‖U_kᵀ·M_t·V_k‖ / ‖M_t‖`).
+    retained: Vec<f64>,
+    /// For a core-space merge, the share of core coordinates where kept entries disagreed.
+    sign_conflict: Option<f32>,
 }
 
 /// Truncates the update `B·A` (`b` is `rows × r`, `a` is `r × cols`, row-major) to `target`
@@ -689,5 +763,9 @@ fn factor(
         b: b_out,
         rank: k,
         discarded: if total > 0.0 { 1.0 - kept / total } else { 0.0 },
+        left: svd.U().get(.., ..k).to_owned(),
+        right: svd.V().get(.., ..k).to_owned(),
+        retained: Vec::new(),
+        sign_conflict: None,
     })
 }
