@@ -5,13 +5,10 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use mmx::tensor::{from_f32, write_safetensors, SafetensorsFile, TensorSpec};
+mod common;
 
-fn reference(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/reference")
-        .join(name)
-}
+use common::{assert_ok, reference};
+use mmx::tensor::{from_f32, write_safetensors, SafetensorsFile, TensorSpec};
 
 fn mmx(args: &[&str], cwd: &Path) -> Output {
     Command::new(env!("CARGO_BIN_EXE_mmx"))
@@ -279,11 +276,7 @@ fn dry_run_writes_nothing_and_json_is_machine_readable() {
     assert!(!work.path().join("merged").exists());
 
     let out = mmx(&["merge", cfg, "-o", "merged", "--json"], work.path());
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_ok(&out);
     let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(summary["tensors"]["merged"], 21);
     let record: serde_json::Value =
@@ -314,11 +307,7 @@ fn random_merges_do_not_depend_on_the_thread_count() {
             &["merge", cfg, "-o", dir, "--seed", "3", "--threads", threads],
             work.path(),
         );
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        assert_ok(&out);
     }
     let one = std::fs::read(work.path().join("one/model.safetensors")).unwrap();
     let two = std::fs::read(work.path().join("two/model.safetensors")).unwrap();
@@ -347,11 +336,7 @@ fn shards_large_outputs_and_copies_the_tokenizer() {
         ],
         work.path(),
     );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_ok(&out);
     let merged = work.path().join("merged");
     assert!(merged.join("tokenizer.json").is_file());
     let index: serde_json::Value = serde_json::from_slice(
@@ -500,11 +485,7 @@ fn conflicts_report_the_bundled_experts_disagreements() {
         ],
         work.path(),
     );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_ok(&out);
     assert!(String::from_utf8_lossy(&out.stdout).contains("q_proj"));
     let report: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
     assert_eq!(report["modules"].as_array().unwrap().len(), 28);

@@ -9,7 +9,7 @@ use std::process::{Command, Output};
 use mmx::adapter::Adapter;
 use mmx::tensor::SafetensorsFile;
 
-use common::{max_relative_error, reference};
+use common::{assert_ok, max_relative_error, reference};
 
 /// Writes a `cat` recipe over lora_a (weight 0.8) and lora_b (0.5) and runs it.
 fn cat(dir: &Path, output: &str, extra: &str) -> Output {
@@ -43,11 +43,7 @@ fn lora_native(dir: &Path, method: &str, output: &str, extra: &str) -> Output {
 fn cat_is_the_exact_weighted_sum_of_the_updates() {
     let dir = tempfile::tempdir().unwrap();
     let out = cat(dir.path(), "lora", "");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_ok(&out);
     let merged = Adapter::open(dir.path().join("out")).unwrap();
     let (a, b) = (
         Adapter::open(reference("lora_a")).unwrap(),
@@ -82,11 +78,7 @@ fn cat_matches_peft_add_weighted_adapter() {
     assert_eq!(case["method"], "cat");
     let dir = tempfile::tempdir().unwrap();
     let out = cat(dir.path(), "lora", "");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_ok(&out);
     let ours = Adapter::open(dir.path().join("out")).unwrap();
     let theirs = SafetensorsFile::open(reference(case["deltas"].as_str().unwrap())).unwrap();
     let mut worst = 0f64;
@@ -169,11 +161,7 @@ fn svd_matches_peft_add_weighted_adapter() {
     let dir = tempfile::tempdir().unwrap();
     // No `rank`: PEFT's default, the largest rank among the experts (4).
     let out = lora_native(dir.path(), "svd", "lora", "");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_ok(&out);
     let theirs = SafetensorsFile::open(reference(case["deltas"].as_str().unwrap())).unwrap();
     let merged = Adapter::open(dir.path().join("out")).unwrap();
     let mut worst = 0f64;
@@ -195,11 +183,7 @@ fn svd_matches_peft_add_weighted_adapter() {
 fn svd_at_full_rank_is_cat_and_energy_targets_pick_ranks() {
     let full = tempfile::tempdir().unwrap();
     let out = lora_native(full.path(), "svd", "lora", "rank = 8");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_ok(&out);
     let exact = tempfile::tempdir().unwrap();
     assert!(cat(exact.path(), "lora", "").status.success());
     for ((name, ours), (_, theirs)) in deltas(&full.path().join("out"))
@@ -223,11 +207,7 @@ fn svd_at_full_rank_is_cat_and_energy_targets_pick_ranks() {
             "lora",
             &format!("rank = 'energy:{target}'"),
         );
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        assert_ok(&out);
         let record: serde_json::Value =
             serde_json::from_slice(&std::fs::read(dir.path().join("out/mmx-merge.json")).unwrap())
                 .unwrap();
@@ -263,18 +243,10 @@ fn svd_at_full_rank_is_cat_and_energy_targets_pick_ranks() {
 fn core_space_task_arithmetic_is_the_exact_sum() {
     let core = tempfile::tempdir().unwrap();
     let out = lora_native(core.path(), "task_arithmetic", "lora", "rank = 8");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_ok(&out);
     let full = tempfile::tempdir().unwrap();
     let out = lora_native(full.path(), "task_arithmetic", "delta", "");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_ok(&out);
     let full_delta = SafetensorsFile::open(full.path().join("out/delta.safetensors")).unwrap();
     let mut worst = 0f64;
     for (name, ours) in deltas(&core.path().join("out")) {
@@ -296,11 +268,7 @@ fn core_space_ties_writes_a_lora_at_its_rank() {
         "lora",
         "rank = 4\n[merge.parameters]\ndensity = 0.5",
     );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_ok(&out);
     let merged = Adapter::open(dir.path().join("out")).unwrap();
     assert!(merged.modules().values().all(|m| m.rank == 4));
     let exact = tempfile::tempdir().unwrap();
@@ -365,22 +333,14 @@ fn caci_reduces_to_ties_end_to_end() {
         "method = 'caci'\noutput = 'full'",
         "density = 0.4\ngamma = 0.0\nconfidence = 'none'",
     );
-    assert!(
-        caci.status.success(),
-        "{}",
-        String::from_utf8_lossy(&caci.stderr)
-    );
+    assert_ok(&caci);
     let ties = bundled(
         dir.path(),
         "ties",
         "method = 'ties'\noutput = 'full'",
         "density = 0.4",
     );
-    assert!(
-        ties.status.success(),
-        "{}",
-        String::from_utf8_lossy(&ties.stderr)
-    );
+    assert_ok(&ties);
     let read = |name: &str| std::fs::read(dir.path().join(name).join("model.safetensors")).unwrap();
     assert!(
         read("caci") == read("ties"),
@@ -403,11 +363,7 @@ fn caci_reduces_to_ties_end_to_end() {
         "method = 'caci'\noutput = 'lora'\nrank = 16",
         "",
     );
-    assert!(
-        lora.status.success(),
-        "{}",
-        String::from_utf8_lossy(&lora.stderr)
-    );
+    assert_ok(&lora);
     let adapter = Adapter::open(dir.path().join("caci_lora")).unwrap();
     assert!(adapter.modules().values().all(|m| m.rank <= 16));
     assert!(adapter.modules().values().any(|m| m.rank == 16));
@@ -437,11 +393,7 @@ fn core_merges_report_the_energy_kept_per_expert() {
             .arg(dir.path().join("out"))
             .output()
             .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        assert_ok(&out);
         let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
         let kept: Vec<f64> = summary["retained_energy"]
             .as_object()

@@ -25,3 +25,12 @@ pub fn max_relative_error(ours: &[f32], theirs: &[f32]) -> f64 {
         .fold(0f64, |m, (a, b)| m.max((*a as f64 - *b as f64).abs()));
     worst / scale.max(f64::MIN_POSITIVE)
 }
+
+/// Asserts that a command succeeded, showing its stderr if not.
+pub fn assert_ok(out: &std::process::Output) {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
