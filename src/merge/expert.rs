@@ -7,7 +7,7 @@ use crate::adapter::Adapter;
 use crate::checkpoint::Checkpoint;
 use crate::error::{Error, Result};
 use crate::recipe::{Parameters, Source};
-use crate::tensor::{check_finite, check_finite_from};
+use crate::tensor::check_finite_from;
 
 /// What an expert is made of.
 #[derive(Debug)]
@@ -80,33 +80,30 @@ impl Expert {
     /// The expert's full tensor `name`. `base` supplies the tensor an adapter applies to when
     /// the expert has no model of its own.
     pub fn tensor(&self, name: &str, base: Option<&Checkpoint>) -> Result<Vec<f32>> {
-        let mut values = match (
-            self.adapter().and_then(|a| a.replacement_shape(name)),
-            self.model(),
-            base,
-        ) {
-            (Some(_), _, _) => self
-                .adapter()
-                .expect("replacement implies an adapter")
-                .replacement(name)?
-                .expect("shape implies a tensor"),
-            (None, Some(model), _) => model.read_f32(name)?,
-            (None, None, Some(base)) => base.read_f32(name)?,
-            (None, None, None) => {
-                return Err(Error::Checkpoint {
-                    path: PathBuf::from(&self.label),
-                    message: "a LoRA adapter expert needs a base model".to_string(),
-                })
-            }
+        let source = self.model().or(base);
+        let shape = match self.adapter().and_then(|a| a.replacement_shape(name)) {
+            Some(shape) => shape.to_vec(),
+            None => match source {
+                Some(c) => c
+                    .info(name)
+                    .ok_or_else(|| Error::MissingTensor {
+                        path: c.dir().to_path_buf(),
+                        tensor: name.to_string(),
+                    })?
+                    .shape
+                    .clone(),
+                None => return Err(self.needs_base()),
+            },
         };
-        if let Some(delta) = self.adapter().map(|a| a.delta(name)).transpose()?.flatten() {
-            for (v, d) in values.iter_mut().zip(&delta) {
-                *v += d;
-            }
-            // What was read is checked as it is read; the sum may still overflow.
-            check_finite(Path::new(&self.label), name, &values)?;
+        let row_len = shape.last().copied().unwrap_or(1).max(1);
+        self.tensor_range(name, base, (0, shape.iter().product()), row_len)
+    }
+
+    fn needs_base(&self) -> Error {
+        Error::Checkpoint {
+            path: PathBuf::from(&self.label),
+            message: "a LoRA adapter expert needs a base model".to_string(),
         }
-        Ok(values)
     }
 
     /// Elements `[start, end)` of [`tensor`](Self::tensor), whole rows of length `row_len`.
@@ -126,12 +123,7 @@ impl Expert {
             (Some(r), _, _) => r,
             (None, Some(model), _) => model.read_f32_range(name, start, end)?,
             (None, None, Some(base)) => base.read_f32_range(name, start, end)?,
-            (None, None, None) => {
-                return Err(Error::Checkpoint {
-                    path: PathBuf::from(&self.label),
-                    message: "a LoRA adapter expert needs a base model".to_string(),
-                })
-            }
+            (None, None, None) => return Err(self.needs_base()),
         };
         let delta = self
             .adapter()

@@ -18,7 +18,7 @@ use serde_json::{json, Map, Value};
 
 use super::method::{merge_tensor, Method, TensorJob};
 use super::output::{file_digest, write_dir_atomically, MERGE_RECORD};
-use super::plan::{check_parameter_names, resolve};
+use super::plan::{check_parameter_names, recipe_error, resolve};
 use crate::adapter::{Adapter, LoraKind, PEFT_PREFIX};
 use crate::checkpoint::Checkpoint;
 use crate::error::{Error, Result};
@@ -73,13 +73,6 @@ pub struct LoraSummary {
     pub mean_sign_conflict: Option<f64>,
     /// Files written.
     pub files: Vec<String>,
-}
-
-fn recipe_error(recipe: &Recipe, message: String) -> Error {
-    Error::Recipe {
-        path: recipe.path.clone(),
-        message,
-    }
 }
 
 impl LoraMerge {

@@ -54,7 +54,8 @@ pub struct Plan {
     pub tensors: Vec<TensorPlan>,
 }
 
-fn recipe_error(recipe: &Recipe, message: String) -> Error {
+/// An error about the recipe as a whole.
+pub(crate) fn recipe_error(recipe: &Recipe, message: String) -> Error {
     Error::Recipe {
         path: recipe.path.clone(),
         message,
