@@ -16,7 +16,8 @@ use std::path::Path;
 use rayon::prelude::*;
 use serde_json::{json, Map, Value};
 
-use super::method::{merge_tensor, Method, TensorJob};
+use super::core::{merge_in_core, truncate, CoreMerged, Factors};
+use super::method::Method;
 use super::output::{file_digest, write_dir_atomically, MERGE_RECORD};
 use super::plan::{check_parameter_names, recipe_error, resolve};
 use crate::adapter::{Adapter, LoraKind, PEFT_PREFIX};
@@ -335,10 +336,10 @@ impl LoraMerge {
         let (a, b, rank) = match self.method {
             LoraMethod::Core(method, target) => {
                 let merged = self.core_merge(name, experts, method, target, a_rows_len, b_rows)?;
-                lost = Some(merged.discarded);
+                lost = Some(merged.factored.discarded);
                 retained = experts.iter().copied().zip(merged.retained).collect();
                 sign_conflict = merged.sign_conflict;
-                (merged.a, merged.b, merged.rank)
+                (merged.factored.a, merged.factored.b, merged.factored.rank)
             }
             LoraMethod::Cat => {
                 let (a, b) = self.concatenated(name, experts, rank, a_rows_len, b_rows)?;
@@ -492,13 +493,8 @@ impl LoraMerge {
         })
     }
 
-    /// Runs a standard method on the core-space matrices of one module and factors the result.
-    ///
-    /// With `Q_B` an orthonormal basis of the stacked `s_t·B_t` (columns) and `Q_A` of the
-    /// stacked `A_t` (rows), expert t's update is `Q_B·M_t·Q_Aᵀ` exactly, with
-    /// `M_t = (Q_Bᵀ·s_t·B_t)·(A_t·Q_A)` of size at most `R × R`, `R = Σ r_t`. The method runs on
-    /// the `M_t` as on any tensor (the base is zero there), and the merged core is factored by
-    /// SVD: nothing of size out×in is formed.
+    /// Runs a standard method on the core-space matrices of one module and factors the result
+    /// (see [`super::core`]).
     fn core_merge(
         &self,
         name: &str,
@@ -507,51 +503,27 @@ impl LoraMerge {
         target: RankTarget,
         cols: usize,
         rows: usize,
-    ) -> Result<Truncated> {
-        use faer::Mat;
-        let r: usize = experts
-            .iter()
-            .map(|&e| self.adapters[e].1.modules()[name].rank)
-            .sum();
-        let mut b_stack = Mat::<f64>::zeros(rows, r);
-        let mut a_stack_t = Mat::<f64>::zeros(cols, r);
-        let mut offsets = Vec::with_capacity(experts.len());
-        let mut offset = 0;
+    ) -> Result<CoreMerged> {
+        let mut read = Vec::with_capacity(experts.len());
         for &e in experts {
             let adapter = &self.adapters[e].1;
             let module = &adapter.modules()[name];
-            let b = adapter.file().read_f32(&module.b_key)?;
-            let a = adapter.file().read_f32(&module.a_key)?;
-            let s = f64::from(module.scaling);
-            for i in 0..rows {
-                for j in 0..module.rank {
-                    b_stack[(i, offset + j)] = s * f64::from(b[i * module.rank + j]);
-                }
-            }
-            for j in 0..module.rank {
-                for i in 0..cols {
-                    a_stack_t[(i, offset + j)] = f64::from(a[j * cols + i]);
-                }
-            }
-            offsets.push((offset, module.rank));
-            offset += module.rank;
+            read.push((
+                adapter.file().read_f32(&module.b_key)?,
+                adapter.file().read_f32(&module.a_key)?,
+                module.rank,
+                module.scaling,
+            ));
         }
-        let q_b = b_stack.qr().compute_thin_Q();
-        let q_a = a_stack_t.qr().compute_thin_Q();
-        let (core_rows, core_cols) = (q_b.ncols(), q_a.ncols());
-        let cores: Vec<Vec<f32>> = offsets
+        let factors: Vec<Factors<'_>> = read
             .iter()
-            .map(|&(start, len)| {
-                let p = q_b.transpose() * b_stack.get(.., start..start + len);
-                let n = a_stack_t.get(.., start..start + len).transpose() * &q_a;
-                let m = &p * &n;
-                (0..core_rows)
-                    .flat_map(|i| (0..core_cols).map(move |j| (i, j)))
-                    .map(|(i, j)| m[(i, j)] as f32)
-                    .collect()
+            .map(|(b, a, rank, scale)| Factors {
+                b,
+                a,
+                rank: *rank,
+                scale: *scale,
             })
             .collect();
-
         // Parameters as for the full tensor: filters and gradients see the module's name.
         let t = layer_position(name, self.base.num_layers());
         let labelled: Vec<(&str, &crate::recipe::Parameters)> = experts
@@ -564,41 +536,17 @@ impl LoraMerge {
             })
             .collect();
         let params = resolve(&self.recipe, method, &labelled, name, t)?;
-        let zeros = vec![0f32; core_rows * core_cols];
-        let merged = merge_tensor(
+        merge_in_core(
+            name,
+            rows,
+            cols,
+            &factors,
             method,
             &params.globals,
-            TensorJob {
-                name,
-                shape: &[core_rows, core_cols],
-                base: Some(&zeros),
-                experts: cores.clone(),
-                params: params.experts,
-                expert_ids: experts.to_vec(),
-            },
-        )?;
-        let core = Mat::<f64>::from_fn(core_rows, core_cols, |i, j| {
-            f64::from(merged.values[i * core_cols + j])
-        });
-        let mut truncated = factor(&q_b, &core, &q_a, target, name)?;
-        // Both bases are orthonormal, so norms in core space are norms of the full updates.
-        truncated.retained = cores
-            .iter()
-            .map(|m| {
-                let m = Mat::<f64>::from_fn(core_rows, core_cols, |i, j| {
-                    f64::from(m[i * core_cols + j])
-                });
-                let projected = truncated.left.transpose() * &m * &truncated.right;
-                let (kept, all) = (projected.norm_l2(), m.norm_l2());
-                if all > 0.0 {
-                    kept / all
-                } else {
-                    1.0
-                }
-            })
-            .collect();
-        truncated.sign_conflict = merged.stats.sign_conflict;
-        Ok(truncated)
+            params.experts,
+            experts.to_vec(),
+            target,
+        )
     }
 
     /// The merged adapter's config: the first adapter's, with the ranks of the merge, every
@@ -664,101 +612,4 @@ struct ModuleOutput {
     /// (expert index, share of its update kept) for core-space merges.
     retained: Vec<(usize, f64)>,
     sign_conflict: Option<f32>,
-}
-
-/// Factors truncated by SVD, with the share of the squared norm they leave out.
-struct Truncated {
-    a: Vec<f32>,
-    b: Vec<f32>,
-    rank: usize,
-    discarded: f64,
-    /// The kept singular vectors of the core, left (`core rows × rank`) and right.
-    left: faer::Mat<f64>,
-    right: faer::Mat<f64>,
-    /// For a core-space merge, the share of each expert's update the merge's subspaces keep
-    /// (`‖U_kᵀ·M_t·V_k‖ / ‖M_t‖`).
-    retained: Vec<f64>,
-    /// For a core-space merge, the share of core coordinates where kept entries disagreed.
-    sign_conflict: Option<f32>,
-}
-
-/// Truncates the update `B·A` (`b` is `rows × r`, `a` is `r × cols`, row-major) to `target`
-/// without forming the `rows × cols` matrix: with `B = Q_B·R_B` and `Aᵀ = Q_A·R_A`,
-/// `B·A = Q_B·(R_B·R_Aᵀ)·Q_Aᵀ`, so the SVD of the small core `R_B·R_Aᵀ = U·S·Vᵀ` gives
-/// `B·A = (Q_B·U)·S·(Q_A·V)ᵀ`. As PEFT does, the singular values go into `B`.
-fn truncate(
-    a: &[f32],
-    b: &[f32],
-    r: usize,
-    cols: usize,
-    rows: usize,
-    target: RankTarget,
-    tensor: &str,
-) -> Result<Truncated> {
-    use faer::Mat;
-    let b_mat = Mat::<f64>::from_fn(rows, r, |i, j| f64::from(b[i * r + j]));
-    let a_t = Mat::<f64>::from_fn(cols, r, |i, j| f64::from(a[j * cols + i]));
-    let (qr_b, qr_a) = (b_mat.qr(), a_t.qr());
-    let core = qr_b.thin_R() * qr_a.thin_R().transpose();
-    factor(
-        &qr_b.compute_thin_Q(),
-        &core,
-        &qr_a.compute_thin_Q(),
-        target,
-        tensor,
-    )
-}
-
-/// Factors `Q_B·C·Q_Aᵀ` (orthonormal `Q_B`, `Q_A`; small core `C`) at a rank target through the
-/// SVD `C = U·S·Vᵀ`: `B = Q_B·U_k·S_k` (the singular values in `B`, as PEFT does) and
-/// `A = (Q_A·V_k)ᵀ`.
-fn factor(
-    q_b: &faer::Mat<f64>,
-    core: &faer::Mat<f64>,
-    q_a: &faer::Mat<f64>,
-    target: RankTarget,
-    tensor: &str,
-) -> Result<Truncated> {
-    let svd = core.thin_svd().map_err(|e| Error::Parameter {
-        name: "rank".to_string(),
-        tensor: tensor.to_string(),
-        message: format!("the SVD of the merged update did not converge: {e:?}"),
-    })?;
-    let s = svd.S().column_vector();
-    let energies: Vec<f64> = (0..s.nrows()).map(|i| s[i] * s[i]).collect();
-    let total: f64 = energies.iter().sum();
-    let k = match target {
-        RankTarget::Fixed(k) => k.min(energies.len()),
-        RankTarget::Energy(fraction) => {
-            let mut kept = 0.0;
-            let mut k = 0;
-            while k < energies.len() && kept < fraction * total {
-                kept += energies[k];
-                k += 1;
-            }
-            k.max(1).min(energies.len())
-        }
-    };
-    let kept: f64 = energies[..k].iter().sum();
-    let left = q_b * svd.U().get(.., ..k);
-    let right = q_a * svd.V().get(.., ..k);
-    let (rows, cols) = (left.nrows(), right.nrows());
-    let b_out: Vec<f32> = (0..rows)
-        .flat_map(|i| (0..k).map(move |j| (i, j)))
-        .map(|(i, j)| (left[(i, j)] * s[j]) as f32)
-        .collect();
-    let a_out: Vec<f32> = (0..k)
-        .flat_map(|i| (0..cols).map(move |j| (i, j)))
-        .map(|(i, j)| right[(j, i)] as f32)
-        .collect();
-    Ok(Truncated {
-        a: a_out,
-        b: b_out,
-        rank: k,
-        discarded: if total > 0.0 { 1.0 - kept / total } else { 0.0 },
-        left: svd.U().get(.., ..k).to_owned(),
-        right: svd.V().get(.., ..k).to_owned(),
-        retained: Vec::new(),
-        sign_conflict: None,
-    })
 }

@@ -13,6 +13,7 @@
 
 mod caci;
 pub mod consensus;
+pub mod core;
 mod executor;
 mod expert;
 pub mod lora_native;
