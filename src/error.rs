@@ -118,6 +118,14 @@ pub enum Error {
         /// What is wrong.
         message: String,
     },
+    /// A plot cannot be drawn or written.
+    #[error("`{}`: {message}", path.display())]
+    Plot {
+        /// The image file.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
 }
 
 /// The library's result type.

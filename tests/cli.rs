@@ -476,12 +476,13 @@ fn conflicts_report_the_bundled_experts_disagreements() {
     let work = tempfile::tempdir().unwrap();
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let json = work.path().join("conflicts.json");
+    // A bare file name: written into the working directory.
     let out = mmx(
         &[
             "conflicts",
             root.join("recipes/quickstart.toml").to_str().unwrap(),
             "--json",
-            json.to_str().unwrap(),
+            "conflicts.json",
         ],
         work.path(),
     );

@@ -6,7 +6,8 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::Args;
 
-use crate::conflict::{analyze, Group};
+use crate::conflict::{analyze, plot_report, Group};
+use crate::plot::Format;
 use crate::recipe::Recipe;
 use crate::tensor::write_atomic;
 
@@ -18,6 +19,10 @@ pub struct ConflictsArgs {
     /// Also write the full report (every module, every pair) as JSON to this file.
     #[arg(long, value_name = "FILE")]
     json: Option<PathBuf>,
+    /// Also draw the report to this file (FILE.png or FILE.svg): the sign-conflict rate per layer
+    /// and module type, and the experts' cosine matrix, as two heatmaps.
+    #[arg(long, value_name = "FILE")]
+    plot: Option<PathBuf>,
 }
 
 fn print_groups(title: &str, groups: &[Group]) {
@@ -39,6 +44,10 @@ fn print_groups(title: &str, groups: &[Group]) {
 
 /// Runs `mmx conflicts`.
 pub fn run(args: ConflictsArgs) -> anyhow::Result<ExitCode> {
+    // A bad plot file name is refused before the analysis, not after it.
+    if let Some(path) = &args.plot {
+        Format::from_path(path)?;
+    }
     let report = analyze(Recipe::load(&args.recipe)?)?;
     print_groups("module type", &report.by_type);
     println!();
@@ -55,6 +64,9 @@ pub fn run(args: ConflictsArgs) -> anyhow::Result<ExitCode> {
     if let Some(path) = &args.json {
         let bytes = serde_json::to_vec_pretty(&report).context("serialising the report")?;
         write_atomic(path, &bytes)?;
+    }
+    if let Some(path) = &args.plot {
+        plot_report(&report, path)?;
     }
     Ok(ExitCode::SUCCESS)
 }

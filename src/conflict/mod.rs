@@ -5,12 +5,14 @@
 //! recipe density (0.5 where the recipe sets none) and weighted by its recipe weight.
 
 mod metrics;
+mod plot;
 
 use std::collections::BTreeMap;
 
 use serde::Serialize;
 
 pub use metrics::{module_conflicts, ModuleConflicts};
+pub use plot::plot_report;
 
 use crate::error::Result;
 use crate::merge::lora_native::is_lora_native;

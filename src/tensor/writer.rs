@@ -64,7 +64,12 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         let _ = std::fs::remove_file(&tmp);
         return Err(Error::io(path, e));
     }
-    sync_dir(path.parent().unwrap_or(Path::new(".")))
+    // A bare file name has the empty path as its parent: that is the working directory.
+    let parent = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    sync_dir(parent)
 }
 
 /// Writes a whole safetensors file atomically; tensors keep the given order in the data section.
