@@ -3,7 +3,8 @@
 //!
 //! The pieces, from the bottom up: [`tensor`] (safetensors reading and writing), [`adapter`]
 //! (PEFT LoRA adapters), [`checkpoint`] (Hugging Face model directories), [`recipe`] (mmx TOML
-//! and mergekit YAML), [`merge`] (methods, plan, executor, output) and [`cli`].
+//! and mergekit YAML), [`merge`] (methods, plan, executor, output), [`plot`] (PNG and SVG
+//! figures) and [`cli`].
 //!
 //! ```no_run
 //! use mmx::merge::{write_merge, OutputOptions, Plan};
@@ -24,7 +25,10 @@ pub mod cli;
 pub mod conflict;
 pub mod error;
 pub mod merge;
+pub mod planted;
+pub mod plot;
 pub mod recipe;
+pub mod sweep;
 pub mod tensor;
 
 pub use error::{Error, Result};

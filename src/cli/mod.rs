@@ -2,6 +2,7 @@
 
 mod conflicts;
 mod merge;
+mod sweep;
 
 use std::process::ExitCode;
 
@@ -21,6 +22,8 @@ enum Command {
     Merge(merge::MergeArgs),
     /// Measure how the experts of a recipe conflict, per module type and per layer.
     Conflicts(conflicts::ConflictsArgs),
+    /// Run a merge sweep: grid or random search over methods and parameters, each trial scored.
+    Sweep(sweep::SweepArgs),
 }
 
 /// Parses the process arguments and runs the command. Errors exit with code 2.
@@ -29,6 +32,7 @@ pub fn run() -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Merge(args) => merge::run(args),
         Command::Conflicts(args) => conflicts::run(args),
+        Command::Sweep(args) => sweep::run(args),
     }
 }
 
@@ -58,7 +62,7 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
 }
 
 /// Half of the memory the kernel reports available, the default budget for tensors in flight.
-fn default_max_memory() -> u64 {
+pub(crate) fn default_max_memory() -> u64 {
     let available = std::fs::read_to_string("/proc/meminfo").ok().and_then(|m| {
         m.lines()
             .find(|l| l.starts_with("MemAvailable:"))

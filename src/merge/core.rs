@@ -5,6 +5,7 @@
 //! their stacked `A_t` (rows), expert t's update is `Q_B·M_t·Q_Aᵀ` exactly, with
 //! `M_t = (Q_Bᵀ·s_t·B_t)·(A_t·Q_A)` of size at most `R × R`, `R = Σ r_t`. Any method runs on
 //! the `M_t` as on any tensor (the base is zero there), and the merged core is factored by SVD.
+//! The bases are the principal directions of the stacked factors (see [`principal_basis`]).
 //! Both bases are orthonormal, so norms in core space are the norms of the full updates.
 
 use faer::Mat;
@@ -102,8 +103,8 @@ pub fn merge_in_core(
         }
         offset += f.rank;
     }
-    let q_b = b_stack.qr().compute_thin_Q();
-    let q_a = a_stack_t.qr().compute_thin_Q();
+    let q_b = principal_basis(&b_stack, name)?;
+    let q_a = principal_basis(&a_stack_t, name)?;
     let (core_rows, core_cols) = (q_b.ncols(), q_a.ncols());
     let mut cores = Vec::with_capacity(experts.len());
     let mut offset = 0;
@@ -140,9 +141,8 @@ pub fn merge_in_core(
     let retained = cores
         .iter()
         .map(|m| {
-            let m = Mat::<f64>::from_fn(core_rows, core_cols, |i, j| {
-                f64::from(m[i * core_cols + j])
-            });
+            let m =
+                Mat::<f64>::from_fn(core_rows, core_cols, |i, j| f64::from(m[i * core_cols + j]));
             let projected = factored.left.transpose() * &m * &factored.right;
             let (kept, all) = (projected.norm_l2(), m.norm_l2());
             if all > 0.0 {
@@ -157,6 +157,29 @@ pub fn merge_in_core(
         retained,
         sign_conflict: merged.stats.sign_conflict,
     })
+}
+
+/// An orthonormal basis of the column span of `m`: its left singular vectors, largest first,
+/// without the directions of (numerically) zero singular value.
+///
+/// Any orthonormal basis makes the core exact, but coordinate-wise methods (trim, sign vote)
+/// see the coordinates: singular vectors are the same whatever the experts' order (up to a
+/// sign per direction, which flips that coordinate for every expert at once), and a direction
+/// several experts share is one coordinate where their updates meet. A QR basis would follow
+/// the first expert's columns and make the merge depend on the recipe's order.
+fn principal_basis(m: &Mat<f64>, tensor: &str) -> Result<Mat<f64>> {
+    let svd = m.thin_svd().map_err(|e| Error::Parameter {
+        name: "factors".to_string(),
+        tensor: tensor.to_string(),
+        message: format!("the SVD of the stacked LoRA factors did not converge: {e:?}"),
+    })?;
+    let s = svd.S().column_vector();
+    let largest = if s.nrows() > 0 { s[0] } else { 0.0 };
+    let keep = (0..s.nrows())
+        .take_while(|&i| s[i] > largest * 1e-10)
+        .count()
+        .max(1);
+    Ok(svd.U().get(.., ..keep).to_owned())
 }
 
 /// Truncates the update `B·A` (`b` is `rows × r`, `a` is `r × cols`, row-major) to `target`
@@ -314,7 +337,10 @@ mod tests {
             RankTarget::Fixed(3),
         )
         .unwrap();
-        let (d1, d2) = (dense(&experts[0], rows, cols), dense(&experts[1], rows, cols));
+        let (d1, d2) = (
+            dense(&experts[0], rows, cols),
+            dense(&experts[1], rows, cols),
+        );
         let got = product(&merged.factored, rows, cols);
         for i in 0..rows * cols {
             let want = 0.5 * (0.75 * d1[i] - d2[i]);

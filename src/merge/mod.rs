@@ -21,6 +21,7 @@ pub mod method;
 mod output;
 mod plan;
 pub mod rng;
+mod run;
 pub mod sparsify;
 mod stream;
 
@@ -31,3 +32,4 @@ pub use output::{
     check_target, file_digest, write_merge, MergeSummary, OutputOptions, MERGE_RECORD,
 };
 pub use plan::{input_files, MergeParams, Plan, TensorPlan};
+pub use run::{merge_recipe, Merged};

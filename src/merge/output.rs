@@ -42,6 +42,9 @@ pub struct MergeSummary {
     pub copied: usize,
     /// Bytes of tensor data written.
     pub bytes: u64,
+    /// Consensus methods: the mean over merged tensors of the share of coordinates where some
+    /// kept entry opposes the elected sign.
+    pub mean_sign_conflict: Option<f64>,
 }
 
 /// Removes the temporary directory unless the merge completed.
@@ -206,12 +209,18 @@ pub fn write_merge(
     })?;
 
     let merged = records.iter().filter(|r| r.stats.is_some()).count();
+    let conflicts: Vec<f64> = records
+        .iter()
+        .filter_map(|r| r.stats.as_ref()?.sign_conflict.map(f64::from))
+        .collect();
     Ok(MergeSummary {
         output: target.to_path_buf(),
         files,
         merged,
         copied: records.len() - merged,
         bytes: plan.output_bytes(),
+        mean_sign_conflict: (!conflicts.is_empty())
+            .then(|| conflicts.iter().sum::<f64>() / conflicts.len() as f64),
     })
 }
 

@@ -9,6 +9,7 @@
 pub mod mergekit;
 pub mod native;
 mod param;
+pub mod sweep;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

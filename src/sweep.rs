@@ -1,0 +1,583 @@
+//! Running a sweep ([`run_sweep`]): each trial of a [`Sweep`] is a merge plus its metrics (sign
+//! conflict, retained energy, and the planted-conflict scores when the sweep is planted).
+//!
+//! Results go to `OUT/trials-I-of-N.jsonl`, one line per finished trial, appended and synced
+//! as each trial ends, so that a killed sweep loses at most the trial in flight and `--resume`
+//! skips every trial already recorded (by id, in any shard's file). After the run,
+//! `results.json` and `results.csv` gather every shard's trials found in `OUT`, and
+//! `scores.svg` plots score against each swept parameter, per method.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use crate::error::{Error, Result};
+use crate::merge::{merge_recipe, OutputOptions};
+use crate::planted::{Planted, Split, SPEC_FILE};
+use crate::recipe::sweep::{accepted_parameters, Sweep, Template, Trial};
+use crate::recipe::{native, Recipe};
+use crate::tensor::write_atomic;
+
+/// Which part of the trials this run takes: trial `i` belongs to shard `i mod count`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Shard {
+    /// This shard, from 0.
+    pub index: usize,
+    /// Shards in all.
+    pub count: usize,
+}
+
+impl Shard {
+    /// Every trial.
+    pub const ALL: Shard = Shard { index: 0, count: 1 };
+
+    /// Parses `I/N` (0 ≤ I < N).
+    pub fn parse(text: &str) -> std::result::Result<Shard, String> {
+        let parsed = text
+            .split_once('/')
+            .and_then(|(i, n)| Some((i.trim().parse().ok()?, n.trim().parse().ok()?)));
+        match parsed {
+            Some((index, count)) if index < count => Ok(Shard { index, count }),
+            _ => Err(format!(
+                "`{text}`: expected I/N with 0 ≤ I < N, e.g. 0/4 for the first of four shards"
+            )),
+        }
+    }
+
+    fn file_name(self) -> String {
+        format!("trials-{}-of-{}.jsonl", self.index, self.count)
+    }
+}
+
+/// How to run a sweep.
+#[derive(Debug, Clone)]
+pub struct SweepOptions {
+    /// The part of the trials to run.
+    pub shard: Shard,
+    /// Skip trials already recorded in the output directory (without it, recorded trials of
+    /// this shard are an error rather than being silently mixed with new ones).
+    pub resume: bool,
+    /// Memory budget of each merge.
+    pub max_memory: u64,
+}
+
+/// One finished trial.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrialResult {
+    /// The trial's id (see [`Trial::id`]).
+    pub id: String,
+    /// Its position in the sweep.
+    pub index: usize,
+    /// The method.
+    pub method: String,
+    /// Output, space and rank overrides, and the swept parameters.
+    pub settings: Value,
+    /// Mean share of coordinates in sign conflict (methods that elect signs).
+    pub sign_conflict: Option<f64>,
+    /// Core-space merges: each expert's share of its update that the merge keeps.
+    pub retained_energy: BTreeMap<String, f64>,
+    /// Planted sweeps: mean normalised performance over the tasks, validation inputs.
+    pub validation: Option<f64>,
+    /// Planted sweeps: the same on test inputs.
+    pub test: Option<f64>,
+    /// Planted sweeps: per task, validation then test.
+    pub by_task: Option<(Vec<f64>, Vec<f64>)>,
+    /// Seconds the merge and its evaluation took.
+    pub seconds: f64,
+    /// Why the trial failed, if it did.
+    pub error: Option<String>,
+}
+
+impl TrialResult {
+    /// The mean retained energy over the experts, for core-space merges.
+    pub fn retained_mean(&self) -> Option<f64> {
+        (!self.retained_energy.is_empty())
+            .then(|| self.retained_energy.values().sum::<f64>() / self.retained_energy.len() as f64)
+    }
+
+    /// A swept parameter's value as a number, if it is one.
+    pub fn parameter(&self, name: &str) -> Option<f64> {
+        self.settings["parameters"][name].as_f64()
+    }
+}
+
+/// What a sweep run did.
+#[derive(Debug, Clone)]
+pub struct SweepReport {
+    /// Trials this run merged.
+    pub ran: usize,
+    /// Trials of this shard skipped because `--resume` found them recorded.
+    pub skipped: usize,
+    /// Trials of this run that failed (recorded with their error).
+    pub failed: usize,
+    /// Every trial recorded in the output directory, by index.
+    pub results: Vec<TrialResult>,
+    /// The files written or rewritten.
+    pub files: Vec<PathBuf>,
+}
+
+fn fail(path: &Path, message: String) -> Error {
+    Error::Output {
+        path: path.to_path_buf(),
+        message,
+    }
+}
+
+/// The template recipe and the text that keys trial ids; a planted problem is generated into
+/// `OUT/planted` first (or checked, if it is already there).
+fn prepare_template(sweep: &Sweep, out: &Path) -> Result<(Recipe, String, Option<Planted>)> {
+    match &sweep.template {
+        Template::Recipe(path) => {
+            let recipe = Recipe::load(path)?;
+            if recipe.format != crate::recipe::RecipeFormat::Native {
+                return Err(Error::Recipe {
+                    path: path.clone(),
+                    message: "a sweep's template must be an mmx TOML recipe".to_string(),
+                });
+            }
+            let key = recipe.text.clone();
+            Ok((recipe, key, None))
+        }
+        Template::Planted(spec) => {
+            let dir = out.join("planted");
+            let spec_path = dir.join(SPEC_FILE);
+            let problem = if spec_path.exists() {
+                let existing = Planted::open(&dir)?;
+                if existing.spec() != spec {
+                    return Err(fail(
+                        &dir,
+                        "holds a different planted problem than the sweep's `[sweep.planted]`: use another output directory".to_string(),
+                    ));
+                }
+                existing
+            } else {
+                let problem = Planted::generate(spec.clone())?;
+                problem.write(&dir)?;
+                problem
+            };
+            let mut text = String::from(
+                "# The template of a planted-conflict sweep (synthetic tasks, see planted.json).\n[merge]\nmethod = \"task_arithmetic\"\nbase = \"base\"\noutput = \"delta\"\n",
+            );
+            for t in 0..spec.experts {
+                text.push_str(&format!(
+                    "\n[[merge.experts]]\nsource = \"experts/task{t}\"\n"
+                ));
+            }
+            let path = dir.join("recipe.toml");
+            write_atomic(&path, text.as_bytes())?;
+            let key = format!(
+                "{}\n{}",
+                serde_json::to_string(spec).expect("JSON serialises"),
+                text
+            );
+            Ok((Recipe::load(&path)?, key, Some(problem)))
+        }
+    }
+}
+
+/// The trial's recipe: the template's TOML with the trial's method, settings and parameters
+/// (template parameters the method does not take are dropped).
+pub fn trial_recipe(template: &Recipe, trial: &Trial, id: &str) -> Result<Recipe> {
+    let fail = |message: String| Error::Recipe {
+        path: template.path.clone(),
+        message,
+    };
+    let mut doc: toml::Table = toml::from_str(&template.text).map_err(|e| fail(e.to_string()))?;
+    let merge = doc
+        .get_mut("merge")
+        .and_then(toml::Value::as_table_mut)
+        .ok_or_else(|| fail("no `[merge]` table".to_string()))?;
+    merge.insert("method".into(), trial.method.clone().into());
+    if let Some(output) = &trial.output {
+        merge.insert("output".into(), output.clone().into());
+        if trial.space.is_none() {
+            merge.remove("space");
+        }
+        if output != "lora" {
+            merge.remove("rank");
+        }
+    }
+    if let Some(space) = &trial.space {
+        merge.insert("space".into(), space.clone().into());
+    }
+    if let Some(rank) = &trial.rank {
+        let value = match rank {
+            Value::Number(n) => toml::Value::Integer(n.as_i64().unwrap_or(0)),
+            other => toml::Value::String(other.as_str().unwrap_or_default().to_string()),
+        };
+        merge.insert("rank".into(), value);
+    }
+    let accepted = accepted_parameters(&trial.method).unwrap_or_default();
+    let mut parameters = match merge.remove("parameters") {
+        Some(toml::Value::Table(t)) => t,
+        _ => toml::Table::new(),
+    };
+    parameters.retain(|name, _| accepted.contains(&name));
+    for (name, value) in &trial.parameters {
+        let value = match value {
+            crate::recipe::Scalar::Number(n) => toml::Value::Float(*n),
+            crate::recipe::Scalar::Bool(b) => toml::Value::Boolean(*b),
+            crate::recipe::Scalar::Text(t) => toml::Value::String(t.clone()),
+        };
+        parameters.insert(name.clone(), value);
+    }
+    merge.insert("parameters".into(), toml::Value::Table(parameters));
+    let text = format!(
+        "# mmx sweep trial {id} (from {})\n{}",
+        template.path.display(),
+        toml::to_string(&doc).map_err(|e| fail(e.to_string()))?
+    );
+    native::parse(&template.path, text)
+}
+
+/// Reads every `trials-*.jsonl` in `out`; lines cut short by a crash are skipped.
+fn read_results(out: &Path) -> Result<BTreeMap<String, TrialResult>> {
+    let mut results = BTreeMap::new();
+    let Ok(entries) = std::fs::read_dir(out) else {
+        return Ok(results);
+    };
+    let mut files: Vec<PathBuf> = entries
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("trials-") && n.ends_with(".jsonl"))
+        })
+        .collect();
+    files.sort();
+    for file in files {
+        let text = std::fs::read_to_string(&file).map_err(|e| Error::io(&file, e))?;
+        for line in text.lines() {
+            if let Ok(result) = serde_json::from_str::<TrialResult>(line) {
+                results.entry(result.id.clone()).or_insert(result);
+            }
+        }
+    }
+    Ok(results)
+}
+
+/// Appends one result line to `path` and syncs it.
+fn append(path: &Path, result: &TrialResult) -> Result<()> {
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(|e| Error::io(path, e))?;
+    let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
+    let mut line = serde_json::to_string(result).expect("JSON serialises");
+    line.push('\n');
+    if len > 0 {
+        // A line cut short by a crash must not swallow this one.
+        let text = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        if text.last() != Some(&b'\n') {
+            line.insert(0, '\n');
+        }
+    }
+    file.write_all(line.as_bytes())
+        .and_then(|()| file.sync_data())
+        .map_err(|e| Error::io(path, e))
+}
+
+/// Runs one trial: merge, metrics, evaluation. Errors of the trial itself are recorded in the
+/// result rather than returned.
+fn run_trial(
+    template: &Recipe,
+    trial: &Trial,
+    id: &str,
+    target: &Path,
+    problem: Option<&Planted>,
+    options: &SweepOptions,
+) -> TrialResult {
+    let start = Instant::now();
+    let mut result = TrialResult {
+        id: id.to_string(),
+        index: trial.index,
+        method: trial.method.clone(),
+        settings: trial.settings(),
+        sign_conflict: None,
+        retained_energy: BTreeMap::new(),
+        validation: None,
+        test: None,
+        by_task: None,
+        seconds: 0.0,
+        error: None,
+    };
+    let outcome = (|| -> Result<()> {
+        let recipe = trial_recipe(template, trial, id)?;
+        let merge_options = OutputOptions {
+            max_memory: options.max_memory,
+            shard_bytes: 5 << 30,
+            force: false,
+        };
+        let merged = merge_recipe(recipe, target, &merge_options)?;
+        result.sign_conflict = merged.mean_sign_conflict();
+        result.retained_energy = merged.retained_by_expert().iter().cloned().collect();
+        if let Some(problem) = problem {
+            let deltas = problem.read_merged(target)?;
+            let validation = problem.score(&deltas, Split::Validation)?;
+            let test = problem.score(&deltas, Split::Test)?;
+            let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
+            result.validation = Some(mean(&validation));
+            result.test = Some(mean(&test));
+            result.by_task = Some((validation, test));
+        }
+        Ok(())
+    })();
+    result.error = outcome.err().map(|e| e.to_string());
+    result.seconds = start.elapsed().as_secs_f64();
+    result
+}
+
+/// Runs this shard's trials of `sweep` into `out`, then rewrites the gathered results.
+/// `progress` sees each trial as it finishes.
+pub fn run_sweep(
+    sweep: &Sweep,
+    out: &Path,
+    options: &SweepOptions,
+    progress: &mut dyn FnMut(&TrialResult, usize),
+) -> Result<SweepReport> {
+    std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
+    let own = out.join(options.shard.file_name());
+    let recorded = read_results(out)?;
+    if !options.resume && own.exists() {
+        return Err(fail(
+            &own,
+            "already holds results of this sweep shard: pass `--resume` to skip the trials it records, or use another output directory".to_string(),
+        ));
+    }
+    let (template, key, problem) = prepare_template(sweep, out)?;
+    let trials: Vec<Trial> = sweep
+        .trials()
+        .into_iter()
+        .filter(|t| t.index % options.shard.count == options.shard.index)
+        .collect();
+    let outputs = out.join("outputs");
+    let (mut ran, mut skipped, mut failed) = (0, 0, 0);
+    for trial in &trials {
+        let id = trial.id(&key);
+        if recorded.contains_key(&id) {
+            skipped += 1;
+            continue;
+        }
+        let target = outputs.join(&id);
+        let result = run_trial(&template, trial, &id, &target, problem.as_ref(), options);
+        if !sweep.keep_outputs && target.exists() {
+            std::fs::remove_dir_all(&target).map_err(|e| Error::io(&target, e))?;
+        }
+        append(&own, &result)?;
+        ran += 1;
+        failed += usize::from(result.error.is_some());
+        progress(&result, trials.len());
+    }
+    if !sweep.keep_outputs {
+        // Only empty: the folder may hold outputs a `keep_outputs` run kept.
+        let _ = std::fs::remove_dir(&outputs);
+    }
+    let mut results: Vec<TrialResult> = read_results(out)?.into_values().collect();
+    results.sort_by_key(|r| r.index);
+    let files = write_summaries(sweep, out, &results)?;
+    Ok(SweepReport {
+        ran,
+        skipped,
+        failed,
+        results,
+        files,
+    })
+}
+
+fn csv_field(text: &str) -> String {
+    if text.contains([',', '"', '\n']) {
+        format!("\"{}\"", text.replace('"', "\"\""))
+    } else {
+        text.to_string()
+    }
+}
+
+fn number(v: Option<f64>) -> String {
+    v.map_or(String::new(), |x| format!("{x}"))
+}
+
+fn json_text(v: &Value) -> String {
+    match v {
+        Value::Null => String::new(),
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+/// The results as CSV: one row per trial, one column per swept parameter.
+pub fn results_csv(results: &[TrialResult]) -> String {
+    let params: BTreeSet<String> = results
+        .iter()
+        .filter_map(|r| r.settings["parameters"].as_object())
+        .flat_map(|p| p.keys().cloned())
+        .collect();
+    let mut header = vec!["index", "id", "method", "output", "space", "rank"]
+        .into_iter()
+        .map(String::from)
+        .collect::<Vec<_>>();
+    header.extend(params.iter().cloned());
+    header.extend(
+        [
+            "sign_conflict",
+            "retained_energy",
+            "validation",
+            "test",
+            "seconds",
+            "error",
+        ]
+        .map(String::from),
+    );
+    let mut out = header
+        .iter()
+        .map(|h| csv_field(h))
+        .collect::<Vec<_>>()
+        .join(",");
+    out.push('\n');
+    for r in results {
+        let mut row = vec![
+            r.index.to_string(),
+            r.id.clone(),
+            r.method.clone(),
+            json_text(&r.settings["output"]),
+            json_text(&r.settings["space"]),
+            json_text(&r.settings["rank"]),
+        ];
+        row.extend(
+            params
+                .iter()
+                .map(|p| json_text(&r.settings["parameters"][p])),
+        );
+        row.extend([
+            number(r.sign_conflict),
+            number(r.retained_mean()),
+            number(r.validation),
+            number(r.test),
+            format!("{:.4}", r.seconds),
+            r.error.clone().unwrap_or_default(),
+        ]);
+        out.push_str(
+            &row.iter()
+                .map(|f| csv_field(f))
+                .collect::<Vec<_>>()
+                .join(","),
+        );
+        out.push('\n');
+    }
+    out
+}
+
+fn write_summaries(sweep: &Sweep, out: &Path, results: &[TrialResult]) -> Result<Vec<PathBuf>> {
+    let json_path = out.join("results.json");
+    let document = json!({
+        "sweep": sweep.path.display().to_string(),
+        "tool": {"name": "mmx", "version": env!("CARGO_PKG_VERSION")},
+        "trials": results,
+    });
+    write_atomic(
+        &json_path,
+        &serde_json::to_vec_pretty(&document).expect("JSON serialises"),
+    )?;
+    let csv_path = out.join("results.csv");
+    write_atomic(&csv_path, results_csv(results).as_bytes())?;
+    let mut files = vec![json_path, csv_path];
+    if let Some(plot) = plot_scores(out, results)? {
+        files.push(plot);
+    }
+    Ok(files)
+}
+
+/// `scores.svg`: validation score against each numeric swept parameter, one series per method.
+fn plot_scores(out: &Path, results: &[TrialResult]) -> Result<Option<PathBuf>> {
+    let scored: Vec<&TrialResult> = results.iter().filter(|r| r.validation.is_some()).collect();
+    let names: BTreeSet<String> = scored
+        .iter()
+        .filter_map(|r| r.settings["parameters"].as_object())
+        .flat_map(|p| {
+            p.iter()
+                .filter(|(_, v)| v.is_number())
+                .map(|(k, _)| k.clone())
+        })
+        .collect();
+    if scored.is_empty() || names.is_empty() {
+        return Ok(None);
+    }
+    let panels: Vec<crate::plot::Panel> = names
+        .iter()
+        .map(|name| {
+            let mut by_method: BTreeMap<&str, Vec<(f64, f64)>> = BTreeMap::new();
+            for r in &scored {
+                if let (Some(x), Some(y)) = (r.parameter(name), r.validation) {
+                    by_method.entry(&r.method).or_default().push((x, y));
+                }
+            }
+            crate::plot::Panel {
+                x_label: name.clone(),
+                y_label: "validation score".to_string(),
+                series: by_method
+                    .into_iter()
+                    .map(|(method, mut points)| {
+                        points.sort_by(|a, b| a.0.total_cmp(&b.0));
+                        crate::plot::Series {
+                            name: method.to_string(),
+                            points,
+                        }
+                    })
+                    .collect(),
+            }
+        })
+        .collect();
+    let path = out.join("scores.svg");
+    crate::plot::scatter_panels(&path, "sweep: score against each parameter", &panels)?;
+    Ok(Some(path))
+}
+
+/// Best trial of each method by validation score (trials without a score are left out).
+pub fn best_by_method(results: &[TrialResult]) -> Vec<&TrialResult> {
+    let mut best: BTreeMap<&str, &TrialResult> = BTreeMap::new();
+    for r in results.iter().filter(|r| r.validation.is_some()) {
+        let entry = best.entry(&r.method).or_insert(r);
+        if r.validation > entry.validation {
+            *entry = r;
+        }
+    }
+    best.into_values().collect()
+}
+
+/// The swept parameters of a result as `name=value` pairs.
+pub fn describe(result: &TrialResult) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    for key in ["output", "space", "rank"] {
+        if !result.settings[key].is_null() {
+            parts.push(format!("{key}={}", json_text(&result.settings[key])));
+        }
+    }
+    if let Some(p) = result.settings["parameters"].as_object() {
+        parts.extend(p.iter().map(|(k, v)| format!("{k}={}", json_text(v))));
+    }
+    parts.join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_shards() {
+        assert_eq!(Shard::parse("1/4"), Ok(Shard { index: 1, count: 4 }));
+        assert!(Shard::parse("4/4").unwrap_err().contains("0 ≤ I < N"));
+        assert!(Shard::parse("x").is_err());
+        assert!(Shard::parse("0/0").is_err());
+    }
+
+    #[test]
+    fn csv_quotes_what_needs_it() {
+        assert_eq!(csv_field("a,b"), "\"a,b\"");
+        assert_eq!(csv_field("say \"hi\""), "\"say \"\"hi\"\"\"");
+        assert_eq!(csv_field("plain"), "plain");
+    }
+}
