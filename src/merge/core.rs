@@ -353,6 +353,64 @@ mod tests {
         }
     }
 
+    /// Deterministic pseudo-random values in [-1, 1).
+    fn values(n: usize, seed: u64) -> Vec<f32> {
+        let rng = crate::merge::rng::MaskRng::new(seed, "core-test", 0);
+        (0..n as u64).map(|i| 2.0 * rng.uniform(i) - 1.0).collect()
+    }
+
+    #[test]
+    fn coordinate_wise_methods_do_not_depend_on_the_experts_order() {
+        // TIES trims and votes per core coordinate: with principal bases the coordinates are
+        // the same whatever order the experts come in.
+        let (rows, cols, rank) = (12, 10, 3);
+        let data: Vec<(Vec<f32>, Vec<f32>)> = (0..3)
+            .map(|t| (values(rows * rank, 10 + t), values(rank * cols, 20 + t)))
+            .collect();
+        let merge = |order: &[usize]| {
+            let experts: Vec<Factors<'_>> = order
+                .iter()
+                .map(|&t| Factors {
+                    b: &data[t].0,
+                    a: &data[t].1,
+                    rank,
+                    scale: 1.0 + t as f32,
+                })
+                .collect();
+            let params = order
+                .iter()
+                .map(|_| ExpertParams {
+                    weight: 1.0,
+                    density: 0.4,
+                    gamma: 0.0,
+                    epsilon: 0.0,
+                })
+                .collect();
+            let merged = merge_in_core(
+                "m.weight",
+                rows,
+                cols,
+                &experts,
+                Method::Ties,
+                &Method::Ties.default_globals(),
+                params,
+                order.to_vec(),
+                RankTarget::Fixed(9),
+            )
+            .unwrap();
+            product(&merged.factored, rows, cols)
+        };
+        let forward = merge(&[0, 1, 2]);
+        let largest = forward.iter().fold(0f64, |m, v| m.max(v.abs()));
+        assert!(largest > 0.1);
+        for order in [[2, 1, 0], [1, 2, 0]] {
+            let other = merge(&order);
+            for (a, b) in forward.iter().zip(&other) {
+                assert!((a - b).abs() < 1e-5 * largest, "{order:?}: {a} vs {b}");
+            }
+        }
+    }
+
     #[test]
     fn truncation_keeps_the_largest_singular_direction() {
         // diag(3, 1) as B·A with B = I, A = diag(3, 1): rank 1 keeps 9 of 10 of the energy.
