@@ -509,3 +509,112 @@ fn conflicts_report_the_bundled_experts_disagreements() {
         assert!((0.0..=1.0).contains(&v), "{key} = {v}");
     }
 }
+
+/// `mmx conflicts` on adapter directories measures what it measures on a recipe that merges
+/// them with weight 1 and density 0.5; on the recipe it also reports the energy its merge keeps.
+#[test]
+fn conflicts_of_adapters_match_their_recipe_and_report_the_energy_kept() {
+    let work = tempfile::tempdir().unwrap();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let recipe = root.join("recipes/quickstart.toml");
+    let adapters: Vec<String> = ["cardiology", "radiology", "pathology", "dermatology"]
+        .iter()
+        .map(|a| root.join("examples/adapters").join(a).display().to_string())
+        .collect();
+    let mut args = vec!["conflicts", "--json", "adapters.json"];
+    args.extend(adapters.iter().map(String::as_str));
+    assert_ok(&mmx(&args, work.path()));
+    assert_ok(&mmx(
+        &[
+            "conflicts",
+            recipe.to_str().unwrap(),
+            "--json",
+            "recipe.json",
+        ],
+        work.path(),
+    ));
+    let read = |name: &str| -> serde_json::Value {
+        serde_json::from_slice(&std::fs::read(work.path().join(name)).unwrap()).unwrap()
+    };
+    let (from_adapters, from_recipe) = (read("adapters.json"), read("recipe.json"));
+    assert_eq!(
+        from_adapters["experts"],
+        serde_json::json!(["cardiology", "radiology", "pathology", "dermatology"])
+    );
+    let modules = |r: &serde_json::Value| r["modules"].as_array().unwrap().clone();
+    assert_eq!(modules(&from_adapters).len(), 28);
+    for (a, r) in modules(&from_adapters).iter().zip(modules(&from_recipe)) {
+        assert_eq!(a["module"], r["module"]);
+        for key in ["sign_conflict", "mean_kappa", "minority_mass"] {
+            // The recipe's deltas are (base + s·B·A) − base in f32, the adapters' s·B·A.
+            let (x, y) = (a[key].as_f64().unwrap(), r[key].as_f64().unwrap());
+            assert!((x - y).abs() < 1e-6, "{key}: {x} vs {y}");
+        }
+    }
+    assert!(from_adapters["retained_energy"].is_null());
+
+    // The energy kept is the merge's own: the same numbers `mmx merge --json` reports.
+    let merged = mmx(
+        &["merge", recipe.to_str().unwrap(), "-o", "merged", "--json"],
+        work.path(),
+    );
+    assert_ok(&merged);
+    let summary: serde_json::Value = serde_json::from_slice(&merged.stdout).unwrap();
+    let kept = from_recipe["retained_energy"].as_array().unwrap();
+    let labels = from_recipe["experts"].as_array().unwrap();
+    for (label, share) in labels.iter().zip(kept) {
+        let want = summary["retained_energy"][label.as_str().unwrap()]
+            .as_f64()
+            .unwrap();
+        let got = share.as_f64().unwrap();
+        assert!((got - want).abs() < 1e-9, "{label}: {got} vs {want}");
+        assert!(got > 0.3 && got < 1.0, "{label}: {got}");
+    }
+}
+
+/// Adapters for different bases, or with a module of another shape: refused before any
+/// arithmetic, naming both adapters.
+#[test]
+fn conflicts_refuse_adapters_for_different_bases() {
+    let work = tempfile::tempdir().unwrap();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let cardiology = root.join("examples/adapters/cardiology");
+    // Planted adapters have modules of the same names but 64×64.
+    let planted = mmx::planted::Planted::generate(mmx::planted::PlantedSpec::default()).unwrap();
+    planted.write(&work.path().join("planted")).unwrap();
+    let other = mmx::planted::Planted::expert_dir(&work.path().join("planted"), 0);
+    let out = mmx(
+        &[
+            "conflicts",
+            cardiology.to_str().unwrap(),
+            other.to_str().unwrap(),
+        ],
+        work.path(),
+    );
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("tiny-med-base") && stderr.contains("different bases"),
+        "{stderr}"
+    );
+    // Same base name, other shapes.
+    let config = other.join("adapter_config.json");
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace("../../base", "tiny-med-base");
+    std::fs::write(&config, text).unwrap();
+    let out = mmx(
+        &[
+            "conflicts",
+            cardiology.to_str().unwrap(),
+            other.to_str().unwrap(),
+        ],
+        work.path(),
+    );
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("[64, 64]") && stderr.contains("[128, 128]") && stderr.contains("task0"),
+        "{stderr}"
+    );
+}

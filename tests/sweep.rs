@@ -60,7 +60,10 @@ fn a_planted_sweep_scores_every_trial_and_writes_csv_json_and_plot() {
         trials.iter().map(|t| t["id"].as_str().unwrap()).collect();
     assert_eq!(ids.len(), 5, "ids are distinct");
     for t in &trials {
-        let (v, s) = (t["validation"].as_f64().unwrap(), t["test"].as_f64().unwrap());
+        let (v, s) = (
+            t["validation"].as_f64().unwrap(),
+            t["test"].as_f64().unwrap(),
+        );
         assert!(v > -10.0 && v < 1.0 && s < 1.0, "{t}");
     }
     // Task arithmetic with λ = 1/T is close to the best a single λ does; λ = 1 overshoots where
@@ -92,7 +95,10 @@ fn a_planted_sweep_scores_every_trial_and_writes_csv_json_and_plot() {
     assert_eq!(again.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&again.stderr).contains("--resume"));
     // With --resume: every trial is skipped.
-    let resumed = mmx(&["sweep", "sweep.toml", "-o", "out", "--resume"], work.path());
+    let resumed = mmx(
+        &["sweep", "sweep.toml", "-o", "out", "--resume"],
+        work.path(),
+    );
     assert_ok(&resumed);
     assert!(String::from_utf8_lossy(&resumed.stdout).contains("0 trials run, 5 skipped"));
     assert_eq!(results(&dir)["trials"].as_array().unwrap(), &trials);
@@ -102,10 +108,7 @@ fn a_planted_sweep_scores_every_trial_and_writes_csv_json_and_plot() {
 fn shards_split_the_trials_and_resume_reruns_a_trial_cut_short() {
     let work = tempfile::tempdir().unwrap();
     write_sweep(work.path(), PLANTED);
-    assert_ok(&mmx(
-        &["sweep", "sweep.toml", "-o", "whole"],
-        work.path(),
-    ));
+    assert_ok(&mmx(&["sweep", "sweep.toml", "-o", "whole"], work.path()));
     let whole = results(&work.path().join("whole"));
     for shard in ["0/2", "1/2"] {
         let out = mmx(
@@ -123,7 +126,12 @@ fn shards_split_the_trials_and_resume_reruns_a_trial_cut_short() {
             .as_array()
             .unwrap()
             .iter()
-            .map(|t| (t["id"].as_str().unwrap().to_string(), t["test"].as_f64().unwrap()))
+            .map(|t| {
+                (
+                    t["id"].as_str().unwrap().to_string(),
+                    t["test"].as_f64().unwrap(),
+                )
+            })
             .collect()
     };
     assert_eq!(strip(&results(&split_dir)), strip(&whole));
@@ -213,6 +221,9 @@ parameters = {{ density = {{ min = 0.2, max = 0.8 }} }}
         assert_eq!(record["output"], "delta");
         let recipe = record["recipe"]["text"].as_str().unwrap();
         assert!(recipe.contains(&format!("density = {density}")), "{recipe}");
-        assert!(!recipe.contains("gamma"), "CACI-only parameters are dropped");
+        assert!(
+            !recipe.contains("gamma"),
+            "CACI-only parameters are dropped"
+        );
     }
 }

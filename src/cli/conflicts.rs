@@ -1,12 +1,13 @@
-//! `mmx conflicts RECIPE`.
+//! `mmx conflicts RECIPE|ADAPTER...`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::Context;
+use anyhow::{bail, Context};
 use clap::Args;
 
-use crate::conflict::{analyze, plot_report, Group};
+use crate::adapter::Adapter;
+use crate::conflict::{analyze, analyze_adapters, plot_report, Group};
 use crate::plot::Format;
 use crate::recipe::Recipe;
 use crate::tensor::write_atomic;
@@ -14,8 +15,14 @@ use crate::tensor::write_atomic;
 /// Arguments of `mmx conflicts`.
 #[derive(Debug, Args)]
 pub struct ConflictsArgs {
-    /// The recipe whose experts to compare (mmx TOML or mergekit YAML).
-    recipe: PathBuf,
+    /// A recipe whose experts to compare (mmx TOML or mergekit YAML), or two or more PEFT
+    /// adapter directories.
+    #[arg(required = true, value_name = "RECIPE|ADAPTER")]
+    inputs: Vec<PathBuf>,
+    /// Adapters only: the share of each update kept by magnitude before votes are counted
+    /// (a recipe sets its own).
+    #[arg(long, default_value_t = 0.5)]
+    density: f32,
     /// Also write the full report (every module, every pair) as JSON to this file.
     #[arg(long, value_name = "FILE")]
     json: Option<PathBuf>,
@@ -48,7 +55,24 @@ pub fn run(args: ConflictsArgs) -> anyhow::Result<ExitCode> {
     if let Some(path) = &args.plot {
         Format::from_path(path)?;
     }
-    let report = analyze(Recipe::load(&args.recipe)?)?;
+    let report = match args.inputs.as_slice() {
+        [recipe] if recipe.is_file() => analyze(Recipe::load(recipe)?)?,
+        dirs => {
+            if let Some(other) = dirs.iter().find(|d| !Adapter::is_adapter_dir(d)) {
+                bail!(
+                    "`{}`: expected a recipe file or PEFT adapter directories (with adapter_config.json)",
+                    other.display()
+                );
+            }
+            if dirs.len() < 2 {
+                bail!("comparing adapters needs at least two adapter directories");
+            }
+            if !(args.density > 0.0 && args.density <= 1.0) {
+                bail!("`--density` must be in (0, 1], got {}", args.density);
+            }
+            analyze_adapters(dirs, args.density)?
+        }
+    };
     print_groups("module type", &report.by_type);
     println!();
     print_groups("layer", &report.by_layer);
@@ -60,6 +84,17 @@ pub fn run(args: ConflictsArgs) -> anyhow::Result<ExitCode> {
     for (label, row) in report.experts.iter().zip(&report.cosine) {
         let cells: Vec<String> = row.iter().map(|c| format!("{c:>6.2}")).collect();
         println!("{} {label}", cells.join(" "));
+    }
+    if let Some(kept) = &report.retained_energy {
+        println!();
+        println!(
+            "energy of each expert's update that the recipe's merge keeps (mean over modules)"
+        );
+        for (label, share) in report.experts.iter().zip(kept) {
+            if let Some(share) = share {
+                println!("{:>6.1}% {label}", 100.0 * share);
+            }
+        }
     }
     if let Some(path) = &args.json {
         let bytes = serde_json::to_vec_pretty(&report).context("serialising the report")?;

@@ -26,6 +26,10 @@ pub struct ModuleConflicts {
     pub topk_overlap: Vec<Vec<f64>>,
     /// Frobenius norm of each expert's update.
     pub norms: Vec<f64>,
+    /// For a recipe merged in core space: the share of each expert's update the merge keeps
+    /// (`‖Π·Δt‖ / ‖Δt‖`, Π the projector onto the merge's subspaces); `None` for an expert that
+    /// does not adapt the module, and for other merges.
+    pub retained_energy: Option<Vec<Option<f64>>>,
 }
 
 /// Computes the metrics of one module from the experts' updates, their weights and trim
@@ -119,6 +123,7 @@ pub fn module_conflicts(
         cosine,
         topk_overlap,
         norms,
+        retained_energy: None,
     }
 }
 

@@ -1,21 +1,25 @@
-//! How the experts of a recipe conflict, per module and aggregated by layer and module type
-//! ([`Report`], built by [`analyze`]; the metrics of one module in [`ModuleConflicts`]).
+//! How the experts of a recipe, or a set of adapters, conflict, per module and aggregated by
+//! layer and module type ([`Report`], built by [`analyze`] or [`analyze_adapters`]; the metrics
+//! of one module in [`ModuleConflicts`]).
 //!
 //! Metrics are taken on the full updates (a LoRA's `s·B·A`), with each expert trimmed to its
-//! recipe density (0.5 where the recipe sets none) and weighted by its recipe weight.
+//! recipe density (0.5 where the recipe sets none) and weighted by its recipe weight. For a
+//! recipe merged in core space, the report also gives the energy of each expert the merge keeps.
 
 mod metrics;
 mod plot;
 
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 
 use serde::Serialize;
 
 pub use metrics::{module_conflicts, ModuleConflicts};
 pub use plot::plot_report;
 
-use crate::error::Result;
-use crate::merge::lora_native::is_lora_native;
+use crate::adapter::Adapter;
+use crate::error::{Error, Result};
+use crate::merge::lora_native::{is_lora_native, merges_adapters, LoraMerge};
 use crate::merge::Plan;
 use crate::recipe::{OutputKind, Recipe, Space};
 
@@ -47,6 +51,9 @@ pub struct Report {
     pub by_type: Vec<Group>,
     /// Expert × expert cosine of the updates, averaged over modules.
     pub cosine: Vec<Vec<f64>>,
+    /// For a recipe merged in core space: each expert's share of its update the merge keeps,
+    /// averaged over the modules it adapts.
+    pub retained_energy: Option<Vec<Option<f64>>>,
 }
 
 /// Where a module sits: its layer (if numbered) and its type (the last path part before
@@ -83,6 +90,12 @@ fn group(name: String, members: &[&ModuleConflicts]) -> Group {
 /// Opens the recipe's base and experts (checked as for a merge) and measures every module that
 /// some expert changes.
 pub fn analyze(recipe: Recipe) -> Result<Report> {
+    // What the recipe's own merge keeps of each expert, where it merges in core space.
+    let retained = if merges_adapters(&recipe) {
+        LoraMerge::build(recipe.clone())?.retained_energy()?
+    } else {
+        None
+    };
     // The measurement is the same whatever the recipe writes: plan it as a full-space TIES-like
     // merge to open and check the inputs and resolve weights and densities per tensor.
     let mut planned = recipe;
@@ -130,6 +143,108 @@ pub fn analyze(recipe: Recipe) -> Result<Report> {
         modules.push(module_conflicts(&t.name, &deltas, &weights, &densities));
     }
 
+    let experts: Vec<String> = plan.experts.iter().map(|e| e.label.clone()).collect();
+    if let Some(kept) = retained {
+        let index: BTreeMap<&str, &Vec<(usize, f64)>> =
+            kept.iter().map(|(k, v)| (k.as_str(), v)).collect();
+        for m in &mut modules {
+            let mut shares = vec![None; experts.len()];
+            for &(e, share) in index.get(m.module.as_str()).copied().into_iter().flatten() {
+                shares[e] = Some(share);
+            }
+            m.retained_energy = Some(shares);
+        }
+    }
+    Ok(assemble(experts, modules))
+}
+
+/// Measures PEFT adapters against each other, without a base or a recipe: each update is
+/// `s·B·A`, weighted 1 and trimmed to `density`. The adapters must be for the same base (by the
+/// last part of `base_model_name_or_path`) and agree on the shape of every module they share;
+/// a module some adapter leaves alone counts as a zero update for it.
+pub fn analyze_adapters(dirs: &[PathBuf], density: f32) -> Result<Report> {
+    let adapters = dirs.iter().map(Adapter::open).collect::<Result<Vec<_>>>()?;
+    let base_name = |a: &Adapter| {
+        a.config().base_model_name_or_path.as_deref().map(|b| {
+            b.trim_end_matches('/')
+                .rsplit('/')
+                .next()
+                .unwrap_or(b)
+                .to_string()
+        })
+    };
+    let mismatch = |message: String| Error::Adapter {
+        path: dirs[0].clone(),
+        message,
+    };
+    for (dir, a) in dirs.iter().zip(&adapters).skip(1) {
+        if let (Some(first), Some(this)) = (base_name(&adapters[0]), base_name(a)) {
+            if first != this {
+                return Err(mismatch(format!(
+                    "is an adapter for base `{first}` but `{}` is for `{this}`: adapters for different bases cannot be compared",
+                    dir.display()
+                )));
+            }
+        }
+    }
+    let mut shapes: BTreeMap<String, ([usize; 2], usize)> = BTreeMap::new();
+    for (i, a) in adapters.iter().enumerate() {
+        for (name, module) in a.modules() {
+            let (shape, first) = *shapes
+                .entry(name.clone())
+                .or_insert((module.target_shape, i));
+            if shape != module.target_shape {
+                return Err(mismatch(format!(
+                    "module `{name}` updates a {:?} weight in `{}` but a {:?} weight in `{}`: the adapters are for different bases",
+                    shape,
+                    dirs[first].display(),
+                    module.target_shape,
+                    dirs[i].display()
+                )));
+            }
+        }
+    }
+    if shapes.is_empty() {
+        return Err(mismatch("the adapters adapt no module".to_string()));
+    }
+    let weights = vec![1.0; adapters.len()];
+    let densities = vec![density; adapters.len()];
+    let mut modules = Vec::with_capacity(shapes.len());
+    for (name, ([rows, cols], _)) in &shapes {
+        let deltas = adapters
+            .iter()
+            .map(|a| Ok(a.delta(name)?.unwrap_or_else(|| vec![0.0; rows * cols])))
+            .collect::<Result<Vec<_>>>()?;
+        modules.push(module_conflicts(name, &deltas, &weights, &densities));
+    }
+    Ok(assemble(adapter_labels(dirs), modules))
+}
+
+/// The adapters' folder names, or their paths where two folders share a name.
+fn adapter_labels(dirs: &[PathBuf]) -> Vec<String> {
+    let names: Vec<String> = dirs
+        .iter()
+        .map(|d| {
+            d.file_name().map_or(d.display().to_string(), |n| {
+                n.to_string_lossy().into_owned()
+            })
+        })
+        .collect();
+    let unique = names
+        .iter()
+        .collect::<std::collections::BTreeSet<_>>()
+        .len()
+        == names.len();
+    if unique {
+        names
+    } else {
+        dirs.iter().map(|d| d.display().to_string()).collect()
+    }
+}
+
+/// Aggregates per-module metrics by layer and module type, and the mean cosine matrix and
+/// retained energies over modules.
+fn assemble(experts: Vec<String>, modules: Vec<ModuleConflicts>) -> Report {
     let mut layers: BTreeMap<(usize, String), Vec<&ModuleConflicts>> = BTreeMap::new();
     let mut kinds: BTreeMap<String, Vec<&ModuleConflicts>> = BTreeMap::new();
     for m in &modules {
@@ -146,7 +261,7 @@ pub fn analyze(recipe: Recipe) -> Result<Report> {
         .into_iter()
         .map(|(name, members)| group(name, &members))
         .collect();
-    let t = plan.experts.len();
+    let t = experts.len();
     let mut cosine = vec![vec![0.0; t]; t];
     for m in &modules {
         for (i, row) in cosine.iter_mut().enumerate() {
@@ -155,13 +270,28 @@ pub fn analyze(recipe: Recipe) -> Result<Report> {
             }
         }
     }
-    Ok(Report {
-        experts: plan.experts.iter().map(|e| e.label.clone()).collect(),
+    let retained_energy = modules
+        .iter()
+        .any(|m| m.retained_energy.is_some())
+        .then(|| {
+            (0..t)
+                .map(|e| {
+                    let shares: Vec<f64> = modules
+                        .iter()
+                        .filter_map(|m| m.retained_energy.as_ref()?[e])
+                        .collect();
+                    (!shares.is_empty()).then(|| shares.iter().sum::<f64>() / shares.len() as f64)
+                })
+                .collect()
+        });
+    Report {
+        experts,
         modules,
         by_layer,
         by_type,
         cosine,
-    })
+        retained_energy,
+    }
 }
 
 #[cfg(test)]

@@ -113,6 +113,7 @@ mod tests {
             cosine: vec![vec![1.0, -0.5], vec![-0.5, 1.0]],
             topk_overlap: vec![vec![1.0, 0.0], vec![0.0, 1.0]],
             norms: vec![1.0, 1.0],
+            retained_energy: None,
         }
     }
 
@@ -123,6 +124,7 @@ mod tests {
             by_layer: vec![],
             by_type: vec![],
             cosine: vec![vec![1.0, -0.5], vec![-0.5, 1.0]],
+            retained_energy: None,
         }
     }
 

@@ -310,6 +310,36 @@ impl LoraMerge {
         Ok((a, b))
     }
 
+    /// A module's `A` row length and `B` row count (`A` is `r × k` and `B` is `m × r` whatever
+    /// the layout of the base weight).
+    fn dims(&self, name: &str, experts: &[usize]) -> (usize, usize) {
+        let adapter = &self.adapters[experts[0]].1;
+        let module = &adapter.modules()[name];
+        let shape = |key: &str| adapter.file().info(key).expect("indexed").shape.clone();
+        (shape(&module.a_key)[1], shape(&module.b_key)[0])
+    }
+
+    /// Core-space merges: for every module, the share of each adapting expert's update that
+    /// the merge keeps, by expert index (computed as the merge computes it, without writing).
+    /// `None` for `cat` (exact) and `svd`.
+    pub fn retained_energy(&self) -> Result<Option<BTreeMap<String, Vec<(usize, f64)>>>> {
+        let LoraMethod::Core(method, target) = self.method else {
+            return Ok(None);
+        };
+        self.modules
+            .par_iter()
+            .map(|(name, experts)| {
+                let (cols, rows) = self.dims(name, experts);
+                let merged = self.core_merge(name, experts, method, target, cols, rows)?;
+                Ok((
+                    name.clone(),
+                    experts.iter().copied().zip(merged.retained).collect(),
+                ))
+            })
+            .collect::<Result<_>>()
+            .map(Some)
+    }
+
     /// Merges one module: its two output tensors, its path, its rank and the energy the
     /// factoring discarded (`None` for `cat`, which is exact).
     fn merge_module(&self, name: &str, experts: &[usize], dtype: Dtype) -> Result<ModuleOutput> {
@@ -318,21 +348,8 @@ impl LoraMerge {
         let mut retained = Vec::new();
         let mut sign_conflict = None;
         let rank = self.rank(name, experts);
-        let (first_adapter, first) = {
-            let adapter = &self.adapters[experts[0]].1;
-            (adapter, &adapter.modules()[name])
-        };
-        // A is [r, k] and B is [m, r] whatever the layout of the base weight.
-        let a_rows_len = first_adapter
-            .file()
-            .info(&first.a_key)
-            .expect("indexed")
-            .shape[1];
-        let b_rows = first_adapter
-            .file()
-            .info(&first.b_key)
-            .expect("indexed")
-            .shape[0];
+        let first = &self.adapters[experts[0]].1.modules()[name];
+        let (a_rows_len, b_rows) = self.dims(name, experts);
         let (a, b, rank) = match self.method {
             LoraMethod::Core(method, target) => {
                 let merged = self.core_merge(name, experts, method, target, a_rows_len, b_rows)?;
