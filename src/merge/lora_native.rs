@@ -48,6 +48,9 @@ enum LoraMethod {
     Core(Method, RankTarget),
 }
 
+/// Per module, (expert index, share of its update the merge keeps).
+pub type RetainedEnergy = BTreeMap<String, Vec<(usize, f64)>>;
+
 /// A checked adapter-to-adapter merge.
 #[derive(Debug)]
 pub struct LoraMerge {
@@ -322,7 +325,7 @@ impl LoraMerge {
     /// Core-space merges: for every module, the share of each adapting expert's update that
     /// the merge keeps, by expert index (computed as the merge computes it, without writing).
     /// `None` for `cat` (exact) and `svd`.
-    pub fn retained_energy(&self) -> Result<Option<BTreeMap<String, Vec<(usize, f64)>>>> {
+    pub fn retained_energy(&self) -> Result<Option<RetainedEnergy>> {
         let LoraMethod::Core(method, target) = self.method else {
             return Ok(None);
         };
