@@ -5,7 +5,14 @@
 //! (for `svd`, of the expert weight, which plays λ's part), picks each method's λ on the
 //! validation inputs and reports its score on the test inputs: mean ± std over the seeds.
 //!
-//!     cargo run --release --example planted_conflict -- [--seeds 5] [--conflict 0.5] [--out DIR]
+//!     cargo run --release --example planted_conflict -- [--seeds 5] [--vary overlap|conflict]
+//!         [--rank 32] [--densities 0.5] [--out DIR]
+//!
+//! `--vary overlap` (the default) runs overlap 0, 0.25, ..., 1 at conflict 0.5; `--vary
+//! conflict` runs conflict 0, 0.25, 0.5 at overlap 0.5 (conflict 0.5 is a coin flip per entry:
+//! as conflicted as it gets). `--rank` is the rank of the LoRA outputs (svd, core-space
+//! methods): 32 is the experts' ranks summed, so nothing is truncated. `--densities` lists the
+//! densities tried (with λ) for the methods that trim.
 //!
 //! Sweeps resume: a rerun with the same output directory only prints the table.
 
@@ -17,7 +24,7 @@ use mmx::recipe::sweep::{MethodEntry, Search, Sweep, Template, Values};
 use mmx::recipe::Scalar;
 use mmx::sweep::{run_sweep, Shard, SweepOptions, TrialResult};
 
-const OVERLAPS: [f64; 5] = [0.0, 0.25, 0.5, 0.75, 1.0];
+const LEVELS: [f64; 5] = [0.0, 0.25, 0.5, 0.75, 1.0];
 const LAMBDAS: [f64; 9] = [0.25, 0.375, 0.5, 0.625, 0.75, 1.0, 1.25, 1.5, 2.0];
 
 fn list(values: &[f64]) -> Values {
@@ -25,18 +32,18 @@ fn list(values: &[f64]) -> Values {
 }
 
 /// The methods compared, each with the label the table uses.
-fn methods() -> Vec<(&'static str, MethodEntry)> {
+fn methods(rank: usize, densities: &[f64]) -> Vec<(&'static str, MethodEntry)> {
     let entry = |method: &str, lora: bool, params: Vec<(&str, Values)>| MethodEntry {
         method: method.to_string(),
         output: Some(if lora { "lora" } else { "delta" }.to_string()),
         space: Some(if lora { "core" } else { "full" }.to_string()).filter(|_| method != "svd"),
-        rank: lora.then(|| serde_json::json!(16)),
+        rank: lora.then(|| serde_json::json!(rank)),
         parameters: params
             .into_iter()
             .map(|(k, v)| (k.to_string(), v))
             .collect(),
     };
-    let half = || list(&[0.5]);
+    let half = || list(densities);
     vec![
         (
             "task_arithmetic",
@@ -100,22 +107,37 @@ fn mean_std(values: &[f64]) -> (f64, f64) {
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut seeds = 5u64;
-    let mut conflict = 0.5;
+    let mut vary = "overlap".to_string();
+    let mut rank = 32usize;
+    let mut densities = vec![0.5];
     let mut out = PathBuf::from("out/planted-conflict");
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         let mut value = || args.next().ok_or(format!("{arg} needs a value"));
         match arg.as_str() {
             "--seeds" => seeds = value()?.parse()?,
-            "--conflict" => conflict = value()?.parse()?,
+            "--vary" => vary = value()?,
+            "--rank" => rank = value()?.parse()?,
+            "--densities" => {
+                densities = value()?
+                    .split(',')
+                    .map(str::parse)
+                    .collect::<Result<_, _>>()?
+            }
             "--out" => out = PathBuf::from(value()?),
             other => return Err(format!("unknown argument {other}").into()),
         }
     }
-    let labels = methods();
-    // (overlap index, label) -> test score of the validation-best λ, one per seed.
+    let levels: Vec<(f64, f64)> = match vary.as_str() {
+        "overlap" => LEVELS.iter().map(|&o| (o, 0.5)).collect(),
+        "conflict" => LEVELS[..3].iter().map(|&c| (0.5, c)).collect(),
+        other => return Err(format!("--vary {other}: expected overlap or conflict").into()),
+    };
+    let labels = methods(rank, &densities);
+    let tag: Vec<String> = densities.iter().map(|d| d.to_string()).collect();
+    // (level index, label) -> test score of the validation-best trial, one per seed.
     let mut scores: BTreeMap<(usize, &str), Vec<f64>> = BTreeMap::new();
-    for (o, &overlap) in OVERLAPS.iter().enumerate() {
+    for (o, &(overlap, conflict)) in levels.iter().enumerate() {
         for seed in 0..seeds {
             let spec = PlantedSpec {
                 overlap,
@@ -123,7 +145,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 seed,
                 ..PlantedSpec::default()
             };
-            let dir = out.join(format!("overlap{overlap}-conflict{conflict}-seed{seed}"));
+            let dir = out.join(format!(
+                "overlap{overlap}-conflict{conflict}-seed{seed}-rank{rank}-density{}",
+                tag.join("_")
+            ));
             let sweep = Sweep {
                 path: dir.join("sweep (built by examples/planted_conflict.rs)"),
                 template: Template::Planted(spec),
@@ -155,7 +180,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                     .push(r.test.expect("planted trials are scored"));
             }
             eprintln!(
-                "overlap {overlap} seed {seed}: {} trials ({} run now)",
+                "overlap {overlap} conflict {conflict} seed {seed}: {} trials ({} run now)",
                 report.results.len(),
                 report.ran
             );
@@ -163,29 +188,68 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
 
     println!(
-        "Normalised test performance (1 = each expert on its own task, 0 = the base), λ picked on validation; mean ± std over {seeds} seeds; conflict {conflict}, 4 experts, rank 8, 2 layers × (q_proj, v_proj) of 64×64, leak 0.5.\n"
+        "Normalised test performance (1 = each expert on its own task, 0 = the base), λ{} picked on validation; mean ± std over {seeds} seeds; 4 experts of rank 8, 2 layers × (q_proj, v_proj) of 64×64, leak 0.5; LoRA outputs of rank {rank}.\n",
+        if densities.len() > 1 { format!(" and density ({})", tag.join(", ")) } else { format!(" (density {})", tag.join(", ")) }
     );
-    let header: Vec<String> = OVERLAPS.iter().map(|o| format!("overlap {o}")).collect();
+    let header: Vec<String> = levels
+        .iter()
+        .map(|(o, c)| {
+            if vary == "overlap" {
+                format!("overlap {o}")
+            } else {
+                format!("conflict {c}")
+            }
+        })
+        .collect();
     println!("| method | {} | mean |", header.join(" | "));
-    println!("|---|{}---|", "---|".repeat(OVERLAPS.len()));
+    println!("|---|{}---|", "---|".repeat(levels.len()));
     for (label, _) in &labels {
-        let cells: Vec<String> = (0..OVERLAPS.len())
+        let cells: Vec<String> = (0..levels.len())
             .map(|o| {
                 let (m, s) = mean_std(&scores[&(o, *label)]);
                 format!("{m:.3} ± {s:.3}")
             })
             .collect();
-        // The average over overlap levels, per seed, then mean ± std over seeds.
+        // The average over levels, per seed, then mean ± std over seeds.
         let per_seed: Vec<f64> = (0..seeds as usize)
             .map(|i| {
-                (0..OVERLAPS.len())
+                (0..levels.len())
                     .map(|o| scores[&(o, *label)][i])
                     .sum::<f64>()
-                    / OVERLAPS.len() as f64
+                    / levels.len() as f64
             })
             .collect();
         let (m, s) = mean_std(&per_seed);
         println!("| {label} | {} | {m:.3} ± {s:.3} |", cells.join(" | "));
+    }
+    // Seeds share their problems across methods: the paired difference is the sharper test.
+    println!("\nCACI minus each method, paired by seed (mean ± std over seeds):\n");
+    println!("| caci − | {} | mean |", header.join(" | "));
+    println!("|---|{}---|", "---|".repeat(levels.len()));
+    let difference = |o: usize, label: &str| -> Vec<f64> {
+        scores[&(o, "caci")]
+            .iter()
+            .zip(&scores[&(o, label)])
+            .map(|(c, m)| c - m)
+            .collect()
+    };
+    for (label, _) in labels.iter().filter(|(l, _)| *l != "caci") {
+        let cells: Vec<String> = (0..levels.len())
+            .map(|o| {
+                let (m, s) = mean_std(&difference(o, label));
+                format!("{m:+.3} ± {s:.3}")
+            })
+            .collect();
+        let per_seed: Vec<f64> = (0..seeds as usize)
+            .map(|i| {
+                (0..levels.len())
+                    .map(|o| difference(o, label)[i])
+                    .sum::<f64>()
+                    / levels.len() as f64
+            })
+            .collect();
+        let (m, s) = mean_std(&per_seed);
+        println!("| {label} | {} | {m:+.3} ± {s:.3} |", cells.join(" | "));
     }
     Ok(())
 }

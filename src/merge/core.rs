@@ -1,14 +1,20 @@
 //! Core space (DESIGN.md §5): LoRA updates merged through small matrices, never forming an
 //! out×in matrix, and truncated SVD of a low-rank product.
 //!
-//! With `Q_B` an orthonormal basis of the experts' stacked `s_t·B_t` (columns) and `Q_A` of
-//! their stacked `A_t` (rows), expert t's update is `Q_B·M_t·Q_Aᵀ` exactly, with
-//! `M_t = (Q_Bᵀ·s_t·B_t)·(A_t·Q_A)` of size at most `R × R`, `R = Σ r_t`. Any method runs on
-//! the `M_t` as on any tensor (the base is zero there), and the merged core is factored by SVD.
-//! The bases are the principal directions of the stacked factors (see [`principal_basis`]).
-//! Both bases are orthonormal, so norms in core space are the norms of the full updates.
+//! With `F_B` spanning the experts' stacked `s_t·B_t` (columns) and `F_A` their stacked `A_t`
+//! (rows), expert t's update is `F_B·M_t·F_Aᵀ` exactly, with `M_t = (F_Bᵀ·s_t·B_t)·(A_t·F_A)`
+//! of size at most `R × R`, `R = Σ r_t`. Any method runs on the `M_t` as on any tensor (the
+//! base is zero there), and the merged core is factored by SVD. `F_B` and `F_A` are Parseval
+//! frames (see [`Frame`]): `F·Fᵀ` projects onto the experts' span, so `Fᵀ` keeps the norms of
+//! their updates and `F` maps the core back exactly.
+//!
+//! Everything is computed from the `R × R` Gram matrices of the stacked factors: the only
+//! products with the module's own dimensions are the two Gram matrices and the two output
+//! factors.
 
-use faer::Mat;
+use faer::linalg::matmul::triangular::{self, BlockStructure};
+use faer::linalg::solvers::SelfAdjointEigen;
+use faer::{Accum, Mat, MatRef, Par, Side};
 
 use super::method::{merge_tensor, ExpertParams, GlobalParams, Method, TensorJob};
 use crate::error::{Error, Result};
@@ -51,9 +57,136 @@ pub struct Truncated {
     pub rank: usize,
     /// The share of the squared Frobenius norm that truncation discarded.
     pub discarded: f64,
-    /// The kept singular vectors of the core, left (`core rows × rank`) and right.
-    left: Mat<f64>,
-    right: Mat<f64>,
+}
+
+/// Eigenvalues below this share of the largest count as zero (singular values below 1e-8 of
+/// the largest: directions the factors do not really have).
+const NEGLIGIBLE: f64 = 1e-16;
+
+fn eigen(m: MatRef<'_, f64>, tensor: &str) -> Result<SelfAdjointEigen<f64>> {
+    m.self_adjoint_eigen(Side::Lower)
+        .map_err(|e| Error::Parameter {
+            name: "factors".to_string(),
+            tensor: tensor.to_string(),
+            message: format!(
+                "the eigendecomposition of the factors' Gram matrix did not converge: {e:?}"
+            ),
+        })
+}
+
+/// The eigenvectors of a symmetric positive semi-definite matrix whose eigenvalues are not
+/// negligible, largest first, with those eigenvalues.
+fn significant(m: MatRef<'_, f64>, tensor: &str) -> Result<(Mat<f64>, Vec<f64>)> {
+    let e = eigen(m, tensor)?;
+    let values = e.S().column_vector();
+    let n = values.nrows();
+    let largest = (0..n).map(|i| values[i]).fold(0.0, f64::max);
+    // faer sorts eigenvalues in ascending order.
+    let keep: Vec<usize> = (0..n)
+        .rev()
+        .filter(|&i| values[i] > largest * NEGLIGIBLE && values[i] > 0.0)
+        .collect();
+    let vectors = Mat::from_fn(n, keep.len(), |r, c| e.U()[(r, keep[c])]);
+    Ok((vectors, keep.iter().map(|&i| values[i]).collect()))
+}
+
+/// One side's core-space coordinates: a Parseval frame `F = X·T` of the span of the stacked
+/// factors `X` (`n × R`), given by the `R × K` matrix `T`, and `P = Fᵀ·F`, the projector onto
+/// the coordinates that map back to something.
+///
+/// `F` is the polar factor (the nearest matrix with orthonormal rows in its span) of
+/// `[U_1 … U_T]`, `U_t` the singular directions of expert t's update alone (see
+/// [`expert_directions`]): one coordinate per direction of each expert. Coordinate-wise
+/// methods (trim, sign vote) see these coordinates, so they matter: each expert's update stays
+/// on its own coordinates as far as the experts' subspaces allow (a direction they share is
+/// shared by their coordinates), and the frame is the same whatever order the experts come in.
+/// A QR basis of the stack would follow the first expert and make the merge depend on the
+/// recipe's order; the principal directions of the whole stack would spread every expert over
+/// every coordinate, so that trimming cuts into each of them.
+struct Frame {
+    t: Mat<f64>,
+    projector: Mat<f64>,
+}
+
+impl Frame {
+    /// From the Gram matrix `G = Xᵀ·X` of the stack and, per expert, the `r_t × k_t` matrix
+    /// `C_t` whose `X_t·C_t` are that expert's directions (orthonormal): the polar factor of
+    /// `W = [X_1·C_1 … X_T·C_T]` is `W·(WᵀW)^(-1/2)` on W's range.
+    fn polar(gram: &Mat<f64>, directions: &[Mat<f64>], tensor: &str) -> Result<Frame> {
+        let width: usize = directions.iter().map(Mat::ncols).sum();
+        let mut c = Mat::<f64>::zeros(gram.nrows(), width);
+        let (mut row, mut column) = (0, 0);
+        for block in directions {
+            c.get_mut(row..row + block.nrows(), column..column + block.ncols())
+                .copy_from(block);
+            row += block.nrows();
+            column += block.ncols();
+        }
+        let w_gram = c.transpose() * gram * &c;
+        let (q, omega) = significant(w_gram.as_ref(), tensor)?;
+        let scaled = Mat::from_fn(q.nrows(), q.ncols(), |i, j| q[(i, j)] / omega[j].sqrt());
+        Ok(Frame {
+            t: &c * scaled * q.transpose(),
+            projector: &q * q.transpose(),
+        })
+    }
+
+    fn width(&self) -> usize {
+        self.t.ncols()
+    }
+}
+
+/// Per expert, the left and the right `C_t` of [`expert_directions`].
+type Directions = (Vec<Mat<f64>>, Vec<Mat<f64>>);
+
+/// Each expert's singular directions, from the Gram matrices of the stacks: for expert t with
+/// `X_B,t = s_t·B_t` and `X_A,t = A_tᵀ`, the matrices `C_B,t` and `C_A,t` such that
+/// `s_t·B_t·A_t = (X_B,t·C_B,t)·Σ_t·(X_A,t·C_A,t)ᵀ` is the update's SVD.
+///
+/// Singular directions of the update itself, not of `B_t` and `A_t` apart, so that the
+/// coordinates do not depend on how a LoRA splits its update between its factors (`B·R`,
+/// `R⁻¹·A` give the same merge), and an expert alone in its subspace has a diagonal core.
+fn expert_directions(
+    gram_b: &Mat<f64>,
+    gram_a: &Mat<f64>,
+    ranks: &[usize],
+    tensor: &str,
+) -> Result<Directions> {
+    let mut left = Vec::with_capacity(ranks.len());
+    let mut right = Vec::with_capacity(ranks.len());
+    let mut offset = 0;
+    for &r in ranks {
+        let block = offset..offset + r;
+        // X_B = U_B·S_B·V_Bᵀ and X_A = U_A·S_A·V_Aᵀ from the eigenvectors of their Gram blocks.
+        let (v_b, l_b) = significant(gram_b.get(block.clone(), block.clone()), tensor)?;
+        let (v_a, l_a) = significant(gram_a.get(block.clone(), block), tensor)?;
+        let s_b: Vec<f64> = l_b.iter().map(|l| l.sqrt()).collect();
+        let s_a: Vec<f64> = l_a.iter().map(|l| l.sqrt()).collect();
+        // B·A = U_B·K·U_Aᵀ with K = S_B·V_Bᵀ·V_A·S_A; K = P·Σ·Qᵀ.
+        let inner = v_b.transpose() * &v_a;
+        let k = Mat::from_fn(s_b.len(), s_a.len(), |i, j| s_b[i] * inner[(i, j)] * s_a[j]);
+        let svd = Svd::of(&k, RankTarget::Energy(1.0), tensor)?;
+        let sigma_max = svd.s.first().copied().unwrap_or(0.0);
+        let kept = svd
+            .s
+            .iter()
+            .take_while(|&&x| x > sigma_max * 1e-8)
+            .count()
+            .max(1);
+        // U_B·P = X_B·V_B·S_B⁻¹·P, and U_A·Q likewise.
+        left.push(Mat::from_fn(r, kept, |i, j| {
+            (0..s_b.len())
+                .map(|m| v_b[(i, m)] / s_b[m] * svd.u[(m, j)])
+                .sum()
+        }));
+        right.push(Mat::from_fn(r, kept, |i, j| {
+            (0..s_a.len())
+                .map(|m| v_a[(i, m)] / s_a[m] * svd.v[(m, j)])
+                .sum()
+        }));
+        offset += r;
+    }
+    Ok((left, right))
 }
 
 /// Runs `method` on the core-space matrices of one module's experts and factors the result
@@ -85,33 +218,42 @@ pub fn merge_in_core(
             });
         }
     }
-    let r: usize = experts.iter().map(|f| f.rank).sum();
+    let ranks: Vec<usize> = experts.iter().map(|f| f.rank).collect();
+    let r: usize = ranks.iter().sum();
+    // The stacks, both `n × R`: the scaled B's side by side, and the A's transposed.
     let mut b_stack = Mat::<f64>::zeros(rows, r);
     let mut a_stack_t = Mat::<f64>::zeros(cols, r);
     let mut offset = 0;
     for f in experts {
         let s = f64::from(f.scale);
-        for i in 0..rows {
-            for j in 0..f.rank {
-                b_stack[(i, offset + j)] = s * f64::from(f.b[i * f.rank + j]);
-            }
-        }
         for j in 0..f.rank {
-            for i in 0..cols {
-                a_stack_t[(i, offset + j)] = f64::from(f.a[j * cols + i]);
+            let column = b_stack.col_mut(offset + j);
+            for (i, v) in column.iter_mut().enumerate() {
+                *v = s * f64::from(f.b[i * f.rank + j]);
+            }
+            let column = a_stack_t.col_mut(offset + j);
+            let row = &f.a[j * cols..(j + 1) * cols];
+            for (v, a) in column.iter_mut().zip(row) {
+                *v = f64::from(*a);
             }
         }
         offset += f.rank;
     }
-    let q_b = principal_basis(&b_stack, name)?;
-    let q_a = principal_basis(&a_stack_t, name)?;
-    let (core_rows, core_cols) = (q_b.ncols(), q_a.ncols());
+    let gram_b = gram(&b_stack);
+    let gram_a = gram(&a_stack_t);
+    let (left, right) = expert_directions(&gram_b, &gram_a, &ranks, name)?;
+    let frame_b = Frame::polar(&gram_b, &left, name)?;
+    let frame_a = Frame::polar(&gram_a, &right, name)?;
+    let (core_rows, core_cols) = (frame_b.width(), frame_a.width());
+
+    // M_t = (F_Bᵀ·X_B,t)·(X_A,tᵀ·F_A) = (T_Bᵀ·G_B[:, t])·(G_A[t, :]·T_A).
     let mut cores = Vec::with_capacity(experts.len());
     let mut offset = 0;
     for f in experts {
-        let p = q_b.transpose() * b_stack.get(.., offset..offset + f.rank);
-        let n = a_stack_t.get(.., offset..offset + f.rank).transpose() * &q_a;
-        let m = &p * &n;
+        let block = offset..offset + f.rank;
+        let left = frame_b.t.transpose() * gram_b.get(.., block.clone());
+        let right = gram_a.get(block, ..) * &frame_a.t;
+        let m = left * right;
         cores.push(
             (0..core_rows)
                 .flat_map(|i| (0..core_cols).map(move |j| (i, j)))
@@ -137,13 +279,20 @@ pub fn merge_in_core(
     let core = Mat::<f64>::from_fn(core_rows, core_cols, |i, j| {
         f64::from(merged.values[i * core_cols + j])
     });
-    let factored = factor(&q_b, &core, &q_a, target, name)?;
+    // What the frames cannot map back is dropped before factoring, so that the SVD of the
+    // core is the SVD of the merged update.
+    let core = &frame_b.projector * core * &frame_a.projector;
+    let svd = Svd::of(&core, target, name)?;
+    // B = F_B·U_k·S_k = X_B·(T_B·U_k·S_k); A = (F_A·V_k)ᵀ = (X_A·T_A·V_k)ᵀ.
+    let k = svd.k;
+    let b_out = &b_stack * (&frame_b.t * svd.u.get(.., ..k) * svd.s_k());
+    let a_out = &a_stack_t * (&frame_a.t * svd.v.get(.., ..k));
     let retained = cores
         .iter()
         .map(|m| {
             let m =
                 Mat::<f64>::from_fn(core_rows, core_cols, |i, j| f64::from(m[i * core_cols + j]));
-            let projected = factored.left.transpose() * &m * &factored.right;
+            let projected = svd.u.get(.., ..k).transpose() * &m * svd.v.get(.., ..k);
             let (kept, all) = (projected.norm_l2(), m.norm_l2());
             if all > 0.0 {
                 kept / all
@@ -153,33 +302,98 @@ pub fn merge_in_core(
         })
         .collect();
     Ok(CoreMerged {
-        factored,
+        factored: Truncated {
+            a: transposed_row_major(&a_out),
+            b: row_major(&b_out),
+            rank: k,
+            discarded: svd.discarded,
+        },
         retained,
         sign_conflict: merged.stats.sign_conflict,
     })
 }
 
-/// An orthonormal basis of the column span of `m`: its left singular vectors, largest first,
-/// without the directions of (numerically) zero singular value.
-///
-/// Any orthonormal basis makes the core exact, but coordinate-wise methods (trim, sign vote)
-/// see the coordinates: singular vectors are the same whatever the experts' order (up to a
-/// sign per direction, which flips that coordinate for every expert at once), and a direction
-/// several experts share is one coordinate where their updates meet. A QR basis would follow
-/// the first expert's columns and make the merge depend on the recipe's order.
-fn principal_basis(m: &Mat<f64>, tensor: &str) -> Result<Mat<f64>> {
-    let svd = m.thin_svd().map_err(|e| Error::Parameter {
-        name: "factors".to_string(),
-        tensor: tensor.to_string(),
-        message: format!("the SVD of the stacked LoRA factors did not converge: {e:?}"),
-    })?;
-    let s = svd.S().column_vector();
-    let largest = if s.nrows() > 0 { s[0] } else { 0.0 };
-    let keep = (0..s.nrows())
-        .take_while(|&i| s[i] > largest * 1e-10)
-        .count()
-        .max(1);
-    Ok(svd.U().get(.., ..keep).to_owned())
+/// `Xᵀ·X`, computing one triangle (half the work of a general product) and mirroring it.
+fn gram(x: &Mat<f64>) -> Mat<f64> {
+    let n = x.ncols();
+    let mut g = Mat::<f64>::zeros(n, n);
+    triangular::matmul(
+        g.as_mut(),
+        BlockStructure::TriangularLower,
+        Accum::Replace,
+        x.transpose(),
+        BlockStructure::Rectangular,
+        x.as_ref(),
+        BlockStructure::Rectangular,
+        1.0,
+        Par::Seq,
+    );
+    for j in 0..n {
+        for i in 0..j {
+            g[(i, j)] = g[(j, i)];
+        }
+    }
+    g
+}
+
+fn row_major(m: &Mat<f64>) -> Vec<f32> {
+    (0..m.nrows())
+        .flat_map(|i| (0..m.ncols()).map(move |j| m[(i, j)] as f32))
+        .collect()
+}
+
+fn transposed_row_major(m: &Mat<f64>) -> Vec<f32> {
+    (0..m.ncols())
+        .flat_map(|j| (0..m.nrows()).map(move |i| m[(i, j)] as f32))
+        .collect()
+}
+
+/// The SVD of a small core and the rank a target keeps.
+struct Svd {
+    u: Mat<f64>,
+    s: Vec<f64>,
+    v: Mat<f64>,
+    k: usize,
+    discarded: f64,
+}
+
+impl Svd {
+    fn of(core: &Mat<f64>, target: RankTarget, tensor: &str) -> Result<Svd> {
+        let svd = core.thin_svd().map_err(|e| Error::Parameter {
+            name: "rank".to_string(),
+            tensor: tensor.to_string(),
+            message: format!("the SVD of the merged update did not converge: {e:?}"),
+        })?;
+        let values = svd.S().column_vector();
+        let s: Vec<f64> = (0..values.nrows()).map(|i| values[i]).collect();
+        let energies: Vec<f64> = s.iter().map(|v| v * v).collect();
+        let total: f64 = energies.iter().sum();
+        let k = match target {
+            RankTarget::Fixed(k) => k.min(energies.len()),
+            RankTarget::Energy(fraction) => {
+                let mut kept = 0.0;
+                let mut k = 0;
+                while k < energies.len() && kept < fraction * total {
+                    kept += energies[k];
+                    k += 1;
+                }
+                k.max(1).min(energies.len())
+            }
+        };
+        let kept: f64 = energies[..k].iter().sum();
+        Ok(Svd {
+            u: svd.U().to_owned(),
+            s,
+            v: svd.V().to_owned(),
+            k,
+            discarded: if total > 0.0 { 1.0 - kept / total } else { 0.0 },
+        })
+    }
+
+    /// The kept singular values as a diagonal matrix.
+    fn s_k(&self) -> Mat<f64> {
+        Mat::from_fn(self.k, self.k, |i, j| if i == j { self.s[i] } else { 0.0 })
+    }
 }
 
 /// Truncates the update `B·A` (`b` is `rows × r`, `a` is `r × cols`, row-major) to `target`
@@ -199,64 +413,15 @@ pub fn truncate(
     let a_t = Mat::<f64>::from_fn(cols, r, |i, j| f64::from(a[j * cols + i]));
     let (qr_b, qr_a) = (b_mat.qr(), a_t.qr());
     let core = qr_b.thin_R() * qr_a.thin_R().transpose();
-    factor(
-        &qr_b.compute_thin_Q(),
-        &core,
-        &qr_a.compute_thin_Q(),
-        target,
-        tensor,
-    )
-}
-
-/// Factors `Q_B·C·Q_Aᵀ` (orthonormal `Q_B`, `Q_A`; small core `C`) at a rank target through the
-/// SVD `C = U·S·Vᵀ`: `B = Q_B·U_k·S_k` (the singular values in `B`, as PEFT does) and
-/// `A = (Q_A·V_k)ᵀ`.
-fn factor(
-    q_b: &Mat<f64>,
-    core: &Mat<f64>,
-    q_a: &Mat<f64>,
-    target: RankTarget,
-    tensor: &str,
-) -> Result<Truncated> {
-    let svd = core.thin_svd().map_err(|e| Error::Parameter {
-        name: "rank".to_string(),
-        tensor: tensor.to_string(),
-        message: format!("the SVD of the merged update did not converge: {e:?}"),
-    })?;
-    let s = svd.S().column_vector();
-    let energies: Vec<f64> = (0..s.nrows()).map(|i| s[i] * s[i]).collect();
-    let total: f64 = energies.iter().sum();
-    let k = match target {
-        RankTarget::Fixed(k) => k.min(energies.len()),
-        RankTarget::Energy(fraction) => {
-            let mut kept = 0.0;
-            let mut k = 0;
-            while k < energies.len() && kept < fraction * total {
-                kept += energies[k];
-                k += 1;
-            }
-            k.max(1).min(energies.len())
-        }
-    };
-    let kept: f64 = energies[..k].iter().sum();
-    let left = q_b * svd.U().get(.., ..k);
-    let right = q_a * svd.V().get(.., ..k);
-    let (rows, cols) = (left.nrows(), right.nrows());
-    let b_out: Vec<f32> = (0..rows)
-        .flat_map(|i| (0..k).map(move |j| (i, j)))
-        .map(|(i, j)| (left[(i, j)] * s[j]) as f32)
-        .collect();
-    let a_out: Vec<f32> = (0..k)
-        .flat_map(|i| (0..cols).map(move |j| (i, j)))
-        .map(|(i, j)| right[(j, i)] as f32)
-        .collect();
+    let svd = Svd::of(&core, target, tensor)?;
+    let k = svd.k;
+    let b_out = qr_b.compute_thin_Q() * svd.u.get(.., ..k) * svd.s_k();
+    let a_out = qr_a.compute_thin_Q() * svd.v.get(.., ..k);
     Ok(Truncated {
-        a: a_out,
-        b: b_out,
+        a: transposed_row_major(&a_out),
+        b: row_major(&b_out),
         rank: k,
-        discarded: if total > 0.0 { 1.0 - kept / total } else { 0.0 },
-        left: svd.U().get(.., ..k).to_owned(),
-        right: svd.V().get(.., ..k).to_owned(),
+        discarded: svd.discarded,
     })
 }
 
@@ -408,6 +573,67 @@ mod tests {
             for (a, b) in forward.iter().zip(&other) {
                 assert!((a - b).abs() < 1e-5 * largest, "{order:?}: {a} vs {b}");
             }
+        }
+    }
+
+    #[test]
+    fn coordinates_do_not_depend_on_how_a_lora_splits_its_update() {
+        // B·R and R⁻¹·A give the same update, so they must give the same merge.
+        let (rows, cols, rank) = (9, 8, 2);
+        let b0 = values(rows * rank, 1);
+        let a0 = values(rank * cols, 2);
+        let b1 = values(rows * rank, 3);
+        let a1 = values(rank * cols, 4);
+        // R = [[2, 1], [0, 0.5]], R⁻¹ = [[0.5, -1], [0, 2]].
+        let b1r: Vec<f32> = b1
+            .chunks(2)
+            .flat_map(|row| [2.0 * row[0], row[0] + 0.5 * row[1]])
+            .collect();
+        let a1r: Vec<f32> = (0..cols)
+            .map(|j| 0.5 * a1[j] - a1[cols + j])
+            .chain((0..cols).map(|j| 2.0 * a1[cols + j]))
+            .collect();
+        let merge = |b: &[f32], a: &[f32]| {
+            let experts = [
+                Factors {
+                    b: &b0,
+                    a: &a0,
+                    rank,
+                    scale: 1.0,
+                },
+                Factors {
+                    b,
+                    a,
+                    rank,
+                    scale: 1.0,
+                },
+            ];
+            let params = (0..2)
+                .map(|_| ExpertParams {
+                    weight: 1.0,
+                    density: 0.5,
+                    gamma: 0.0,
+                    epsilon: 0.0,
+                })
+                .collect();
+            let merged = merge_in_core(
+                "m.weight",
+                rows,
+                cols,
+                &experts,
+                Method::Ties,
+                &Method::Ties.default_globals(),
+                params,
+                vec![0, 1],
+                RankTarget::Fixed(4),
+            )
+            .unwrap();
+            product(&merged.factored, rows, cols)
+        };
+        let (plain, split) = (merge(&b1, &a1), merge(&b1r, &a1r));
+        let largest = plain.iter().fold(0f64, |m, v| m.max(v.abs()));
+        for (x, y) in plain.iter().zip(&split) {
+            assert!((x - y).abs() < 1e-5 * largest, "{x} vs {y}");
         }
     }
 

@@ -423,12 +423,18 @@ impl LoraMerge {
                 }
             }
         };
-        // Modules are independent: merged in parallel, gathered in order.
-        let outputs: Vec<ModuleOutput> = self
-            .modules
-            .par_iter()
-            .map(|(name, experts)| self.merge_module(name, experts, dtype))
-            .collect::<Result<_>>()?;
+        // Modules are independent: merged in parallel, gathered in order, while the inputs
+        // are hashed for the record.
+        let (outputs, inputs) = rayon::join(
+            || {
+                self.modules
+                    .par_iter()
+                    .map(|(name, experts)| self.merge_module(name, experts, dtype))
+                    .collect::<Result<Vec<ModuleOutput>>>()
+            },
+            || self.digests(),
+        );
+        let (outputs, inputs) = (outputs?, inputs?);
         let mut tensors = Vec::with_capacity(outputs.len() * 2);
         let mut ranks = BTreeMap::new();
         let mut discarded = BTreeMap::new();
@@ -469,7 +475,6 @@ impl LoraMerge {
             .then(|| conflict_values.iter().sum::<f64>() / conflict_values.len() as f64);
 
         let config = self.config(&ranks);
-        let inputs = self.digests()?;
         let files = write_dir_atomically(target, force, |tmp| {
             Adapter::save(tmp, &config, &tensors)?;
             let record = json!({
@@ -598,29 +603,56 @@ impl LoraMerge {
         config
     }
 
+    /// Digests of the inputs for `mmx-merge.json`: every file the merge reads whole. The base's
+    /// weights are never read by an adapter-to-adapter merge (only its config and its tensors'
+    /// names and shapes), so its safetensors files are recorded by size and by the digest of
+    /// their header, rather than hashed whole.
     fn digests(&self) -> Result<Vec<Value>> {
-        let mut inputs = Vec::new();
-        let mut base_files = vec![self.base.dir().join("config.json")];
-        base_files.extend(self.base.files().into_iter().map(Path::to_path_buf));
-        let mut groups = vec![(format!("base:{}", self.base.dir().display()), base_files)];
-        for (label, adapter) in &self.adapters {
-            groups.push((
-                format!("expert:{label}"),
-                vec![
-                    adapter.dir().join("adapter_config.json"),
-                    adapter.file().path().to_path_buf(),
-                ],
-            ));
+        let config = self.base.dir().join("config.json");
+        let mut base =
+            vec![json!({"path": config.display().to_string(), "blake3": file_digest(&config)?})];
+        for file in self.base.files() {
+            let bytes = std::fs::metadata(file)
+                .map_err(|e| Error::io(file, e))?
+                .len();
+            base.push(json!({
+                "path": file.display().to_string(),
+                "bytes": bytes,
+                "header_blake3": header_digest(file)?,
+            }));
         }
-        for (role, files) in groups {
-            let files = files
-                .iter()
-                .map(|f| Ok(json!({"path": f.display().to_string(), "blake3": file_digest(f)?})))
-                .collect::<Result<Vec<_>>>()?;
-            inputs.push(json!({"input": role, "files": files}));
+        let mut inputs =
+            vec![json!({"input": format!("base:{}", self.base.dir().display()), "files": base})];
+        for (label, adapter) in &self.adapters {
+            let files = [
+                adapter.dir().join("adapter_config.json"),
+                adapter.file().path().to_path_buf(),
+            ]
+            .iter()
+            .map(|f| Ok(json!({"path": f.display().to_string(), "blake3": file_digest(f)?})))
+            .collect::<Result<Vec<_>>>()?;
+            inputs.push(json!({"input": format!("expert:{label}"), "files": files}));
         }
         Ok(inputs)
     }
+}
+
+/// The blake3 digest of a safetensors file's header: its length prefix and its JSON (tensor
+/// names, dtypes, shapes and offsets).
+fn header_digest(path: &Path) -> Result<String> {
+    use std::io::Read;
+    let mut file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let mut prefix = [0u8; 8];
+    file.read_exact(&mut prefix)
+        .map_err(|e| Error::io(path, e))?;
+    let len = u64::from_le_bytes(prefix).min(crate::tensor::MAX_HEADER_BYTES);
+    let mut header = vec![0u8; len as usize];
+    file.read_exact(&mut header)
+        .map_err(|e| Error::io(path, e))?;
+    let mut hasher = blake3::Hasher::new();
+    hasher.update(&prefix);
+    hasher.update(&header);
+    Ok(hasher.finalize().to_hex().to_string())
 }
 
 /// One module of the output.
