@@ -14,6 +14,7 @@
 
 use faer::linalg::matmul::triangular::{self, BlockStructure};
 use faer::linalg::solvers::SelfAdjointEigen;
+use faer::linalg::triangular_solve::solve_upper_triangular_in_place;
 use faer::{Accum, Mat, MatRef, Par, Side};
 
 use super::method::{merge_tensor, ExpertParams, GlobalParams, Method, TensorJob};
@@ -136,6 +137,15 @@ impl Frame {
     }
 }
 
+/// The lower Cholesky factor of a Gram block, unless the block is (numerically) singular.
+fn cholesky(gram: MatRef<'_, f64>) -> Option<Mat<f64>> {
+    let l = gram.llt(Side::Lower).ok()?.L().to_owned();
+    let diagonal: Vec<f64> = (0..l.nrows()).map(|i| l[(i, i)]).collect();
+    let largest = diagonal.iter().copied().fold(0.0, f64::max);
+    // Pivots below 1e-6 of the largest: too close to dependent columns to invert safely.
+    (largest > 0.0 && diagonal.iter().all(|&d| d > largest * 1e-6)).then_some(l)
+}
+
 /// Per expert, the left and the right `C_t` of [`expert_directions`].
 type Directions = (Vec<Mat<f64>>, Vec<Mat<f64>>);
 
@@ -157,33 +167,48 @@ fn expert_directions(
     let mut offset = 0;
     for &r in ranks {
         let block = offset..offset + r;
-        // X_B = U_B·S_B·V_Bᵀ and X_A = U_A·S_A·V_Aᵀ from the eigenvectors of their Gram blocks.
-        let (v_b, l_b) = significant(gram_b.get(block.clone(), block.clone()), tensor)?;
-        let (v_a, l_a) = significant(gram_a.get(block.clone(), block), tensor)?;
-        let s_b: Vec<f64> = l_b.iter().map(|l| l.sqrt()).collect();
-        let s_a: Vec<f64> = l_a.iter().map(|l| l.sqrt()).collect();
-        // B·A = U_B·K·U_Aᵀ with K = S_B·V_Bᵀ·V_A·S_A; K = P·Σ·Qᵀ.
-        let inner = v_b.transpose() * &v_a;
-        let k = Mat::from_fn(s_b.len(), s_a.len(), |i, j| s_b[i] * inner[(i, j)] * s_a[j]);
-        let svd = Svd::of(&k, RankTarget::Energy(1.0), tensor)?;
-        let sigma_max = svd.s.first().copied().unwrap_or(0.0);
-        let kept = svd
-            .s
-            .iter()
-            .take_while(|&&x| x > sigma_max * 1e-8)
-            .count()
-            .max(1);
-        // U_B·P = X_B·V_B·S_B⁻¹·P, and U_A·Q likewise.
-        left.push(Mat::from_fn(r, kept, |i, j| {
-            (0..s_b.len())
-                .map(|m| v_b[(i, m)] / s_b[m] * svd.u[(m, j)])
-                .sum()
-        }));
-        right.push(Mat::from_fn(r, kept, |i, j| {
-            (0..s_a.len())
-                .map(|m| v_a[(i, m)] / s_a[m] * svd.v[(m, j)])
-                .sum()
-        }));
+        let (g_b, g_a) = (
+            gram_b.get(block.clone(), block.clone()),
+            gram_a.get(block.clone(), block),
+        );
+        let (c_b, c_a) = match (cholesky(g_b), cholesky(g_a)) {
+            (Some(l_b), Some(l_a)) => {
+                // X_B = Q_B·L_Bᵀ and X_A = Q_A·L_Aᵀ, so B·A = Q_B·K·Q_Aᵀ with K = L_Bᵀ·L_A;
+                // K = P·Σ·Qᵀ gives U = Q_B·P = X_B·L_B⁻ᵀ·P, and V likewise.
+                let svd = Svd::of(&(l_b.transpose() * &l_a), RankTarget::Energy(1.0), tensor)?;
+                let kept = svd.nonzero();
+                let mut c_b = svd.u.get(.., ..kept).to_owned();
+                let mut c_a = svd.v.get(.., ..kept).to_owned();
+                solve_upper_triangular_in_place(l_b.transpose(), c_b.as_mut(), Par::Seq);
+                solve_upper_triangular_in_place(l_a.transpose(), c_a.as_mut(), Par::Seq);
+                (c_b, c_a)
+            }
+            // Linearly dependent columns (an untrained B is zero): through eigenvectors, which
+            // drop the directions the factors do not have.
+            _ => {
+                let (v_b, l_b) = significant(g_b, tensor)?;
+                let (v_a, l_a) = significant(g_a, tensor)?;
+                let s_b: Vec<f64> = l_b.iter().map(|l| l.sqrt()).collect();
+                let s_a: Vec<f64> = l_a.iter().map(|l| l.sqrt()).collect();
+                // X_B = U_B·S_B·V_Bᵀ, X_A = U_A·S_A·V_Aᵀ: B·A = U_B·K·U_Aᵀ with
+                // K = S_B·V_Bᵀ·V_A·S_A; K = P·Σ·Qᵀ gives U = X_B·V_B·S_B⁻¹·P.
+                let inner = v_b.transpose() * &v_a;
+                let k = Mat::from_fn(s_b.len(), s_a.len(), |i, j| s_b[i] * inner[(i, j)] * s_a[j]);
+                let svd = Svd::of(&k, RankTarget::Energy(1.0), tensor)?;
+                let kept = svd.nonzero();
+                let scale = |v: &Mat<f64>, s: &[f64], w: MatRef<'_, f64>| {
+                    Mat::from_fn(r, kept, |i, j| {
+                        (0..s.len()).map(|m| v[(i, m)] / s[m] * w[(m, j)]).sum()
+                    })
+                };
+                (
+                    scale(&v_b, &s_b, svd.u.as_ref()),
+                    scale(&v_a, &s_a, svd.v.as_ref()),
+                )
+            }
+        };
+        left.push(c_b);
+        right.push(c_a);
         offset += r;
     }
     Ok((left, right))
@@ -245,6 +270,19 @@ pub fn merge_in_core(
     let frame_b = Frame::polar(&gram_b, &left, name)?;
     let frame_a = Frame::polar(&gram_a, &right, name)?;
     let (core_rows, core_cols) = (frame_b.width(), frame_a.width());
+    if core_rows == 0 || core_cols == 0 {
+        // Every update is zero (untrained adapters): a zero LoRA of rank 1.
+        return Ok(CoreMerged {
+            factored: Truncated {
+                a: vec![0.0; cols],
+                b: vec![0.0; rows],
+                rank: 1,
+                discarded: 0.0,
+            },
+            retained: vec![1.0; experts.len()],
+            sign_conflict: None,
+        });
+    }
 
     // M_t = (F_Bᵀ·X_B,t)·(X_A,tᵀ·F_A) = (T_Bᵀ·G_B[:, t])·(G_A[t, :]·T_A).
     let mut cores = Vec::with_capacity(experts.len());
@@ -388,6 +426,16 @@ impl Svd {
             k,
             discarded: if total > 0.0 { 1.0 - kept / total } else { 0.0 },
         })
+    }
+
+    /// How many singular values are not negligible next to the largest (0 for a zero
+    /// matrix).
+    fn nonzero(&self) -> usize {
+        let largest = self.s.first().copied().unwrap_or(0.0);
+        self.s
+            .iter()
+            .take_while(|&&x| x > 0.0 && x > largest * 1e-8)
+            .count()
     }
 
     /// The kept singular values as a diagonal matrix.
@@ -635,6 +683,85 @@ mod tests {
         for (x, y) in plain.iter().zip(&split) {
             assert!((x - y).abs() < 1e-5 * largest, "{x} vs {y}");
         }
+    }
+
+    #[test]
+    fn untrained_and_rank_deficient_experts_merge() {
+        // An untrained LoRA (B = 0) and one whose two rank components are the same direction:
+        // task arithmetic still gives the exact sum.
+        let (rows, cols, rank) = (7, 6, 2);
+        let zero_b = vec![0f32; rows * rank];
+        let a0 = values(rank * cols, 5);
+        let column = values(rows, 6);
+        let twin_b: Vec<f32> = column.iter().flat_map(|&v| [v, 2.0 * v]).collect();
+        let a1 = values(rank * cols, 7);
+        let experts = [
+            Factors {
+                b: &zero_b,
+                a: &a0,
+                rank,
+                scale: 1.0,
+            },
+            Factors {
+                b: &twin_b,
+                a: &a1,
+                rank,
+                scale: 0.5,
+            },
+        ];
+        let params = (0..2)
+            .map(|_| ExpertParams {
+                weight: 1.0,
+                density: 1.0,
+                gamma: 0.0,
+                epsilon: 0.0,
+            })
+            .collect();
+        let method = Method::TaskArithmetic;
+        let merged = merge_in_core(
+            "m.weight",
+            rows,
+            cols,
+            &experts,
+            method,
+            &method.default_globals(),
+            params,
+            vec![0, 1],
+            RankTarget::Fixed(4),
+        )
+        .unwrap();
+        let want = dense(&experts[1], rows, cols);
+        let got = product(&merged.factored, rows, cols);
+        for (g, w) in got.iter().zip(&want) {
+            assert!((g - w).abs() < 1e-5, "{g} vs {w}");
+        }
+        assert_eq!(merged.factored.rank, 1, "the sum has rank 1");
+        assert!(merged.retained.iter().all(|r| (r - 1.0).abs() < 1e-9));
+
+        // Nothing but untrained experts: a zero LoRA of rank 1.
+        let zeros = [experts[0], experts[0]];
+        let params = (0..2)
+            .map(|_| ExpertParams {
+                weight: 1.0,
+                density: 1.0,
+                gamma: 0.0,
+                epsilon: 0.0,
+            })
+            .collect();
+        let merged = merge_in_core(
+            "m.weight",
+            rows,
+            cols,
+            &zeros,
+            method,
+            &method.default_globals(),
+            params,
+            vec![0, 1],
+            RankTarget::Fixed(4),
+        )
+        .unwrap();
+        assert_eq!(merged.factored.rank, 1);
+        assert!(merged.factored.b.iter().all(|v| *v == 0.0));
     }
 
     #[test]

@@ -53,10 +53,17 @@ pub fn sync_dir(dir: &Path) -> Result<()> {
 
 /// Writes `bytes` to `path` atomically: temporary file, fsync, rename, fsync of the directory.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    write_atomic_parts(path, &[bytes])
+}
+
+/// [`write_atomic`] of the concatenation of `parts`, without forming it.
+pub fn write_atomic_parts(path: &Path, parts: &[&[u8]]) -> Result<()> {
     let tmp = temp_sibling(path);
     let result = (|| {
         let mut f = File::create(&tmp)?;
-        f.write_all(bytes)?;
+        for part in parts {
+            f.write_all(part)?;
+        }
         f.sync_all()?;
         std::fs::rename(&tmp, path)
     })();
@@ -103,12 +110,10 @@ pub fn write_safetensors(
         ));
         offset += bytes.len();
     }
-    let mut out = encode_header(&entries, metadata);
-    out.reserve(offset);
-    for (_, bytes) in tensors {
-        out.extend_from_slice(bytes);
-    }
-    write_atomic(path, &out)
+    let header = encode_header(&entries, metadata);
+    let mut parts: Vec<&[u8]> = vec![&header];
+    parts.extend(tensors.iter().map(|(_, bytes)| bytes.as_slice()));
+    write_atomic_parts(path, &parts)
 }
 
 struct Slot {
