@@ -118,6 +118,15 @@ pub enum Error {
         /// What is wrong.
         message: String,
     },
+    /// The registry refused an operation or found a problem (a corrupt or missing blob, a
+    /// tag that moved, an invalid name).
+    #[error("registry `{}`: {message}", path.display())]
+    Registry {
+        /// The registry, or the file in it the problem is about.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
     /// A plot cannot be drawn or written.
     #[error("`{}`: {message}", path.display())]
     Plot {

@@ -28,6 +28,7 @@ pub mod merge;
 pub mod planted;
 pub mod plot;
 pub mod recipe;
+pub mod registry;
 pub mod sweep;
 pub mod tensor;
 

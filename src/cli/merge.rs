@@ -39,9 +39,12 @@ pub struct MergeArgs {
     /// Print the plan and its memory estimate; write nothing.
     #[arg(long)]
     dry_run: bool,
-    /// Publish the output to the registry as NAME:TAG.
+    /// Publish the output to the registry as NAME:TAG, with its lineage (recipe, tool).
     #[arg(long, value_name = "NAME:TAG")]
     publish: Option<String>,
+    /// The registry for --publish (default: $MMX_REGISTRY, else ./registry).
+    #[arg(long, value_name = "DIR")]
+    registry: Option<PathBuf>,
     /// Print a JSON summary on stdout.
     #[arg(long)]
     json: bool,
@@ -67,9 +70,11 @@ pub fn run(args: MergeArgs) -> anyhow::Result<ExitCode> {
     if args.device == Device::Cuda {
         bail!("`--device cuda`: this build of mmx has no CUDA backend; use `--device cpu`");
     }
-    if args.publish.is_some() {
-        bail!("`--publish`: this build of mmx has no registry yet; merge to a directory with `-o`");
-    }
+    let publish = args
+        .publish
+        .as_deref()
+        .map(super::registry::publish_target)
+        .transpose()?;
     if let Some(n) = args.threads {
         rayon::ThreadPoolBuilder::new()
             .num_threads(n)
@@ -77,6 +82,7 @@ pub fn run(args: MergeArgs) -> anyhow::Result<ExitCode> {
             .context("cannot set up the worker threads")?;
     }
     let mut recipe = Recipe::load(&args.recipe)?;
+    let recipe_text = recipe.text.clone();
     if let Some(seed) = args.seed {
         recipe.seed = seed;
     }
@@ -175,6 +181,9 @@ pub fn run(args: MergeArgs) -> anyhow::Result<ExitCode> {
             summary.output.display()
         );
     }
+    if let Some(reference) = &publish {
+        super::registry::publish_merge(args.registry.as_deref(), &output, reference, &recipe_text)?;
+    }
     Ok(ExitCode::SUCCESS)
 }
 
@@ -185,6 +194,7 @@ fn run_lora_native(
     args: &MergeArgs,
 ) -> anyhow::Result<ExitCode> {
     let method = recipe.method.clone();
+    let text = recipe.text.clone();
     let merge = LoraMerge::build(recipe)?;
     let (modules, max_rank) = merge.shape();
     if args.dry_run {
@@ -227,6 +237,10 @@ fn run_lora_native(
         for (label, share) in &summary.retained_by_expert {
             println!("kept {:>5.1}% of the update of {label}", 100.0 * share);
         }
+    }
+    if let Some(reference) = &args.publish {
+        let reference = super::registry::publish_target(reference)?;
+        super::registry::publish_merge(args.registry.as_deref(), output, &reference, &text)?;
     }
     Ok(ExitCode::SUCCESS)
 }

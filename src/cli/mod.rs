@@ -2,6 +2,7 @@
 
 mod conflicts;
 mod merge;
+mod registry;
 mod sweep;
 
 use std::process::ExitCode;
@@ -24,6 +25,24 @@ enum Command {
     Conflicts(conflicts::ConflictsArgs),
     /// Run a merge sweep: grid or random search over methods and parameters, each trial scored.
     Sweep(sweep::SweepArgs),
+    /// Publish an adapter, a model or a merge output to the registry as NAME:TAG.
+    Publish(registry::PublishArgs),
+    /// Write a published directory back out, byte for byte.
+    Pull(registry::PullArgs),
+    /// List the registry's tags.
+    Ls(registry::LsArgs),
+    /// Show a manifest.
+    Show(registry::ShowArgs),
+    /// Point a tag at a published manifest.
+    Tag(registry::TagArgs),
+    /// Remove a tag (blobs stay until gc).
+    Rm(registry::RmArgs),
+    /// Show what a merged expert was made from.
+    Log(registry::LogArgs),
+    /// Check the registry: missing, corrupt and orphaned blobs exit 1.
+    Verify(registry::VerifyArgs),
+    /// Remove blobs no tag reaches, after a grace period.
+    Gc(registry::GcArgs),
 }
 
 /// Parses the process arguments and runs the command. Errors exit with code 2.
@@ -33,6 +52,15 @@ pub fn run() -> anyhow::Result<ExitCode> {
         Command::Merge(args) => merge::run(args),
         Command::Conflicts(args) => conflicts::run(args),
         Command::Sweep(args) => sweep::run(args),
+        Command::Publish(args) => registry::publish(args),
+        Command::Pull(args) => registry::pull(args),
+        Command::Ls(args) => registry::ls(args),
+        Command::Show(args) => registry::show(args),
+        Command::Tag(args) => registry::tag(args),
+        Command::Rm(args) => registry::rm(args),
+        Command::Log(args) => registry::log(args),
+        Command::Verify(args) => registry::verify(args),
+        Command::Gc(args) => registry::gc(args),
     }
 }
 

@@ -14,7 +14,7 @@ use crate::sweep::{best_by_method, describe, run_sweep, Shard, SweepOptions, Tri
 pub struct SweepArgs {
     /// The sweep file (TOML, `[sweep]`).
     sweep: PathBuf,
-    /// Output directory for results (default: out/<sweep file stem>).
+    /// Output directory for results (default: `out/<sweep file stem>`).
     #[arg(short, long, value_name = "DIR")]
     output: Option<PathBuf>,
     /// Run only trials I, I+N, I+2N, ... (0 ≤ I < N), e.g. one shard of an array job.

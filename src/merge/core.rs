@@ -5,7 +5,7 @@
 //! (rows), expert t's update is `F_B·M_t·F_Aᵀ` exactly, with `M_t = (F_Bᵀ·s_t·B_t)·(A_t·F_A)`
 //! of size at most `R × R`, `R = Σ r_t`. Any method runs on the `M_t` as on any tensor (the
 //! base is zero there), and the merged core is factored by SVD. `F_B` and `F_A` are Parseval
-//! frames (see [`Frame`]): `F·Fᵀ` projects onto the experts' span, so `Fᵀ` keeps the norms of
+//! frames (see `Frame`): `F·Fᵀ` projects onto the experts' span, so `Fᵀ` keeps the norms of
 //! their updates and `F` maps the core back exactly.
 //!
 //! Everything is computed from the `R × R` Gram matrices of the stacked factors: the only

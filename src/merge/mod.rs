@@ -28,6 +28,7 @@ mod stream;
 pub use executor::{execute, TensorRecord};
 pub use expert::{Expert, ExpertInput};
 pub use method::{merge_tensor, Method};
+pub(crate) use output::write_dir_atomically;
 pub use output::{
     check_target, file_digest, write_merge, MergeSummary, OutputOptions, MERGE_RECORD,
 };

@@ -37,6 +37,12 @@ impl SafetensorsFile {
         &self.path
     }
 
+    /// The file's first bytes up to its data section: the length prefix and the header JSON
+    /// (with any padding), exactly as stored.
+    pub fn header_bytes(&self) -> &[u8] {
+        &self.mmap[..self.header.data_start]
+    }
+
     /// The validated header.
     pub fn header(&self) -> &Header {
         &self.header

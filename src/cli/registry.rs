@@ -1,0 +1,412 @@
+//! The registry commands: `publish`, `pull`, `ls`, `show`, `tag`, `rm`, `log`, `verify`, `gc`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::bail;
+use clap::Args;
+
+use super::human_bytes;
+use crate::registry::{parse_duration, registry_path, Kind, PublishOptions, Reference, Registry};
+
+/// Where the registry is.
+#[derive(Debug, Args)]
+pub struct RegistryArg {
+    /// The registry directory (default: $MMX_REGISTRY, else ./registry).
+    #[arg(long, value_name = "DIR", global = true)]
+    registry: Option<PathBuf>,
+}
+
+impl RegistryArg {
+    fn open(&self) -> anyhow::Result<Registry> {
+        Ok(Registry::open(&registry_path(self.registry.as_deref()))?)
+    }
+}
+
+fn kind(text: &str) -> Result<Kind, String> {
+    match text {
+        "base" => Ok(Kind::Base),
+        "adapter" => Ok(Kind::Adapter),
+        "merged" => Ok(Kind::Merged),
+        other => Err(format!("`{other}`: expected base, adapter or merged")),
+    }
+}
+
+/// Arguments of `mmx publish`.
+#[derive(Debug, Args)]
+pub struct PublishArgs {
+    /// A PEFT adapter, a Hugging Face model directory or an `mmx merge` output.
+    dir: PathBuf,
+    /// The tag to publish it as.
+    #[arg(value_parser = Reference::parse)]
+    reference: Reference,
+    /// The specialty of an adapter or expert (e.g. cardiology).
+    #[arg(long)]
+    specialty: Option<String>,
+    /// The kind, if not the one its files say (base, adapter, merged).
+    #[arg(long, value_parser = kind)]
+    kind: Option<Kind>,
+    /// The base it applies to (`NAME:TAG` or `blake3:…` of a published base).
+    #[arg(long)]
+    base: Option<String>,
+    /// Move the tag if it already points elsewhere.
+    #[arg(long)]
+    force: bool,
+    #[command(flatten)]
+    registry: RegistryArg,
+}
+
+/// Runs `mmx publish`.
+pub fn publish(args: PublishArgs) -> anyhow::Result<ExitCode> {
+    let registry = args.registry.open()?;
+    let base = args
+        .base
+        .as_deref()
+        .map(|b| registry.resolve(b))
+        .transpose()?;
+    let options = PublishOptions {
+        kind: args.kind,
+        specialty: args.specialty.clone(),
+        base,
+        force: args.force,
+        ..PublishOptions::default()
+    };
+    let published = registry.publish(&args.dir, &args.reference, &options)?;
+    println!(
+        "published {} as {} ({}): {} blobs, {} written ({} of {})",
+        args.dir.display(),
+        args.reference,
+        published.kind.name(),
+        published.blobs,
+        published.written,
+        human_bytes(published.bytes_written),
+        human_bytes(published.bytes)
+    );
+    println!("manifest {}", published.manifest);
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Arguments of `mmx pull`.
+#[derive(Debug, Args)]
+pub struct PullArgs {
+    /// `NAME:TAG` or `blake3:…` of a manifest.
+    source: String,
+    /// Where to write it.
+    #[arg(short, long, value_name = "DIR")]
+    output: PathBuf,
+    /// Replace an existing directory that is not an earlier mmx output.
+    #[arg(long)]
+    force: bool,
+    #[command(flatten)]
+    registry: RegistryArg,
+}
+
+/// Runs `mmx pull`.
+pub fn pull(args: PullArgs) -> anyhow::Result<ExitCode> {
+    let registry = args.registry.open()?;
+    let digest = registry.resolve(&args.source)?;
+    let files = registry.pull(&digest, &args.output, args.force)?;
+    println!(
+        "pulled {} ({digest}) into {}: {}",
+        args.source,
+        args.output.display(),
+        files.join(", ")
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Arguments of `mmx ls`.
+#[derive(Debug, Args)]
+pub struct LsArgs {
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    registry: RegistryArg,
+}
+
+/// Runs `mmx ls`.
+pub fn ls(args: LsArgs) -> anyhow::Result<ExitCode> {
+    let listing = args.registry.open()?.list()?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&listing)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "{:<32} {:<8} {:<14} {:>10}  manifest",
+        "tag", "kind", "specialty", "size"
+    );
+    for l in listing {
+        println!(
+            "{:<32} {:<8} {:<14} {:>10}  {}",
+            l.reference,
+            l.kind.name(),
+            l.specialty.as_deref().unwrap_or("-"),
+            human_bytes(l.bytes),
+            l.manifest.short()
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Arguments of `mmx show`.
+#[derive(Debug, Args)]
+pub struct ShowArgs {
+    /// `NAME:TAG` or `blake3:…` of a manifest.
+    source: String,
+    /// Print the manifest as JSON.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    registry: RegistryArg,
+}
+
+/// Runs `mmx show`.
+pub fn show(args: ShowArgs) -> anyhow::Result<ExitCode> {
+    let registry = args.registry.open()?;
+    let digest = registry.resolve(&args.source)?;
+    let manifest = registry.manifest(&digest)?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&manifest)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!("manifest  {digest}");
+    println!("kind      {}", manifest.kind.name());
+    if let Some(s) = &manifest.specialty {
+        println!("specialty {s}");
+    }
+    if let Some(b) = &manifest.base {
+        println!("base      {b}");
+    }
+    if let Some(l) = &manifest.lineage {
+        println!(
+            "made by   {} from {} inputs (recipe {})",
+            l.tool,
+            l.inputs.len(),
+            l.recipe
+        );
+    }
+    for f in &manifest.files {
+        let tensors = match f {
+            crate::registry::FileEntry::Safetensors { tensors, .. } => {
+                format!(" ({} tensors)", tensors.len())
+            }
+            crate::registry::FileEntry::Blob { .. } => String::new(),
+        };
+        println!("  {:<40} {:>10}{tensors}", f.path(), human_bytes(f.bytes()));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Arguments of `mmx tag`.
+#[derive(Debug, Args)]
+pub struct TagArgs {
+    /// `NAME:TAG` or `blake3:…` of a manifest.
+    source: String,
+    /// The new tag.
+    #[arg(value_parser = Reference::parse)]
+    target: Reference,
+    /// Move the tag if it already points elsewhere.
+    #[arg(long)]
+    force: bool,
+    #[command(flatten)]
+    registry: RegistryArg,
+}
+
+/// Runs `mmx tag`.
+pub fn tag(args: TagArgs) -> anyhow::Result<ExitCode> {
+    let digest = args
+        .registry
+        .open()?
+        .tag(&args.source, &args.target, args.force)?;
+    println!("{} -> {digest}", args.target);
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Arguments of `mmx rm`.
+#[derive(Debug, Args)]
+pub struct RmArgs {
+    /// The tag to remove (its blobs stay until `mmx gc`).
+    #[arg(value_parser = Reference::parse)]
+    reference: Reference,
+    #[command(flatten)]
+    registry: RegistryArg,
+}
+
+/// Runs `mmx rm`.
+pub fn rm(args: RmArgs) -> anyhow::Result<ExitCode> {
+    let digest = args.registry.open()?.remove(&args.reference)?;
+    println!("removed {} (was {digest})", args.reference);
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Arguments of `mmx log`.
+#[derive(Debug, Args)]
+pub struct LogArgs {
+    /// `NAME:TAG` or `blake3:…` of a manifest.
+    source: String,
+    #[command(flatten)]
+    registry: RegistryArg,
+}
+
+/// Runs `mmx log`.
+pub fn log(args: LogArgs) -> anyhow::Result<ExitCode> {
+    let registry = args.registry.open()?;
+    let digest = registry.resolve(&args.source)?;
+    for (depth, d, manifest) in registry.log(&digest)? {
+        let indent = "  ".repeat(depth);
+        match manifest {
+            Some(m) => {
+                let made = m
+                    .lineage
+                    .as_ref()
+                    .map_or(String::new(), |l| format!(", made by {}", l.tool));
+                println!(
+                    "{indent}{d} {}{}{made}",
+                    m.kind.name(),
+                    m.specialty.map_or(String::new(), |s| format!(" ({s})"))
+                );
+            }
+            None => println!("{indent}{d} (not in this registry)"),
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Arguments of `mmx verify`.
+#[derive(Debug, Args)]
+pub struct VerifyArgs {
+    /// Re-hash every blob (else: check that every blob a tag needs is present, with its size).
+    #[arg(long)]
+    read_data: bool,
+    /// Unreferenced blobs younger than this are a publish in flight, not orphans.
+    #[arg(long, default_value = "1h", value_parser = parse_duration)]
+    grace: Duration,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    registry: RegistryArg,
+}
+
+/// Runs `mmx verify`: exit 1 when it finds a problem.
+pub fn verify(args: VerifyArgs) -> anyhow::Result<ExitCode> {
+    let report = args.registry.open()?.verify(args.read_data, args.grace)?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        println!(
+            "{} tags, {} manifests, {} blobs ({}){}",
+            report.tags,
+            report.manifests,
+            report.blobs,
+            human_bytes(report.bytes),
+            if args.read_data {
+                format!(", {} re-hashed", report.rehashed)
+            } else {
+                String::new()
+            }
+        );
+        for (tag, why) in &report.broken_tags {
+            println!("broken tag {tag}: {why}");
+        }
+        for (blob, manifest) in &report.missing {
+            println!("missing blob {blob} (used by manifest {manifest})");
+        }
+        for (blob, why) in &report.corrupt {
+            println!("corrupt blob {blob}: {why}");
+        }
+        for blob in &report.orphaned {
+            println!("orphaned blob {blob} (no tag reaches it; `mmx gc` removes it)");
+        }
+        if !report.unreferenced_recent.is_empty() {
+            println!(
+                "{} recent unreferenced blobs (a publish in flight or interrupted; gc reclaims them after the grace period)",
+                report.unreferenced_recent.len()
+            );
+        }
+        if report.temporary > 0 {
+            println!(
+                "{} leftover files in tmp/ (gc reclaims them)",
+                report.temporary
+            );
+        }
+        println!(
+            "{}",
+            if report.has_problems() {
+                "PROBLEMS FOUND"
+            } else {
+                "ok"
+            }
+        );
+    }
+    Ok(if report.has_problems() {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+/// Arguments of `mmx gc`.
+#[derive(Debug, Args)]
+pub struct GcArgs {
+    /// Say what would be removed, remove nothing.
+    #[arg(long)]
+    dry_run: bool,
+    /// Keep anything modified more recently than this (e.g. 0s, 30m, 1h, 2w).
+    #[arg(long, default_value = "1h", value_parser = parse_duration)]
+    grace: Duration,
+    #[command(flatten)]
+    registry: RegistryArg,
+}
+
+/// Runs `mmx gc`.
+pub fn gc(args: GcArgs) -> anyhow::Result<ExitCode> {
+    let report = args.registry.open()?.gc(args.grace, args.dry_run)?;
+    let verb = if args.dry_run {
+        "would remove"
+    } else {
+        "removed"
+    };
+    println!(
+        "{verb} {} blobs ({}) and {} temporary files; kept {} blobs",
+        report.swept,
+        human_bytes(report.swept_bytes),
+        report.temporary,
+        report.kept
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Publishes a merge's output with its lineage (`mmx merge --publish`).
+pub fn publish_merge(
+    registry_flag: Option<&std::path::Path>,
+    output: &std::path::Path,
+    reference: &Reference,
+    recipe_text: &str,
+) -> anyhow::Result<()> {
+    let registry = Registry::open(&registry_path(registry_flag))?;
+    let options = PublishOptions {
+        kind: Some(Kind::Merged),
+        recipe: Some(recipe_text.to_string()),
+        ..PublishOptions::default()
+    };
+    let published = registry.publish(output, reference, &options)?;
+    eprintln!(
+        "published {} as {reference} ({} blobs, {} written)",
+        output.display(),
+        published.blobs,
+        published.written
+    );
+    println!("manifest {}", published.manifest);
+    Ok(())
+}
+
+/// Parses `--publish NAME:TAG`.
+pub fn publish_target(text: &str) -> anyhow::Result<Reference> {
+    match Reference::parse(text) {
+        Ok(r) => Ok(r),
+        Err(m) => bail!("`--publish`: {m}"),
+    }
+}

@@ -1,0 +1,243 @@
+//! The content-addressed registry (DESIGN.md §3): adapters, base models and merged experts
+//! stored tensor by tensor under their blake3 digests, described by manifests (themselves
+//! blobs) and named by tags.
+//!
+//! - [`store`]: the [`Store`] trait and the local directory store, with atomic writes, locks
+//!   and compare-and-swap tags;
+//! - [`manifest`]: what a published directory is made of;
+//! - [`publish`](publish::publish) and [`pull`](export::pull): directories in and out, byte for
+//!   byte, every read checked against its digest;
+//! - [`verify`](check::verify) and [`gc`](check::gc).
+//!
+//! ```no_run
+//! use mmx::registry::{PublishOptions, Reference, Registry};
+//!
+//! let registry = Registry::open("registry".as_ref())?;
+//! let tag = Reference::parse("cardiology:v1").unwrap();
+//! let published = registry.publish("adapters/cardiology".as_ref(), &tag, &PublishOptions::default())?;
+//! registry.pull(&published.manifest, "out/cardiology".as_ref(), false)?;
+//! # Ok::<(), mmx::Error>(())
+//! ```
+
+pub mod check;
+pub mod digest;
+pub mod export;
+pub mod manifest;
+pub mod name;
+pub mod publish;
+pub mod store;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+pub use check::{GcReport, VerifyReport};
+pub use digest::Digest;
+pub use manifest::{FileEntry, Kind, Lineage, Manifest};
+pub use name::Reference;
+pub use publish::{PublishOptions, Published};
+pub use store::{LocalStore, Store};
+
+use crate::error::{Error, Result};
+
+/// The environment variable naming the registry when `--registry` does not.
+pub const REGISTRY_ENV: &str = "MMX_REGISTRY";
+
+/// Where the registry is: `--registry`, else `$MMX_REGISTRY`, else `./registry`.
+pub fn registry_path(flag: Option<&Path>) -> PathBuf {
+    flag.map(Path::to_path_buf)
+        .or_else(|| std::env::var_os(REGISTRY_ENV).map(PathBuf::from))
+        .unwrap_or_else(|| PathBuf::from("registry"))
+}
+
+/// One tag, as `ls` shows it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Listing {
+    /// `NAME:TAG`.
+    pub reference: String,
+    /// The manifest.
+    pub manifest: Digest,
+    /// Base, adapter or merged.
+    pub kind: Kind,
+    /// The specialty, if any.
+    pub specialty: Option<String>,
+    /// Bytes of the directory.
+    pub bytes: u64,
+}
+
+/// A registry: a [`Store`] and the operations on it.
+pub struct Registry {
+    store: Box<dyn Store>,
+}
+
+impl Registry {
+    /// Opens (creating if absent) the local registry at `path`.
+    pub fn open(path: &Path) -> Result<Registry> {
+        Ok(Registry {
+            store: Box::new(LocalStore::open(path)?),
+        })
+    }
+
+    /// The store underneath.
+    pub fn store(&self) -> &dyn Store {
+        self.store.as_ref()
+    }
+
+    fn fail(&self, message: String) -> Error {
+        Error::Registry {
+            path: self.store.location().to_path_buf(),
+            message,
+        }
+    }
+
+    /// The manifest that `NAME:TAG` or `blake3:<hex>` names.
+    pub fn resolve(&self, text: &str) -> Result<Digest> {
+        if text.starts_with("blake3:") {
+            let digest = Digest::parse(text)
+                .ok_or_else(|| self.fail(format!("`{text}` is not a blake3:<64 hex> digest")))?;
+            if !self.store.contains(&digest)? {
+                return Err(self.fail(format!("no manifest {digest}")));
+            }
+            return Ok(digest);
+        }
+        let reference = Reference::parse(text).map_err(|m| self.fail(m))?;
+        self.store
+            .read_tag(&reference)?
+            .ok_or_else(|| self.fail(format!("no tag {reference}")))
+    }
+
+    /// Reads a manifest.
+    pub fn manifest(&self, digest: &Digest) -> Result<Manifest> {
+        export::load_manifest(self.store(), digest)
+    }
+
+    /// Publishes a directory (see [`publish::publish`]).
+    pub fn publish(
+        &self,
+        dir: &Path,
+        reference: &Reference,
+        options: &PublishOptions,
+    ) -> Result<Published> {
+        publish::publish(self.store(), dir, reference, options)
+    }
+
+    /// Writes a manifest's directory (see [`export::pull`]).
+    pub fn pull(&self, manifest: &Digest, target: &Path, force: bool) -> Result<Vec<String>> {
+        export::pull(self.store(), manifest, target, force)
+    }
+
+    /// Every tag with its manifest's summary.
+    pub fn list(&self) -> Result<Vec<Listing>> {
+        let mut out = Vec::new();
+        for (reference, digest) in self.store.tags()? {
+            let digest = digest.map_err(|why| self.fail(format!("tag {reference}: {why}")))?;
+            let manifest = self.manifest(&digest)?;
+            out.push(Listing {
+                reference: reference.to_string(),
+                manifest: digest,
+                kind: manifest.kind,
+                specialty: manifest.specialty.clone(),
+                bytes: manifest.bytes(),
+            });
+        }
+        Ok(out)
+    }
+
+    /// Points `target` at what `source` names (`NAME:TAG` or a digest). An existing `target`
+    /// elsewhere is refused unless `force`; the move is compare-and-swap.
+    pub fn tag(&self, source: &str, target: &Reference, force: bool) -> Result<Digest> {
+        let digest = self.resolve(source)?;
+        self.manifest(&digest)?;
+        let _guard = self.store.lock_shared()?;
+        match self.store.read_tag(target)? {
+            Some(current) if current == digest => Ok(digest),
+            Some(current) if !force => Err(self.fail(format!(
+                "tag {target} already points at {current}; pass --force to move it"
+            ))),
+            current => {
+                self.store.swap_tag(target, current, Some(digest))?;
+                Ok(digest)
+            }
+        }
+    }
+
+    /// Removes a tag (its blobs stay until `gc`).
+    pub fn remove(&self, reference: &Reference) -> Result<Digest> {
+        let _guard = self.store.lock_shared()?;
+        let current = self
+            .store
+            .read_tag(reference)?
+            .ok_or_else(|| self.fail(format!("no tag {reference}")))?;
+        self.store.swap_tag(reference, Some(current), None)?;
+        Ok(current)
+    }
+
+    /// The lineage of a manifest: it, then the inputs it was made from, depth first; inputs no
+    /// longer in the registry are listed with `None`.
+    pub fn log(&self, digest: &Digest) -> Result<Vec<(usize, Digest, Option<Manifest>)>> {
+        let mut out = Vec::new();
+        let mut stack = vec![(0usize, *digest)];
+        let mut seen = std::collections::BTreeSet::new();
+        while let Some((depth, d)) = stack.pop() {
+            if !seen.insert(d) {
+                continue;
+            }
+            let manifest = if self.store.contains(&d)? {
+                Some(self.manifest(&d)?)
+            } else {
+                None
+            };
+            if let Some(lineage) = manifest.as_ref().and_then(|m| m.lineage.as_ref()) {
+                for input in lineage.inputs.iter().rev() {
+                    stack.push((depth + 1, *input));
+                }
+            }
+            out.push((depth, d, manifest));
+        }
+        Ok(out)
+    }
+
+    /// See [`check::verify`].
+    pub fn verify(&self, read_data: bool, grace: Duration) -> Result<VerifyReport> {
+        check::verify(self.store(), read_data, grace)
+    }
+
+    /// See [`check::gc`].
+    pub fn gc(&self, grace: Duration, dry_run: bool) -> Result<GcReport> {
+        check::gc(self.store(), grace, dry_run)
+    }
+}
+
+/// Parses a duration: `90` or `90s`, `15m`, `2h`, `7d`, `2w`.
+pub fn parse_duration(text: &str) -> std::result::Result<Duration, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("`{text}`: expected a number and a unit, e.g. 1h, 30m, 2w"))?;
+    let seconds = match unit {
+        "" | "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        "w" => 604_800,
+        other => return Err(format!("`{text}`: unknown unit `{other}` (s, m, h, d, w)")),
+    };
+    Ok(Duration::from_secs(n * seconds))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_durations() {
+        assert_eq!(parse_duration("90"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("0s"), Ok(Duration::ZERO));
+        assert_eq!(parse_duration("2w"), Ok(Duration::from_secs(1_209_600)));
+        assert!(parse_duration("1y").is_err());
+        assert!(parse_duration("h").is_err());
+    }
+}

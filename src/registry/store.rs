@@ -1,0 +1,424 @@
+//! Where blobs and tags live: the [`Store`] trait, and [`LocalStore`], a directory.
+//!
+//! ```text
+//! registry/
+//!   mmx-registry.toml                 format version
+//!   blobs/blake3/<2 hex>/<62 hex>     immutable, read-only: a tensor's bytes, a file, a manifest
+//!   refs/<name>/<tag>                 `blake3:<hex>` of a manifest; moved by compare-and-swap
+//!   tmp/                              files being written (a crash leaves them here only)
+//!   locks/                            gc.lock (writers shared, gc exclusive), one lock per tag
+//! ```
+//!
+//! Every write goes temp file → fsync → rename → fsync of the directory, so a reader sees a
+//! whole file or none. Keys are digests, so storing a blob twice is a no-op: that also makes
+//! publishing to a remote store (an S3-compatible bucket through `object_store`, a second
+//! implementation of [`Store`]) idempotent.
+
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::SystemTime;
+
+use memmap2::Mmap;
+
+use super::digest::Digest;
+use super::name::Reference;
+use crate::error::{Error, Result};
+use crate::tensor::sync_dir;
+
+/// The registry format this build reads and writes.
+pub const FORMAT: u32 = 1;
+
+/// A blob as stored: its digest, size and last modification (publishing refreshes it when the
+/// blob is reused, so that gc's grace period protects blobs a publish is about to reference).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BlobInfo {
+    /// The digest.
+    pub digest: Digest,
+    /// Bytes.
+    pub bytes: u64,
+    /// Last modified.
+    pub modified: SystemTime,
+}
+
+/// A verified blob's bytes (memory-mapped for a local store).
+pub struct Blob(BlobBytes);
+
+enum BlobBytes {
+    Mapped(Mmap),
+    Empty,
+}
+
+impl std::ops::Deref for Blob {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match &self.0 {
+            BlobBytes::Mapped(m) => m,
+            BlobBytes::Empty => &[],
+        }
+    }
+}
+
+/// Held while a writer (shared) or gc (exclusive) works; released on drop or process death.
+pub struct LockGuard(#[allow(dead_code)] File);
+
+/// Blob and tag storage.
+pub trait Store: Send + Sync {
+    /// Where the store is, for messages.
+    fn location(&self) -> &Path;
+    /// Whether a blob is present.
+    fn contains(&self, digest: &Digest) -> Result<bool>;
+    /// Stores `bytes` under `digest` (the caller's blake3 of them). Returns whether anything
+    /// was written: a present blob is not rewritten, only marked as just used.
+    fn put(&self, digest: &Digest, bytes: &[u8]) -> Result<bool>;
+    /// A blob's bytes, checked against its digest: corruption is an error, never wrong bytes.
+    fn get(&self, digest: &Digest) -> Result<Blob>;
+    /// Every blob.
+    fn blobs(&self) -> Result<Vec<BlobInfo>>;
+    /// Removes a blob (gc only).
+    fn remove_blob(&self, digest: &Digest) -> Result<()>;
+    /// The manifest a tag points at.
+    fn read_tag(&self, reference: &Reference) -> Result<Option<Digest>>;
+    /// Moves a tag from `expected` to `new` (`None`: absent), atomically: fails if the tag is
+    /// not at `expected` when the swap happens.
+    fn swap_tag(
+        &self,
+        reference: &Reference,
+        expected: Option<Digest>,
+        new: Option<Digest>,
+    ) -> Result<()>;
+    /// Every tag, sorted.
+    fn tags(&self) -> Result<Vec<(Reference, std::result::Result<Digest, String>)>>;
+    /// Leftovers of interrupted writes, with their last modification.
+    fn temporary(&self) -> Result<Vec<(PathBuf, SystemTime)>>;
+    /// Removes a leftover.
+    fn remove_temporary(&self, path: &Path) -> Result<()>;
+    /// Taken by writers: many at once, never during gc.
+    fn lock_shared(&self) -> Result<LockGuard>;
+    /// Taken by gc: alone.
+    fn lock_exclusive(&self) -> Result<LockGuard>;
+}
+
+/// A registry in a local directory.
+#[derive(Debug)]
+pub struct LocalStore {
+    root: PathBuf,
+}
+
+static COUNTER: AtomicU64 = AtomicU64::new(0);
+
+fn fail(path: &Path, message: impl Into<String>) -> Error {
+    Error::Registry {
+        path: path.to_path_buf(),
+        message: message.into(),
+    }
+}
+
+impl LocalStore {
+    /// Opens the registry at `root`, creating it if it does not exist; refuses a directory
+    /// that holds something else, or a newer format.
+    pub fn open(root: &Path) -> Result<LocalStore> {
+        let marker = root.join("mmx-registry.toml");
+        if !marker.exists() {
+            let occupied = root.is_dir()
+                && std::fs::read_dir(root)
+                    .map_err(|e| Error::io(root, e))?
+                    .next()
+                    .is_some();
+            if occupied {
+                return Err(fail(
+                    root,
+                    "is not empty and has no mmx-registry.toml: not an mmx registry",
+                ));
+            }
+            for dir in ["blobs/blake3", "refs", "tmp", "locks"] {
+                std::fs::create_dir_all(root.join(dir))
+                    .map_err(|e| Error::io(root.join(dir), e))?;
+            }
+            crate::tensor::write_atomic(&marker, format!("format = {FORMAT}\n").as_bytes())?;
+        }
+        let text = std::fs::read_to_string(&marker).map_err(|e| Error::io(&marker, e))?;
+        let format = text
+            .trim()
+            .strip_prefix("format = ")
+            .and_then(|v| v.parse::<u32>().ok());
+        match format {
+            Some(FORMAT) => {}
+            Some(other) => {
+                return Err(fail(
+                    &marker,
+                    format!("format {other}; this mmx reads format {FORMAT}"),
+                ))
+            }
+            None => return Err(fail(&marker, "not an mmx registry marker")),
+        }
+        for dir in ["blobs/blake3", "refs", "tmp", "locks"] {
+            std::fs::create_dir_all(root.join(dir)).map_err(|e| Error::io(root.join(dir), e))?;
+        }
+        Ok(LocalStore {
+            root: root.to_path_buf(),
+        })
+    }
+
+    fn blob_path(&self, digest: &Digest) -> PathBuf {
+        let hex = digest.hex();
+        self.root
+            .join("blobs/blake3")
+            .join(&hex[..2])
+            .join(&hex[2..])
+    }
+
+    fn tag_path(&self, reference: &Reference) -> PathBuf {
+        self.root
+            .join("refs")
+            .join(&reference.name)
+            .join(&reference.tag)
+    }
+
+    /// A fresh file name in `tmp/`.
+    fn temp_path(&self, hint: &str) -> PathBuf {
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        self.root
+            .join("tmp")
+            .join(format!("{hint}.{}.{n}", std::process::id()))
+    }
+
+    /// Writes `bytes` to a temporary file, syncs it and renames it to `target`, then syncs
+    /// `target`'s directory.
+    fn install(&self, target: &Path, bytes: &[u8], hint: &str, read_only: bool) -> Result<()> {
+        let tmp = self.temp_path(hint);
+        let result = (|| -> std::io::Result<()> {
+            let mut f = File::create(&tmp)?;
+            f.write_all(bytes)?;
+            f.sync_all()?;
+            if read_only {
+                let mut perms = f.metadata()?.permissions();
+                perms.set_readonly(true);
+                std::fs::set_permissions(&tmp, perms)?;
+            }
+            Ok(())
+        })();
+        let parent = target.parent().expect("inside the registry");
+        let result = result.and_then(|()| {
+            if !parent.exists() {
+                std::fs::create_dir_all(parent)?;
+                if let Some(grand) = parent.parent() {
+                    File::open(grand)?.sync_all()?;
+                }
+            }
+            std::fs::rename(&tmp, target)
+        });
+        if let Err(e) = result {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(Error::io(target, e));
+        }
+        sync_dir(parent)
+    }
+
+    fn lock(&self, file: &str, exclusive: bool) -> Result<LockGuard> {
+        let path = self.root.join("locks").join(file);
+        let f = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(|e| Error::io(&path, e))?;
+        let locked = if exclusive { f.lock() } else { f.lock_shared() };
+        locked.map_err(|e| Error::io(&path, e))?;
+        Ok(LockGuard(f))
+    }
+}
+
+impl Store for LocalStore {
+    fn location(&self) -> &Path {
+        &self.root
+    }
+
+    fn contains(&self, digest: &Digest) -> Result<bool> {
+        Ok(self.blob_path(digest).is_file())
+    }
+
+    fn put(&self, digest: &Digest, bytes: &[u8]) -> Result<bool> {
+        let path = self.blob_path(digest);
+        if path.is_file() {
+            // Reused: mark it as just used so that a concurrent gc's grace period spares it.
+            if let Ok(f) = File::open(&path) {
+                let _ = f.set_modified(SystemTime::now());
+            }
+            return Ok(false);
+        }
+        self.install(&path, bytes, &digest.short(), true)?;
+        Ok(true)
+    }
+
+    fn get(&self, digest: &Digest) -> Result<Blob> {
+        let path = self.blob_path(digest);
+        let file = File::open(&path).map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => fail(&path, format!("blob {digest} is missing")),
+            _ => Error::io(&path, e),
+        })?;
+        let len = file.metadata().map_err(|e| Error::io(&path, e))?.len();
+        let bytes = if len == 0 {
+            BlobBytes::Empty
+        } else {
+            // SAFETY: blobs are read-only and never rewritten; gc removes only unreferenced ones.
+            BlobBytes::Mapped(unsafe { Mmap::map(&file) }.map_err(|e| Error::io(&path, e))?)
+        };
+        let blob = Blob(bytes);
+        let actual = Digest::of(&blob);
+        if actual != *digest {
+            return Err(fail(
+                &path,
+                format!("blob {digest} is corrupt: its content hashes to {actual}"),
+            ));
+        }
+        Ok(blob)
+    }
+
+    fn blobs(&self) -> Result<Vec<BlobInfo>> {
+        let top = self.root.join("blobs/blake3");
+        let mut out = Vec::new();
+        for prefix in std::fs::read_dir(&top).map_err(|e| Error::io(&top, e))? {
+            let prefix = prefix.map_err(|e| Error::io(&top, e))?.path();
+            let Some(head) = prefix
+                .file_name()
+                .and_then(|n| n.to_str())
+                .map(String::from)
+            else {
+                continue;
+            };
+            for entry in std::fs::read_dir(&prefix).map_err(|e| Error::io(&prefix, e))? {
+                let entry = entry.map_err(|e| Error::io(&prefix, e))?;
+                let name = entry.file_name().to_string_lossy().into_owned();
+                let Some(digest) = Digest::parse(&format!("{head}{name}")) else {
+                    continue;
+                };
+                let meta = entry.metadata().map_err(|e| Error::io(entry.path(), e))?;
+                out.push(BlobInfo {
+                    digest,
+                    bytes: meta.len(),
+                    modified: meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
+                });
+            }
+        }
+        out.sort_by_key(|b| b.digest);
+        Ok(out)
+    }
+
+    fn remove_blob(&self, digest: &Digest) -> Result<()> {
+        let path = self.blob_path(digest);
+        std::fs::remove_file(&path).map_err(|e| Error::io(&path, e))?;
+        sync_dir(path.parent().expect("inside the registry"))
+    }
+
+    fn read_tag(&self, reference: &Reference) -> Result<Option<Digest>> {
+        let path = self.tag_path(reference);
+        match std::fs::read_to_string(&path) {
+            Ok(text) => Digest::parse(text.trim())
+                .filter(|_| text.starts_with("blake3:"))
+                .map(Some)
+                .ok_or_else(|| fail(&path, format!("tag {reference} does not hold a digest"))),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(Error::io(&path, e)),
+        }
+    }
+
+    fn swap_tag(
+        &self,
+        reference: &Reference,
+        expected: Option<Digest>,
+        new: Option<Digest>,
+    ) -> Result<()> {
+        // One lock per tag serialises the read-compare-write; the OS drops it if we die.
+        let _guard = self.lock(
+            &format!("tag-{}@{}.lock", reference.name, reference.tag),
+            true,
+        )?;
+        let current = self.read_tag(reference)?;
+        let path = self.tag_path(reference);
+        if current != expected {
+            let show = |d: Option<Digest>| d.map_or("absent".to_string(), |d| d.to_string());
+            return Err(fail(
+                &path,
+                format!(
+                    "tag {reference} moved: expected {}, found {}",
+                    show(expected),
+                    show(current)
+                ),
+            ));
+        }
+        match new {
+            Some(digest) => self.install(
+                &path,
+                format!("{digest}\n").as_bytes(),
+                &format!("tag-{}", reference.tag),
+                false,
+            ),
+            None => {
+                std::fs::remove_file(&path).map_err(|e| Error::io(&path, e))?;
+                sync_dir(path.parent().expect("inside the registry"))
+            }
+        }
+    }
+
+    fn tags(&self) -> Result<Vec<(Reference, std::result::Result<Digest, String>)>> {
+        let refs = self.root.join("refs");
+        let mut out = Vec::new();
+        for name in std::fs::read_dir(&refs).map_err(|e| Error::io(&refs, e))? {
+            let name = name.map_err(|e| Error::io(&refs, e))?.path();
+            if !name.is_dir() {
+                continue;
+            }
+            for tag in std::fs::read_dir(&name).map_err(|e| Error::io(&name, e))? {
+                let tag = tag.map_err(|e| Error::io(&name, e))?.path();
+                let (Some(n), Some(t)) = (
+                    name.file_name().and_then(|n| n.to_str()),
+                    tag.file_name().and_then(|n| n.to_str()),
+                ) else {
+                    continue;
+                };
+                let Ok(reference) = Reference::parse(&format!("{n}:{t}")) else {
+                    continue;
+                };
+                let digest = self
+                    .read_tag(&reference)
+                    .map_err(|e| e.to_string())
+                    .and_then(|d| d.ok_or_else(|| "vanished while listing".to_string()));
+                out.push((reference, digest));
+            }
+        }
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(out)
+    }
+
+    fn temporary(&self) -> Result<Vec<(PathBuf, SystemTime)>> {
+        let tmp = self.root.join("tmp");
+        let mut out = Vec::new();
+        for entry in std::fs::read_dir(&tmp).map_err(|e| Error::io(&tmp, e))? {
+            let entry = entry.map_err(|e| Error::io(&tmp, e))?;
+            let modified = entry
+                .metadata()
+                .and_then(|m| m.modified())
+                .unwrap_or(SystemTime::UNIX_EPOCH);
+            out.push((entry.path(), modified));
+        }
+        Ok(out)
+    }
+
+    fn remove_temporary(&self, path: &Path) -> Result<()> {
+        if path.is_dir() {
+            std::fs::remove_dir_all(path).map_err(|e| Error::io(path, e))
+        } else {
+            std::fs::remove_file(path).map_err(|e| Error::io(path, e))
+        }
+    }
+
+    fn lock_shared(&self) -> Result<LockGuard> {
+        self.lock("gc.lock", false)
+    }
+
+    fn lock_exclusive(&self) -> Result<LockGuard> {
+        self.lock("gc.lock", true)
+    }
+}

@@ -1,0 +1,462 @@
+//! The registry through the `mmx` binary: byte-identical round trips, immutable tags, and the
+//! fault tests of issue 4 (concurrent publishers, publishers killed at random points, a flipped
+//! byte).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+mod common;
+
+use common::assert_ok;
+
+fn mmx(args: &[&str], cwd: &Path) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_mmx"))
+        .current_dir(cwd)
+        .env_remove("MMX_REGISTRY")
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn examples() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("examples")
+}
+
+fn adapter(name: &str) -> String {
+    examples().join("adapters").join(name).display().to_string()
+}
+
+fn base() -> String {
+    examples().join("tiny-med-base").display().to_string()
+}
+
+fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// Every file of `a` is in `b` with the same bytes, and nothing else is.
+fn assert_same_dir(a: &Path, b: &Path) {
+    let names = |d: &Path| {
+        let mut n: Vec<String> = std::fs::read_dir(d)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        n.sort();
+        n
+    };
+    assert_eq!(names(a), names(b));
+    for n in names(a) {
+        assert!(
+            std::fs::read(a.join(&n)).unwrap() == std::fs::read(b.join(&n)).unwrap(),
+            "{n} differs"
+        );
+    }
+}
+
+/// All tensor blobs of a manifest (from `mmx show --json`).
+fn tensor_blobs(work: &Path, tag: &str) -> Vec<String> {
+    let out = mmx(&["show", tag, "--json"], work);
+    assert_ok(&out);
+    let manifest: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    manifest["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|f| f["tensors"].as_array())
+        .flatten()
+        .map(|t| t["blob"].as_str().unwrap().to_string())
+        .collect()
+}
+
+fn blob_path(registry: &Path, digest: &str) -> PathBuf {
+    let hex = digest.strip_prefix("blake3:").unwrap();
+    registry
+        .join("blobs/blake3")
+        .join(&hex[..2])
+        .join(&hex[2..])
+}
+
+#[test]
+fn publish_and_pull_round_trip_byte_for_byte_and_republishing_writes_nothing() {
+    let work = tempfile::tempdir().unwrap();
+    let w = work.path();
+    assert_ok(&mmx(&["publish", &base(), "tiny-med-base:v1"], w));
+    let first = mmx(
+        &[
+            "publish",
+            &adapter("cardiology"),
+            "cardiology:v1",
+            "--specialty",
+            "cardiology",
+            "--base",
+            "tiny-med-base:v1",
+        ],
+        w,
+    );
+    assert_ok(&first);
+    assert!(stdout(&first).contains("(adapter)"));
+    let again = mmx(
+        &[
+            "publish",
+            &adapter("cardiology"),
+            "cardiology:v1",
+            "--specialty",
+            "cardiology",
+            "--base",
+            "tiny-med-base:v1",
+        ],
+        w,
+    );
+    assert_ok(&again);
+    assert!(
+        stdout(&again).contains(", 0 written (0 B of"),
+        "{}",
+        stdout(&again)
+    );
+
+    assert_ok(&mmx(&["pull", "cardiology:v1", "-o", "card"], w));
+    assert_same_dir(&examples().join("adapters/cardiology"), &w.join("card"));
+    assert_ok(&mmx(&["pull", "tiny-med-base:v1", "-o", "base"], w));
+    assert_same_dir(&examples().join("tiny-med-base"), &w.join("base"));
+
+    let ls = mmx(&["ls", "--json"], w);
+    assert_ok(&ls);
+    let listing: serde_json::Value = serde_json::from_slice(&ls.stdout).unwrap();
+    assert_eq!(listing[0]["reference"], "cardiology:v1");
+    assert_eq!(listing[0]["specialty"], "cardiology");
+    assert_eq!(listing[1]["kind"], "base");
+
+    // A merged expert shares nothing it did not change... and records its lineage.
+    let merged = mmx(
+        &[
+            "merge",
+            &Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("recipes/ties.toml")
+                .display()
+                .to_string(),
+            "-o",
+            "merged",
+            "--publish",
+            "quick:v1",
+        ],
+        w,
+    );
+    assert_ok(&merged);
+    let log = mmx(&["log", "quick:v1"], w);
+    assert_ok(&log);
+    assert!(
+        stdout(&log).contains("merged, made by mmx"),
+        "{}",
+        stdout(&log)
+    );
+    let verify = mmx(&["verify", "--read-data"], w);
+    assert_ok(&verify);
+    assert!(stdout(&verify).contains("ok"));
+}
+
+#[test]
+fn tags_are_immutable_unless_forced_and_names_are_checked() {
+    let work = tempfile::tempdir().unwrap();
+    let w = work.path();
+    assert_ok(&mmx(&["publish", &adapter("cardiology"), "expert:v1"], w));
+    let moved = mmx(&["publish", &adapter("radiology"), "expert:v1"], w);
+    assert_eq!(moved.status.code(), Some(2));
+    assert!(stderr(&moved).contains("immutable"), "{}", stderr(&moved));
+    assert_ok(&mmx(
+        &["publish", &adapter("radiology"), "expert:v1", "--force"],
+        w,
+    ));
+    assert_ok(&mmx(&["pull", "expert:v1", "-o", "now"], w));
+    assert_same_dir(&examples().join("adapters/radiology"), &w.join("now"));
+
+    assert_ok(&mmx(&["tag", "expert:v1", "expert:latest"], w));
+    let refused = mmx(&["tag", "expert:v1", "expert:latest"], w);
+    assert_ok(&refused); // same target: a no-op
+    assert_ok(&mmx(&["rm", "expert:v1"], w));
+    assert_eq!(
+        mmx(&["pull", "expert:v1", "-o", "gone"], w).status.code(),
+        Some(2)
+    );
+    assert_ok(&mmx(&["pull", "expert:latest", "-o", "still"], w));
+
+    for bad in ["../x:v1", "x:../../etc", "/abs:v1", "x:", ".hidden:v1"] {
+        let out = mmx(&["publish", &adapter("cardiology"), bad], w);
+        assert_eq!(out.status.code(), Some(2), "{bad}");
+    }
+    // Nothing outside the registry was created by the refused names.
+    assert!(!w.join("x").exists() && !w.join("etc").exists());
+}
+
+#[test]
+fn refuses_invalid_content_before_storing_anything() {
+    let work = tempfile::tempdir().unwrap();
+    let w = work.path();
+    let broken = w.join("broken");
+    std::fs::create_dir(&broken).unwrap();
+    std::fs::copy(
+        examples().join("adapters/cardiology/adapter_config.json"),
+        broken.join("adapter_config.json"),
+    )
+    .unwrap();
+    std::fs::write(
+        broken.join("adapter_model.safetensors"),
+        b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}      ",
+    )
+    .unwrap();
+    let out = mmx(&["publish", broken.to_str().unwrap(), "broken:v1"], w);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out).contains("adapter_model.safetensors"),
+        "{}",
+        stderr(&out)
+    );
+    let blobs: usize = walk_files(&w.join("registry/blobs"));
+    assert_eq!(blobs, 0, "nothing stored");
+}
+
+fn walk_files(dir: &Path) -> usize {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .map(|e| {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                walk_files(&p)
+            } else {
+                1
+            }
+        })
+        .sum()
+}
+
+#[test]
+fn a_flipped_byte_is_caught_by_verify_and_by_the_next_read() {
+    let work = tempfile::tempdir().unwrap();
+    let w = work.path();
+    assert_ok(&mmx(&["publish", &adapter("pathology"), "pathology:v1"], w));
+    let blob = tensor_blobs(w, "pathology:v1")[3].clone();
+    let path = blob_path(&w.join("registry"), &blob);
+    let mut perms = std::fs::metadata(&path).unwrap().permissions();
+    #[allow(clippy::permissions_set_readonly_false)]
+    perms.set_readonly(false);
+    std::fs::set_permissions(&path, perms).unwrap();
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[5] ^= 0x01;
+    std::fs::write(&path, &bytes).unwrap();
+
+    let verify = mmx(&["verify", "--read-data"], w);
+    assert_eq!(verify.status.code(), Some(1));
+    assert!(
+        stdout(&verify).contains(&format!("corrupt blob {blob}")),
+        "{}",
+        stdout(&verify)
+    );
+    let pull = mmx(&["pull", "pathology:v1", "-o", "out"], w);
+    assert_eq!(pull.status.code(), Some(2));
+    let err = stderr(&pull);
+    assert!(
+        err.contains(&blob) && err.contains("corrupt") && err.contains("used by manifest"),
+        "{err}"
+    );
+    assert!(!w.join("out").exists(), "a failed pull leaves nothing");
+
+    // A missing blob: verify (even without --read-data) exits 1 naming it and its manifest.
+    std::fs::remove_file(&path).unwrap();
+    let verify = mmx(&["verify"], w);
+    assert_eq!(verify.status.code(), Some(1));
+    assert!(stdout(&verify).contains(&format!("missing blob {blob}")));
+}
+
+/// Publishes (adapter, tag) from 8 processes at once.
+fn publish_concurrently(w: &Path, jobs: &[(&str, &str)]) -> Vec<Output> {
+    let children: Vec<_> = jobs
+        .iter()
+        .map(|(source, tag)| {
+            Command::new(env!("CARGO_BIN_EXE_mmx"))
+                .current_dir(w)
+                .env_remove("MMX_REGISTRY")
+                .args(["publish", &adapter(source), tag])
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    children
+        .into_iter()
+        .map(|c| c.wait_with_output().unwrap())
+        .collect()
+}
+
+#[test]
+fn eight_concurrent_publishers_succeed_or_fail_cleanly() {
+    let work = tempfile::tempdir().unwrap();
+    let w = work.path();
+    // Create the registry first so that the racers do not all create it.
+    assert_ok(&mmx(&["ls"], w));
+    for round in 0..3 {
+        let same_tag = format!("shared:r{round}");
+        let jobs: Vec<(&str, String)> = vec![
+            ("cardiology", same_tag.clone()), // same content, same tag
+            ("cardiology", same_tag.clone()),
+            ("radiology", same_tag.clone()), // other content, same tag: one of them wins
+            ("pathology", format!("p:r{round}")), // same content, different tags
+            ("pathology", format!("q:r{round}")),
+            ("dermatology", format!("d:r{round}")), // different content, different tags
+            ("radiology", format!("r:r{round}")),
+            ("cardiology", format!("c:r{round}")),
+        ];
+        let borrowed: Vec<(&str, &str)> = jobs.iter().map(|(s, t)| (*s, t.as_str())).collect();
+        let outs = publish_concurrently(w, &borrowed);
+        for ((source, tag), out) in jobs.iter().zip(&outs) {
+            let code = out.status.code();
+            if tag != &same_tag {
+                assert_eq!(code, Some(0), "{source} {tag}: {}", stderr(out));
+            } else {
+                assert!(
+                    code == Some(0) || code == Some(2),
+                    "{source} {tag}: {code:?}"
+                );
+                if code == Some(2) {
+                    let err = stderr(out);
+                    assert!(err.contains("immutable") || err.contains("moved"), "{err}");
+                }
+            }
+        }
+        // The shared tag holds whichever content won, whole.
+        let pulled = w.join(format!("pulled{round}"));
+        assert_ok(&mmx(
+            &["pull", &same_tag, "-o", pulled.to_str().unwrap()],
+            w,
+        ));
+        let winner = ["cardiology", "radiology"]
+            .into_iter()
+            .find(|s| {
+                std::fs::read(pulled.join("adapter_model.safetensors")).unwrap()
+                    == std::fs::read(
+                        examples()
+                            .join("adapters")
+                            .join(s)
+                            .join("adapter_model.safetensors"),
+                    )
+                    .unwrap()
+            })
+            .expect("the tag holds one of the published adapters");
+        let winners = jobs
+            .iter()
+            .zip(&outs)
+            .filter(|((s, t), o)| t == &same_tag && *s == winner && o.status.success())
+            .count();
+        assert!(winners >= 1);
+    }
+    let verify = mmx(&["verify", "--read-data", "--grace", "0s"], w);
+    // Refused publishes leave their blobs unreferenced: orphans once past a zero grace...
+    assert!(verify.status.code() == Some(0) || stdout(&verify).contains("orphaned"));
+    // ...and nothing else is wrong.
+    let text = stdout(&verify);
+    assert!(
+        !text.contains("missing") && !text.contains("corrupt") && !text.contains("broken"),
+        "{text}"
+    );
+    assert_ok(&mmx(&["gc", "--grace", "0s"], w));
+    let clean = mmx(&["verify", "--read-data", "--grace", "0s"], w);
+    assert_ok(&clean);
+}
+
+/// A copy of the tiny base whose tensors all differ from the original's (so that publishing it
+/// writes new blobs), different for every `seed`.
+fn base_variant(dir: &Path, seed: u8) -> PathBuf {
+    let out = dir.join(format!("variant{seed}"));
+    std::fs::create_dir_all(&out).unwrap();
+    for entry in std::fs::read_dir(examples().join("tiny-med-base")).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), out.join(entry.file_name())).unwrap();
+    }
+    let weights = out.join("model.safetensors");
+    let mut bytes = std::fs::read(&weights).unwrap();
+    let header = 8 + u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    for i in (header..bytes.len()).step_by(64) {
+        bytes[i] ^= seed.wrapping_mul(2).wrapping_add(1);
+    }
+    std::fs::write(&weights, bytes).unwrap();
+    out
+}
+
+#[test]
+fn publishers_killed_at_random_points_never_break_the_registry() {
+    let work = tempfile::tempdir().unwrap();
+    let w = work.path();
+    assert_ok(&mmx(&["ls"], w));
+    // How long one publish of new content takes here: kills land uniformly within it.
+    let calibration = base_variant(w, 255);
+    let start = std::time::Instant::now();
+    assert_ok(&mmx(
+        &["publish", calibration.to_str().unwrap(), "calibration:v1"],
+        w,
+    ));
+    let span = start.elapsed().as_micros() as u64;
+    let mut state = 0x9E37_79B9_7F4A_7C15u64;
+    let mut next = || {
+        state = state
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        state >> 33
+    };
+    let trials = 60u8;
+    let mut finished = 0;
+    for trial in 0..trials {
+        let source = base_variant(w, trial);
+        let tag = format!("base:t{trial}");
+        let mut child = Command::new(env!("CARGO_BIN_EXE_mmx"))
+            .current_dir(w)
+            .env_remove("MMX_REGISTRY")
+            .args(["publish", source.to_str().unwrap(), &tag])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(std::time::Duration::from_micros(next() % span.max(1)));
+        let _ = child.kill(); // SIGKILL
+        finished += usize::from(child.wait().unwrap().success());
+        let verify = mmx(&["verify"], w);
+        assert_eq!(
+            verify.status.code(),
+            Some(0),
+            "trial {trial}: {}",
+            stdout(&verify)
+        );
+        // The tag is absent or whole.
+        let pulled = w.join(format!("p{trial}"));
+        let pull = mmx(&["pull", &tag, "-o", pulled.to_str().unwrap()], w);
+        if pull.status.success() {
+            assert_same_dir(&source, &pulled);
+        } else {
+            assert!(
+                stderr(&pull).contains("no tag"),
+                "trial {trial}: {}",
+                stderr(&pull)
+            );
+        }
+    }
+    eprintln!(
+        "{trials} publishers killed at random points within {span} µs: {finished} had finished, {} were cut short",
+        usize::from(trials) - finished
+    );
+    assert!(
+        usize::from(trials) - finished >= 10,
+        "publishers were killed mid-way"
+    );
+    assert_ok(&mmx(&["verify", "--read-data"], w));
+    assert_ok(&mmx(&["gc", "--grace", "0s"], w));
+    let clean = mmx(&["verify", "--read-data", "--grace", "0s", "--json"], w);
+    assert_ok(&clean);
+    let report: serde_json::Value = serde_json::from_slice(&clean.stdout).unwrap();
+    assert_eq!(report["temporary"], 0);
+    assert_eq!(report["unreferenced_recent"].as_array().unwrap().len(), 0);
+    assert_eq!(report["orphaned"].as_array().unwrap().len(), 0);
+}
