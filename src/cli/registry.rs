@@ -394,10 +394,12 @@ pub fn publish_merge(
     };
     let published = registry.publish(output, reference, &options)?;
     eprintln!(
-        "published {} as {reference} ({} blobs, {} written)",
+        "published {} as {reference}: {} blobs, {} written ({} of {})",
         output.display(),
         published.blobs,
-        published.written
+        published.written,
+        human_bytes(published.bytes_written),
+        human_bytes(published.bytes)
     );
     println!("manifest {}", published.manifest);
     Ok(())
