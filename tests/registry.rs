@@ -460,3 +460,195 @@ fn publishers_killed_at_random_points_never_break_the_registry() {
     assert_eq!(report["unreferenced_recent"].as_array().unwrap().len(), 0);
     assert_eq!(report["orphaned"].as_array().unwrap().len(), 0);
 }
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).to_path_buf()
+}
+
+/// A recipe in `dir` merging with `method` from `sources` (the base first), into `output`.
+fn recipe(
+    dir: &Path,
+    name: &str,
+    method: &str,
+    output: &str,
+    sources: &[String],
+    extra: &str,
+) -> PathBuf {
+    let mut text = format!(
+        "[merge]\nregistry = \"registry\"\nmethod = \"{method}\"\nbase = \"{}\"\noutput = \"{output}\"\n{extra}\n[merge.parameters]\ndensity = 0.5\n",
+        sources[0]
+    );
+    for s in &sources[1..] {
+        text.push_str(&format!("[[merge.experts]]\nsource = \"{s}\"\n"));
+    }
+    let path = dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+#[test]
+fn merges_read_the_registry_in_place_and_give_the_same_bytes() {
+    let work = tempfile::tempdir().unwrap();
+    let w = work.path();
+    assert_ok(&mmx(&["publish", &base(), "base:v1"], w));
+    let names = ["cardiology", "radiology", "pathology"];
+    for n in names {
+        assert_ok(&mmx(&["publish", &adapter(n), &format!("{n}:v1")], w));
+    }
+    let from_dirs: Vec<String> = std::iter::once(base())
+        .chain(names.iter().map(|n| adapter(n)))
+        .collect();
+    let from_registry: Vec<String> = std::iter::once("registry:base:v1".to_string())
+        .chain(names.iter().map(|n| format!("registry:{n}:v1")))
+        .collect();
+    for (method, output, extra) in [("ties", "full", ""), ("caci", "lora", "rank = 8")] {
+        let a = recipe(
+            w,
+            &format!("{method}-dirs.toml"),
+            method,
+            output,
+            &from_dirs,
+            extra,
+        );
+        let b = recipe(
+            w,
+            &format!("{method}-reg.toml"),
+            method,
+            output,
+            &from_registry,
+            extra,
+        );
+        assert_ok(&mmx(
+            &[
+                "merge",
+                a.to_str().unwrap(),
+                "-o",
+                &format!("{method}-dirs"),
+            ],
+            w,
+        ));
+        assert_ok(&mmx(
+            &[
+                "merge",
+                b.to_str().unwrap(),
+                "-o",
+                &format!("{method}-reg"),
+                "--publish",
+                &format!("{method}-merged:v1"),
+            ],
+            w,
+        ));
+        for entry in std::fs::read_dir(w.join(format!("{method}-dirs"))).unwrap() {
+            let name = entry.unwrap().file_name();
+            if name == "mmx-merge.json" {
+                continue;
+            }
+            assert!(
+                std::fs::read(w.join(format!("{method}-dirs")).join(&name)).unwrap()
+                    == std::fs::read(w.join(format!("{method}-reg")).join(&name)).unwrap(),
+                "{method}: {name:?} differs"
+            );
+        }
+        // The record names the manifests read; the published expert's lineage lists them.
+        let record: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(w.join(format!("{method}-reg/mmx-merge.json"))).unwrap(),
+        )
+        .unwrap();
+        assert!(record["inputs"][0]["manifests"][0]
+            .as_str()
+            .unwrap()
+            .starts_with("blake3:"));
+        let log = stdout(&mmx(&["log", &format!("{method}-merged:v1")], w));
+        assert_eq!(log.lines().count(), 5, "{log}");
+        assert!(
+            log.lines().nth(1).unwrap().starts_with("  blake3:") && log.contains(" base"),
+            "{log}"
+        );
+    }
+    // A full model from the registry keeps the base's tokenizer files.
+    assert!(w.join("ties-reg/tokenizer.json").is_file());
+}
+
+#[test]
+fn a_corrupt_blob_fails_a_merge_naming_it_and_its_manifest() {
+    let work = tempfile::tempdir().unwrap();
+    let w = work.path();
+    assert_ok(&mmx(&["publish", &base(), "base:v1"], w));
+    assert_ok(&mmx(
+        &["publish", &adapter("cardiology"), "cardiology:v1"],
+        w,
+    ));
+    let blob = tensor_blobs(w, "cardiology:v1")[0].clone();
+    let path = blob_path(&w.join("registry"), &blob);
+    let mut perms = std::fs::metadata(&path).unwrap().permissions();
+    #[allow(clippy::permissions_set_readonly_false)]
+    perms.set_readonly(false);
+    std::fs::set_permissions(&path, perms).unwrap();
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[0] ^= 0x80;
+    std::fs::write(&path, &bytes).unwrap();
+    let r = recipe(
+        w,
+        "r.toml",
+        "ties",
+        "full",
+        &["registry:base:v1".into(), "registry:cardiology:v1".into()],
+        "",
+    );
+    let out = mmx(&["merge", r.to_str().unwrap(), "-o", "merged"], w);
+    assert_eq!(out.status.code(), Some(2));
+    let err = stderr(&out);
+    assert!(
+        err.contains(&blob) && err.contains("corrupt") && err.contains("used by manifest"),
+        "{err}"
+    );
+    assert!(!w.join("merged").exists());
+    // A registry source that does not exist.
+    let r = recipe(
+        w,
+        "missing.toml",
+        "ties",
+        "full",
+        &["registry:base:v1".into(), "registry:nope:v1".into()],
+        "",
+    );
+    let out = mmx(&["merge", r.to_str().unwrap(), "-o", "merged"], w);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("no tag nope:v1"), "{}", stderr(&out));
+}
+
+#[test]
+fn the_bundled_registry_is_intact_and_holds_the_examples() {
+    let work = tempfile::tempdir().unwrap();
+    let w = work.path();
+    let bundled = root().join("registry");
+    let verify = mmx(
+        &[
+            "verify",
+            "--read-data",
+            "--registry",
+            bundled.to_str().unwrap(),
+        ],
+        w,
+    );
+    assert_ok(&verify);
+    for (tag, dir) in [
+        ("tiny-med-base:v1", examples().join("tiny-med-base")),
+        ("cardiology:v1", examples().join("adapters/cardiology")),
+        ("dermatology:v1", examples().join("adapters/dermatology")),
+    ] {
+        let target = w.join(tag.replace(':', "-"));
+        assert_ok(&mmx(
+            &[
+                "pull",
+                tag,
+                "-o",
+                target.to_str().unwrap(),
+                "--registry",
+                bundled.to_str().unwrap(),
+            ],
+            w,
+        ));
+        assert_same_dir(&dir, &target);
+    }
+}

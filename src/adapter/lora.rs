@@ -51,6 +51,8 @@ pub struct Adapter {
     modules: BTreeMap<String, LoraModule>,
     /// `modules_to_save` tensors by base tensor name, with their adapter key.
     saved: BTreeMap<String, String>,
+    /// For an adapter read from the registry, its manifest digest.
+    origin: Option<String>,
 }
 
 impl Adapter {
@@ -84,7 +86,50 @@ impl Adapter {
             file,
             modules,
             saved,
+            origin: None,
         })
+    }
+
+    /// An adapter assembled from stored parts: `label` names it in messages, `origin`
+    /// identifies its content (a manifest digest), `config` is its `adapter_config.json`.
+    /// Validated as [`Adapter::open`] validates a directory.
+    pub fn from_parts(
+        label: PathBuf,
+        origin: String,
+        config: &[u8],
+        file: SafetensorsFile,
+    ) -> Result<Self> {
+        let config_path = label.join("adapter_config.json");
+        let raw = match serde_json::from_slice(config) {
+            Ok(serde_json::Value::Object(map)) => map,
+            Ok(_) => {
+                return Err(Error::Adapter {
+                    path: config_path,
+                    message: "adapter config is not a JSON object".into(),
+                })
+            }
+            Err(source) => {
+                return Err(Error::Json {
+                    path: config_path,
+                    source,
+                })
+            }
+        };
+        let config = LoraConfig::from_map(&config_path, raw)?;
+        let (modules, saved) = index_modules(&file, &config)?;
+        Ok(Adapter {
+            dir: label,
+            config,
+            file,
+            modules,
+            saved,
+            origin: Some(origin),
+        })
+    }
+
+    /// For an adapter read from the registry, its manifest digest.
+    pub fn origin(&self) -> Option<&str> {
+        self.origin.as_deref()
     }
 
     /// The adapter directory.

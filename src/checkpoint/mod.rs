@@ -30,6 +30,15 @@ pub struct Checkpoint {
     config: serde_json::Map<String, Value>,
     shards: Vec<SafetensorsFile>,
     index: HashMap<String, usize>,
+    /// For a model read from the registry: its manifest digest and its other files' bytes.
+    stored: Option<Stored>,
+}
+
+/// A model read from somewhere other than a directory (the registry).
+#[derive(Debug)]
+struct Stored {
+    origin: String,
+    files: BTreeMap<String, Vec<u8>>,
 }
 
 fn fail(path: &Path, message: impl Into<String>) -> Error {
@@ -128,7 +137,72 @@ impl Checkpoint {
             config,
             shards,
             index,
+            stored: None,
         })
+    }
+
+    /// A model assembled from stored parts: `label` names it in messages (e.g.
+    /// `registry:base:v1`), `origin` identifies its content (a manifest digest), `files` holds
+    /// its small files by name (`config.json` among them) and `shards` its weights.
+    pub fn from_parts(
+        label: PathBuf,
+        origin: String,
+        files: BTreeMap<String, Vec<u8>>,
+        shards: Vec<SafetensorsFile>,
+    ) -> Result<Self> {
+        let bytes = files
+            .get("config.json")
+            .ok_or_else(|| fail(&label, "has no `config.json`: not a Hugging Face model"))?;
+        let config = match serde_json::from_slice(bytes) {
+            Ok(Value::Object(map)) => map,
+            Ok(_) => return Err(fail(&label, "`config.json` is not a JSON object")),
+            Err(source) => {
+                return Err(Error::Json {
+                    path: label.join("config.json"),
+                    source,
+                })
+            }
+        };
+        if shards.is_empty() {
+            return Err(fail(&label, "has no safetensors weights"));
+        }
+        let mut index = HashMap::new();
+        for (i, shard) in shards.iter().enumerate() {
+            for name in shard.names() {
+                if index.insert(name.to_string(), i).is_some() {
+                    return Err(fail(
+                        &label,
+                        format!("tensor `{name}` is in two weight files"),
+                    ));
+                }
+            }
+        }
+        Ok(Checkpoint {
+            dir: label,
+            config,
+            shards,
+            index,
+            stored: Some(Stored { origin, files }),
+        })
+    }
+
+    /// For a model read from the registry, its manifest digest.
+    pub fn origin(&self) -> Option<&str> {
+        self.stored.as_ref().map(|s| s.origin.as_str())
+    }
+
+    /// A small file of the model (a tokenizer file, say), if it has one.
+    pub fn extra_file(&self, name: &str) -> Result<Option<Vec<u8>>> {
+        if let Some(stored) = &self.stored {
+            return Ok(stored.files.get(name).cloned());
+        }
+        let path = self.dir.join(name);
+        if !path.is_file() {
+            return Ok(None);
+        }
+        std::fs::read(&path)
+            .map(Some)
+            .map_err(|e| Error::io(&path, e))
     }
 
     /// The model directory.

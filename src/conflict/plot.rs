@@ -70,10 +70,12 @@ fn sign_conflicts(report: &Report) -> Heatmap {
 fn short_names(experts: &[String]) -> Vec<String> {
     let short: Vec<String> = experts
         .iter()
-        .map(|e| {
-            Path::new(e)
+        .map(|e| match e.strip_prefix("registry:") {
+            // `registry:NAME:TAG`: the name.
+            Some(reference) => reference.split(':').next().unwrap_or(reference).to_string(),
+            None => Path::new(e)
                 .file_name()
-                .map_or(e.clone(), |n| n.to_string_lossy().into_owned())
+                .map_or(e.clone(), |n| n.to_string_lossy().into_owned()),
         })
         .collect();
     if short.iter().collect::<BTreeSet<_>>().len() == short.len() {
@@ -152,6 +154,15 @@ mod tests {
         assert_eq!(c.columns, ["a", "b"]);
         assert_eq!(c.values[0][1], Some(-0.5));
         assert_eq!(c.range, (-1.0, 1.0));
+    }
+
+    #[test]
+    fn registry_experts_are_named_by_their_name() {
+        let names = short_names(&[
+            "registry:cardiology:v1".into(),
+            "registry:radiology:v2".into(),
+        ]);
+        assert_eq!(names, ["cardiology", "radiology"]);
     }
 
     #[test]

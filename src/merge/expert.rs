@@ -11,6 +11,7 @@ use crate::tensor::check_finite_from;
 
 /// What an expert is made of.
 #[derive(Debug)]
+#[allow(clippy::large_enum_variant)] // one per expert: boxing saves nothing that matters
 pub enum ExpertInput {
     /// A complete model.
     Model(Checkpoint),
@@ -34,9 +35,19 @@ pub struct Expert {
 }
 
 impl Expert {
-    /// Opens an expert's source.
-    pub fn open(index: usize, source: &Source, parameters: Parameters) -> Result<Expert> {
+    /// Opens an expert's source (`registry`: where `registry:` sources come from, see
+    /// [`crate::recipe::Recipe::registry`]).
+    pub fn open(
+        index: usize,
+        source: &Source,
+        parameters: Parameters,
+        registry: Option<&Path>,
+    ) -> Result<Expert> {
         let input = match source {
+            Source::Registry(reference) => match super::stored::open(registry, reference)? {
+                crate::registry::Opened::Model(m) => ExpertInput::Model(m),
+                crate::registry::Opened::Adapter(a) => ExpertInput::Adapter(a),
+            },
             Source::Dir(dir) if Adapter::is_adapter_dir(dir) => {
                 ExpertInput::Adapter(Adapter::open(dir)?)
             }
@@ -146,17 +157,24 @@ impl Expert {
         }
     }
 
-    /// The files this expert reads, for digests.
+    /// The files this expert reads from disk, for digests (registry inputs have none).
     pub fn files(&self) -> Vec<PathBuf> {
         let mut files = Vec::new();
-        if let Some(m) = self.model() {
+        if let Some(m) = self.model().filter(|m| m.origin().is_none()) {
             files.push(m.dir().join("config.json"));
             files.extend(m.files().into_iter().map(PathBuf::from));
         }
-        if let Some(a) = self.adapter() {
+        if let Some(a) = self.adapter().filter(|a| a.origin().is_none()) {
             files.push(a.dir().join("adapter_config.json"));
             files.push(a.file().path().to_path_buf());
         }
         files
+    }
+
+    /// The registry manifests this expert reads.
+    pub fn manifests(&self) -> Vec<String> {
+        let model = self.model().and_then(Checkpoint::origin);
+        let adapter = self.adapter().and_then(Adapter::origin);
+        model.into_iter().chain(adapter).map(String::from).collect()
     }
 }

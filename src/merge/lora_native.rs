@@ -18,7 +18,7 @@ use serde_json::{json, Map, Value};
 
 use super::core::{merge_in_core, truncate, CoreMerged, Factors};
 use super::method::Method;
-use super::output::{file_digest, write_dir_atomically, MERGE_RECORD};
+use super::output::{file_digest, input_record, write_dir_atomically, MERGE_RECORD};
 use super::plan::{check_parameter_names, recipe_error, resolve};
 use crate::adapter::{Adapter, LoraKind, PEFT_PREFIX};
 use crate::checkpoint::Checkpoint;
@@ -125,6 +125,9 @@ impl LoraMerge {
         }
         let base = match &recipe.base {
             Some(Source::Dir(dir)) => Checkpoint::open(dir)?,
+            Some(Source::Registry(reference)) => {
+                super::stored::open_model(recipe.registry.as_deref(), reference)?
+            }
             _ => {
                 return Err(recipe_error(
                     &recipe,
@@ -147,8 +150,11 @@ impl LoraMerge {
                     format!("expert {i} (`{}`): unknown parameter `{name}` for method `{}` (it takes: weight)", expert.source, recipe.method),
                 ));
             }
-            let dir = match &expert.source {
-                Source::Dir(dir) if Adapter::is_adapter_dir(dir) => dir,
+            let adapter = match &expert.source {
+                Source::Dir(dir) if Adapter::is_adapter_dir(dir) => Adapter::open(dir)?,
+                Source::Registry(reference) => {
+                    super::stored::open_adapter(recipe.registry.as_deref(), reference)?
+                }
                 other => {
                     return Err(recipe_error(
                         &recipe,
@@ -158,7 +164,7 @@ impl LoraMerge {
                     ))
                 }
             };
-            adapters.push((expert.source.to_string(), Adapter::open(dir)?));
+            adapters.push((expert.source.to_string(), adapter));
         }
         let fifo: BTreeSet<bool> = adapters
             .iter()
@@ -608,22 +614,34 @@ impl LoraMerge {
     /// names and shapes), so its safetensors files are recorded by size and by the digest of
     /// their header, rather than hashed whole.
     fn digests(&self) -> Result<Vec<Value>> {
-        let config = self.base.dir().join("config.json");
-        let mut base =
-            vec![json!({"path": config.display().to_string(), "blake3": file_digest(&config)?})];
-        for file in self.base.files() {
-            let bytes = std::fs::metadata(file)
-                .map_err(|e| Error::io(file, e))?
-                .len();
-            base.push(json!({
-                "path": file.display().to_string(),
-                "bytes": bytes,
-                "header_blake3": header_digest(file)?,
-            }));
+        let role = format!("base:{}", self.base.dir().display());
+        let mut inputs = Vec::new();
+        match self.base.origin() {
+            Some(manifest) => inputs.push(input_record(role, Vec::new(), vec![manifest.into()])),
+            None => {
+                let config = self.base.dir().join("config.json");
+                let mut base = vec![
+                    json!({"path": config.display().to_string(), "blake3": file_digest(&config)?}),
+                ];
+                for file in self.base.files() {
+                    let bytes = std::fs::metadata(file)
+                        .map_err(|e| Error::io(file, e))?
+                        .len();
+                    base.push(json!({
+                        "path": file.display().to_string(),
+                        "bytes": bytes,
+                        "header_blake3": header_digest(file)?,
+                    }));
+                }
+                inputs.push(input_record(role, base, Vec::new()));
+            }
         }
-        let mut inputs =
-            vec![json!({"input": format!("base:{}", self.base.dir().display()), "files": base})];
         for (label, adapter) in &self.adapters {
+            let role = format!("expert:{label}");
+            if let Some(manifest) = adapter.origin() {
+                inputs.push(input_record(role, Vec::new(), vec![manifest.into()]));
+                continue;
+            }
             let files = [
                 adapter.dir().join("adapter_config.json"),
                 adapter.file().path().to_path_buf(),
@@ -631,7 +649,7 @@ impl LoraMerge {
             .iter()
             .map(|f| Ok(json!({"path": f.display().to_string(), "blake3": file_digest(f)?})))
             .collect::<Result<Vec<_>>>()?;
-            inputs.push(json!({"input": format!("expert:{label}"), "files": files}));
+            inputs.push(input_record(role, files, Vec::new()));
         }
         Ok(inputs)
     }

@@ -23,6 +23,7 @@ mod plan;
 pub mod rng;
 mod run;
 pub mod sparsify;
+mod stored;
 mod stream;
 
 pub use executor::{execute, TensorRecord};

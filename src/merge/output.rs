@@ -193,9 +193,7 @@ pub fn write_merge(
         files.push("config.json".to_string());
         if plan.recipe.output == OutputKind::Full {
             for name in COPIED_FILES {
-                let src = reference.dir().join(name);
-                if src.is_file() {
-                    let bytes = std::fs::read(&src).map_err(|e| Error::io(&src, e))?;
+                if let Some(bytes) = reference.extra_file(name)? {
                     write_atomic(&tmp.join(name), &bytes)?;
                     files.push(name.to_string());
                 }
@@ -224,10 +222,20 @@ pub fn write_merge(
     })
 }
 
+/// One input of `mmx-merge.json`: the files read from disk with their digests, and the
+/// registry manifests read (each already a digest of everything in it).
+pub(crate) fn input_record(role: String, files: Vec<Value>, manifests: Vec<String>) -> Value {
+    let mut record = json!({"input": role, "files": files});
+    if !manifests.is_empty() {
+        record["manifests"] = json!(manifests);
+    }
+    record
+}
+
 fn digests(plan: &Plan) -> Result<Vec<Value>> {
     input_files(plan)
         .into_iter()
-        .map(|(role, files)| {
+        .map(|(role, files, manifests)| {
             let files = files
                 .iter()
                 .map(|f| {
@@ -235,7 +243,7 @@ fn digests(plan: &Plan) -> Result<Vec<Value>> {
                     Ok(json!({"path": f.display().to_string(), "bytes": bytes, "blake3": file_digest(f)?}))
                 })
                 .collect::<Result<Vec<_>>>()?;
-            Ok(json!({"input": role, "files": files}))
+            Ok(input_record(role, files, manifests))
         })
         .collect()
 }

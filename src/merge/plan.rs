@@ -86,6 +86,10 @@ impl Plan {
         check_parameter_names(&recipe, method)?;
         let base = match &recipe.base {
             Some(Source::Dir(dir)) => Some(Checkpoint::open(dir)?),
+            Some(Source::Registry(reference)) => Some(super::stored::open_model(
+                recipe.registry.as_deref(),
+                reference,
+            )?),
             Some(Source::WithLora { .. }) => {
                 return Err(recipe_error(
                     &recipe,
@@ -119,7 +123,8 @@ impl Plan {
                     }
                     _ => e.source.clone(),
                 };
-                let mut expert = Expert::open(i, &source, e.parameters.clone())?;
+                let mut expert =
+                    Expert::open(i, &source, e.parameters.clone(), recipe.registry.as_deref())?;
                 expert.label = e.source.to_string();
                 Ok(expert)
             })
@@ -549,16 +554,23 @@ fn check_ranges(method: Method, tensor: &str, expert: &str, p: &ExpertParams) ->
     Ok(())
 }
 
-/// The input files of a plan (base first, then experts in order), for digests.
-pub fn input_files(plan: &Plan) -> Vec<(String, Vec<std::path::PathBuf>)> {
+/// What a merge reads, per input (base first, then experts in order): its role, the files it
+/// reads from disk and the registry manifests it reads, for digests.
+pub fn input_files(plan: &Plan) -> Vec<(String, Vec<std::path::PathBuf>, Vec<String>)> {
     let mut out = Vec::new();
     if let Some(b) = &plan.base {
-        let mut files = vec![b.dir().join("config.json")];
-        files.extend(b.files().into_iter().map(Path::to_path_buf));
-        out.push((format!("base:{}", b.dir().display()), files));
+        let role = format!("base:{}", b.dir().display());
+        match b.origin() {
+            Some(manifest) => out.push((role, Vec::new(), vec![manifest.to_string()])),
+            None => {
+                let mut files = vec![b.dir().join("config.json")];
+                files.extend(b.files().into_iter().map(Path::to_path_buf));
+                out.push((role, files, Vec::new()));
+            }
+        }
     }
     for e in &plan.experts {
-        out.push((format!("expert:{}", e.label), e.files()));
+        out.push((format!("expert:{}", e.label), e.files(), e.manifests()));
     }
     out
 }

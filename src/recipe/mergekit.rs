@@ -161,6 +161,7 @@ pub fn parse(path: &Path, text: String) -> Result<Recipe> {
         seed: 0,
         space: Space::Full,
         rank: None,
+        registry: None,
     })
 }
 

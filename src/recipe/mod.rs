@@ -31,6 +31,8 @@ pub enum Source {
         /// The adapter directory.
         lora: PathBuf,
     },
+    /// A published manifest: `NAME:TAG` or `blake3:<hex>`, read straight from the registry.
+    Registry(String),
 }
 
 impl std::fmt::Display for Source {
@@ -40,6 +42,10 @@ impl std::fmt::Display for Source {
             Source::WithLora { model, lora } => {
                 write!(f, "{}+{}", model.display(), lora.display())
             }
+            Source::Registry(reference) if reference.starts_with("blake3:") => {
+                write!(f, "{reference}")
+            }
+            Source::Registry(reference) => write!(f, "registry:{reference}"),
         }
     }
 }
@@ -104,6 +110,9 @@ pub struct Recipe {
     /// Rank of a LoRA output (`rank = 16` or `rank = "energy:0.99"`); `None` keeps the methods'
     /// own default.
     pub rank: Option<RankTarget>,
+    /// The registry that `registry:` and `blake3:` sources come from (`registry = "..."`,
+    /// relative to the recipe); `None`: `$MMX_REGISTRY`, else `./registry`.
+    pub registry: Option<PathBuf>,
 }
 
 /// Where a merge of LoRA experts happens.
@@ -195,10 +204,16 @@ fn source(path: &Path, at: &str, text: &str, root: &Path) -> Result<Source> {
         path: path.to_path_buf(),
         message: format!("`{at}`: {message}"),
     };
-    if text.starts_with("registry:") || text.starts_with("blake3:") {
-        return Err(fail(format!(
-            "`{text}` is a registry reference; this build of mmx reads local directories only"
-        )));
+    if let Some(reference) = text.strip_prefix("registry:") {
+        if reference.split_once(':').is_none() {
+            return Err(fail(format!(
+                "`{text}`: a registry source is `registry:NAME:TAG`"
+            )));
+        }
+        return Ok(Source::Registry(reference.to_string()));
+    }
+    if text.starts_with("blake3:") {
+        return Ok(Source::Registry(text.to_string()));
     }
     let local = |p: &str| -> Result<PathBuf> {
         let (p, revision) = match p.split_once('@') {

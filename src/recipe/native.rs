@@ -11,6 +11,7 @@ use crate::error::{Error, Result};
 use crate::tensor::Dtype;
 
 const MERGE_KEYS: &[&str] = &[
+    "registry",
     "method",
     "base",
     "output",
@@ -188,6 +189,7 @@ pub fn parse(path: &Path, text: String) -> Result<Recipe> {
         seed,
         space,
         rank,
+        registry: string("registry")?.map(|r| super::lexically_normal(&root.join(r))),
     })
 }
 
@@ -271,8 +273,8 @@ parameters = { density = [0.2, 0.8] }
                 "merge.space",
             ),
             (
-                "[merge]\nmethod='ties'\n[[merge.experts]]\nsource='registry:x:v1'",
-                "registry",
+                "[merge]\nmethod='ties'\n[[merge.experts]]\nsource='registry:x'",
+                "registry:NAME:TAG",
             ),
             (
                 "[merge]\nmethod='ties'\n[[merge.experts]]\nsource='a+b+base'",

@@ -25,7 +25,7 @@ pub fn file_name_problem(name: &str) -> Option<&'static str> {
     None
 }
 
-fn in_manifest(manifest: &Digest, e: Error) -> Error {
+pub(crate) fn in_manifest(manifest: &Digest, e: Error) -> Error {
     match e {
         Error::Registry { path, message } => Error::Registry {
             path,

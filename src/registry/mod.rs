@@ -24,6 +24,7 @@ pub mod digest;
 pub mod export;
 pub mod manifest;
 pub mod name;
+pub mod open;
 pub mod publish;
 pub mod store;
 
@@ -34,6 +35,7 @@ pub use check::{GcReport, VerifyReport};
 pub use digest::Digest;
 pub use manifest::{FileEntry, Kind, Lineage, Manifest};
 pub use name::Reference;
+pub use open::Opened;
 pub use publish::{PublishOptions, Published};
 pub use store::{LocalStore, Store};
 

@@ -50,6 +50,16 @@ enum BlobBytes {
     Empty,
 }
 
+impl Blob {
+    /// The mapping itself (`None` for an empty blob).
+    pub fn into_map(self) -> Option<Mmap> {
+        match self.0 {
+            BlobBytes::Mapped(m) => Some(m),
+            BlobBytes::Empty => None,
+        }
+    }
+}
+
 impl std::ops::Deref for Blob {
     type Target = [u8];
     fn deref(&self) -> &[u8] {

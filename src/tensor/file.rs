@@ -1,5 +1,7 @@
-//! Zero-copy reading of one safetensors file through a memory map.
+//! Zero-copy reading of one safetensors file through a memory map, or of one stored in parts
+//! (its header and each tensor in a mapped blob of its own, as the registry stores them).
 
+use std::collections::HashMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
@@ -9,12 +11,24 @@ use super::header::{parse_header, Header, TensorInfo};
 use super::{dtype, Dtype};
 use crate::error::{Error, Result};
 
-/// An open, validated safetensors file. Tensor bytes are borrowed from the memory map.
+/// An open, validated safetensors file. Tensor bytes are borrowed from the memory map(s).
 #[derive(Debug)]
 pub struct SafetensorsFile {
     path: PathBuf,
-    mmap: Mmap,
+    data: Data,
     header: Header,
+}
+
+/// Where a file's bytes are.
+#[derive(Debug)]
+enum Data {
+    /// The whole file, mapped.
+    File(Mmap),
+    /// The header's bytes, and each non-empty tensor's bytes mapped on their own.
+    Parts {
+        header: Vec<u8>,
+        tensors: HashMap<String, Mmap>,
+    },
 }
 
 impl SafetensorsFile {
@@ -29,7 +43,60 @@ impl SafetensorsFile {
             path: path.clone(),
             source,
         })?;
-        Ok(SafetensorsFile { path, mmap, header })
+        Ok(SafetensorsFile {
+            path,
+            data: Data::File(mmap),
+            header,
+        })
+    }
+
+    /// A file stored in parts: `header` is its first 8 + N bytes, `tensors` the mapped bytes of
+    /// each tensor (empty tensors may be left out). Validated as [`SafetensorsFile::open`]
+    /// validates a file, and every part must have its tensor's length. `path` names it in
+    /// messages.
+    pub fn from_parts(
+        path: PathBuf,
+        header: Vec<u8>,
+        tensors: HashMap<String, Mmap>,
+    ) -> Result<Self> {
+        let data: u64 = tensors.values().map(|m| m.len() as u64).sum();
+        let parsed =
+            parse_header(&header, header.len() as u64 + data).map_err(|source| Error::Header {
+                path: path.clone(),
+                source,
+            })?;
+        if parsed.data_start != header.len() {
+            return Err(Error::Checkpoint {
+                path,
+                message: "the stored header's length does not match its length prefix".into(),
+            });
+        }
+        for (name, info) in &parsed.tensors {
+            let len = tensors.get(name).map_or(0, |m| m.len());
+            if len != info.end - info.start {
+                return Err(Error::Checkpoint {
+                    path,
+                    message: format!(
+                        "tensor `{name}` is stored with {len} bytes, its header says {}",
+                        info.end - info.start
+                    ),
+                });
+            }
+        }
+        if tensors
+            .keys()
+            .any(|name| !parsed.tensors.contains_key(name))
+        {
+            return Err(Error::Checkpoint {
+                path,
+                message: "holds a tensor its header does not name".into(),
+            });
+        }
+        Ok(SafetensorsFile {
+            path,
+            data: Data::Parts { header, tensors },
+            header: parsed,
+        })
     }
 
     /// The file's path.
@@ -40,7 +107,10 @@ impl SafetensorsFile {
     /// The file's first bytes up to its data section: the length prefix and the header JSON
     /// (with any padding), exactly as stored.
     pub fn header_bytes(&self) -> &[u8] {
-        &self.mmap[..self.header.data_start]
+        match &self.data {
+            Data::File(mmap) => &mmap[..self.header.data_start],
+            Data::Parts { header, .. } => header,
+        }
     }
 
     /// The validated header.
@@ -68,8 +138,13 @@ impl SafetensorsFile {
     /// A tensor's raw little-endian bytes.
     pub fn bytes(&self, name: &str) -> Result<&[u8]> {
         let info = self.require(name)?;
-        let start = self.header.data_start + info.start;
-        Ok(&self.mmap[start..self.header.data_start + info.end])
+        match &self.data {
+            Data::File(mmap) => {
+                let start = self.header.data_start + info.start;
+                Ok(&mmap[start..self.header.data_start + info.end])
+            }
+            Data::Parts { tensors, .. } => Ok(tensors.get(name).map_or(&[], |m| &m[..])),
+        }
     }
 
     /// A float tensor converted to f32, refused if it holds NaN or infinity.
@@ -113,19 +188,22 @@ impl SafetensorsFile {
     /// already merged stops counting towards resident memory. The file is unchanged and a later
     /// read faults the pages back in.
     pub fn release(&self, name: &str) {
-        if let Some(info) = self.info(name) {
-            let start = self.header.data_start + info.start;
-            // SAFETY: the map is read-only and backed by a file mmx does not modify, so dropping
-            // its pages cannot change what any borrowed slice reads: the next access maps the
-            // same bytes back from the page cache. Errors only mean the advice was not taken.
-            let _ = unsafe {
-                self.mmap.unchecked_advise_range(
-                    UncheckedAdvice::DontNeed,
-                    start,
-                    info.end - info.start,
-                )
-            };
-        }
+        let Some(info) = self.info(name) else {
+            return;
+        };
+        let (map, start) = match &self.data {
+            Data::File(mmap) => (mmap, self.header.data_start + info.start),
+            Data::Parts { tensors, .. } => match tensors.get(name) {
+                Some(m) => (m, 0),
+                None => return,
+            },
+        };
+        // SAFETY: the map is read-only and backed by a file mmx does not modify, so dropping
+        // its pages cannot change what any borrowed slice reads: the next access maps the
+        // same bytes back from the page cache. Errors only mean the advice was not taken.
+        let _ = unsafe {
+            map.unchecked_advise_range(UncheckedAdvice::DontNeed, start, info.end - info.start)
+        };
     }
 
     /// The dtype of a tensor.
