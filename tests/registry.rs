@@ -216,6 +216,27 @@ fn refuses_invalid_content_before_storing_anything() {
     );
     let blobs: usize = walk_files(&w.join("registry/blobs"));
     assert_eq!(blobs, 0, "nothing stored");
+
+    // A model whose second weights file is broken: refused before its first is stored.
+    let model = w.join("model");
+    std::fs::create_dir(&model).unwrap();
+    for entry in std::fs::read_dir(examples().join("tiny-med-base")).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), model.join(entry.file_name())).unwrap();
+    }
+    std::fs::write(
+        model.join("zz-extra.safetensors"),
+        b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}      ",
+    )
+    .unwrap();
+    let out = mmx(&["publish", model.to_str().unwrap(), "model:v1"], w);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out).contains("zz-extra.safetensors"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(walk_files(&w.join("registry/blobs")), 0, "nothing stored");
 }
 
 fn walk_files(dir: &Path) -> usize {

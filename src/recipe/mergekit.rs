@@ -208,6 +208,23 @@ dtype: bfloat16
     }
 
     #[test]
+    fn reads_registry_sources() {
+        let path = Path::new("c.yml");
+        let digest = format!("blake3:{}", "ab".repeat(32));
+        let text = format!(
+            "merge_method: ties\nbase_model: registry:base:v1\nmodels:\n  - model: registry:cardiology:v1\n  - model: {digest}\n"
+        );
+        let r = parse(path, text).unwrap();
+        assert_eq!(r.base, Some(Source::Registry("base:v1".into())));
+        assert_eq!(
+            r.experts[0].source,
+            Source::Registry("cardiology:v1".into())
+        );
+        assert_eq!(r.experts[1].source, Source::Registry(digest));
+        assert_eq!(r.registry, None, "$MMX_REGISTRY, else ./registry");
+    }
+
+    #[test]
     fn refuses_what_it_cannot_honour() {
         let d = tempfile::tempdir().unwrap();
         std::fs::create_dir(d.path().join("m")).unwrap();

@@ -147,14 +147,20 @@ pub fn publish(
         return Err(refuse(dir, "is empty"));
     }
 
+    // Every safetensors file is opened (and so validated) before anything is stored.
+    let weights = names
+        .iter()
+        .filter(|n| n.ends_with(".safetensors"))
+        .map(|n| Ok((n.clone(), SafetensorsFile::open(dir.join(n))?)))
+        .collect::<Result<std::collections::BTreeMap<String, SafetensorsFile>>>()?;
+
     // Writers hold the shared lock: gc cannot sweep between a blob's write and its manifest.
     let _guard = registry.lock_shared()?;
     let mut files = Vec::with_capacity(names.len());
     let (mut blobs, mut written, mut bytes_written) = (0usize, 0usize, 0u64);
     for name in &names {
         let path = dir.join(name);
-        if name.ends_with(".safetensors") {
-            let file = SafetensorsFile::open(&path)?;
+        if let Some(file) = weights.get(name) {
             let header_bytes = file.header_bytes();
             let (header, new_header) = store(registry, header_bytes)?;
             let mut order: Vec<(&str, &crate::tensor::TensorInfo)> = file
