@@ -22,6 +22,10 @@ impl RegistryArg {
     fn open(&self) -> anyhow::Result<Registry> {
         Ok(Registry::open(&registry_path(self.registry.as_deref()))?)
     }
+
+    fn create(&self) -> anyhow::Result<Registry> {
+        Ok(Registry::create(&registry_path(self.registry.as_deref()))?)
+    }
 }
 
 fn kind(text: &str) -> Result<Kind, String> {
@@ -59,7 +63,7 @@ pub struct PublishArgs {
 
 /// Runs `mmx publish`.
 pub fn publish(args: PublishArgs) -> anyhow::Result<ExitCode> {
-    let registry = args.registry.open()?;
+    let registry = args.registry.create()?;
     let base = args
         .base
         .as_deref()
@@ -386,7 +390,7 @@ pub fn publish_merge(
     reference: &Reference,
     recipe_text: &str,
 ) -> anyhow::Result<()> {
-    let registry = Registry::open(&registry_path(registry_flag))?;
+    let registry = Registry::create(&registry_path(registry_flag))?;
     // The lineage names the registry manifests the merge read, as its record lists them.
     let record_path = output.join(crate::merge::MERGE_RECORD);
     let record: serde_json::Value = serde_json::from_slice(&std::fs::read(&record_path)?)?;

@@ -12,7 +12,7 @@
 //! ```no_run
 //! use mmx::registry::{PublishOptions, Reference, Registry};
 //!
-//! let registry = Registry::open("registry".as_ref())?;
+//! let registry = Registry::create("registry".as_ref())?;
 //! let tag = Reference::parse("cardiology:v1").unwrap();
 //! let published = registry.publish("adapters/cardiology".as_ref(), &tag, &PublishOptions::default())?;
 //! registry.pull(&published.manifest, "out/cardiology".as_ref(), false)?;
@@ -72,10 +72,17 @@ pub struct Registry {
 }
 
 impl Registry {
-    /// Opens (creating if absent) the local registry at `path`.
+    /// Opens the local registry at `path` (an error if there is none).
     pub fn open(path: &Path) -> Result<Registry> {
         Ok(Registry {
-            store: Box::new(LocalStore::open(path)?),
+            store: Box::new(LocalStore::open(path, false)?),
+        })
+    }
+
+    /// Opens the local registry at `path`, creating it if absent (for writers: `publish`).
+    pub fn create(path: &Path) -> Result<Registry> {
+        Ok(Registry {
+            store: Box::new(LocalStore::open(path, true)?),
         })
     }
 

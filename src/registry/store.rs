@@ -126,21 +126,33 @@ fn fail(path: &Path, message: impl Into<String>) -> Error {
 }
 
 impl LocalStore {
-    /// Opens the registry at `root`, creating it if it does not exist; refuses a directory
-    /// that holds something else, or a newer format.
-    pub fn open(root: &Path) -> Result<LocalStore> {
+    /// Opens the registry at `root`; with `create`, makes it first if it does not exist.
+    /// Refuses a directory that holds something else, or a newer format.
+    pub fn open(root: &Path, create: bool) -> Result<LocalStore> {
         let marker = root.join("mmx-registry.toml");
         if !marker.exists() {
-            let occupied = root.is_dir()
-                && std::fs::read_dir(root)
-                    .map_err(|e| Error::io(root, e))?
-                    .next()
-                    .is_some();
-            if occupied {
+            if !create {
                 return Err(fail(
                     root,
-                    "is not empty and has no mmx-registry.toml: not an mmx registry",
+                    "no registry here (no mmx-registry.toml); `mmx publish` creates one",
                 ));
+            }
+            // Another process may be creating it too: its directories and its marker's
+            // temporary file are expected; anything else means the folder is not ours.
+            let ours = |name: &str| {
+                ["blobs", "refs", "tmp", "locks"].contains(&name)
+                    || name.starts_with(".mmx-registry.toml")
+            };
+            if root.is_dir() {
+                for entry in std::fs::read_dir(root).map_err(|e| Error::io(root, e))? {
+                    let name = entry.map_err(|e| Error::io(root, e))?.file_name();
+                    if !ours(&name.to_string_lossy()) {
+                        return Err(fail(
+                            root,
+                            "is not empty and has no mmx-registry.toml: not an mmx registry",
+                        ));
+                    }
+                }
             }
             for dir in ["blobs/blake3", "refs", "tmp", "locks"] {
                 std::fs::create_dir_all(root.join(dir))
@@ -163,6 +175,7 @@ impl LocalStore {
             }
             None => return Err(fail(&marker, "not an mmx registry marker")),
         }
+        // A cloned registry lacks the empty folders git does not keep.
         for dir in ["blobs/blake3", "refs", "tmp", "locks"] {
             std::fs::create_dir_all(root.join(dir)).map_err(|e| Error::io(root.join(dir), e))?;
         }
