@@ -127,6 +127,12 @@ pub enum Error {
         /// What is wrong.
         message: String,
     },
+    /// The requested device cannot be used (`--device cuda` without a usable GPU).
+    #[error("--device cuda: {message}")]
+    Device {
+        /// Why.
+        message: String,
+    },
     /// A plot cannot be drawn or written.
     #[error("`{}`: {message}", path.display())]
     Plot {

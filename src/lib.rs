@@ -19,6 +19,7 @@
 #![warn(missing_docs)]
 
 pub mod adapter;
+pub mod backend;
 pub mod checkpoint;
 #[doc(hidden)]
 pub mod cli;

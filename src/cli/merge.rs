@@ -10,6 +10,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
 
 use super::{default_max_memory, human_bytes, parse_size};
+use crate::backend::{select, Backend, DeviceRequest};
 use crate::merge::lora_native::{merges_adapters, LoraMerge};
 use crate::merge::{check_target, write_merge, OutputOptions, Plan};
 use crate::recipe::Recipe;
@@ -65,11 +66,31 @@ pub struct MergeArgs {
     force: bool,
 }
 
+/// Checks `--device`: `cuda` without a usable GPU is an error; `auto` says in one line why it
+/// runs on the CPU. The kernels compile and the devices are probed, but merges run on the CPU
+/// until the device merge path lands, which `cuda` says.
+fn choose_device(device: Device) -> anyhow::Result<()> {
+    let request = match device {
+        Device::Auto => DeviceRequest::Auto,
+        Device::Cpu => return Ok(()),
+        Device::Cuda => DeviceRequest::Cuda,
+    };
+    match select(request)? {
+        (Backend::Cpu, Some(reason)) => eprintln!("--device auto: running on the CPU ({reason})"),
+        (Backend::Cuda(_), _) if device == Device::Cuda => bail!(
+            "--device cuda: a GPU answers, but this build merges on the CPU only (the CUDA merge path is not built yet); use --device cpu"
+        ),
+        (Backend::Cuda(_), _) => eprintln!(
+            "--device auto: running on the CPU (the CUDA merge path is not built yet)"
+        ),
+        (Backend::Cpu, None) => {}
+    }
+    Ok(())
+}
+
 /// Runs `mmx merge`.
 pub fn run(args: MergeArgs) -> anyhow::Result<ExitCode> {
-    if args.device == Device::Cuda {
-        bail!("`--device cuda`: this build of mmx has no CUDA backend; use `--device cpu`");
-    }
+    choose_device(args.device)?;
     let publish = args
         .publish
         .as_deref()

@@ -1,6 +1,7 @@
 //! The command line: clap definitions and one file per command. The only module that prints.
 
 mod conflicts;
+mod doctor;
 mod merge;
 mod registry;
 mod sweep;
@@ -43,6 +44,8 @@ enum Command {
     Verify(registry::VerifyArgs),
     /// Remove blobs no tag reaches, after a grace period.
     Gc(registry::GcArgs),
+    /// What hardware, backends and kernels this machine can use.
+    Doctor(doctor::DoctorArgs),
 }
 
 /// Parses the process arguments and runs the command. Errors exit with code 2.
@@ -61,6 +64,7 @@ pub fn run() -> anyhow::Result<ExitCode> {
         Command::Log(args) => registry::log(args),
         Command::Verify(args) => registry::verify(args),
         Command::Gc(args) => registry::gc(args),
+        Command::Doctor(args) => doctor::run(args),
     }
 }
 

@@ -1,0 +1,114 @@
+//! Backends for the hot kernels (DESIGN.md §6): the CPU (rayon, the reference, in
+//! [`crate::merge`]) and CUDA ([`cuda`]: kernels in `cuda/*.cu`, compiled at run time by NVRTC,
+//! libcuda and NVRTC loaded at run time, so that the default build needs no CUDA toolkit).
+//!
+//! [`probe`] says what this machine offers; [`select`] turns `--device` into a backend, with
+//! the reason when `auto` falls back to the CPU.
+
+pub mod cuda;
+
+use serde::Serialize;
+
+use crate::error::{Error, Result};
+
+/// What `--device` asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceRequest {
+    /// The GPU when one answers, else the CPU.
+    Auto,
+    /// The CPU.
+    Cpu,
+    /// The GPU, or an error.
+    Cuda,
+}
+
+/// The backend a command runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// rayon on the CPU.
+    Cpu,
+    /// A CUDA device, by ordinal.
+    Cuda(usize),
+}
+
+/// One CUDA device.
+#[derive(Debug, Clone, Serialize)]
+pub struct DeviceInfo {
+    /// Its ordinal.
+    pub ordinal: usize,
+    /// Its name (`NVIDIA H100 80GB HBM3`).
+    pub name: String,
+    /// Total memory, bytes.
+    pub total_memory: u64,
+    /// Free memory, bytes.
+    pub free_memory: u64,
+}
+
+/// What the machine offers, for `mmx doctor`.
+#[derive(Debug, Clone, Serialize)]
+pub struct Probe {
+    /// The CUDA driver's version (`12.8`), if libcuda loads.
+    pub driver: Option<String>,
+    /// NVRTC's version, if it loads.
+    pub nvrtc: Option<String>,
+    /// The devices that answer.
+    pub devices: Vec<DeviceInfo>,
+    /// Whether every kernel compiles (`None` where NVRTC is absent).
+    pub kernels_compile: Option<bool>,
+    /// Compilation errors by kernel file.
+    pub kernel_errors: Vec<(String, String)>,
+    /// Why there is no usable GPU, if there is none.
+    pub no_gpu_reason: Option<String>,
+}
+
+/// Looks at libcuda, NVRTC, the devices and the kernels. Never panics.
+pub fn probe() -> Probe {
+    let driver = cuda::driver_version();
+    let nvrtc = cuda::nvrtc_version();
+    let (devices, device_error) = match cuda::devices() {
+        Ok(d) => (d, None),
+        Err(e) => (Vec::new(), Some(e)),
+    };
+    let (kernels_compile, kernel_errors) = if nvrtc.is_some() {
+        let errors: Vec<(String, String)> = cuda::compile_all()
+            .into_iter()
+            .filter_map(|(name, r)| r.err().map(|e| (name.to_string(), e)))
+            .collect();
+        (Some(errors.is_empty()), errors)
+    } else {
+        (None, Vec::new())
+    };
+    let no_gpu_reason = if driver.is_none() {
+        Some("libcuda is not installed (no NVIDIA driver)".to_string())
+    } else if devices.is_empty() {
+        Some(device_error.unwrap_or_else(|| "the driver reports no CUDA device".to_string()))
+    } else if nvrtc.is_none() {
+        Some("NVRTC (libnvrtc) is not installed, so the kernels cannot be compiled".to_string())
+    } else if kernels_compile == Some(false) {
+        Some("a kernel does not compile (see `mmx doctor`)".to_string())
+    } else {
+        None
+    };
+    Probe {
+        driver,
+        nvrtc,
+        devices,
+        kernels_compile,
+        kernel_errors,
+        no_gpu_reason,
+    }
+}
+
+/// The backend for a request: `Auto` falls back to the CPU with the reason, `Cuda` without a
+/// usable GPU is an error.
+pub fn select(request: DeviceRequest) -> Result<(Backend, Option<String>)> {
+    if request == DeviceRequest::Cpu {
+        return Ok((Backend::Cpu, None));
+    }
+    let probe = probe();
+    match (request, probe.no_gpu_reason) {
+        (_, None) => Ok((Backend::Cuda(0), None)),
+        (DeviceRequest::Cuda, Some(reason)) => Err(Error::Device { message: reason }),
+        (_, Some(reason)) => Ok((Backend::Cpu, Some(reason))),
+    }
+}
