@@ -18,7 +18,7 @@ if ls -d "$venv"/lib/python3*/site-packages/nvidia/cuda_nvrtc/lib >/dev/null 2>&
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 ./target/release/mmx doctor
-MMX_REQUIRE_NVRTC=1 cargo test --release --test cuda -- --nocapture 2>&1 | grep -E "^test |SKIPPED|result"
+MMX_REQUIRE_NVRTC=1 MMX_GPU_LARGE=1 cargo test --release --test cuda -- --nocapture 2>&1 | grep -E "^test |SKIPPED|result"
 echo "| check | result |"
 echo "| --- | --- |"
 echo "| kernels compile | $(./target/release/mmx doctor --json | grep -o '"kernels_compile": [a-z]*' | cut -d' ' -f2) |"

@@ -121,3 +121,66 @@ fn device_cuda_without_a_gpu_is_a_clear_error() {
         "{err}"
     );
 }
+
+/// The first GPU, or `None` with a visible message.
+fn gpu() -> Option<mmx::backend::device::Gpu> {
+    match cuda::devices() {
+        Ok(d) if !d.is_empty() => Some(mmx::backend::device::Gpu::open(0).expect("open the GPU")),
+        _ => {
+            eprintln!(
+                "SKIPPED: no CUDA device answers here; scripts/gpu-check.sh runs this on a GPU"
+            );
+            None
+        }
+    }
+}
+
+/// Awkward sizes: not multiples of the block size, one element, and (with MMX_GPU_LARGE) 10^8.
+fn sizes() -> Vec<usize> {
+    let mut sizes = vec![1, 255, 256, 257, 65_537, 1_000_003];
+    if std::env::var_os("MMX_GPU_LARGE").is_some() {
+        sizes.push(100_000_000);
+    }
+    sizes
+}
+
+#[test]
+fn gpu_masks_match_the_cpu_bit_for_bit() {
+    let Some(gpu) = gpu() else { return };
+    for n in sizes() {
+        for (expert, density, first) in [(0usize, 0.1f32, 0u64), (3, 0.5, 12_345), (1, 0.9, 7)] {
+            let rng =
+                mmx::merge::rng::MaskRng::new(42, "model.layers.3.mlp.up_proj.weight", expert);
+            let got = gpu.dare_mask(rng.key(), first, density, n).unwrap();
+            let differing = (0..n)
+                .filter(|&i| (got[i] == 1) != (rng.uniform(first + i as u64) < density))
+                .count();
+            assert_eq!(differing, 0, "n {n}, expert {expert}, density {density}");
+        }
+    }
+}
+
+#[test]
+fn gpu_thresholds_keep_what_the_cpu_keeps() {
+    let Some(gpu) = gpu() else { return };
+    for n in sizes() {
+        // Values on a coarse grid, so that many magnitudes tie at any cut.
+        let rng = mmx::merge::rng::MaskRng::new(7, "x", n);
+        let x: Vec<f32> = (0..n as u64)
+            .map(|i| ((rng.uniform(i) * 64.0).floor() - 31.5) / 8.0)
+            .collect();
+        for k in [1, n / 3, n / 2, n.saturating_sub(1)] {
+            let mut cpu = x.clone();
+            mmx::merge::sparsify::top_k(&mut cpu, k);
+            let (threshold, tie_limit) = gpu.magnitude_cut(&x, k).unwrap();
+            let differing = (0..n)
+                .filter(|&i| {
+                    let bits = x[i].to_bits() & 0x7FFF_FFFF;
+                    let kept = bits > threshold || (bits == threshold && (i as u64) < tie_limit);
+                    kept != (cpu[i] != 0.0)
+                })
+                .count();
+            assert_eq!(differing, 0, "n {n}, k {k}");
+        }
+    }
+}

@@ -6,6 +6,7 @@
 //! the reason when `auto` falls back to the CPU.
 
 pub mod cuda;
+pub mod device;
 
 use serde::Serialize;
 

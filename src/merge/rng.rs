@@ -42,6 +42,11 @@ impl MaskRng {
         MaskRng { key }
     }
 
+    /// The key of the stream (what a GPU kernel needs to draw the same numbers).
+    pub fn key(&self) -> u64 {
+        self.key
+    }
+
     /// 64 random bits for element `index`.
     #[inline]
     pub fn bits(&self, index: u64) -> u64 {
