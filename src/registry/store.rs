@@ -137,10 +137,10 @@ impl LocalStore {
                     "no registry here (no mmx-registry.toml); `mmx publish` creates one",
                 ));
             }
-            // Another process may be creating it too: its directories and its marker's
+            // Another process may be creating it too: its directories, its marker and the marker's
             // temporary file are expected; anything else means the folder is not ours.
             let ours = |name: &str| {
-                ["blobs", "refs", "tmp", "locks"].contains(&name)
+                ["blobs", "refs", "tmp", "locks", "mmx-registry.toml"].contains(&name)
                     || name.starts_with(".mmx-registry.toml")
             };
             if root.is_dir() {
