@@ -184,3 +184,95 @@ fn gpu_thresholds_keep_what_the_cpu_keeps() {
         }
     }
 }
+
+#[test]
+fn gpu_ties_and_caci_match_the_cpu() {
+    use mmx::backend::device::{ConsensusExpert, ConsensusRule};
+    use mmx::merge::method::{merge_tensor, ExpertParams, Method, TensorJob};
+    let Some(gpu) = gpu() else { return };
+    for n in sizes().into_iter().filter(|&n| n <= 1_000_003) {
+        let draw = |seed: usize| {
+            let rng = mmx::merge::rng::MaskRng::new(11, "consensus", seed);
+            (0..n as u64).map(move |i| rng.uniform(i) - 0.5)
+        };
+        let base: Vec<f32> = draw(9).collect();
+        let deltas: Vec<Vec<f32>> = (0..3).map(|t| draw(t).collect()).collect();
+        let weights = [1.0f32, 0.5, 2.0];
+        let density = 0.3f32;
+        let k = mmx::merge::sparsify::keep_count(density, n).max(1);
+        for method in [Method::Ties, Method::Caci] {
+            let globals = method.default_globals();
+            let cpu = merge_tensor(
+                method,
+                &globals,
+                TensorJob {
+                    name: "t",
+                    shape: &[n],
+                    base: Some(&base),
+                    experts: deltas
+                        .iter()
+                        .map(|d| d.iter().zip(&base).map(|(d, b)| d + b).collect())
+                        .collect(),
+                    params: weights
+                        .iter()
+                        .map(|&weight| ExpertParams {
+                            weight,
+                            density,
+                            gamma: 0.0,
+                            epsilon: 0.0,
+                        })
+                        .collect(),
+                    expert_ids: vec![0, 1, 2],
+                },
+            )
+            .unwrap();
+            // The CPU subtracts the base from each expert's tensor: use the same deltas.
+            let exact: Vec<Vec<f32>> = deltas
+                .iter()
+                .map(|d| d.iter().zip(&base).map(|(d, b)| (d + b) - b).collect())
+                .collect();
+            let experts: Vec<ConsensusExpert<'_>> = exact
+                .iter()
+                .zip(weights)
+                .map(|(d, w)| {
+                    let vote_factor = if method == Method::Caci {
+                        // The CPU's own reduction, so that the confidence is the same f32.
+                        let squares =
+                            mmx::merge::sparsify::lane_sum(d, |v| f64::from(v) * f64::from(v));
+                        let rms = (squares / n as f64).sqrt();
+                        (f64::from(w) / rms) as f32
+                    } else {
+                        w
+                    };
+                    ConsensusExpert {
+                        delta: d,
+                        cut: gpu.magnitude_cut(d, k).unwrap(),
+                        vote_factor,
+                        weight: w,
+                    }
+                })
+                .collect();
+            let rule = ConsensusRule {
+                divide_by_count: false,
+                normalize: true,
+                gamma: if method == Method::Caci {
+                    globals.attenuation
+                } else {
+                    0.0
+                },
+                lambda: globals.lambda,
+            };
+            let (gpu_values, _) = gpu.consensus(&experts, rule, &base).unwrap();
+            let worst = cpu
+                .values
+                .iter()
+                .zip(&gpu_values)
+                .map(|(a, b)| ((a - b).abs() / a.abs().max(1e-3)) as f64)
+                .fold(0.0, f64::max);
+            assert!(
+                worst <= 1e-6,
+                "{method:?} n {n}: worst relative difference {worst}"
+            );
+        }
+    }
+}

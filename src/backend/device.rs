@@ -194,6 +194,100 @@ impl Gpu {
     }
 }
 
+/// One expert of a fused consensus merge on the device.
+#[derive(Debug, Clone, Copy)]
+pub struct ConsensusExpert<'a> {
+    /// The expert's update (its tensor minus the base).
+    pub delta: &'a [f32],
+    /// Its trim, from [`Gpu::magnitude_cut`].
+    pub cut: (u32, u64),
+    /// What its vote is scaled by: its weight (TIES, weighted election), 1 (unweighted), or
+    /// weight / rms (CACI).
+    pub vote_factor: f32,
+    /// Its weight in the disjoint mean.
+    pub weight: f32,
+}
+
+/// How a fused consensus merge combines the experts.
+#[derive(Debug, Clone, Copy)]
+pub struct ConsensusRule {
+    /// Divide by the number of agreeing experts instead of their weights.
+    pub divide_by_count: bool,
+    /// Divide at all (off: mergekit's un-normalised sum).
+    pub normalize: bool,
+    /// CACI's attenuation exponent (0: TIES).
+    pub gamma: f32,
+    /// Scales the merged update.
+    pub lambda: f32,
+}
+
+impl Gpu {
+    /// Trim, sign election, disjoint mean and attenuation in one pass (cuda/consensus.cu):
+    /// `base + λ·merged`, and the number of coordinates where a kept entry opposed the vote.
+    pub fn consensus(
+        &self,
+        experts: &[ConsensusExpert<'_>],
+        rule: ConsensusRule,
+        base: &[f32],
+    ) -> Result<(Vec<f32>, u64)> {
+        let n = base.len();
+        if experts.iter().any(|e| e.delta.len() != n) || experts.is_empty() {
+            return Err(Error::Device {
+                message: "consensus: every expert needs one value per base element".into(),
+            });
+        }
+        let copy = |e: cudarc::driver::DriverError| device_error("copy", e);
+        let mut stacked = Vec::with_capacity(n * experts.len());
+        for e in experts {
+            stacked.extend_from_slice(e.delta);
+        }
+        let deltas = self.stream.clone_htod(&stacked).map_err(copy)?;
+        let thresholds: Vec<u32> = experts.iter().map(|e| e.cut.0).collect();
+        let limits: Vec<u64> = experts.iter().map(|e| e.cut.1).collect();
+        let votes: Vec<f32> = experts.iter().map(|e| e.vote_factor).collect();
+        let weights: Vec<f32> = experts.iter().map(|e| e.weight).collect();
+        let thresholds = self.stream.clone_htod(&thresholds).map_err(copy)?;
+        let limits = self.stream.clone_htod(&limits).map_err(copy)?;
+        let votes = self.stream.clone_htod(&votes).map_err(copy)?;
+        let weights = self.stream.clone_htod(&weights).map_err(copy)?;
+        let base_device = self.stream.clone_htod(base).map_err(copy)?;
+        let mut out = self
+            .stream
+            .alloc_zeros::<f32>(n.max(1))
+            .map_err(|e| device_error("alloc", e))?;
+        let mut conflicts = self
+            .stream
+            .alloc_zeros::<u64>(1)
+            .map_err(|e| device_error("alloc", e))?;
+        let (count, t) = (n as u64, experts.len() as i32);
+        let (by_count, normalize) = (i32::from(rule.divide_by_count), i32::from(rule.normalize));
+        let mut launch = self
+            .stream
+            .launch_builder(self.function("consensus_merge")?);
+        launch
+            .arg(&deltas)
+            .arg(&t)
+            .arg(&count)
+            .arg(&thresholds)
+            .arg(&limits)
+            .arg(&votes)
+            .arg(&weights)
+            .arg(&by_count)
+            .arg(&normalize)
+            .arg(&rule.gamma)
+            .arg(&rule.lambda)
+            .arg(&base_device)
+            .arg(&mut out)
+            .arg(&mut conflicts);
+        // SAFETY: arguments as in cuda/consensus.cu; every buffer holds what the kernel reads.
+        unsafe { launch.launch(grid(count)) }.map_err(|e| device_error("consensus_merge", e))?;
+        let mut values = self.stream.clone_dtoh(&out).map_err(copy)?;
+        values.truncate(n);
+        let conflicts = self.stream.clone_dtoh(&conflicts).map_err(copy)?[0];
+        Ok((values, conflicts))
+    }
+}
+
 /// The `extern "C" __global__` kernel names of a source file.
 pub fn kernel_names(source: &str) -> Vec<&str> {
     const PREFIX: &str = "extern \"C\" __global__ void ";

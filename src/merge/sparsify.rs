@@ -492,7 +492,7 @@ pub fn l1_norm(values: &[f32]) -> f64 {
 
 /// Σ term(v) in f64 over eight interleaved partial sums, so the loop vectorises instead of
 /// waiting on one accumulator; the order is fixed, so the result is too.
-pub(crate) fn lane_sum(values: &[f32], term: impl Fn(f32) -> f64) -> f64 {
+pub fn lane_sum(values: &[f32], term: impl Fn(f32) -> f64) -> f64 {
     let mut lanes = [0f64; 8];
     let chunks = values.chunks_exact(8);
     let tail: f64 = chunks.remainder().iter().map(|&v| term(v)).sum();
