@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 start=$(date +%s)
-cargo build --release 2>&1 | tail -1
+cargo build --release --examples 2>&1 | tail -1
 venv=target/nvrtc-venv
 if ! ls "$venv"/lib/python3*/site-packages/nvidia/cuda_nvrtc/lib/libnvrtc.so.12 >/dev/null 2>&1 \
     && ! ldconfig -p | grep -q libnvrtc.so; then
@@ -19,6 +19,7 @@ fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 ./target/release/mmx doctor
 MMX_REQUIRE_NVRTC=1 MMX_GPU_LARGE=1 cargo test --release --test cuda -- --nocapture 2>&1 | grep -E "^test |SKIPPED|result"
+cargo run --release --example gpu_bench 2>/dev/null
 echo "| check | result |"
 echo "| --- | --- |"
 echo "| kernels compile | $(./target/release/mmx doctor --json | grep -o '"kernels_compile": [a-z]*' | cut -d' ' -f2) |"

@@ -276,3 +276,38 @@ fn gpu_ties_and_caci_match_the_cpu() {
         }
     }
 }
+
+#[test]
+fn gpu_conflict_statistics_match_the_cpu() {
+    let Some(gpu) = gpu() else { return };
+    for n in sizes().into_iter().filter(|&n| n <= 1_000_003) {
+        let deltas: Vec<Vec<f32>> = (0..4)
+            .map(|t| {
+                let rng = mmx::merge::rng::MaskRng::new(5, "conflict", t);
+                (0..n as u64).map(|i| rng.uniform(i) - 0.5).collect()
+            })
+            .collect();
+        let (weights, densities) = ([1.0f32, 1.0, 0.5, 2.0], [0.5f32; 4]);
+        let cpu = mmx::conflict::module_conflicts("m", &deltas, &weights, &densities);
+        let kept: Vec<Vec<f32>> = deltas
+            .iter()
+            .map(|d| {
+                let mut k = d.clone();
+                mmx::merge::sparsify::magnitude(&mut k, 0.5);
+                k
+            })
+            .collect();
+        let g = gpu.conflict_stats(&deltas, &kept, &weights).unwrap();
+        let close = |a: f64, b: f64| (a - b).abs() <= 1e-6 * a.abs().max(b.abs()).max(1e-12);
+        assert!(close(cpu.sign_conflict, g.conflicted / g.active), "n {n}");
+        assert!(close(cpu.mean_kappa, g.kappa_sum / g.active), "n {n}");
+        assert!(close(cpu.minority_mass, g.minority / g.total), "n {n}");
+        for a in 0..4 {
+            assert!(close(cpu.norms[a], g.dots[a][a].sqrt()), "n {n}");
+            for b in a + 1..4 {
+                let cosine = g.dots[a][b] / (g.dots[a][a].sqrt() * g.dots[b][b].sqrt());
+                assert!(close(cpu.cosine[a][b], cosine), "n {n}");
+            }
+        }
+    }
+}

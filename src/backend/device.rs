@@ -288,6 +288,177 @@ impl Gpu {
     }
 }
 
+/// Conflict statistics of one module on the device (cuda/conflict.cu), as
+/// `crate::conflict::module_conflicts` computes them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeviceConflicts {
+    /// Coordinates some expert keeps.
+    pub active: f64,
+    /// Coordinates where kept entries disagree.
+    pub conflicted: f64,
+    /// Σ κ over the active coordinates.
+    pub kappa_sum: f64,
+    /// Σ min(P, N).
+    pub minority: f64,
+    /// Σ (P + N).
+    pub total: f64,
+    /// `dots[a][b]` = Σ x_a·x_b over the untrimmed updates (upper triangle filled).
+    pub dots: Vec<Vec<f64>>,
+}
+
+impl Gpu {
+    /// Sign-conflict counts, κ, minority mass and pairwise dot products of `deltas` (untrimmed)
+    /// and `kept` (trimmed, same layout), weighted by `weights`. At most 16 experts.
+    pub fn conflict_stats(
+        &self,
+        deltas: &[Vec<f32>],
+        kept: &[Vec<f32>],
+        weights: &[f32],
+    ) -> Result<DeviceConflicts> {
+        let t = deltas.len();
+        let n = deltas.first().map_or(0, Vec::len);
+        if t == 0 || t > 16 || kept.len() != t || weights.len() != t {
+            return Err(Error::Device {
+                message: format!("conflict statistics take 1 to 16 experts, got {t}"),
+            });
+        }
+        let copy = |e: cudarc::driver::DriverError| device_error("copy", e);
+        let flat = |rows: &[Vec<f32>]| rows.iter().flatten().copied().collect::<Vec<f32>>();
+        let deltas_device = self.stream.clone_htod(&flat(deltas)).map_err(copy)?;
+        let kept_device = self.stream.clone_htod(&flat(kept)).map_err(copy)?;
+        let weights_device = self.stream.clone_htod(weights).map_err(copy)?;
+        let mut stats = self
+            .stream
+            .alloc_zeros::<f64>(5)
+            .map_err(|e| device_error("alloc", e))?;
+        let mut dots = self
+            .stream
+            .alloc_zeros::<f64>(t * t)
+            .map_err(|e| device_error("alloc", e))?;
+        let (experts, count) = (t as i32, n as u64);
+        let mut launch = self.stream.launch_builder(self.function("conflict_stats")?);
+        launch
+            .arg(&deltas_device)
+            .arg(&kept_device)
+            .arg(&experts)
+            .arg(&count)
+            .arg(&weights_device)
+            .arg(&mut stats)
+            .arg(&mut dots);
+        // SAFETY: arguments as in cuda/conflict.cu; at most 16 experts (its shared arrays).
+        unsafe { launch.launch(grid(count)) }.map_err(|e| device_error("conflict_stats", e))?;
+        let s = self.stream.clone_dtoh(&stats).map_err(copy)?;
+        let d = self.stream.clone_dtoh(&dots).map_err(copy)?;
+        Ok(DeviceConflicts {
+            active: s[0],
+            conflicted: s[1],
+            kappa_sum: s[2],
+            minority: s[3],
+            total: s[4],
+            dots: d.chunks(t).map(<[f64]>::to_vec).collect(),
+        })
+    }
+}
+
+/// Device timings of the fused consensus kernel against a device-to-device copy.
+#[derive(Debug, Clone, Copy)]
+pub struct ConsensusTiming {
+    /// Bytes the kernel reads and writes (T inputs, the base and the output, f32).
+    pub bytes: u64,
+    /// Best kernel time, seconds.
+    pub kernel_seconds: f64,
+    /// Best time to copy the same number of bytes device to device (read + write), seconds.
+    pub copy_seconds: f64,
+}
+
+impl Gpu {
+    /// Times the fused TIES kernel on `experts` × `n` f32 values already on the device, and a
+    /// device-to-device copy moving as many bytes; best of `repeat`.
+    pub fn time_consensus(
+        &self,
+        experts: usize,
+        n: usize,
+        repeat: usize,
+    ) -> Result<ConsensusTiming> {
+        use std::time::Instant;
+        let alloc = |e: cudarc::driver::DriverError| device_error("alloc", e);
+        let pattern: Vec<f32> = (0..n).map(|i| ((i % 97) as f32 - 48.0) / 64.0).collect();
+        let mut stacked = self.stream.alloc_zeros::<f32>(experts * n).map_err(alloc)?;
+        for t in 0..experts {
+            let mut view = stacked.slice_mut(t * n..(t + 1) * n);
+            self.stream
+                .memcpy_htod(&pattern, &mut view)
+                .map_err(|e| device_error("copy", e))?;
+        }
+        let base = self
+            .stream
+            .clone_htod(&pattern)
+            .map_err(|e| device_error("copy", e))?;
+        let mut out = self.stream.alloc_zeros::<f32>(n).map_err(alloc)?;
+        let mut conflicts = self.stream.alloc_zeros::<u64>(1).map_err(alloc)?;
+        let thresholds = self
+            .stream
+            .clone_htod(&vec![0x3E80_0000u32; experts])
+            .map_err(alloc)?;
+        let limits = self
+            .stream
+            .clone_htod(&vec![0u64; experts])
+            .map_err(alloc)?;
+        let ones = self
+            .stream
+            .clone_htod(&vec![1.0f32; experts])
+            .map_err(alloc)?;
+        let (t, count, zero, one) = (experts as i32, n as u64, 0i32, 1i32);
+        let (gamma, lambda) = (0.0f32, 1.0f32);
+        let sync = |s: &CudaStream| s.synchronize().map_err(|e| device_error("synchronize", e));
+        let mut kernel_seconds = f64::INFINITY;
+        for _ in 0..repeat.max(1) {
+            let mut launch = self
+                .stream
+                .launch_builder(self.function("consensus_merge")?);
+            launch
+                .arg(&stacked)
+                .arg(&t)
+                .arg(&count)
+                .arg(&thresholds)
+                .arg(&limits)
+                .arg(&ones)
+                .arg(&ones)
+                .arg(&zero)
+                .arg(&one)
+                .arg(&gamma)
+                .arg(&lambda)
+                .arg(&base)
+                .arg(&mut out)
+                .arg(&mut conflicts);
+            sync(&self.stream)?;
+            let start = Instant::now();
+            // SAFETY: arguments as in cuda/consensus.cu; buffers sized for `experts` × `n`.
+            unsafe { launch.launch(grid(count)) }.map_err(|e| device_error("consensus", e))?;
+            sync(&self.stream)?;
+            kernel_seconds = kernel_seconds.min(start.elapsed().as_secs_f64());
+        }
+        // The copy moves (T + 1) · n values once each way: the kernel's traffic, less one read.
+        let mut copy = self.stream.alloc_zeros::<f32>(experts * n).map_err(alloc)?;
+        let mut copy_seconds = f64::INFINITY;
+        for _ in 0..repeat.max(1) {
+            sync(&self.stream)?;
+            let start = Instant::now();
+            self.stream
+                .memcpy_dtod(&stacked, &mut copy)
+                .map_err(|e| device_error("copy", e))?;
+            sync(&self.stream)?;
+            copy_seconds = copy_seconds.min(start.elapsed().as_secs_f64());
+        }
+        Ok(ConsensusTiming {
+            bytes: ((experts + 2) * n * 4) as u64,
+            kernel_seconds,
+            // Scale the copy to the same byte count (reads + writes of the copy: 2 · T · n · 4).
+            copy_seconds: copy_seconds * (experts + 2) as f64 / (2 * experts) as f64,
+        })
+    }
+}
+
 /// The `extern "C" __global__` kernel names of a source file.
 pub fn kernel_names(source: &str) -> Vec<&str> {
     const PREFIX: &str = "extern \"C\" __global__ void ";
