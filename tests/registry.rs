@@ -72,6 +72,17 @@ fn tensor_blobs(work: &Path, tag: &str) -> Vec<String> {
         .collect()
 }
 
+/// Flips `mask` in byte `at` of a (read-only) blob, as a disk or a stray write might.
+fn flip_bit(path: &Path, at: usize, mask: u8) {
+    let mut perms = std::fs::metadata(path).unwrap().permissions();
+    #[allow(clippy::permissions_set_readonly_false)]
+    perms.set_readonly(false);
+    std::fs::set_permissions(path, perms).unwrap();
+    let mut bytes = std::fs::read(path).unwrap();
+    bytes[at] ^= mask;
+    std::fs::write(path, &bytes).unwrap();
+}
+
 fn blob_path(registry: &Path, digest: &str) -> PathBuf {
     let hex = digest.strip_prefix("blake3:").unwrap();
     registry
@@ -262,13 +273,7 @@ fn a_flipped_byte_is_caught_by_verify_and_by_the_next_read() {
     assert_ok(&mmx(&["publish", &adapter("pathology"), "pathology:v1"], w));
     let blob = tensor_blobs(w, "pathology:v1")[3].clone();
     let path = blob_path(&w.join("registry"), &blob);
-    let mut perms = std::fs::metadata(&path).unwrap().permissions();
-    #[allow(clippy::permissions_set_readonly_false)]
-    perms.set_readonly(false);
-    std::fs::set_permissions(&path, perms).unwrap();
-    let mut bytes = std::fs::read(&path).unwrap();
-    bytes[5] ^= 0x01;
-    std::fs::write(&path, &bytes).unwrap();
+    flip_bit(&path, 5, 0x01);
 
     let verify = mmx(&["verify", "--read-data"], w);
     assert_eq!(verify.status.code(), Some(1));
@@ -605,13 +610,7 @@ fn a_corrupt_blob_fails_a_merge_naming_it_and_its_manifest() {
     ));
     let blob = tensor_blobs(w, "cardiology:v1")[0].clone();
     let path = blob_path(&w.join("registry"), &blob);
-    let mut perms = std::fs::metadata(&path).unwrap().permissions();
-    #[allow(clippy::permissions_set_readonly_false)]
-    perms.set_readonly(false);
-    std::fs::set_permissions(&path, perms).unwrap();
-    let mut bytes = std::fs::read(&path).unwrap();
-    bytes[0] ^= 0x80;
-    std::fs::write(&path, &bytes).unwrap();
+    flip_bit(&path, 0, 0x80);
     let r = recipe(
         w,
         "r.toml",

@@ -529,15 +529,7 @@ mod tests {
         let method = Method::TaskArithmetic;
         let mut globals = method.default_globals();
         globals.lambda = 0.5;
-        let params = [0.75f32, -1.0]
-            .iter()
-            .map(|&weight| ExpertParams {
-                weight,
-                density: 1.0,
-                gamma: 0.0,
-                epsilon: 0.0,
-            })
-            .collect();
+        let params = expert_params(&[0.75, -1.0], 1.0);
         let merged = merge_in_core(
             "m.weight",
             rows,
@@ -566,6 +558,19 @@ mod tests {
         }
     }
 
+    /// One parameter set per weight, all with `density`.
+    fn expert_params(weights: &[f32], density: f32) -> Vec<ExpertParams> {
+        weights
+            .iter()
+            .map(|&weight| ExpertParams {
+                weight,
+                density,
+                gamma: 0.0,
+                epsilon: 0.0,
+            })
+            .collect()
+    }
+
     /// Deterministic pseudo-random values in [-1, 1).
     fn values(n: usize, seed: u64) -> Vec<f32> {
         let rng = crate::merge::rng::MaskRng::new(seed, "core-test", 0);
@@ -590,15 +595,7 @@ mod tests {
                     scale: 1.0 + t as f32,
                 })
                 .collect();
-            let params = order
-                .iter()
-                .map(|_| ExpertParams {
-                    weight: 1.0,
-                    density: 0.4,
-                    gamma: 0.0,
-                    epsilon: 0.0,
-                })
-                .collect();
+            let params = expert_params(&vec![1.0; order.len()], 0.4);
             let merged = merge_in_core(
                 "m.weight",
                 rows,
@@ -656,14 +653,7 @@ mod tests {
                     scale: 1.0,
                 },
             ];
-            let params = (0..2)
-                .map(|_| ExpertParams {
-                    weight: 1.0,
-                    density: 0.5,
-                    gamma: 0.0,
-                    epsilon: 0.0,
-                })
-                .collect();
+            let params = expert_params(&[1.0; 2], 0.5);
             let merged = merge_in_core(
                 "m.weight",
                 rows,
@@ -709,14 +699,7 @@ mod tests {
                 scale: 0.5,
             },
         ];
-        let params = (0..2)
-            .map(|_| ExpertParams {
-                weight: 1.0,
-                density: 1.0,
-                gamma: 0.0,
-                epsilon: 0.0,
-            })
-            .collect();
+        let params = expert_params(&[1.0; 2], 1.0);
         let method = Method::TaskArithmetic;
         let merged = merge_in_core(
             "m.weight",
@@ -740,14 +723,7 @@ mod tests {
 
         // Nothing but untrained experts: a zero LoRA of rank 1.
         let zeros = [experts[0], experts[0]];
-        let params = (0..2)
-            .map(|_| ExpertParams {
-                weight: 1.0,
-                density: 1.0,
-                gamma: 0.0,
-                epsilon: 0.0,
-            })
-            .collect();
+        let params = expert_params(&[1.0; 2], 1.0);
         let merged = merge_in_core(
             "m.weight",
             rows,
