@@ -29,7 +29,7 @@ use serde_json::{json, Map, Value};
 use crate::adapter::{Adapter, PEFT_PREFIX};
 use crate::checkpoint::Checkpoint;
 use crate::error::{Error, Result};
-use crate::merge::rng::{fnv1a, mix64};
+use crate::merge::rng::{fnv1a, mix64, Sequence};
 use crate::merge::MERGE_RECORD;
 use crate::tensor::{
     from_f32, write_atomic, write_safetensors, Dtype, SafetensorsFile, TensorSpec,
@@ -110,21 +110,16 @@ pub struct Planted {
 }
 
 /// A sequential SplitMix64 stream with normal deviates (Box–Muller).
-struct Stream(u64);
+struct Stream(Sequence);
 
 impl Stream {
     fn new(seed: u64, purpose: &str) -> Stream {
-        Stream(mix64(seed ^ fnv1a(purpose.as_bytes())))
+        Stream(Sequence::new(mix64(seed ^ fnv1a(purpose.as_bytes()))))
     }
 
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        mix64(self.0)
-    }
-
-    /// Uniform in (0, 1].
+    /// Uniform in (0, 1] (the logarithm below needs it above 0).
     fn uniform(&mut self) -> f64 {
-        ((self.next_u64() >> 11) + 1) as f64 / (1u64 << 53) as f64
+        self.0.unit() + 1.0 / (1u64 << 53) as f64
     }
 
     fn normal(&mut self) -> f64 {

@@ -64,6 +64,29 @@ impl MaskRng {
     }
 }
 
+/// A sequential SplitMix64 stream, for draws made one after another in a fixed order
+/// (planted problems, random search) rather than per element as [`MaskRng`] draws.
+#[derive(Debug, Clone)]
+pub struct Sequence(u64);
+
+impl Sequence {
+    /// The stream starting from `state`.
+    pub fn new(state: u64) -> Sequence {
+        Sequence(state)
+    }
+
+    /// The next 64 bits.
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(GOLDEN);
+        mix64(self.0)
+    }
+
+    /// The next number in `[0, 1)`, from the top 53 bits.
+    pub fn unit(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
 /// The SplitMix64 finaliser.
 #[inline]
 pub(crate) fn mix64(mut z: u64) -> u64 {

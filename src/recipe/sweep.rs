@@ -426,17 +426,16 @@ impl Sweep {
     }
 }
 
-/// Seeded draws for random search (SplitMix64).
-struct Draws(u64);
+/// Seeded draws for random search.
+struct Draws(crate::merge::rng::Sequence);
 
 impl Draws {
     fn new(seed: u64) -> Draws {
-        Draws(seed)
+        Draws(crate::merge::rng::Sequence::new(seed))
     }
 
     fn uniform(&mut self) -> f64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        (crate::merge::rng::mix64(self.0) >> 11) as f64 / (1u64 << 53) as f64
+        self.0.unit()
     }
 
     fn below(&mut self, n: usize) -> usize {
