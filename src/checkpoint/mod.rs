@@ -285,6 +285,11 @@ impl Checkpoint {
     pub fn files(&self) -> Vec<&Path> {
         self.shards.iter().map(|s| s.path()).collect()
     }
+
+    /// The open weight files.
+    pub fn shards(&self) -> &[SafetensorsFile] {
+        &self.shards
+    }
 }
 
 #[cfg(test)]

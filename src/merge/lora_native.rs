@@ -623,14 +623,17 @@ impl LoraMerge {
                 let mut base = vec![
                     json!({"path": config.display().to_string(), "blake3": file_digest(&config)?}),
                 ];
-                for file in self.base.files() {
+                for shard in self.base.shards() {
+                    let file = shard.path();
                     let bytes = std::fs::metadata(file)
                         .map_err(|e| Error::io(file, e))?
                         .len();
+                    // The header as the open file holds it: names, dtypes, shapes, offsets.
+                    let header = blake3::hash(shard.header_bytes()).to_hex().to_string();
                     base.push(json!({
                         "path": file.display().to_string(),
                         "bytes": bytes,
-                        "header_blake3": header_digest(file)?,
+                        "header_blake3": header,
                     }));
                 }
                 inputs.push(input_record(role, base, Vec::new()));
@@ -653,24 +656,6 @@ impl LoraMerge {
         }
         Ok(inputs)
     }
-}
-
-/// The blake3 digest of a safetensors file's header: its length prefix and its JSON (tensor
-/// names, dtypes, shapes and offsets).
-fn header_digest(path: &Path) -> Result<String> {
-    use std::io::Read;
-    let mut file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-    let mut prefix = [0u8; 8];
-    file.read_exact(&mut prefix)
-        .map_err(|e| Error::io(path, e))?;
-    let len = u64::from_le_bytes(prefix).min(crate::tensor::MAX_HEADER_BYTES);
-    let mut header = vec![0u8; len as usize];
-    file.read_exact(&mut header)
-        .map_err(|e| Error::io(path, e))?;
-    let mut hasher = blake3::Hasher::new();
-    hasher.update(&prefix);
-    hasher.update(&header);
-    Ok(hasher.finalize().to_hex().to_string())
 }
 
 /// One module of the output.
