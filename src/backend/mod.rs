@@ -101,13 +101,18 @@ pub fn probe() -> Probe {
 }
 
 /// The backend for a request: `Auto` falls back to the CPU with the reason, `Cuda` without a
-/// usable GPU is an error.
+/// usable GPU is an error. Cheapest checks first: without a driver or a device, nothing is
+/// compiled; with one, the kernels compile once per process.
 pub fn select(request: DeviceRequest) -> Result<(Backend, Option<String>)> {
     if request == DeviceRequest::Cpu {
         return Ok((Backend::Cpu, None));
     }
-    let probe = probe();
-    match (request, probe.no_gpu_reason) {
+    let reason = match cuda::devices() {
+        Err(reason) => Some(reason),
+        Ok(devices) if devices.is_empty() => Some("the driver reports no CUDA device".to_string()),
+        Ok(_) => cuda::compiled().as_ref().err().cloned(),
+    };
+    match (request, reason) {
         (_, None) => Ok((Backend::Cuda(0), None)),
         (DeviceRequest::Cuda, Some(reason)) => Err(Error::Device { message: reason }),
         (_, Some(reason)) => Ok((Backend::Cpu, Some(reason))),

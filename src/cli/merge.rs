@@ -76,7 +76,7 @@ fn choose_device(device: Device) -> anyhow::Result<()> {
         Device::Cuda => DeviceRequest::Cuda,
     };
     match select(request)? {
-        (Backend::Cpu, Some(reason)) => eprintln!("--device auto: running on the CPU ({reason})"),
+        (Backend::Cpu, Some(reason)) => eprintln!("--device auto: running on the CPU: {reason}"),
         (Backend::Cuda(_), _) if device == Device::Cuda => bail!(
             "--device cuda: a GPU answers, but this build merges on the CPU only (the CUDA merge path is not built yet); use --device cpu"
         ),
