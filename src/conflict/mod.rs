@@ -9,8 +9,8 @@
 mod metrics;
 mod plot;
 
-use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
@@ -217,28 +217,27 @@ pub fn analyze_adapters(dirs: &[PathBuf], density: f32) -> Result<Report> {
             .collect::<Result<Vec<_>>>()?;
         modules.push(module_conflicts(name, &deltas, &weights, &densities));
     }
-    Ok(assemble(adapter_labels(dirs), modules))
+    let labels: Vec<String> = dirs.iter().map(|d| d.display().to_string()).collect();
+    Ok(assemble(short_labels(&labels), modules))
 }
 
-/// The adapters' folder names, or their paths where two folders share a name.
-fn adapter_labels(dirs: &[PathBuf]) -> Vec<String> {
-    let names: Vec<String> = dirs
+/// Short names for experts: the name of a `registry:NAME:TAG`, the last part of a path;
+/// the full names where two would then be the same.
+pub(crate) fn short_labels(experts: &[String]) -> Vec<String> {
+    let short: Vec<String> = experts
         .iter()
-        .map(|d| {
-            d.file_name().map_or(d.display().to_string(), |n| {
-                n.to_string_lossy().into_owned()
-            })
+        .map(|e| match e.strip_prefix("registry:") {
+            // `registry:NAME:TAG`: the name.
+            Some(reference) => reference.split(':').next().unwrap_or(reference).to_string(),
+            None => Path::new(e)
+                .file_name()
+                .map_or(e.clone(), |n| n.to_string_lossy().into_owned()),
         })
         .collect();
-    let unique = names
-        .iter()
-        .collect::<std::collections::BTreeSet<_>>()
-        .len()
-        == names.len();
-    if unique {
-        names
+    if short.iter().collect::<BTreeSet<_>>().len() == short.len() {
+        short
     } else {
-        dirs.iter().map(|d| d.display().to_string()).collect()
+        experts.to_vec()
     }
 }
 
@@ -297,6 +296,26 @@ fn assemble(experts: Vec<String>, modules: Vec<ModuleConflicts>) -> Report {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn registry_experts_are_named_by_their_name() {
+        let names = short_labels(&[
+            "registry:cardiology:v1".into(),
+            "registry:radiology:v2".into(),
+        ]);
+        assert_eq!(names, ["cardiology", "radiology"]);
+    }
+
+    #[test]
+    fn experts_are_named_by_their_last_path_part_unless_that_is_ambiguous() {
+        let paths = |p: &[&str]| p.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(
+            short_labels(&paths(&["../adapters/cardiology", "org/radiology-lora"])),
+            ["cardiology", "radiology-lora"]
+        );
+        let clash = paths(&["a/lora", "b/lora"]);
+        assert_eq!(short_labels(&clash), clash);
+    }
 
     #[test]
     fn places_modules_by_layer_and_type() {

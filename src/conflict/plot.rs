@@ -4,7 +4,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
-use super::{place, Report};
+use super::{place, short_labels, Report};
 use crate::error::Result;
 use crate::plot::{heatmaps, ColorMap, Heatmap};
 
@@ -65,28 +65,8 @@ fn sign_conflicts(report: &Report) -> Heatmap {
     }
 }
 
-/// The experts as the figure names them: the last part of each source path, unless two
-/// experts would then share a name.
-fn short_names(experts: &[String]) -> Vec<String> {
-    let short: Vec<String> = experts
-        .iter()
-        .map(|e| match e.strip_prefix("registry:") {
-            // `registry:NAME:TAG`: the name.
-            Some(reference) => reference.split(':').next().unwrap_or(reference).to_string(),
-            None => Path::new(e)
-                .file_name()
-                .map_or(e.clone(), |n| n.to_string_lossy().into_owned()),
-        })
-        .collect();
-    if short.iter().collect::<BTreeSet<_>>().len() == short.len() {
-        short
-    } else {
-        experts.to_vec()
-    }
-}
-
 fn cosines(report: &Report) -> Heatmap {
-    let names = short_names(&report.experts);
+    let names = short_labels(&report.experts);
     Heatmap {
         title: "cosine of the experts' updates".to_string(),
         rows: names.clone(),
@@ -154,26 +134,6 @@ mod tests {
         assert_eq!(c.columns, ["a", "b"]);
         assert_eq!(c.values[0][1], Some(-0.5));
         assert_eq!(c.range, (-1.0, 1.0));
-    }
-
-    #[test]
-    fn registry_experts_are_named_by_their_name() {
-        let names = short_names(&[
-            "registry:cardiology:v1".into(),
-            "registry:radiology:v2".into(),
-        ]);
-        assert_eq!(names, ["cardiology", "radiology"]);
-    }
-
-    #[test]
-    fn experts_are_named_by_their_last_path_part_unless_that_is_ambiguous() {
-        let paths = |p: &[&str]| p.iter().map(|s| s.to_string()).collect::<Vec<_>>();
-        assert_eq!(
-            short_names(&paths(&["../adapters/cardiology", "org/radiology-lora"])),
-            ["cardiology", "radiology-lora"]
-        );
-        let clash = paths(&["a/lora", "b/lora"]);
-        assert_eq!(short_names(&clash), clash);
     }
 
     #[test]
