@@ -15,7 +15,6 @@
 //! implementation of [`Store`]) idempotent.
 
 use std::fs::{File, OpenOptions};
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::SystemTime;
@@ -25,7 +24,7 @@ use memmap2::Mmap;
 use super::digest::Digest;
 use super::name::Reference;
 use crate::error::{Error, Result};
-use crate::tensor::sync_dir;
+use crate::tensor::{sync_dir, write_atomic_via};
 
 /// The registry format this build reads and writes.
 pub const FORMAT: u32 = 1;
@@ -210,33 +209,13 @@ impl LocalStore {
     /// Writes `bytes` to a temporary file, syncs it and renames it to `target`, then syncs
     /// `target`'s directory.
     fn install(&self, target: &Path, bytes: &[u8], hint: &str, read_only: bool) -> Result<()> {
-        let tmp = self.temp_path(hint);
-        let result = (|| -> std::io::Result<()> {
-            let mut f = File::create(&tmp)?;
-            f.write_all(bytes)?;
-            f.sync_all()?;
-            if read_only {
-                let mut perms = f.metadata()?.permissions();
-                perms.set_readonly(true);
-                std::fs::set_permissions(&tmp, perms)?;
-            }
-            Ok(())
-        })();
         let parent = target.parent().expect("inside the registry");
-        let result = result.and_then(|()| {
-            if !parent.exists() {
-                std::fs::create_dir_all(parent)?;
-                if let Some(grand) = parent.parent() {
-                    File::open(grand)?.sync_all()?;
-                }
-            }
-            std::fs::rename(&tmp, target)
-        });
-        if let Err(e) = result {
-            let _ = std::fs::remove_file(&tmp);
-            return Err(Error::io(target, e));
+        if !parent.exists() {
+            std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
+            sync_dir(parent.parent().expect("inside the registry"))?;
         }
-        sync_dir(parent)
+        // The temporary file lives in tmp/, where gc finds what a crash leaves.
+        write_atomic_via(&self.temp_path(hint), target, &[bytes], read_only)
     }
 
     fn lock(&self, file: &str, exclusive: bool) -> Result<LockGuard> {

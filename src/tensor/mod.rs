@@ -12,6 +12,6 @@ pub use dtype::{from_f32, to_f32, Dtype};
 pub use file::{check_finite, check_finite_from, SafetensorsFile};
 pub use header::{encode_header, parse_header, Header, HeaderError, TensorInfo, MAX_HEADER_BYTES};
 pub use writer::{
-    sync_dir, temp_sibling, write_atomic, write_atomic_parts, write_safetensors, ShardedWriter,
-    TensorSpec,
+    sync_dir, temp_sibling, write_atomic, write_atomic_parts, write_atomic_via, write_safetensors,
+    ShardedWriter, TensorSpec,
 };

@@ -58,17 +58,28 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 
 /// [`write_atomic`] of the concatenation of `parts`, without forming it.
 pub fn write_atomic_parts(path: &Path, parts: &[&[u8]]) -> Result<()> {
-    let tmp = temp_sibling(path);
+    write_atomic_via(&temp_sibling(path), path, parts, false)
+}
+
+/// Writes the concatenation of `parts` to the temporary file `tmp`, syncs it, makes it
+/// read-only if asked, renames it to `path` and syncs `path`'s directory. On error `tmp` is
+/// removed and `path` is left as it was.
+pub fn write_atomic_via(tmp: &Path, path: &Path, parts: &[&[u8]], read_only: bool) -> Result<()> {
     let result = (|| {
-        let mut f = File::create(&tmp)?;
+        let mut f = File::create(tmp)?;
         for part in parts {
             f.write_all(part)?;
         }
         f.sync_all()?;
-        std::fs::rename(&tmp, path)
+        if read_only {
+            let mut perms = f.metadata()?.permissions();
+            perms.set_readonly(true);
+            std::fs::set_permissions(tmp, perms)?;
+        }
+        std::fs::rename(tmp, path)
     })();
     if let Err(e) = result {
-        let _ = std::fs::remove_file(&tmp);
+        let _ = std::fs::remove_file(tmp);
         return Err(Error::io(path, e));
     }
     // A bare file name has the empty path as its parent: that is the working directory.
