@@ -583,16 +583,17 @@ fn conflicts_refuse_adapters_for_different_bases() {
     let planted = mmx::planted::Planted::generate(mmx::planted::PlantedSpec::default()).unwrap();
     planted.write(&work.path().join("planted")).unwrap();
     let other = mmx::planted::Planted::expert_dir(&work.path().join("planted"), 0);
-    let out = mmx(
-        &[
+    let refused = || {
+        let args = [
             "conflicts",
             cardiology.to_str().unwrap(),
             other.to_str().unwrap(),
-        ],
-        work.path(),
-    );
-    assert_eq!(out.status.code(), Some(2));
-    let stderr = String::from_utf8_lossy(&out.stderr);
+        ];
+        let out = mmx(&args, work.path());
+        assert_eq!(out.status.code(), Some(2));
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let stderr = refused();
     assert!(
         stderr.contains("tiny-med-base") && stderr.contains("different bases"),
         "{stderr}"
@@ -603,16 +604,7 @@ fn conflicts_refuse_adapters_for_different_bases() {
         .unwrap()
         .replace("../../base", "tiny-med-base");
     std::fs::write(&config, text).unwrap();
-    let out = mmx(
-        &[
-            "conflicts",
-            cardiology.to_str().unwrap(),
-            other.to_str().unwrap(),
-        ],
-        work.path(),
-    );
-    assert_eq!(out.status.code(), Some(2));
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stderr = refused();
     assert!(
         stderr.contains("[64, 64]") && stderr.contains("[128, 128]") && stderr.contains("task0"),
         "{stderr}"

@@ -81,18 +81,21 @@ fn device_cuda_without_a_gpu_is_a_clear_error() {
     }
     let recipe = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("recipes/quickstart.toml");
     let work = tempfile::tempdir().unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_mmx"))
-        .current_dir(work.path())
-        .args([
-            "merge",
-            recipe.to_str().unwrap(),
-            "-o",
-            "out",
-            "--device",
-            "cuda",
-        ])
-        .output()
-        .unwrap();
+    let merge = |device: &str| {
+        Command::new(env!("CARGO_BIN_EXE_mmx"))
+            .current_dir(work.path())
+            .args([
+                "merge",
+                recipe.to_str().unwrap(),
+                "-o",
+                "out",
+                "--device",
+                device,
+            ])
+            .output()
+            .unwrap()
+    };
+    let out = merge("cuda");
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -101,18 +104,7 @@ fn device_cuda_without_a_gpu_is_a_clear_error() {
     );
     assert!(!work.path().join("out").exists());
     // auto falls back with one line saying why.
-    let out = Command::new(env!("CARGO_BIN_EXE_mmx"))
-        .current_dir(work.path())
-        .args([
-            "merge",
-            recipe.to_str().unwrap(),
-            "-o",
-            "out",
-            "--device",
-            "auto",
-        ])
-        .output()
-        .unwrap();
+    let out = merge("auto");
     assert_ok(&out);
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(

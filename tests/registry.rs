@@ -213,20 +213,7 @@ fn refuses_invalid_content_before_storing_anything() {
         broken.join("adapter_config.json"),
     )
     .unwrap();
-    std::fs::write(
-        broken.join("adapter_model.safetensors"),
-        b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}      ",
-    )
-    .unwrap();
-    let out = mmx(&["publish", broken.to_str().unwrap(), "broken:v1"], w);
-    assert_eq!(out.status.code(), Some(2));
-    assert!(
-        stderr(&out).contains("adapter_model.safetensors"),
-        "{}",
-        stderr(&out)
-    );
-    let blobs: usize = walk_files(&w.join("registry/blobs"));
-    assert_eq!(blobs, 0, "nothing stored");
+    refuse_broken_file(w, &broken, "adapter_model.safetensors");
 
     // A model whose second weights file is broken: refused before its first is stored.
     let model = w.join("model");
@@ -235,18 +222,20 @@ fn refuses_invalid_content_before_storing_anything() {
         let entry = entry.unwrap();
         std::fs::copy(entry.path(), model.join(entry.file_name())).unwrap();
     }
+    refuse_broken_file(w, &model, "zz-extra.safetensors");
+}
+
+/// Writes a safetensors file with a broken header as `name` in `dir`: publishing `dir` is
+/// refused naming that file, and no blob is stored.
+fn refuse_broken_file(w: &Path, dir: &Path, name: &str) {
     std::fs::write(
-        model.join("zz-extra.safetensors"),
+        dir.join(name),
         b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}      ",
     )
     .unwrap();
-    let out = mmx(&["publish", model.to_str().unwrap(), "model:v1"], w);
+    let out = mmx(&["publish", dir.to_str().unwrap(), "broken:v1"], w);
     assert_eq!(out.status.code(), Some(2));
-    assert!(
-        stderr(&out).contains("zz-extra.safetensors"),
-        "{}",
-        stderr(&out)
-    );
+    assert!(stderr(&out).contains(name), "{}", stderr(&out));
     assert_eq!(walk_files(&w.join("registry/blobs")), 0, "nothing stored");
 }
 
