@@ -558,6 +558,22 @@ mod tests {
         }
     }
 
+    /// [`merge_in_core`] with the method's default globals, on a module named `m.weight`.
+    fn merge_defaults(
+        rows: usize,
+        cols: usize,
+        experts: &[Factors<'_>],
+        method: Method,
+        params: Vec<ExpertParams>,
+        ids: Vec<usize>,
+        target: RankTarget,
+    ) -> Result<CoreMerged> {
+        let globals = method.default_globals();
+        merge_in_core(
+            "m.weight", rows, cols, experts, method, &globals, params, ids, target,
+        )
+    }
+
     /// One parameter set per weight, all with `density`.
     fn expert_params(weights: &[f32], density: f32) -> Vec<ExpertParams> {
         weights
@@ -596,13 +612,11 @@ mod tests {
                 })
                 .collect();
             let params = expert_params(&vec![1.0; order.len()], 0.4);
-            let merged = merge_in_core(
-                "m.weight",
+            let merged = merge_defaults(
                 rows,
                 cols,
                 &experts,
                 Method::Ties,
-                &Method::Ties.default_globals(),
                 params,
                 order.to_vec(),
                 RankTarget::Fixed(9),
@@ -654,13 +668,11 @@ mod tests {
                 },
             ];
             let params = expert_params(&[1.0; 2], 0.5);
-            let merged = merge_in_core(
-                "m.weight",
+            let merged = merge_defaults(
                 rows,
                 cols,
                 &experts,
                 Method::Ties,
-                &Method::Ties.default_globals(),
                 params,
                 vec![0, 1],
                 RankTarget::Fixed(4),
@@ -701,13 +713,11 @@ mod tests {
         ];
         let params = expert_params(&[1.0; 2], 1.0);
         let method = Method::TaskArithmetic;
-        let merged = merge_in_core(
-            "m.weight",
+        let merged = merge_defaults(
             rows,
             cols,
             &experts,
             method,
-            &method.default_globals(),
             params,
             vec![0, 1],
             RankTarget::Fixed(4),
@@ -724,13 +734,11 @@ mod tests {
         // Nothing but untrained experts: a zero LoRA of rank 1.
         let zeros = [experts[0], experts[0]];
         let params = expert_params(&[1.0; 2], 1.0);
-        let merged = merge_in_core(
-            "m.weight",
+        let merged = merge_defaults(
             rows,
             cols,
             &zeros,
             method,
-            &method.default_globals(),
             params,
             vec![0, 1],
             RankTarget::Fixed(4),
