@@ -5,9 +5,7 @@
 //   dots[a * T + b] = sum_j x_a[j] * x_b[j] (untrimmed), for the cosines and norms.
 // Accumulated in f64 per block in shared memory, then atomically into global memory.
 
-typedef unsigned long long u64;
 
-#define MAX_EXPERTS 16
 
 extern "C" __global__ void conflict_stats(const float* deltas, const float* kept, int experts,
                                           u64 n, const float* weights, double* stats,

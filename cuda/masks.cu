@@ -4,7 +4,6 @@
 //   uniform(i) = (bits(i) >> 40) * 2^-24                          (exact in f32)
 // and key = MaskRng::new(seed, tensor, expert).key(), derived on the host.
 
-typedef unsigned long long u64;
 
 __device__ __forceinline__ u64 mix64(u64 z) {
     z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;

@@ -7,11 +7,17 @@
 //! figures) and [`cli`].
 //!
 //! ```no_run
+//! use mmx::backend::Backend;
 //! use mmx::merge::{write_merge, OutputOptions, Plan};
 //! use mmx::recipe::Recipe;
 //!
 //! let plan = Plan::build(Recipe::load("recipes/quickstart.toml".as_ref())?)?;
-//! let options = OutputOptions { max_memory: 4 << 30, shard_bytes: 5 << 30, force: false };
+//! let options = OutputOptions {
+//!     max_memory: 4 << 30,
+//!     shard_bytes: 5 << 30,
+//!     force: false,
+//!     backend: Backend::Cpu,
+//! };
 //! let summary = write_merge(&plan, "out/quickstart".as_ref(), &options, &|_| {})?;
 //! assert!(summary.merged > 0);
 //! # Ok::<(), mmx::Error>(())

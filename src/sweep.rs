@@ -312,6 +312,7 @@ fn run_trial(
             max_memory: options.max_memory,
             shard_bytes: 5 << 30,
             force: false,
+            backend: crate::backend::Backend::Cpu,
         };
         let merged = merge_recipe(recipe, target, &merge_options)?;
         result.sign_conflict = merged.mean_sign_conflict();

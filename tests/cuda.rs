@@ -303,3 +303,346 @@ fn gpu_conflict_statistics_match_the_cpu() {
         }
     }
 }
+
+/// Values of a coarse grid in ±1, many of them equal (ties at every cut).
+fn grid_values(n: usize, seed: usize) -> Vec<f32> {
+    let rng = mmx::merge::rng::MaskRng::new(3, "grid", seed);
+    (0..n as u64)
+        .map(|i| ((rng.uniform(i) * 512.0).floor() - 255.5) / 256.0)
+        .collect()
+}
+
+fn worst_relative(ours: &[f32], reference: &[f32]) -> f64 {
+    common::max_relative_error(ours, reference)
+}
+
+#[test]
+fn gpu_lora_products_match_the_cpu() {
+    use mmx::adapter::{lora_delta, LoraKind, LoraModule};
+    use mmx::backend::device::LoraFactors;
+    let Some(gpu) = gpu() else { return };
+    let mut shapes = vec![(1, 1, 1), (257, 3, 7), (1000, 1003, 16), (3, 65_537, 2)];
+    if std::env::var_os("MMX_GPU_LARGE").is_some() {
+        shapes.push((11_008, 4096, 64));
+    }
+    for (rows, cols, rank) in shapes {
+        for (kind, fan_in_fan_out) in [
+            (LoraKind::Linear, false),
+            (LoraKind::Linear, true),
+            (LoraKind::Embedding, false),
+        ] {
+            let transposed = kind == LoraKind::Embedding || fan_in_fan_out;
+            let (out_dim, in_dim) = if transposed {
+                (cols, rows)
+            } else {
+                (rows, cols)
+            };
+            let a = grid_values(rank * in_dim, 1);
+            let b = grid_values(out_dim * rank, 2);
+            let module = LoraModule {
+                module: "m".into(),
+                kind,
+                a_key: "a".into(),
+                b_key: "b".into(),
+                rank,
+                scaling: 0.5,
+                fan_in_fan_out,
+                target_shape: [rows, cols],
+            };
+            let cpu = lora_delta(&module, &a, &b);
+            let factors = LoraFactors {
+                a: &a,
+                b: &b,
+                rank,
+                scaling: 0.5,
+                transposed,
+            };
+            let updates = gpu.lora_deltas(&[None, Some(factors)], rows, cols).unwrap();
+            let got = gpu.download_updates(&updates).unwrap();
+            assert!(got[0].iter().all(|&v| v == 0.0), "an absent expert is zero");
+            let worst = worst_relative(&got[1], &cpu);
+            assert!(
+                worst <= 1e-6,
+                "{rows}×{cols} r{rank} {kind:?} {fan_in_fan_out}: {worst}"
+            );
+        }
+    }
+}
+
+/// The CPU's TIES or CACI of `deltas` on a zero base, and its per-expert parameters.
+fn cpu_merge(method: mmx::merge::method::Method, deltas: &[Vec<f32>], weights: &[f32]) -> Vec<f32> {
+    use mmx::merge::method::{merge_tensor, ExpertParams, TensorJob};
+    let n = deltas[0].len();
+    let base = vec![0f32; n];
+    merge_tensor(
+        method,
+        &method.default_globals(),
+        TensorJob {
+            name: "t",
+            shape: &[n],
+            base: Some(&base),
+            experts: deltas.to_vec(),
+            params: weights
+                .iter()
+                .map(|&weight| ExpertParams {
+                    weight,
+                    density: 0.3,
+                    gamma: 0.0,
+                    epsilon: 0.0,
+                })
+                .collect(),
+            expert_ids: (0..deltas.len()).collect(),
+        },
+    )
+    .unwrap()
+    .values
+}
+
+/// The device's merge of `updates` with the same parameters as [`cpu_merge`].
+fn gpu_merge(
+    gpu: &mmx::backend::device::Gpu,
+    method: mmx::merge::method::Method,
+    updates: &mmx::backend::device::Updates,
+    weights: &[f32],
+    bf16_out: bool,
+) -> mmx::backend::device::DeviceMerge {
+    use mmx::backend::device::{ConsensusRule, MergeExpert};
+    use mmx::merge::method::Method;
+    let n = updates.len();
+    let k = mmx::merge::sparsify::keep_count(0.3, n).max(1);
+    let globals = method.default_globals();
+    let rules: Vec<MergeExpert> = weights
+        .iter()
+        .enumerate()
+        .map(|(t, &w)| {
+            let vote_factor = if method == Method::Caci {
+                let rms = (gpu.sum_squares(updates, t).unwrap() / n as f64).sqrt();
+                (f64::from(w) / rms) as f32
+            } else {
+                w
+            };
+            MergeExpert {
+                cut: gpu.cut(updates, t, k).unwrap(),
+                vote_factor,
+                weight: w,
+            }
+        })
+        .collect();
+    let rule = ConsensusRule {
+        divide_by_count: false,
+        normalize: method == Method::Caci || globals.normalize,
+        gamma: if method == Method::Caci {
+            globals.attenuation
+        } else {
+            0.0
+        },
+        lambda: globals.lambda,
+    };
+    let zeros = vec![0f32; n];
+    let base = matches!(updates, mmx::backend::device::Updates::F32 { .. }).then_some(&zeros[..]);
+    gpu.merge(updates, &rules, rule, base, bf16_out).unwrap()
+}
+
+#[test]
+fn gpu_merges_of_device_updates_match_the_cpu() {
+    use mmx::backend::device::DeviceValues;
+    use mmx::merge::method::Method;
+    let Some(gpu) = gpu() else { return };
+    let weights = [1.0f32, 0.5, 2.0];
+    for n in sizes() {
+        let deltas: Vec<Vec<f32>> = (0..3).map(|t| grid_values(n, 10 + t)).collect();
+        let rows: Vec<&[f32]> = deltas.iter().map(Vec::as_slice).collect();
+        let updates = gpu.upload_deltas(&rows).unwrap();
+        for method in [Method::Ties, Method::Caci] {
+            let cpu = cpu_merge(method, &deltas, &weights);
+            let f32_out = gpu_merge(&gpu, method, &updates, &weights, false);
+            let bf16_out = gpu_merge(&gpu, method, &updates, &weights, true);
+            let DeviceValues::Bf16(bits) = &bf16_out.values else {
+                panic!("bf16 asked for")
+            };
+            let cpu_bits: Vec<u16> = cpu
+                .iter()
+                .map(|&v| half::bf16::from_f32(v).to_bits())
+                .collect();
+            if method == Method::Ties {
+                assert_eq!(f32_out.values.to_f32(), cpu, "TIES f32, n {n}");
+                assert_eq!(bits, &cpu_bits, "TIES bf16, n {n}");
+            } else {
+                // The confidence's rms is summed in another order: within 1e-6.
+                let worst = worst_relative(&f32_out.values.to_f32(), &cpu);
+                assert!(worst <= 1e-6, "CACI n {n}: {worst}");
+            }
+        }
+    }
+}
+
+#[test]
+fn gpu_bf16_merges_match_the_cpu_bit_for_bit() {
+    use mmx::backend::device::DeviceValues;
+    use mmx::merge::method::Method;
+    let Some(gpu) = gpu() else { return };
+    let weights = [1.0f32, 1.0, 0.5, 2.0];
+    let to_bits = |v: &[f32]| -> Vec<u16> {
+        v.iter()
+            .map(|&x| half::bf16::from_f32(x).to_bits())
+            .collect()
+    };
+    let widen = |b: &[u16]| -> Vec<f32> {
+        b.iter()
+            .map(|&x| f32::from_bits(u32::from(x) << 16))
+            .collect()
+    };
+    for n in sizes() {
+        let base_bits = to_bits(&grid_values(n, 99));
+        let tensors: Vec<Vec<u16>> = (0..4)
+            .map(|t| {
+                let noise = grid_values(n, 20 + t);
+                let base = widen(&base_bits);
+                to_bits(
+                    &base
+                        .iter()
+                        .zip(&noise)
+                        .map(|(b, x)| b + x / 64.0)
+                        .collect::<Vec<_>>(),
+                )
+            })
+            .collect();
+        let rows: Vec<&[u16]> = tensors.iter().map(Vec::as_slice).collect();
+        let updates = gpu.upload_bf16(&rows, &base_bits).unwrap();
+        // The CPU: bf16 widened, minus the base in f32, merged, plus the base, rounded.
+        let base = widen(&base_bits);
+        let deltas: Vec<Vec<f32>> = tensors
+            .iter()
+            .map(|t| widen(t).iter().zip(&base).map(|(x, b)| x - b).collect())
+            .collect();
+        assert_eq!(gpu.download_updates(&updates).unwrap(), deltas, "n {n}");
+        let merged = cpu_merge(Method::Ties, &deltas, &weights);
+        let expected = to_bits(
+            &merged
+                .iter()
+                .zip(&base)
+                .map(|(m, b)| b + m)
+                .collect::<Vec<_>>(),
+        );
+        let got = gpu_merge(&gpu, Method::Ties, &updates, &weights, true);
+        let DeviceValues::Bf16(bits) = &got.values else {
+            panic!("bf16 out")
+        };
+        assert_eq!(bits, &expected, "n {n}");
+    }
+}
+
+#[test]
+fn gpu_sums_of_squares_match_the_cpu() {
+    let Some(gpu) = gpu() else { return };
+    for n in sizes() {
+        let x = grid_values(n, 5);
+        let updates = gpu.upload_deltas(&[&x]).unwrap();
+        let cpu = mmx::merge::sparsify::lane_sum(&x, |v| f64::from(v) * f64::from(v));
+        let got = gpu.sum_squares(&updates, 0).unwrap();
+        assert!(
+            (got - cpu).abs() <= 1e-12 * cpu.max(1e-30),
+            "n {n}: {got} vs {cpu}"
+        );
+    }
+}
+
+/// Runs `mmx merge RECIPE -o OUT --device DEVICE` in `dir`.
+fn merge_with(dir: &std::path::Path, recipe: &str, out: &str, device: &str) {
+    let output = Command::new(env!("CARGO_BIN_EXE_mmx"))
+        .current_dir(dir)
+        .args(["merge", recipe, "-o", out, "--device", device])
+        .output()
+        .unwrap();
+    assert_ok(&output);
+}
+
+#[test]
+fn gpu_merge_command_matches_the_cpu() {
+    if gpu().is_none() {
+        return;
+    }
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let work = tempfile::tempdir().unwrap();
+    let dir = work.path();
+    let specialties = ["cardiology", "radiology", "pathology", "dermatology"];
+    // Full f32 experts: each adapter applied to the base (a one-expert linear merge).
+    for s in specialties {
+        let recipe = format!(
+            "[merge]\nmethod = \"linear\"\noutput = \"full\"\ndtype = \"float32\"\nbase = \"{base}\"\n[[merge.experts]]\nsource = \"{base}+{adapter}\"\n",
+            base = root.join("examples/tiny-med-base").display(),
+            adapter = root.join("examples/adapters").join(s).display()
+        );
+        std::fs::write(dir.join(format!("{s}.toml")), recipe).unwrap();
+        merge_with(dir, &format!("{s}.toml"), s, "cpu");
+    }
+    let experts: String = specialties
+        .iter()
+        .map(|s| format!("[[merge.experts]]\nsource = \"{s}\"\nweight = 1.0\n"))
+        .collect();
+    for method in ["ties", "caci"] {
+        let recipe = format!(
+            "[merge]\nmethod = \"{method}\"\nspace = \"full\"\noutput = \"full\"\nbase = \"{}\"\n[merge.parameters]\ndensity = 0.5\n{experts}",
+            root.join("examples/tiny-med-base").display()
+        );
+        std::fs::write(dir.join(format!("{method}.toml")), recipe).unwrap();
+        merge_with(
+            dir,
+            &format!("{method}.toml"),
+            &format!("{method}-cpu"),
+            "cpu",
+        );
+        merge_with(
+            dir,
+            &format!("{method}.toml"),
+            &format!("{method}-gpu"),
+            "cuda",
+        );
+        let read = |out: &str| std::fs::read(dir.join(out).join("model.safetensors")).unwrap();
+        if method == "ties" {
+            // Same deltas, same cuts, same sums: the same bytes.
+            assert_eq!(read("ties-cpu"), read("ties-gpu"), "TIES on the GPU");
+        } else {
+            let open = |out: &str| {
+                mmx::tensor::SafetensorsFile::open(dir.join(out).join("model.safetensors")).unwrap()
+            };
+            let (cpu, gpu) = (open("caci-cpu"), open("caci-gpu"));
+            for name in cpu.names() {
+                let worst =
+                    worst_relative(&gpu.read_f32(name).unwrap(), &cpu.read_f32(name).unwrap());
+                assert!(worst <= 1e-6, "CACI {name}: {worst}");
+            }
+        }
+        let record: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(dir.join(format!("{method}-gpu")).join("mmx-merge.json")).unwrap(),
+        )
+        .unwrap();
+        let on_device = record["tensors"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|t| t["device"] == "cuda")
+            .count();
+        assert!(on_device > 0, "{method}: no tensor merged on the GPU");
+    }
+    // LoRA experts: the products come from cuBLAS (another summation order), so the cut can
+    // move by a tie; the merged tensors agree to within the products' rounding almost
+    // everywhere.
+    let ties = root.join("recipes/ties.toml");
+    merge_with(dir, ties.to_str().unwrap(), "lora-cpu", "cpu");
+    merge_with(dir, ties.to_str().unwrap(), "lora-gpu", "cuda");
+    let open = |out: &str| {
+        mmx::tensor::SafetensorsFile::open(dir.join(out).join("model.safetensors")).unwrap()
+    };
+    let (cpu, gpu) = (open("lora-cpu"), open("lora-gpu"));
+    for name in cpu.names() {
+        let (c, g) = (cpu.read_f32(name).unwrap(), gpu.read_f32(name).unwrap());
+        let scale = c.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-12);
+        let off = c
+            .iter()
+            .zip(&g)
+            .filter(|(a, b)| (*a - *b).abs() > 1e-5 * scale)
+            .count();
+        assert!(off * 1000 <= c.len(), "{name}: {off} of {} differ", c.len());
+    }
+}

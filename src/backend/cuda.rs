@@ -8,6 +8,10 @@ use cudarc::nvrtc::{CompileOptions, Ptx};
 
 use super::DeviceInfo;
 
+/// What every kernel file starts with (types, bf16 conversion, block reductions): prepended
+/// before compiling, so that the embedded sources need no include path.
+pub const COMMON: &str = include_str!("../../cuda/common.cuh");
+
 /// The kernel sources, by file name.
 pub const KERNELS: &[(&str, &str)] = &[
     ("masks.cu", include_str!("../../cuda/masks.cu")),
@@ -97,7 +101,8 @@ pub fn compile_all() -> Vec<(&'static str, Result<Ptx, String>)> {
     KERNELS
         .iter()
         .map(|(name, source)| {
-            let compiled = cudarc::nvrtc::compile_ptx_with_opts(source, options(name))
+            let full = format!("{COMMON}\n{source}");
+            let compiled = cudarc::nvrtc::compile_ptx_with_opts(full, options(name))
                 .map_err(|e| format!("{e:?}"));
             (*name, compiled)
         })

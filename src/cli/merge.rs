@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 use clap::{Args, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
@@ -66,31 +66,24 @@ pub struct MergeArgs {
     force: bool,
 }
 
-/// Checks `--device`: `cuda` without a usable GPU is an error; `auto` says in one line why it
-/// runs on the CPU. The kernels compile and the devices are probed, but merges run on the CPU
-/// until the device merge path lands, which `cuda` says.
-fn choose_device(device: Device) -> anyhow::Result<()> {
+/// Turns `--device` into a backend: `cuda` without a usable GPU is an error; `auto` says in
+/// one line why it runs on the CPU.
+fn choose_device(device: Device) -> anyhow::Result<Backend> {
     let request = match device {
         Device::Auto => DeviceRequest::Auto,
-        Device::Cpu => return Ok(()),
+        Device::Cpu => return Ok(Backend::Cpu),
         Device::Cuda => DeviceRequest::Cuda,
     };
-    match select(request)? {
-        (Backend::Cpu, Some(reason)) => eprintln!("--device auto: running on the CPU: {reason}"),
-        (Backend::Cuda(_), _) if device == Device::Cuda => bail!(
-            "--device cuda: a GPU answers, but this build merges on the CPU only (the CUDA merge path is not built yet); use --device cpu"
-        ),
-        (Backend::Cuda(_), _) => eprintln!(
-            "--device auto: running on the CPU (the CUDA merge path is not built yet)"
-        ),
-        (Backend::Cpu, None) => {}
+    let (backend, reason) = select(request)?;
+    if let Some(reason) = reason {
+        eprintln!("--device auto: running on the CPU: {reason}");
     }
-    Ok(())
+    Ok(backend)
 }
 
 /// Runs `mmx merge`.
 pub fn run(args: MergeArgs) -> anyhow::Result<ExitCode> {
-    choose_device(args.device)?;
+    let backend = choose_device(args.device)?;
     let publish = args
         .publish
         .as_deref()
@@ -179,6 +172,7 @@ pub fn run(args: MergeArgs) -> anyhow::Result<ExitCode> {
         max_memory,
         shard_bytes: args.shard_size,
         force: args.force,
+        backend,
     };
     let summary = write_merge(&plan, &output, &options, &|bytes| bar.inc(bytes))?;
     bar.finish_and_clear();
@@ -187,15 +181,19 @@ pub fn run(args: MergeArgs) -> anyhow::Result<ExitCode> {
         let out = json!({
             "output": summary.output.display().to_string(),
             "method": plan.method.name(),
-            "tensors": {"merged": summary.merged, "copied": summary.copied},
+            "tensors": {"merged": summary.merged, "copied": summary.copied, "on_device": summary.device_tensors},
             "bytes": summary.bytes,
             "seconds": seconds,
             "files": summary.files,
         });
         println!("{}", serde_json::to_string_pretty(&out)?);
     } else {
+        let on_device = match backend {
+            Backend::Cuda(ordinal) => format!(", {} on cuda:{ordinal}", summary.device_tensors),
+            Backend::Cpu => String::new(),
+        };
         println!(
-            "merged {} tensors ({} copied) with {} into {} in {seconds:.2}s",
+            "merged {} tensors ({} copied{on_device}) with {} into {} in {seconds:.2}s",
             summary.merged,
             summary.copied,
             plan.method.name(),

@@ -5,9 +5,11 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Condvar, Mutex};
 
+use super::device::{compute_on_device, runs_on_device};
 use super::method::{merge_tensor, Method, TensorJob, TensorStats};
 use super::plan::{Plan, TensorPlan};
 use super::stream::{is_streamed, merge_streamed};
+use crate::backend::device::Gpu;
 use crate::error::{Error, Result};
 use crate::recipe::OutputKind;
 use crate::tensor::{check_finite, from_f32, to_f32, ShardedWriter};
@@ -19,6 +21,8 @@ pub struct TensorRecord {
     pub name: String,
     /// Statistics of the merge; `None` when the tensor was copied from the base.
     pub stats: Option<TensorStats>,
+    /// Whether it was merged on the GPU.
+    pub on_device: bool,
 }
 
 /// Bytes of memory in use by tensors in flight, with waiting for room.
@@ -48,8 +52,10 @@ impl Budget {
     }
 }
 
-/// Computes every planned tensor and writes it through `writer`. `progress` is called once per
-/// finished tensor with its output bytes. On the first error the remaining tensors are skipped
+/// Computes every planned tensor and writes it through `writer`; with a `gpu`, the tensors
+/// whose method has a device path are merged there, one at a time, while the other workers
+/// read inputs and write outputs. `progress` is called once per finished tensor with its
+/// output bytes. On the first error the remaining tensors are skipped
 /// and that error is returned.
 ///
 /// Tensors are taken in turn by plain worker threads, which may wait for the memory budget;
@@ -59,6 +65,7 @@ pub fn execute(
     plan: &Plan,
     writer: &ShardedWriter,
     max_memory: u64,
+    gpu: Option<&Mutex<Gpu>>,
     progress: &(dyn Fn(u64) + Sync),
 ) -> Result<Vec<TensorRecord>> {
     let budget = Budget {
@@ -79,11 +86,12 @@ pub fn execute(
             }
             let t = &plan.tensors[i];
             budget.acquire(t.working_bytes);
-            let result = run_tensor(plan, t, writer).map(|stats| {
+            let result = run_tensor(plan, t, writer, gpu).map(|(stats, on_device)| {
                 progress(t.shape.iter().product::<usize>() as u64 * t.dtype.size() as u64);
                 TensorRecord {
                     name: t.name.clone(),
                     stats,
+                    on_device,
                 }
             });
             release(plan, &t.name);
@@ -122,9 +130,27 @@ pub fn execute(
 }
 
 /// Computes one output tensor and writes it; returns the merge statistics (`None` for a
-/// tensor copied from the base).
-fn run_tensor(plan: &Plan, t: &TensorPlan, writer: &ShardedWriter) -> Result<Option<TensorStats>> {
-    match &t.merge {
+/// tensor copied from the base) and whether the GPU merged it.
+fn run_tensor(
+    plan: &Plan,
+    t: &TensorPlan,
+    writer: &ShardedWriter,
+    gpu: Option<&Mutex<Gpu>>,
+) -> Result<(Option<TensorStats>, bool)> {
+    if let (Some(gpu), Some(params)) = (gpu, &t.merge) {
+        if runs_on_device(plan, params) {
+            // One tensor at a time on the device: its memory holds one tensor's experts.
+            let (bytes, stats) = {
+                let gpu = gpu
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                compute_on_device(&gpu, plan, t, params)?
+            };
+            writer.write(&t.name, &bytes)?;
+            return Ok((Some(stats), true));
+        }
+    }
+    let stats = match &t.merge {
         // CACI's confidence and conflict terms are not streamed yet: it runs in memory.
         Some(params) if is_streamed(&t.shape) && plan.method != Method::Caci => {
             merge_streamed(plan, t, params, writer).map(Some)
@@ -134,7 +160,8 @@ fn run_tensor(plan: &Plan, t: &TensorPlan, writer: &ShardedWriter) -> Result<Opt
             writer.write(&t.name, &bytes)?;
             Ok(stats)
         }
-    }
+    }?;
+    Ok((stats, false))
 }
 
 /// Lets the kernel drop the input pages of a finished tensor, so that resident memory stays

@@ -2,11 +2,17 @@
 //! executor and the output writer.
 //!
 //! ```no_run
+//! use mmx::backend::Backend;
 //! use mmx::merge::{write_merge, OutputOptions, Plan};
 //! use mmx::recipe::Recipe;
 //!
 //! let plan = Plan::build(Recipe::load("recipes/quickstart.toml".as_ref())?)?;
-//! let options = OutputOptions { max_memory: 4 << 30, shard_bytes: 5 << 30, force: false };
+//! let options = OutputOptions {
+//!     max_memory: 4 << 30,
+//!     shard_bytes: 5 << 30,
+//!     force: false,
+//!     backend: Backend::Cpu,
+//! };
 //! write_merge(&plan, "out/quickstart".as_ref(), &options, &|_| {})?;
 //! # Ok::<(), mmx::Error>(())
 //! ```
@@ -14,6 +20,7 @@
 mod caci;
 pub mod consensus;
 pub mod core;
+mod device;
 mod executor;
 mod expert;
 pub mod lora_native;

@@ -4,12 +4,15 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{self, RecvTimeoutError};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use serde_json::{json, Value};
 
 use super::executor::{execute, TensorRecord};
 use super::plan::{input_files, Plan};
+use crate::backend::device::Gpu;
+use crate::backend::Backend;
 use crate::checkpoint::COPIED_FILES;
 use crate::error::{Error, Result};
 use crate::recipe::{OutputKind, RecipeFormat};
@@ -27,6 +30,8 @@ pub struct OutputOptions {
     pub shard_bytes: u64,
     /// Replace an existing directory that is not an earlier mmx output.
     pub force: bool,
+    /// Where the merges run: the methods with a device path run on a CUDA device.
+    pub backend: Backend,
 }
 
 /// What a merge wrote.
@@ -42,6 +47,8 @@ pub struct MergeSummary {
     pub copied: usize,
     /// Bytes of tensor data written.
     pub bytes: u64,
+    /// Tensors merged on the GPU.
+    pub device_tensors: usize,
     /// Consensus methods: the mean over merged tensors of the share of coordinates where some
     /// kept entry opposes the elected sign.
     pub mean_sign_conflict: Option<f64>,
@@ -139,6 +146,10 @@ pub fn write_merge(
     progress: &(dyn Fn(u64) + Sync),
 ) -> Result<MergeSummary> {
     check_target(target, options.force)?;
+    let gpu = match options.backend {
+        Backend::Cuda(ordinal) => Some(Mutex::new(Gpu::open(ordinal)?)),
+        Backend::Cpu => None,
+    };
     let inputs = digests(plan)?;
     let mut records = Vec::new();
     let files = write_dir_atomically(target, options.force, |tmp| {
@@ -168,7 +179,7 @@ pub fn write_merge(
                     writer.flush_to_disk();
                 }
             });
-            let records = execute(plan, writer, options.max_memory, progress);
+            let records = execute(plan, writer, options.max_memory, gpu.as_ref(), progress);
             drop(done);
             records
         })?;
@@ -217,6 +228,7 @@ pub fn write_merge(
         merged,
         copied: records.len() - merged,
         bytes: plan.output_bytes(),
+        device_tensors: records.iter().filter(|r| r.on_device).count(),
         mean_sign_conflict: (!conflicts.is_empty())
             .then(|| conflicts.iter().sum::<f64>() / conflicts.len() as f64),
     })
@@ -265,6 +277,7 @@ fn merge_record(
                 "kept_fraction": s.kept_fraction,
                 "sign_conflict": s.sign_conflict,
                 "delta_l2": s.delta_l2,
+                "device": if r.on_device { "cuda" } else { "cpu" },
             }),
         })
         .collect();
