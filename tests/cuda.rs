@@ -273,33 +273,74 @@ fn gpu_ties_and_caci_match_the_cpu() {
 fn gpu_conflict_statistics_match_the_cpu() {
     let Some(gpu) = gpu() else { return };
     for n in sizes().into_iter().filter(|&n| n <= 1_000_003) {
-        let deltas: Vec<Vec<f32>> = (0..4)
-            .map(|t| {
-                let rng = mmx::merge::rng::MaskRng::new(5, "conflict", t);
-                (0..n as u64).map(|i| rng.uniform(i) - 0.5).collect()
-            })
-            .collect();
-        let (weights, densities) = ([1.0f32, 1.0, 0.5, 2.0], [0.5f32; 4]);
+        let deltas: Vec<Vec<f32>> = (0..4).map(|t| grid_values(n, 40 + t)).collect();
+        let (weights, densities) = ([1.0f32, 1.0, 0.5, 2.0], [0.5f32, 0.3, 1.0, 0.5]);
         let cpu = mmx::conflict::module_conflicts("m", &deltas, &weights, &densities);
-        let kept: Vec<Vec<f32>> = deltas
+        let rows: Vec<&[f32]> = deltas.iter().map(Vec::as_slice).collect();
+        let updates = gpu.upload_deltas(&rows).unwrap();
+        let cuts: Vec<(u32, u64)> = densities
             .iter()
-            .map(|d| {
-                let mut k = d.clone();
-                mmx::merge::sparsify::magnitude(&mut k, 0.5);
-                k
+            .enumerate()
+            .map(|(t, &d)| {
+                let k = mmx::merge::sparsify::magnitude_keep(d, n);
+                gpu.cut(&updates, t, k).unwrap()
             })
             .collect();
-        let g = gpu.conflict_stats(&deltas, &kept, &weights).unwrap();
+        let g = gpu.conflicts(&updates, &cuts, &weights).unwrap();
         let close = |a: f64, b: f64| (a - b).abs() <= 1e-6 * a.abs().max(b.abs()).max(1e-12);
-        assert!(close(cpu.sign_conflict, g.conflicted / g.active), "n {n}");
-        assert!(close(cpu.mean_kappa, g.kappa_sum / g.active), "n {n}");
-        assert!(close(cpu.minority_mass, g.minority / g.total), "n {n}");
+        let ratio = |a: f64, b: f64| if b > 0.0 { a / b } else { 0.0 };
+        assert!(
+            close(cpu.sign_conflict, ratio(g.conflicted, g.active)),
+            "n {n}"
+        );
+        assert!(close(cpu.mean_kappa, ratio(g.kappa_sum, g.active)), "n {n}");
+        assert!(
+            close(cpu.minority_mass, ratio(g.minority, g.total)),
+            "n {n}"
+        );
         for a in 0..4 {
             assert!(close(cpu.norms[a], g.dots[a][a].sqrt()), "n {n}");
             for b in a + 1..4 {
                 let cosine = g.dots[a][b] / (g.dots[a][a].sqrt() * g.dots[b][b].sqrt());
                 assert!(close(cpu.cosine[a][b], cosine), "n {n}");
+                let overlap = ratio(g.both[a][b] as f64, g.either[a][b] as f64);
+                assert_eq!(cpu.topk_overlap[a][b], overlap, "n {n}, pair {a} {b}");
             }
+        }
+    }
+}
+
+#[test]
+fn gpu_conflicts_command_matches_the_cpu() {
+    if gpu().is_none() {
+        return;
+    }
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let adapters: Vec<String> = ["cardiology", "radiology", "pathology", "dermatology"]
+        .iter()
+        .map(|s| root.join("examples/adapters").join(s).display().to_string())
+        .collect();
+    let work = tempfile::tempdir().unwrap();
+    let report = |device: &str| -> serde_json::Value {
+        let json = work.path().join(format!("{device}.json"));
+        let out = Command::new(env!("CARGO_BIN_EXE_mmx"))
+            .arg("conflicts")
+            .args(&adapters)
+            .args(["--device", device, "--json", json.to_str().unwrap()])
+            .output()
+            .unwrap();
+        assert_ok(&out);
+        serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap()
+    };
+    let (cpu, gpu) = (report("cpu"), report("cuda"));
+    let cpu_modules = cpu["modules"].as_array().unwrap();
+    let gpu_modules = gpu["modules"].as_array().unwrap();
+    assert_eq!(cpu_modules.len(), gpu_modules.len());
+    for (c, g) in cpu_modules.iter().zip(gpu_modules) {
+        for key in ["sign_conflict", "mean_kappa", "minority_mass"] {
+            let (a, b) = (c[key].as_f64().unwrap(), g[key].as_f64().unwrap());
+            // The products come from cuBLAS: a cut may move by a tie.
+            assert!((a - b).abs() <= 1e-3, "{} {key}: {a} vs {b}", c["module"]);
         }
     }
 }
@@ -644,5 +685,61 @@ fn gpu_merge_command_matches_the_cpu() {
             .filter(|(a, b)| (*a - *b).abs() > 1e-5 * scale)
             .count();
         assert!(off * 1000 <= c.len(), "{name}: {off} of {} differ", c.len());
+    }
+}
+
+#[test]
+fn gpu_dense_products_match_the_cpu() {
+    let Some(gpu) = gpu() else { return };
+    for (rows, cols) in [(1, 1), (257, 3), (4096, 64), (1000, 257)] {
+        let x: Vec<f64> = grid_values(rows * cols, 60)
+            .iter()
+            .map(|&v| f64::from(v))
+            .collect();
+        let g = gpu.gram_f64(&x, rows, cols).unwrap();
+        for i in 0..cols {
+            for j in 0..cols {
+                let cpu: f64 = (0..rows).map(|r| x[r + i * rows] * x[r + j * rows]).sum();
+                assert!(
+                    (g[i + j * cols] - cpu).abs() <= 1e-12 * cpu.abs().max(1.0),
+                    "{rows}×{cols}"
+                );
+            }
+        }
+        let y: Vec<f64> = grid_values(cols * 5, 61)
+            .iter()
+            .map(|&v| f64::from(v))
+            .collect();
+        let p = gpu.matmul_f64(&x, &y, rows, cols, 5).unwrap();
+        for i in 0..rows {
+            for j in 0..5 {
+                let cpu: f64 = (0..cols).map(|k| x[i + k * rows] * y[k + j * cols]).sum();
+                assert!(
+                    (p[i + j * rows] - cpu).abs() <= 1e-12 * cpu.abs().max(1.0),
+                    "{rows}×{cols}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn gpu_core_space_merge_matches_the_cpu() {
+    if gpu().is_none() {
+        return;
+    }
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let recipe = root.join("recipes/quickstart.toml");
+    let work = tempfile::tempdir().unwrap();
+    merge_with(work.path(), recipe.to_str().unwrap(), "cpu", "cpu");
+    merge_with(work.path(), recipe.to_str().unwrap(), "gpu", "cuda");
+    let open = |out: &str| {
+        mmx::tensor::SafetensorsFile::open(work.path().join(out).join("adapter_model.safetensors"))
+            .unwrap()
+    };
+    let (cpu, gpu) = (open("cpu"), open("gpu"));
+    for name in cpu.names() {
+        let worst = worst_relative(&gpu.read_f32(name).unwrap(), &cpu.read_f32(name).unwrap());
+        assert!(worst <= 1e-5, "{name}: {worst}");
     }
 }

@@ -6,7 +6,10 @@ use std::process::ExitCode;
 use anyhow::{bail, Context};
 use clap::Args;
 
+use super::{choose_device, Device};
 use crate::adapter::Adapter;
+use crate::backend::device::Gpu;
+use crate::backend::Backend;
 use crate::conflict::{analyze, analyze_adapters, plot_report, Group};
 use crate::plot::Format;
 use crate::recipe::Recipe;
@@ -30,6 +33,9 @@ pub struct ConflictsArgs {
     /// and module type, and the experts' cosine matrix, as two heatmaps.
     #[arg(long, value_name = "FILE")]
     plot: Option<PathBuf>,
+    /// Where to compute.
+    #[arg(long, value_enum, default_value = "auto")]
+    device: Device,
 }
 
 fn print_groups(title: &str, groups: &[Group]) {
@@ -55,8 +61,12 @@ pub fn run(args: ConflictsArgs) -> anyhow::Result<ExitCode> {
     if let Some(path) = &args.plot {
         Format::from_path(path)?;
     }
+    let gpu = match choose_device(args.device)? {
+        Backend::Cuda(ordinal) => Some(Gpu::open(ordinal)?),
+        Backend::Cpu => None,
+    };
     let report = match args.inputs.as_slice() {
-        [recipe] if recipe.is_file() => analyze(Recipe::load(recipe)?)?,
+        [recipe] if recipe.is_file() => analyze(Recipe::load(recipe)?, gpu.as_ref())?,
         dirs => {
             if let Some(other) = dirs.iter().find(|d| !Adapter::is_adapter_dir(d)) {
                 bail!(
@@ -70,7 +80,7 @@ pub fn run(args: ConflictsArgs) -> anyhow::Result<ExitCode> {
             if !(args.density > 0.0 && args.density <= 1.0) {
                 bail!("`--density` must be in (0, 1], got {}", args.density);
             }
-            analyze_adapters(dirs, args.density)?
+            analyze_adapters(dirs, args.density, gpu.as_ref())?
         }
     };
     print_groups("module type", &report.by_type);

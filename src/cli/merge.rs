@@ -5,26 +5,15 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use anyhow::Context;
-use clap::{Args, ValueEnum};
+use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
 
-use super::{default_max_memory, human_bytes, parse_size};
-use crate::backend::{select, Backend, DeviceRequest};
+use super::{choose_device, default_max_memory, human_bytes, parse_size, Device};
+use crate::backend::Backend;
 use crate::merge::lora_native::{merges_adapters, LoraMerge};
 use crate::merge::{check_target, write_merge, OutputOptions, Plan};
 use crate::recipe::Recipe;
-
-/// Where the arithmetic runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum Device {
-    /// The GPU when one answers, else the CPU.
-    Auto,
-    /// The CPU.
-    Cpu,
-    /// A CUDA GPU (an error when none is usable).
-    Cuda,
-}
 
 /// Arguments of `mmx merge`.
 #[derive(Debug, Args)]
@@ -66,21 +55,6 @@ pub struct MergeArgs {
     force: bool,
 }
 
-/// Turns `--device` into a backend: `cuda` without a usable GPU is an error; `auto` says in
-/// one line why it runs on the CPU.
-fn choose_device(device: Device) -> anyhow::Result<Backend> {
-    let request = match device {
-        Device::Auto => DeviceRequest::Auto,
-        Device::Cpu => return Ok(Backend::Cpu),
-        Device::Cuda => DeviceRequest::Cuda,
-    };
-    let (backend, reason) = select(request)?;
-    if let Some(reason) = reason {
-        eprintln!("--device auto: running on the CPU: {reason}");
-    }
-    Ok(backend)
-}
-
 /// Runs `mmx merge`.
 pub fn run(args: MergeArgs) -> anyhow::Result<ExitCode> {
     let backend = choose_device(args.device)?;
@@ -108,7 +82,7 @@ pub fn run(args: MergeArgs) -> anyhow::Result<ExitCode> {
         PathBuf::from("out").join(stem)
     });
     if merges_adapters(&recipe) {
-        return run_lora_native(recipe, &output, &args);
+        return run_lora_native(recipe, &output, &args, backend);
     }
     let plan = Plan::build(recipe)?;
     let max_memory = args.max_memory.unwrap_or_else(default_max_memory);
@@ -211,10 +185,14 @@ fn run_lora_native(
     recipe: Recipe,
     output: &std::path::Path,
     args: &MergeArgs,
+    backend: Backend,
 ) -> anyhow::Result<ExitCode> {
     let method = recipe.method.clone();
     let text = recipe.text.clone();
-    let merge = LoraMerge::build(recipe)?;
+    let mut merge = LoraMerge::build(recipe)?;
+    if let Backend::Cuda(ordinal) = backend {
+        merge = merge.on_device(crate::backend::device::Gpu::open(ordinal)?);
+    }
     let (modules, max_rank) = merge.shape();
     if args.dry_run {
         check_target(output, args.force)?;

@@ -8,7 +8,9 @@ mod sweep;
 
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{Parser, Subcommand, ValueEnum};
+
+use crate::backend::{select, Backend, DeviceRequest};
 
 /// Merge specialty LoRA adapters and checkpoints into one expert model.
 #[derive(Debug, Parser)]
@@ -66,6 +68,32 @@ pub fn run() -> anyhow::Result<ExitCode> {
         Command::Gc(args) => registry::gc(args),
         Command::Doctor(args) => doctor::run(args),
     }
+}
+
+/// Where the arithmetic runs (`--device`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Device {
+    /// The GPU when one answers, else the CPU.
+    Auto,
+    /// The CPU.
+    Cpu,
+    /// A CUDA GPU (an error when none is usable).
+    Cuda,
+}
+
+/// Turns `--device` into a backend: `cuda` without a usable GPU is an error; `auto` says in
+/// one line why it runs on the CPU.
+fn choose_device(device: Device) -> anyhow::Result<Backend> {
+    let request = match device {
+        Device::Auto => DeviceRequest::Auto,
+        Device::Cpu => return Ok(Backend::Cpu),
+        Device::Cuda => DeviceRequest::Cuda,
+    };
+    let (backend, reason) = select(request)?;
+    if let Some(reason) = reason {
+        eprintln!("--device auto: running on the CPU: {reason}");
+    }
+    Ok(backend)
 }
 
 /// Parses a byte size: `1073741824`, `512M`, `8G`, `1.5GiB`, `500MB`.

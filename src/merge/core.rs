@@ -214,6 +214,30 @@ fn expert_directions(
     Ok((left, right))
 }
 
+/// The products of a core-space merge whose sizes are the module's own dimensions: the two
+/// Gram matrices and the two output factors. The CPU computes them with faer; a GPU with
+/// cuBLAS (`crate::merge::device::GpuProducts`).
+pub trait Products: Sync {
+    /// `Xᵀ·X`.
+    fn gram(&self, x: &Mat<f64>) -> Result<Mat<f64>>;
+    /// `X·Y`.
+    fn product(&self, x: &Mat<f64>, y: &Mat<f64>) -> Result<Mat<f64>>;
+}
+
+/// [`Products`] on the CPU.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CpuProducts;
+
+impl Products for CpuProducts {
+    fn gram(&self, x: &Mat<f64>) -> Result<Mat<f64>> {
+        Ok(gram(x))
+    }
+
+    fn product(&self, x: &Mat<f64>, y: &Mat<f64>) -> Result<Mat<f64>> {
+        Ok(x * y)
+    }
+}
+
 /// Runs `method` on the core-space matrices of one module's experts and factors the result
 /// at `target`. `name` keys the random masks and names errors; `params` and `expert_ids` are
 /// one per expert, as for [`merge_tensor`].
@@ -222,6 +246,33 @@ pub fn merge_in_core(
     name: &str,
     rows: usize,
     cols: usize,
+    experts: &[Factors<'_>],
+    method: Method,
+    globals: &GlobalParams,
+    params: Vec<ExpertParams>,
+    expert_ids: Vec<usize>,
+    target: RankTarget,
+) -> Result<CoreMerged> {
+    let shape = (rows, cols);
+    merge_in_core_with(
+        &CpuProducts,
+        name,
+        shape,
+        experts,
+        method,
+        globals,
+        params,
+        expert_ids,
+        target,
+    )
+}
+
+/// [`merge_in_core`] with the module-sized products computed by `products`.
+#[allow(clippy::too_many_arguments)]
+pub fn merge_in_core_with(
+    products: &dyn Products,
+    name: &str,
+    (rows, cols): (usize, usize),
     experts: &[Factors<'_>],
     method: Method,
     globals: &GlobalParams,
@@ -264,8 +315,8 @@ pub fn merge_in_core(
         }
         offset += f.rank;
     }
-    let gram_b = gram(&b_stack);
-    let gram_a = gram(&a_stack_t);
+    let gram_b = products.gram(&b_stack)?;
+    let gram_a = products.gram(&a_stack_t)?;
     let (left, right) = expert_directions(&gram_b, &gram_a, &ranks, name)?;
     let frame_b = Frame::polar(&gram_b, &left, name)?;
     let frame_a = Frame::polar(&gram_a, &right, name)?;
@@ -323,8 +374,8 @@ pub fn merge_in_core(
     let svd = Svd::of(&core, target, name)?;
     // B = F_B·U_k·S_k = X_B·(T_B·U_k·S_k); A = (F_A·V_k)ᵀ = (X_A·T_A·V_k)ᵀ.
     let k = svd.k;
-    let b_out = &b_stack * (&frame_b.t * svd.u.get(.., ..k) * svd.s_k());
-    let a_out = &a_stack_t * (&frame_a.t * svd.v.get(.., ..k));
+    let b_out = products.product(&b_stack, &(&frame_b.t * svd.u.get(.., ..k) * svd.s_k()))?;
+    let a_out = products.product(&a_stack_t, &(&frame_a.t * svd.v.get(.., ..k)))?;
     let retained = cores
         .iter()
         .map(|m| {

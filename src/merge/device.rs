@@ -2,16 +2,21 @@
 //! expert's update formed on the device (LoRA products through cuBLAS, or the uploaded
 //! difference to the base, or bf16 tensors read as they are stored), trimmed by radix select
 //! and merged by the fused kernel; only the merged tensor comes back. Every other method,
-//! and TIES with a rescale, runs on the CPU.
+//! and TIES with a rescale, runs on the CPU. Core-space merges (LoRA output) take their
+//! module-sized products from cuBLAS ([`GpuProducts`]).
 
 use std::path::Path;
+use std::sync::Mutex;
 
+use faer::Mat;
+
+use super::core::Products;
 use super::expert::ExpertInput;
 use super::method::TensorStats;
 use super::method::{check_params, fraction, Confidence, DisjointMean, Method, SignElection};
 use super::plan::{MergeParams, Plan, TensorPlan};
-use super::sparsify::keep_count;
-use crate::adapter::LoraKind;
+use super::sparsify::magnitude_keep;
+use crate::adapter::{Adapter, LoraKind};
 use crate::backend::device::{
     ConsensusRule, DeviceValues, Gpu, LoraFactors, MergeExpert, Updates, MAX_EXPERTS,
 };
@@ -72,13 +77,7 @@ pub(crate) fn compute_on_device(
 
     let mut rules = Vec::with_capacity(plan.experts.len());
     for (i, p) in params.experts.iter().enumerate() {
-        let k = if p.density >= 1.0 {
-            n
-        } else if p.density <= 0.0 {
-            0
-        } else {
-            keep_count(p.density, n).max(1)
-        };
+        let k = magnitude_keep(p.density, n);
         let vote_factor = match plan.method {
             Method::Caci => match params.globals.confidence {
                 Confidence::None => p.weight,
@@ -185,14 +184,27 @@ fn lora_updates(gpu: &Gpu, plan: &Plan, name: &str, shape: &[usize]) -> Result<O
     let [rows, cols] = shape else {
         return Ok(None);
     };
-    let mut factors = Vec::with_capacity(plan.experts.len());
+    let mut adapters = Vec::with_capacity(plan.experts.len());
     for e in &plan.experts {
-        let ExpertInput::Adapter(adapter) = &e.input else {
-            return Ok(None);
-        };
-        if adapter.saved_tensors().contains_key(name) {
-            return Ok(None);
+        match &e.input {
+            ExpertInput::Adapter(a) if !a.saved_tensors().contains_key(name) => adapters.push(a),
+            _ => return Ok(None),
         }
+    }
+    lora_products(gpu, &adapters, name, *rows, *cols).map(Some)
+}
+
+/// Each adapter's update s·B·A of tensor `name` (`rows × cols`), formed on the device by
+/// cuBLAS; an adapter without that module contributes zeros.
+pub(crate) fn lora_products(
+    gpu: &Gpu,
+    adapters: &[&Adapter],
+    name: &str,
+    rows: usize,
+    cols: usize,
+) -> Result<Updates> {
+    let mut factors = Vec::with_capacity(adapters.len());
+    for adapter in adapters {
         factors.push(match adapter.modules().get(name) {
             Some(m) => Some((
                 m,
@@ -214,7 +226,7 @@ fn lora_updates(gpu: &Gpu, plan: &Plan, name: &str, shape: &[usize]) -> Result<O
             })
         })
         .collect();
-    gpu.lora_deltas(&borrowed, *rows, *cols).map(Some)
+    gpu.lora_deltas(&borrowed, rows, cols)
 }
 
 /// Each expert's full tensor minus the base, formed on the host and uploaded; returns the
@@ -240,4 +252,42 @@ fn host_updates(
     }
     let rows: Vec<&[f32]> = deltas.iter().map(Vec::as_slice).collect();
     Ok((gpu.upload_deltas(&rows)?, base))
+}
+
+/// The module-sized products of a core-space merge on a GPU (cuBLAS DGEMM), one module at a
+/// time on the device.
+#[derive(Debug)]
+pub struct GpuProducts<'a>(pub &'a Mutex<Gpu>);
+
+impl GpuProducts<'_> {
+    fn gpu(&self) -> std::sync::MutexGuard<'_, Gpu> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// The values of a faer matrix, column after column.
+fn columns(x: &Mat<f64>) -> Vec<f64> {
+    (0..x.ncols())
+        .flat_map(|j| x.col(j).iter().copied().collect::<Vec<f64>>())
+        .collect()
+}
+
+fn from_columns(values: &[f64], rows: usize, cols: usize) -> Mat<f64> {
+    Mat::from_fn(rows, cols, |i, j| values[i + j * rows])
+}
+
+impl Products for GpuProducts<'_> {
+    fn gram(&self, x: &Mat<f64>) -> Result<Mat<f64>> {
+        let (rows, cols) = (x.nrows(), x.ncols());
+        let g = self.gpu().gram_f64(&columns(x), rows, cols)?;
+        Ok(from_columns(&g, cols, cols))
+    }
+
+    fn product(&self, x: &Mat<f64>, y: &Mat<f64>) -> Result<Mat<f64>> {
+        let (m, k, n) = (x.nrows(), x.ncols(), y.ncols());
+        let p = self.gpu().matmul_f64(&columns(x), &columns(y), m, k, n)?;
+        Ok(from_columns(&p, m, n))
+    }
 }

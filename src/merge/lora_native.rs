@@ -12,15 +12,18 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
+use std::sync::Mutex;
 
 use rayon::prelude::*;
 use serde_json::{json, Map, Value};
 
-use super::core::{merge_in_core, truncate, CoreMerged, Factors};
+use super::core::{merge_in_core_with, truncate, CoreMerged, CpuProducts, Factors, Products};
+use super::device::GpuProducts;
 use super::method::Method;
 use super::output::{file_digest, input_record, write_dir_atomically, MERGE_RECORD};
 use super::plan::{check_parameter_names, recipe_error, resolve};
 use crate::adapter::{Adapter, LoraKind, PEFT_PREFIX};
+use crate::backend::device::Gpu;
 use crate::checkpoint::Checkpoint;
 use crate::error::{Error, Result};
 use crate::recipe::{layer_position, OutputKind, RankTarget, Recipe, Scalar, Source, Space};
@@ -60,6 +63,8 @@ pub struct LoraMerge {
     adapters: Vec<(String, Adapter)>,
     /// For each adapted base tensor, the experts that adapt it, in recipe order.
     modules: BTreeMap<String, Vec<usize>>,
+    /// Where core-space products run: a GPU, or the CPU.
+    gpu: Option<Mutex<Gpu>>,
 }
 
 /// What an adapter-to-adapter merge wrote.
@@ -242,7 +247,14 @@ impl LoraMerge {
             base,
             adapters,
             modules,
+            gpu: None,
         })
+    }
+
+    /// Runs the module-sized products of core-space merges on `gpu` (cuBLAS) from now on.
+    pub fn on_device(mut self, gpu: Gpu) -> LoraMerge {
+        self.gpu = Some(Mutex::new(gpu));
+        self
     }
 
     /// The weight of expert `e` for base tensor `name` (scalars, filters and layer gradients as
@@ -567,10 +579,14 @@ impl LoraMerge {
             })
             .collect();
         let params = resolve(&self.recipe, method, &labelled, name, t)?;
-        merge_in_core(
+        let products: &dyn Products = match &self.gpu {
+            Some(gpu) => &GpuProducts(gpu),
+            None => &CpuProducts,
+        };
+        merge_in_core_with(
+            products,
             name,
-            rows,
-            cols,
+            (rows, cols),
             &factors,
             method,
             &params.globals,

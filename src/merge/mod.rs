@@ -33,6 +33,7 @@ pub mod sparsify;
 mod stored;
 mod stream;
 
+pub(crate) use device::lora_products;
 pub use executor::{execute, TensorRecord};
 pub use expert::{Expert, ExpertInput};
 pub use method::{merge_tensor, Method};

@@ -250,15 +250,19 @@ pub fn top_k(delta: &mut [f32], k: usize) -> usize {
 /// asserted `k > 0` instead). PEFT's `magnitude_prune` keeps exactly
 /// `floor(density · numel)`, possibly none: use [`top_k`] with [`keep_count`] for that.
 pub fn magnitude(delta: &mut [f32], density: f32) -> usize {
+    top_k(delta, magnitude_keep(density, delta.len()))
+}
+
+/// How many entries [`magnitude`] keeps of `numel`: all at `density >= 1`, none at
+/// `density <= 0`, else `max(1, floor(density · numel))`. The device trims by this count too.
+pub fn magnitude_keep(density: f32, numel: usize) -> usize {
     if density >= 1.0 {
-        return delta.len();
+        numel
+    } else if density <= 0.0 || numel == 0 {
+        0
+    } else {
+        keep_count(density, numel).max(1)
     }
-    if density <= 0.0 || delta.is_empty() {
-        delta.fill(0.0);
-        return 0;
-    }
-    let k = keep_count(density, delta.len()).max(1);
-    top_k(delta, k)
 }
 
 /// DARE drop (mergekit `random`): keeps element `i` iff `rng.uniform(i) < density`, with

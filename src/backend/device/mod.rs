@@ -7,6 +7,7 @@
 //! formed there (LoRA products through cuBLAS), trimmed ([`Gpu::cut`]), merged
 //! ([`Gpu::merge`]), and only the merged tensor comes back.
 
+mod blas;
 mod conflict;
 mod consensus;
 mod masks;
@@ -19,7 +20,8 @@ use std::sync::{Arc, OnceLock};
 
 use cudarc::cublas::CudaBlas;
 use cudarc::driver::{
-    CudaContext, CudaFunction, CudaSlice, CudaStream, DeviceRepr, LaunchConfig, ValidAsZeroBits,
+    CudaContext, CudaFunction, CudaSlice, CudaStream, DeviceRepr, LaunchArgs, LaunchConfig,
+    PushKernelArg, ValidAsZeroBits,
 };
 
 pub use conflict::DeviceConflicts;
@@ -133,6 +135,31 @@ impl Gpu {
             .map_err(|e| device_error("copy from the device", e))?;
         host.truncate(n);
         Ok(host)
+    }
+
+    /// Starts a launch of `kernel` (the f32 variant, or `<kernel>_bf16`) with the updates as
+    /// its first arguments: `(deltas, i, n)` or `(tensors, base, i, n)`, where `i` is an
+    /// expert index or the expert count, as the kernel takes it.
+    fn launch_on<'a>(
+        &'a self,
+        kernel: &str,
+        updates: &'a Updates,
+        t: &'a i32,
+        n: &'a u64,
+    ) -> Result<LaunchArgs<'a>> {
+        Ok(match updates {
+            Updates::F32 { deltas, .. } => {
+                let mut launch = self.stream.launch_builder(self.function(kernel)?);
+                launch.arg(deltas).arg(t).arg(n);
+                launch
+            }
+            Updates::Bf16 { tensors, base, .. } => {
+                let name = format!("{kernel}_bf16");
+                let mut launch = self.stream.launch_builder(self.function(&name)?);
+                launch.arg(tensors).arg(base).arg(t).arg(n);
+                launch
+            }
+        })
     }
 
     /// cuBLAS on this device's stream, created on first use; an error (not a panic) when

@@ -1,7 +1,7 @@
 //! The exact top-k cut by magnitude on the device (cuda/select.cu), and the sums of squares
 //! behind CACI's confidence.
 
-use cudarc::driver::{LaunchArgs, LaunchConfig, PushKernelArg};
+use cudarc::driver::{LaunchConfig, PushKernelArg};
 
 use super::{device_error, grid, Gpu, Updates, THREADS};
 use crate::error::Result;
@@ -10,30 +10,6 @@ use crate::error::Result;
 const TIE_SPAN: u64 = 1 << 16;
 
 impl Gpu {
-    /// Starts a launch of `kernel` (f32 or bf16 variant) with expert `t`'s update as its first
-    /// arguments: `(deltas, t, n)` or `(tensors, base, t, n)`.
-    fn launch_on<'a>(
-        &'a self,
-        kernel: &str,
-        updates: &'a Updates,
-        t: &'a i32,
-        n: &'a u64,
-    ) -> Result<LaunchArgs<'a>> {
-        Ok(match updates {
-            Updates::F32 { deltas, .. } => {
-                let mut launch = self.stream.launch_builder(self.function(kernel)?);
-                launch.arg(deltas).arg(t).arg(n);
-                launch
-            }
-            Updates::Bf16 { tensors, base, .. } => {
-                let name = format!("{kernel}_bf16");
-                let mut launch = self.stream.launch_builder(self.function(&name)?);
-                launch.arg(tensors).arg(base).arg(t).arg(n);
-                launch
-            }
-        })
-    }
-
     /// The top-`k` cut by magnitude of expert `t`'s update, as
     /// `crate::merge::sparsify::top_k` keeps it: `(threshold, tie_limit)` where element `i` is
     /// kept iff the bits of `|x[i]|` are above `threshold`, or equal to it with
