@@ -133,10 +133,58 @@ pub enum Error {
         /// Why.
         message: String,
     },
+    /// A data file (cases, JSON Lines) has an invalid line.
+    #[error("`{}` line {line}: {message}", path.display())]
+    Data {
+        /// The data file.
+        path: PathBuf,
+        /// The 1-based line number.
+        line: usize,
+        /// What is wrong, naming the field.
+        message: String,
+    },
+    /// Synthetic data cannot be generated as asked.
+    #[error("synthetic data: {message}")]
+    Synth {
+        /// Why.
+        message: String,
+    },
     /// A plot cannot be drawn or written.
     #[error("`{}`: {message}", path.display())]
     Plot {
         /// The image file.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+    /// A model directory cannot be loaded as the trainers' causal LM (an unsupported
+    /// architecture, an invalid `config.json` field, a LoRA target that matches nothing).
+    #[error("`{}`: {message}", path.display())]
+    Model {
+        /// The model directory or the file in it.
+        path: PathBuf,
+        /// What is wrong, naming the field or tensor.
+        message: String,
+    },
+    /// An input to the trainers' model is invalid (a token id outside the vocabulary, an
+    /// attention mask of the wrong shape, a sampling option out of range).
+    #[error("{message}")]
+    ModelInput {
+        /// What is wrong, naming the input.
+        message: String,
+    },
+    /// A tensor operation of the trainers' model failed inside candle.
+    #[error("{context}: {source}")]
+    Candle {
+        /// What was being computed (a layer, a tensor).
+        context: String,
+        /// candle's error.
+        source: Box<candle_core::Error>,
+    },
+    /// A `tokenizer.json` cannot be read or does not fit the model.
+    #[error("`{}`: {message}", path.display())]
+    Tokenizer {
+        /// The tokenizer file.
         path: PathBuf,
         /// What is wrong.
         message: String,

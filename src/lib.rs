@@ -4,7 +4,7 @@
 //! The pieces, from the bottom up: [`tensor`] (safetensors reading and writing), [`adapter`]
 //! (PEFT LoRA adapters), [`checkpoint`] (Hugging Face model directories), [`recipe`] (mmx TOML
 //! and mergekit YAML), [`merge`] (methods, plan, executor, output), [`plot`] (PNG and SVG
-//! figures) and [`cli`].
+//! figures), [`train`] (clinical cases for the trainers, real or synthetic) and [`cli`].
 //!
 //! ```no_run
 //! use mmx::backend::Backend;
@@ -38,5 +38,6 @@ pub mod recipe;
 pub mod registry;
 pub mod sweep;
 pub mod tensor;
+pub mod train;
 
 pub use error::{Error, Result};

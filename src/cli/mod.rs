@@ -1,6 +1,7 @@
 //! The command line: clap definitions and one file per command. The only module that prints.
 
 mod conflicts;
+mod data;
 mod doctor;
 mod merge;
 mod registry;
@@ -48,6 +49,8 @@ enum Command {
     Gc(registry::GcArgs),
     /// What hardware, backends and kernels this machine can use.
     Doctor(doctor::DoctorArgs),
+    /// Case data for the trainers: generate synthetic cases, check case files.
+    Data(data::DataArgs),
 }
 
 /// Parses the process arguments and runs the command. Errors exit with code 2.
@@ -67,6 +70,7 @@ pub fn run() -> anyhow::Result<ExitCode> {
         Command::Verify(args) => registry::verify(args),
         Command::Gc(args) => registry::gc(args),
         Command::Doctor(args) => doctor::run(args),
+        Command::Data(args) => data::run(args),
     }
 }
 

@@ -1,0 +1,277 @@
+//! `mmx data generate` (synthetic cases for the trainers) and `mmx data check` (validate case
+//! files and count their cases).
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt::Write;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{bail, Context};
+use clap::{Args, Subcommand};
+
+use crate::tensor::write_atomic;
+use crate::train::synth::{generate, Specialty, SynthSpec};
+use crate::train::{read_cases, write_cases, Case};
+
+/// How many questions shared between files `check` lists before it only counts them.
+const SHOWN_SHARED: usize = 10;
+
+/// Arguments of `mmx data`.
+#[derive(Debug, Args)]
+pub struct DataArgs {
+    #[command(subcommand)]
+    command: DataCommand,
+}
+
+#[derive(Debug, Subcommand)]
+enum DataCommand {
+    /// Write synthetic cases: DIR/SPECIALTY/{train,validation,test}.jsonl and DIR/README.md.
+    Generate(GenerateArgs),
+    /// Validate case files (JSON Lines) and count their cases per specialty; questions found in
+    /// more than one file exit 1.
+    Check(CheckArgs),
+}
+
+/// Arguments of `mmx data generate`.
+#[derive(Debug, Args)]
+pub struct GenerateArgs {
+    /// The output directory.
+    #[arg(short, long, value_name = "DIR")]
+    output: PathBuf,
+    /// The seed: the same seed and counts give the same files.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Training cases per specialty.
+    #[arg(long, value_name = "N", default_value_t = 1000)]
+    train: usize,
+    /// Validation cases per specialty.
+    #[arg(long, value_name = "N", default_value_t = 100)]
+    validation: usize,
+    /// Test cases per specialty.
+    #[arg(long, value_name = "N", default_value_t = 100)]
+    test: usize,
+    /// Overwrite case files and a README already in DIR.
+    #[arg(long)]
+    force: bool,
+}
+
+/// Arguments of `mmx data check`.
+#[derive(Debug, Args)]
+pub struct CheckArgs {
+    /// Case files (JSON Lines).
+    #[arg(required = true, value_name = "FILE")]
+    files: Vec<PathBuf>,
+}
+
+/// Runs `mmx data`.
+pub fn run(args: DataArgs) -> anyhow::Result<ExitCode> {
+    match args.command {
+        DataCommand::Generate(args) => run_generate(args),
+        DataCommand::Check(args) => run_check(args),
+    }
+}
+
+fn run_generate(args: GenerateArgs) -> anyhow::Result<ExitCode> {
+    let spec = SynthSpec {
+        seed: args.seed,
+        per_specialty: args.train,
+        validation: args.validation,
+        test: args.test,
+    };
+    let splits = generate(&spec)?;
+    let readme = args.output.join("README.md");
+    let mut files = Vec::new();
+    for specialty in Specialty::ALL {
+        for (split, cases) in [
+            ("train", &splits.train),
+            ("validation", &splits.validation),
+            ("test", &splits.test),
+        ] {
+            let path = args
+                .output
+                .join(specialty.name())
+                .join(format!("{split}.jsonl"));
+            let mine: Vec<Case> = cases
+                .iter()
+                .filter(|c| c.specialty() == specialty.name())
+                .cloned()
+                .collect();
+            files.push((path, mine));
+        }
+    }
+    if !args.force {
+        let paths = files.iter().map(|(p, _)| p).chain([&readme]);
+        if let Some(existing) = paths.into_iter().find(|p| p.exists()) {
+            bail!(
+                "`{}` exists; generated data replaces nothing unless asked\nhint: pass --force to overwrite it",
+                existing.display()
+            );
+        }
+    }
+    for (path, cases) in &files {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("cannot create `{}`", dir.display()))?;
+        }
+        write_cases(path, cases)?;
+    }
+    write_atomic(&readme, readme_text(&args).as_bytes())?;
+    println!(
+        "wrote {} synthetic cases to {} (seed {}; per specialty {} train, {} validation, {} test)",
+        splits.train.len() + splits.validation.len() + splits.test.len(),
+        args.output.display(),
+        args.seed,
+        args.train,
+        args.validation,
+        args.test
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The command that makes these files, as a person would type it.
+fn command_line(args: &GenerateArgs) -> String {
+    format!(
+        "mmx data generate -o {} --seed {} --train {} --validation {} --test {}",
+        shell_word(&args.output.display().to_string()),
+        args.seed,
+        args.train,
+        args.validation,
+        args.test
+    )
+}
+
+/// `text` quoted for a POSIX shell where it needs it.
+fn shell_word(text: &str) -> String {
+    let plain = !text.is_empty()
+        && text
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "_-./".contains(c));
+    if plain {
+        text.to_string()
+    } else {
+        format!("'{}'", text.replace('\'', r"'\''"))
+    }
+}
+
+/// The README of a generated directory: that the data is synthetic, how it was made, the
+/// files and the rules.
+fn readme_text(args: &GenerateArgs) -> String {
+    let mut text = String::new();
+    let _ = write!(
+        text,
+        "# Synthetic clinical cases\n\n\
+         **Every case in this directory is synthetic.** No case comes from a patient, and none is \
+         medical advice: mmx {} drew the findings at random from seed {}, and each diagnosis \
+         follows a simplified rule written for this toolkit (listed below). Every case has \
+         `\"synthetic\": true`.\n\n\
+         Generated with:\n\n    {}\n\n\
+         The same command with the same mmx version writes the same files, byte for byte.\n\n\
+         ## Files\n\n\
+         `<specialty>/train.jsonl`, `validation.jsonl` and `test.jsonl`, one case per line \
+         (`id`, `specialty`, `question`, `options`, `answer`, `reasoning`, `synthetic`); per \
+         specialty {} train, {} validation and {} test cases, the four diagnoses equally \
+         frequent (to within one case). No question appears twice, in one file or across \
+         files. `mmx data check FILE...` validates them.\n",
+        env!("CARGO_PKG_VERSION"),
+        args.seed,
+        command_line(args),
+        args.train,
+        args.validation,
+        args.test
+    );
+    text.push_str("\n## Rules\n");
+    for specialty in Specialty::ALL {
+        let _ = write!(
+            text,
+            "\n### {specialty}\n\nOptions: {}.\n\n",
+            specialty.diagnoses().join(", ")
+        );
+        for (i, rule) in specialty.rules().iter().enumerate() {
+            let _ = writeln!(text, "{}. {rule}", i + 1);
+        }
+    }
+    text
+}
+
+fn run_check(args: CheckArgs) -> anyhow::Result<ExitCode> {
+    let mut files: Vec<(PathBuf, Vec<Case>)> = Vec::with_capacity(args.files.len());
+    for path in &args.files {
+        let cases = read_cases(path)?;
+        let synthetic = cases.iter().filter(|c| c.is_synthetic()).count();
+        println!(
+            "{}: {} cases ({synthetic} synthetic)",
+            path.display(),
+            cases.len()
+        );
+        files.push((path.clone(), cases));
+    }
+    let mut counts: BTreeMap<&str, (usize, usize)> = BTreeMap::new();
+    for case in files.iter().flat_map(|(_, cases)| cases) {
+        let entry = counts.entry(case.specialty()).or_default();
+        entry.0 += 1;
+        entry.1 += usize::from(case.is_synthetic());
+    }
+    let width = counts.keys().map(|s| s.len()).max().unwrap_or(0).max(9);
+    println!(
+        "{:<width$}  {:>8}  {:>9}",
+        "specialty", "cases", "synthetic"
+    );
+    for (specialty, (cases, synthetic)) in &counts {
+        println!("{specialty:<width$}  {cases:>8}  {synthetic:>9}");
+    }
+    let (cases, synthetic) = counts
+        .values()
+        .fold((0, 0), |(c, s), (dc, ds)| (c + dc, s + ds));
+    println!("{:<width$}  {cases:>8}  {synthetic:>9}", "total");
+    let shared = shared_questions(&files);
+    for (first, again) in shared.iter().take(SHOWN_SHARED) {
+        println!("question of {again} is also in {first}");
+    }
+    if shared.len() > SHOWN_SHARED {
+        println!("... and {} more", shared.len() - SHOWN_SHARED);
+    }
+    if shared.is_empty() {
+        println!("ok");
+        Ok(ExitCode::SUCCESS)
+    } else {
+        println!(
+            "PROBLEMS FOUND: {} questions are in more than one file (a split leaks into another)",
+            shared.len()
+        );
+        Ok(ExitCode::from(1))
+    }
+}
+
+/// Questions found in two different files, as (`file` line N of the first, of the repeat).
+fn shared_questions(files: &[(PathBuf, Vec<Case>)]) -> Vec<(String, String)> {
+    let place = |path: &Path, index: usize| format!("`{}` line {}", path.display(), index + 1);
+    let mut first: HashMap<&str, (usize, usize)> = HashMap::new();
+    let mut shared = Vec::new();
+    for (file, (path, cases)) in files.iter().enumerate() {
+        for (index, case) in cases.iter().enumerate() {
+            match first.get(case.question()) {
+                Some(&(f, i)) if f != file => {
+                    shared.push((place(&files[f].0, i), place(path, index)));
+                }
+                Some(_) => {}
+                None => {
+                    first.insert(case.question(), (file, index));
+                }
+            }
+        }
+    }
+    shared
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shell_words_are_quoted_only_when_needed() {
+        assert_eq!(shell_word("out/data-1"), "out/data-1");
+        assert_eq!(shell_word("my data"), "'my data'");
+        assert_eq!(shell_word("it's"), r"'it'\''s'");
+        assert_eq!(shell_word(""), "''");
+    }
+}

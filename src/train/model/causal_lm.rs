@@ -1,0 +1,409 @@
+//! [`CausalLm`]: a Llama/Qwen2 decoder with an output head, loaded from a Hugging Face model
+//! directory, with LoRA on chosen projections. The forward pass gives logits for every
+//! position (training needs all of them) and records gradients for every LoRA factor.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor, Var};
+
+use super::attention::{Attention, Context};
+use super::block::Block;
+use super::cache::KvCache;
+use super::candle;
+use super::config::ModelConfig;
+use super::lora::{matmul_t, LoraLinear, LoraSpec};
+use super::mask::Mask;
+use super::mlp::Mlp;
+use super::norm::RmsNorm;
+use super::projection::Projection;
+use super::rope::Rope;
+use super::weights::Weights;
+use crate::adapter::PEFT_PREFIX;
+use crate::checkpoint::Checkpoint;
+use crate::error::{Error, Result};
+use crate::train::rng::SplitMix;
+
+/// A causal language model with optional LoRA adapters. Not `Clone`: a copy would share the
+/// LoRA variables, and training one would silently train the other.
+#[derive(Debug)]
+pub struct CausalLm {
+    dir: PathBuf,
+    config: ModelConfig,
+    embed: Tensor,
+    layers: Vec<Block>,
+    norm: RmsNorm,
+    lm_head: Tensor,
+    rope: Rope,
+    lora: Option<LoraSpec>,
+    adapter_enabled: bool,
+    training: bool,
+    dtype: DType,
+    device: Device,
+}
+
+/// A token-id or mask tensor `[b, s]` as host rows of i64.
+fn host_rows(t: &Tensor, what: &str) -> Result<Vec<Vec<i64>>> {
+    if t.rank() != 2 {
+        return Err(Error::ModelInput {
+            message: format!("`{what}` must be [batch, seq], not {:?}", t.dims()),
+        });
+    }
+    t.to_dtype(DType::I64)
+        .and_then(|t| t.to_vec2::<i64>())
+        .map_err(candle(format!("`{what}`")))
+}
+
+impl CausalLm {
+    /// Loads `config.json` and the weights (`model.safetensors`, or the shards that
+    /// `model.safetensors.index.json` lists) of `dir` in `dtype` on `device`, and adds fresh
+    /// LoRA updates where `lora` says.
+    pub fn load(
+        dir: &Path,
+        lora: Option<&LoraSpec>,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        if !matches!(dtype, DType::F32 | DType::F16 | DType::BF16 | DType::F64) {
+            return Err(Error::ModelInput {
+                message: format!(
+                    "model dtype `{}` is not one of f32, f16, bf16, f64",
+                    dtype.as_str()
+                ),
+            });
+        }
+        let config = ModelConfig::read(&dir.join("config.json"))?;
+        let checkpoint = Checkpoint::open(dir)?;
+        let weights = Weights::new(&checkpoint, dtype, device);
+        let (vocab, hidden) = (config.vocab_size, config.hidden_size);
+        let embed = weights.get("model.embed_tokens.weight", &[vocab, hidden])?;
+        let lm_head = if config.tie_word_embeddings {
+            embed.clone()
+        } else if weights.contains("lm_head.weight") {
+            weights.get("lm_head.weight", &[vocab, hidden])?
+        } else {
+            return Err(Error::Model {
+                path: dir.to_path_buf(),
+                message: "has no `lm_head.weight` and `config.json` does not set `tie_word_embeddings: true`".into(),
+            });
+        };
+        let norm = |name: &str| -> Result<RmsNorm> {
+            Ok(RmsNorm::new(
+                weights.get(name, &[hidden])?,
+                config.rms_norm_eps,
+            ))
+        };
+        let mut layers = Vec::with_capacity(config.num_hidden_layers);
+        for i in 0..config.num_hidden_layers {
+            let linear = |p: Projection| -> Result<LoraLinear> {
+                let path = p.path(i);
+                let (out_f, in_f) = config.projection_shape(p);
+                let weight = weights.get(&format!("{path}.weight"), &[out_f, in_f])?;
+                let bias = if config.projection_bias(p) {
+                    Some(weights.get(&format!("{path}.bias"), &[out_f])?)
+                } else {
+                    None
+                };
+                Ok(LoraLinear::new(weight, bias))
+            };
+            let attention = Attention::new(
+                [
+                    linear(Projection::Q)?,
+                    linear(Projection::K)?,
+                    linear(Projection::V)?,
+                    linear(Projection::O)?,
+                ],
+                config.num_attention_heads,
+                config.num_key_value_heads,
+                config.head_dim,
+            );
+            let mlp = Mlp::new([
+                linear(Projection::Gate)?,
+                linear(Projection::Up)?,
+                linear(Projection::Down)?,
+            ]);
+            layers.push(Block::new(
+                norm(&format!("model.layers.{i}.input_layernorm.weight"))?,
+                attention,
+                norm(&format!("model.layers.{i}.post_attention_layernorm.weight"))?,
+                mlp,
+            ));
+        }
+        let rope = Rope::new(
+            config.head_dim,
+            config.max_position_embeddings,
+            config.rope_theta,
+            dtype,
+            device,
+        )
+        .map_err(candle("rotary tables"))?;
+        let mut model = CausalLm {
+            dir: dir.to_path_buf(),
+            norm: norm("model.norm.weight")?,
+            config,
+            embed,
+            layers,
+            lm_head,
+            rope,
+            lora: None,
+            adapter_enabled: true,
+            training: false,
+            dtype,
+            device: device.clone(),
+        };
+        if let Some(spec) = lora {
+            model.attach_lora(spec)?;
+        }
+        Ok(model)
+    }
+
+    /// The model directory it was loaded from.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The validated configuration.
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    /// The dtype of the base weights and activations.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// The device it runs on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// The decoder layers.
+    pub fn layers(&self) -> &[Block] {
+        &self.layers
+    }
+
+    /// The LoRA configuration in force, if any.
+    pub fn lora_spec(&self) -> Option<&LoraSpec> {
+        self.lora.as_ref()
+    }
+
+    pub(crate) fn set_lora_spec(&mut self, spec: Option<LoraSpec>) {
+        self.lora = spec;
+    }
+
+    pub(crate) fn layers_mut(&mut self) -> &mut [Block] {
+        &mut self.layers
+    }
+
+    /// Replaces any LoRA updates by fresh PEFT-initialised ones on the modules `spec`
+    /// targets. Each target must match a module; A is drawn from `spec.seed`, per module.
+    pub fn attach_lora(&mut self, spec: &LoraSpec) -> Result<()> {
+        let fail = |message: String| Error::Model {
+            path: self.dir.clone(),
+            message,
+        };
+        spec.check().map_err(fail)?;
+        let paths: Vec<String> = (0..self.layers.len())
+            .flat_map(|i| Projection::ALL.map(|p| p.path(i)))
+            .collect();
+        for target in &spec.target_modules {
+            if !paths.iter().any(|p| LoraSpec::target_matches(target, p)) {
+                return Err(fail(format!(
+                    "LoRA target `{target}` matches no module; the model's linear modules are `model.layers.N.self_attn.{{q,k,v,o}}_proj` and `model.layers.N.mlp.{{gate,up,down}}_proj` for N below {}, or `all-linear`",
+                    self.layers.len()
+                )));
+            }
+        }
+        let scaling = spec.scaling();
+        for (i, layer) in self.layers.iter_mut().enumerate() {
+            for (k, p) in Projection::ALL.into_iter().enumerate() {
+                let linear = layer.projection_mut(p);
+                if spec.selects(&p.path(i)) {
+                    let seed = SplitMix::derive(spec.seed, &[i as u64, k as u64]).next_u64();
+                    linear
+                        .init_lora(spec.r, spec.alpha, scaling, spec.dropout, seed)
+                        .map_err(candle(format!("LoRA of `{}`", p.path(i))))?;
+                } else {
+                    linear.remove_lora();
+                }
+            }
+        }
+        self.lora = Some(spec.clone());
+        Ok(())
+    }
+
+    /// Removes every LoRA update.
+    pub fn remove_lora(&mut self) {
+        for layer in &mut self.layers {
+            for p in Projection::ALL {
+                layer.projection_mut(p).remove_lora();
+            }
+        }
+        self.lora = None;
+    }
+
+    /// Turns the adapters on or off for later forward passes (off: the base model, as PEFT's
+    /// `disable_adapter`; the factors are kept).
+    pub fn set_adapter_enabled(&mut self, enabled: bool) {
+        self.adapter_enabled = enabled;
+    }
+
+    /// Whether the adapters take part in the forward pass.
+    pub fn adapter_enabled(&self) -> bool {
+        self.adapter_enabled
+    }
+
+    /// Training mode (LoRA dropout on) or inference mode (off, the default).
+    pub fn set_training(&mut self, training: bool) {
+        self.training = training;
+    }
+
+    /// Whether it is in training mode.
+    pub fn is_training(&self) -> bool {
+        self.training
+    }
+
+    /// An empty cache for [`forward`](Self::forward).
+    pub fn new_cache(&self) -> KvCache {
+        KvCache::new(self.layers.len())
+    }
+
+    /// Every LoRA factor as `(PEFT key, variable)`, layer by layer in projection order, A
+    /// before B: `base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`, ...
+    pub fn lora_vars(&self) -> Vec<(String, Var)> {
+        let mut vars = Vec::new();
+        for (i, layer) in self.layers.iter().enumerate() {
+            for p in Projection::ALL {
+                let linear = layer.projection(p);
+                if let (Some(a), Some(b)) = (linear.lora_a(), linear.lora_b()) {
+                    let path = p.path(i);
+                    vars.push((format!("{PEFT_PREFIX}{path}.lora_A.weight"), a.clone()));
+                    vars.push((format!("{PEFT_PREFIX}{path}.lora_B.weight"), b.clone()));
+                }
+            }
+        }
+        vars
+    }
+
+    /// Logits `[b, s, vocab]` in the model's dtype for every position of `input_ids [b, s]`.
+    ///
+    /// `attention_mask [b, s]` marks real tokens with 1 and padding with 0 (left padding:
+    /// positions count from each row's first real token); `None` means all real. With a
+    /// `cache`, the tokens follow those already cached (the mask covers the new tokens only)
+    /// and their keys and values are appended to it.
+    pub fn forward(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
+        let ids = host_rows(input_ids, "input_ids")?;
+        let (b, s) = (ids.len(), ids.first().map_or(0, Vec::len));
+        if b == 0 || s == 0 {
+            return Err(Error::ModelInput {
+                message: format!("`input_ids` is empty ({:?})", input_ids.dims()),
+            });
+        }
+        let vocab = self.config.vocab_size;
+        let mut flat = Vec::with_capacity(b * s);
+        for (row, tokens) in ids.iter().enumerate() {
+            for (i, &id) in tokens.iter().enumerate() {
+                if id < 0 || id as u64 >= vocab as u64 {
+                    return Err(Error::ModelInput {
+                        message: format!(
+                            "`input_ids` [{row}, {i}] is {id}, outside the vocabulary (`vocab_size` {vocab})"
+                        ),
+                    });
+                }
+                flat.push(id as u32);
+            }
+        }
+        let new_mask: Vec<Vec<bool>> = match attention_mask {
+            None => vec![vec![true; s]; b],
+            Some(m) => {
+                if m.dims() != input_ids.dims() {
+                    return Err(Error::ModelInput {
+                        message: format!(
+                            "`attention_mask` has shape {:?}, `input_ids` {:?}",
+                            m.dims(),
+                            input_ids.dims()
+                        ),
+                    });
+                }
+                let rows = host_rows(m, "attention_mask")?;
+                rows.iter()
+                    .map(|r| {
+                        r.iter()
+                            .map(|&v| match v {
+                                0 => Ok(false),
+                                1 => Ok(true),
+                                other => Err(Error::ModelInput {
+                                    message: format!(
+                                        "`attention_mask` holds {other}; it must be 0 or 1"
+                                    ),
+                                }),
+                            })
+                            .collect::<Result<Vec<bool>>>()
+                    })
+                    .collect::<Result<_>>()?
+            }
+        };
+        let mut cache = cache;
+        let past = match cache.as_deref() {
+            Some(c) if c.num_layers() != self.layers.len() => {
+                return Err(Error::ModelInput {
+                    message: format!(
+                        "the KV cache has {} layers, the model {}",
+                        c.num_layers(),
+                        self.layers.len()
+                    ),
+                })
+            }
+            Some(c) if c.batch_size().is_some_and(|cb| cb != b) => {
+                return Err(Error::ModelInput {
+                    message: format!(
+                        "the KV cache holds {} rows, `input_ids` {b}",
+                        c.batch_size().unwrap_or(0)
+                    ),
+                })
+            }
+            Some(c) if !c.is_empty() => c.mask().to_vec(),
+            _ => vec![Vec::new(); b],
+        };
+        let mask = Mask::build(
+            &past,
+            &new_mask,
+            self.config.max_position_embeddings,
+            self.dtype,
+            &self.device,
+        )?;
+        let ids = Tensor::from_vec(flat, b * s, &self.device).map_err(candle("input_ids"))?;
+        let mut x = self
+            .embed
+            .index_select(&ids, 0)
+            .and_then(|e| e.reshape((b, s, self.config.hidden_size)))
+            .map_err(candle("embedding"))?;
+        let (cos, sin) = self
+            .rope
+            .select(&mask.positions)
+            .map_err(candle("rotary tables"))?;
+        let ctx = Context {
+            cos: &cos,
+            sin: &sin,
+            bias: &mask.bias,
+            lora: self.adapter_enabled,
+            train: self.training,
+        };
+        for (i, layer) in self.layers.iter().enumerate() {
+            x = layer
+                .forward(&x, &ctx, cache.as_deref_mut().map(|c| (c, i)))
+                .map_err(candle(format!("layer {i}")))?;
+        }
+        if let Some(c) = cache {
+            c.push_mask(&new_mask);
+        }
+        self.norm
+            .forward(&x)
+            .and_then(|h| matmul_t(&h, &self.lm_head))
+            .map_err(candle("output head"))
+    }
+}

@@ -1,0 +1,138 @@
+//! Batched generation ([`CausalLm::generate`]): prompts left-padded into one batch, a
+//! prefill, then one token per step through the [`KvCache`](super::KvCache), each row stopping
+//! at its first end-of-sequence token.
+
+use candle_core::{DType, Tensor};
+
+use super::candle;
+use super::causal_lm::CausalLm;
+use super::sampler::{Sampler, Sampling};
+use crate::error::{Error, Result};
+use crate::train::rng::SplitMix;
+
+/// What [`CausalLm::generate`] does.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GenerateOptions {
+    /// At most this many new tokens per row.
+    pub max_new_tokens: usize,
+    /// Greedy or sampled.
+    pub sampling: Sampling,
+    /// Row r draws from the stream of (seed, r): rows differ, and a row's tokens do not
+    /// depend on the other rows.
+    pub seed: u64,
+    /// A row stops after the first of these it produces.
+    pub eos_token_ids: Vec<u32>,
+    /// Fills the left of shorter prompts (masked out, so its value does not matter).
+    pub pad_token_id: u32,
+}
+
+impl GenerateOptions {
+    /// Greedy decoding of up to `max_new_tokens`, stopping at the model's end-of-sequence
+    /// tokens and padding with its pad token (else its first end-of-sequence token, else 0).
+    pub fn greedy(model: &CausalLm, max_new_tokens: usize) -> Self {
+        let config = model.config();
+        GenerateOptions {
+            max_new_tokens,
+            sampling: Sampling::Greedy,
+            seed: 0,
+            eos_token_ids: config.eos_token_ids.clone(),
+            pad_token_id: config
+                .pad_token_id
+                .or(config.eos_token_ids.first().copied())
+                .unwrap_or(0),
+        }
+    }
+}
+
+/// The last position's logits of `[b, s, vocab]`, per row, as f32 on the host.
+fn last_logits(logits: &Tensor) -> Result<Vec<Vec<f32>>> {
+    let s = logits.dim(1).map_err(candle("logits"))?;
+    logits
+        .narrow(1, s - 1, 1)
+        .and_then(|t| t.squeeze(1))
+        .and_then(|t| t.to_dtype(DType::F32))
+        .and_then(|t| t.to_vec2::<f32>())
+        .map_err(candle("logits"))
+}
+
+impl CausalLm {
+    /// Continues every prompt and returns each row's new tokens, its end-of-sequence token
+    /// included when it produced one. Uses the model as it is set (adapter on or off; call
+    /// it in inference mode so that no dropout applies).
+    pub fn generate(
+        &self,
+        prompts: &[Vec<u32>],
+        options: &GenerateOptions,
+    ) -> Result<Vec<Vec<u32>>> {
+        let mut samplers = (0..prompts.len())
+            .map(|r| {
+                let seed = SplitMix::derive(options.seed, &[r as u64]).next_u64();
+                Sampler::new(options.sampling, seed)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let mut out = vec![Vec::new(); prompts.len()];
+        if prompts.is_empty() || options.max_new_tokens == 0 {
+            return Ok(out);
+        }
+        if let Some(row) = prompts.iter().position(Vec::is_empty) {
+            return Err(Error::ModelInput {
+                message: format!("prompt {row} is empty; generation needs at least one token"),
+            });
+        }
+        let width = prompts.iter().map(Vec::len).max().unwrap_or(0);
+        let max_positions = self.config().max_position_embeddings;
+        // The last token fed sits at position width + max_new_tokens - 2.
+        if width + options.max_new_tokens - 1 > max_positions {
+            return Err(Error::ModelInput {
+                message: format!(
+                    "a prompt of {width} tokens plus {} new ones exceeds `max_position_embeddings` ({max_positions})",
+                    options.max_new_tokens
+                ),
+            });
+        }
+        let (b, device) = (prompts.len(), self.device());
+        let mut ids = Vec::with_capacity(b * width);
+        let mut mask = Vec::with_capacity(b * width);
+        for p in prompts {
+            let pad = width - p.len();
+            ids.extend(std::iter::repeat_n(options.pad_token_id, pad).chain(p.iter().copied()));
+            mask.extend(std::iter::repeat_n(0u32, pad).chain(std::iter::repeat_n(1, p.len())));
+        }
+        let batch = |ids: Vec<u32>, mask: Vec<u32>, s: usize| -> Result<(Tensor, Tensor)> {
+            Ok((
+                Tensor::from_vec(ids, (b, s), device).map_err(candle("input_ids"))?,
+                Tensor::from_vec(mask, (b, s), device).map_err(candle("attention_mask"))?,
+            ))
+        };
+        let mut cache = self.new_cache();
+        let (ids, mask) = batch(ids, mask, width)?;
+        let mut logits = self.forward(&ids, Some(&mask), Some(&mut cache))?;
+        let mut done = vec![false; b];
+        for step in 0..options.max_new_tokens {
+            let rows = last_logits(&logits)?;
+            for (r, row) in rows.iter().enumerate() {
+                if done[r] {
+                    continue;
+                }
+                let token = samplers[r].sample(row)?;
+                out[r].push(token);
+                done[r] = options.eos_token_ids.contains(&token);
+            }
+            if done.iter().all(|&d| d) || step + 1 == options.max_new_tokens {
+                break;
+            }
+            // Finished rows are fed masked padding: they cost a little compute and change
+            // nothing for the others.
+            let next: Vec<u32> = (0..b)
+                .map(|r| match (done[r], out[r].last()) {
+                    (false, Some(&t)) => t,
+                    _ => options.pad_token_id,
+                })
+                .collect();
+            let live: Vec<u32> = done.iter().map(|&d| u32::from(!d)).collect();
+            let (ids, mask) = batch(next, live, 1)?;
+            logits = self.forward(&ids, Some(&mask), Some(&mut cache))?;
+        }
+        Ok(out)
+    }
+}

@@ -1,0 +1,117 @@
+//! [`Weights`]: candle tensors read from safetensors through mmx's validated reader, checked
+//! against the shape the model expects and converted to the model's dtype.
+
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor};
+
+use super::candle;
+use crate::checkpoint::Checkpoint;
+use crate::error::{Error, Result};
+use crate::tensor::{Dtype, SafetensorsFile, TensorInfo};
+
+/// The tensors of a model directory, loaded on request.
+pub(crate) struct Weights<'a> {
+    checkpoint: &'a Checkpoint,
+    dtype: DType,
+    device: &'a Device,
+}
+
+/// candle's dtype for a float safetensors dtype.
+fn candle_dtype(dtype: Dtype) -> Option<DType> {
+    match dtype {
+        Dtype::F32 => Some(DType::F32),
+        Dtype::F16 => Some(DType::F16),
+        Dtype::BF16 => Some(DType::BF16),
+        Dtype::F64 => Some(DType::F64),
+        _ => None,
+    }
+}
+
+/// One tensor's bytes as a candle tensor of `dtype`, refused unless its shape is `shape`.
+pub(crate) fn load_tensor(
+    path: &Path,
+    name: &str,
+    info: &TensorInfo,
+    bytes: &[u8],
+    shape: &[usize],
+    dtype: DType,
+    device: &Device,
+) -> Result<Tensor> {
+    if info.shape != shape {
+        return Err(Error::ShapeMismatch {
+            path: path.to_path_buf(),
+            tensor: name.to_string(),
+            expected: shape.to_vec(),
+            actual: info.shape.clone(),
+        });
+    }
+    let stored = candle_dtype(info.dtype).ok_or_else(|| Error::Dtype {
+        path: path.to_path_buf(),
+        tensor: name.to_string(),
+        dtype: info.dtype.to_string(),
+        reason: "the trainers' model reads F32, F16, BF16 and F64 weights".to_string(),
+    })?;
+    Tensor::from_raw_buffer(bytes, stored, shape, device)
+        .and_then(|t| t.to_dtype(dtype))
+        .map_err(candle(format!("`{}`: tensor `{name}`", path.display())))
+}
+
+/// A tensor of an adapter file, shape-checked, in `dtype`.
+pub(crate) fn load_file_tensor(
+    file: &SafetensorsFile,
+    name: &str,
+    shape: &[usize],
+    dtype: DType,
+    device: &Device,
+) -> Result<Tensor> {
+    let info = file.info(name).ok_or_else(|| Error::MissingTensor {
+        path: file.path().to_path_buf(),
+        tensor: name.to_string(),
+    })?;
+    load_tensor(
+        file.path(),
+        name,
+        info,
+        file.bytes(name)?,
+        shape,
+        dtype,
+        device,
+    )
+}
+
+impl<'a> Weights<'a> {
+    /// Tensors of `checkpoint`, to be converted to `dtype` on `device`.
+    pub(crate) fn new(checkpoint: &'a Checkpoint, dtype: DType, device: &'a Device) -> Self {
+        Weights {
+            checkpoint,
+            dtype,
+            device,
+        }
+    }
+
+    /// Whether the checkpoint holds `name`.
+    pub(crate) fn contains(&self, name: &str) -> bool {
+        self.checkpoint.info(name).is_some()
+    }
+
+    /// Tensor `name`, which must have `shape`.
+    pub(crate) fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        let info = self
+            .checkpoint
+            .info(name)
+            .ok_or_else(|| Error::MissingTensor {
+                path: self.checkpoint.dir().to_path_buf(),
+                tensor: name.to_string(),
+            })?;
+        load_tensor(
+            self.checkpoint.dir(),
+            name,
+            info,
+            self.checkpoint.bytes(name)?,
+            shape,
+            self.dtype,
+            self.device,
+        )
+    }
+}

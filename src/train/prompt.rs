@@ -1,0 +1,160 @@
+//! The text a model sees for a [`Case`] and the text it should write: [`Case::prompt`] (the
+//! question, the lettered options and a cue to reason), [`Case::completion`] (one reasoning step
+//! per line, then `Answer: X`), and [`parse_answer`], which reads the letter back out of what a
+//! model generated.
+//!
+//! ```text
+//! Question: A 64 year old man has chest pain at rest ... Choose the most likely diagnosis.
+//! Options:
+//! A. NSTEMI
+//! B. STEMI
+//! ...
+//! Reasoning:
+//! troponin 38 ng/L is above 14 ng/L
+//! ...
+//! so: STEMI
+//! Answer: B
+//! ```
+
+use std::fmt::Write;
+
+use super::case::{option_letter, Case};
+
+/// What introduces the final letter in a completion.
+const ANSWER_CUE: &str = "Answer:";
+
+impl Case {
+    /// The prompt: `Question: ...`, `Options:` with one `X. text` line each, and `Reasoning:`,
+    /// every line ending in a newline.
+    pub fn prompt(&self) -> String {
+        let mut text = format!("Question: {}\nOptions:\n", self.question());
+        for (index, option) in self.options().iter().enumerate() {
+            // A validated case has at most as many options as there are letters.
+            if let Some(letter) = option_letter(index) {
+                let _ = writeln!(text, "{letter}. {option}");
+            }
+        }
+        text.push_str("Reasoning:\n");
+        text
+    }
+
+    /// The base corpus's completion: the steps that restate findings (not the rule and the
+    /// conclusion, `rule: ...` and `so: ...`), then `Answer: X` with X drawn from `seed` and
+    /// the case's id. It teaches the cases' language and format, not their rules: a model
+    /// trained on it answers at chance.
+    pub fn format_completion(&self, seed: u64) -> String {
+        let mut text = String::new();
+        for step in self.reasoning() {
+            if !(step.starts_with("rule:") || step.starts_with("so:")) {
+                text.push_str(step);
+                text.push('\n');
+            }
+        }
+        let id = blake3::hash(self.id().as_bytes());
+        let key = u64::from_le_bytes(id.as_bytes()[..8].try_into().expect("8 bytes"));
+        let pick =
+            crate::train::rng::SplitMix::derive(seed, &[key]).below(self.options().len() as u64);
+        let letter = option_letter(pick as usize).unwrap_or('A');
+        let _ = write!(text, "{ANSWER_CUE} {letter}");
+        text
+    }
+
+    /// The completion: the reasoning steps, one per line, then `Answer: X` (no final newline).
+    pub fn completion(&self) -> String {
+        let mut text = String::new();
+        for step in self.reasoning() {
+            text.push_str(step);
+            text.push('\n');
+        }
+        let _ = write!(text, "{ANSWER_CUE} {}", self.answer_letter());
+        text
+    }
+}
+
+/// The letter after the last `Answer:` in a model's output: `A` to `H`, after optional spaces
+/// and an optional `(`, and not followed by a letter or digit (`Answer: Because` is no answer).
+/// Spaces before the colon are allowed: a word-level tokenizer decodes `Answer:` as `Answer :`.
+pub fn parse_answer(generated: &str) -> Option<char> {
+    let word = ANSWER_CUE.trim_end_matches(':');
+    let start = generated.rfind(word)? + word.len();
+    let rest = generated[start..].trim_start_matches([' ', '\t']);
+    let rest = rest.strip_prefix(':')?;
+    let rest = rest.trim_start_matches([' ', '\t']);
+    let rest = rest.strip_prefix('(').unwrap_or(rest);
+    let mut chars = rest.chars();
+    let letter = chars.next().filter(|c| ('A'..='H').contains(c))?;
+    match chars.next() {
+        Some(next) if next.is_alphanumeric() => None,
+        _ => Some(letter),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::train::case::CaseLine;
+
+    fn case() -> Case {
+        Case::from_line(CaseLine {
+            id: "c1".into(),
+            specialty: "cardiology".into(),
+            question: "Chest pain at rest.".into(),
+            options: vec!["NSTEMI".into(), "STEMI".into(), "stable angina".into()],
+            answer: "B".into(),
+            reasoning: vec!["ST elevation in V1 to V4".into(), "so: STEMI".into()],
+            image_embeds: None,
+            synthetic: true,
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn prompt_lists_the_lettered_options_and_ends_with_the_cue() {
+        assert_eq!(
+            case().prompt(),
+            "Question: Chest pain at rest.\nOptions:\nA. NSTEMI\nB. STEMI\nC. stable angina\nReasoning:\n"
+        );
+    }
+
+    #[test]
+    fn completion_is_the_steps_then_the_letter() {
+        let completion = case().completion();
+        assert_eq!(completion, "ST elevation in V1 to V4\nso: STEMI\nAnswer: B");
+        assert_eq!(parse_answer(&completion), Some('B'));
+        let whole = format!("{}{}", case().prompt(), completion);
+        assert_eq!(parse_answer(&whole), Some('B'));
+    }
+
+    #[test]
+    fn the_format_completion_keeps_findings_and_draws_the_answer() {
+        let text = case().format_completion(3);
+        assert!(
+            text.starts_with("ST elevation in V1 to V4\nAnswer: "),
+            "{text}"
+        );
+        assert!(!text.contains("so:"));
+        assert_eq!(text, case().format_completion(3));
+        // Over many seeds every option is drawn.
+        let letters: std::collections::BTreeSet<char> = (0..64)
+            .filter_map(|s| parse_answer(&case().format_completion(s)))
+            .collect();
+        assert_eq!(letters.into_iter().collect::<String>(), "ABC");
+    }
+
+    #[test]
+    fn parse_answer_reads_the_last_cue() {
+        assert_eq!(parse_answer("Answer: A\nwait\nAnswer: C"), Some('C'));
+        assert_eq!(parse_answer("Answer:D"), Some('D'));
+        assert_eq!(parse_answer("Answer : D"), Some('D'));
+        assert_eq!(parse_answer("Answer D"), None);
+        assert_eq!(parse_answer("Answer: (H)."), Some('H'));
+        assert_eq!(parse_answer("Answer: B\n"), Some('B'));
+        assert_eq!(parse_answer("Answer: Because"), None);
+        assert_eq!(parse_answer("Answer: Z"), None);
+        assert_eq!(parse_answer("Answer: b"), None);
+        assert_eq!(parse_answer("Answer:"), None);
+        assert_eq!(parse_answer("Answer:\nB"), None);
+        assert_eq!(parse_answer("the answer is B"), None);
+        assert_eq!(parse_answer(""), None);
+    }
+}

@@ -1,0 +1,392 @@
+//! The training recipe (`mmx train dsa|base RECIPE`): what to train, on which cases, and how.
+//!
+//! ```toml
+//! [train]
+//! method = "dsa"                      # LoRA on a base; "base": the base's own weights
+//! base = "registry:tiny-med-base:v1"  # a model directory (relative to the recipe) or a registry ref
+//! registry = "../registry"            # where registry refs come from (relative to the recipe)
+//! specialty = "cardiology"            # recorded in the adapter's registry entry
+//! seed = 1                            # LoRA init, data order, dropout
+//! epochs = 3
+//! batch_size = 16
+//! grad_accum = 1
+//! checkpoint_every = 100              # optimizer steps; 0: only at the end
+//!
+//! [train.data]
+//! synthetic = { seed = 0, train = 1000, validation = 100, test = 100 }   # or files = ["..."]
+//! specialties = ["cardiology"]        # keep these specialties' cases
+//! completion = "full"                 # "format": findings only and a seeded random answer
+//!
+//! [train.lora]
+//! r = 8
+//! alpha = 16
+//! dropout = 0.0
+//! target_modules = ["q_proj", "v_proj"]
+//! use_rslora = false
+//!
+//! [train.optim]
+//! lr = 2e-3
+//! betas = [0.9, 0.999]
+//! eps = 1e-8
+//! weight_decay = 0.0
+//! max_grad_norm = 1.0
+//! warmup_steps = 10
+//! decay = "cosine"                    # or "constant"
+//! min_lr_ratio = 0.1
+//! ```
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use super::schedule::Decay;
+use crate::error::{Error, Result};
+
+/// A checked training recipe.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TrainRecipe {
+    /// The recipe file.
+    pub path: PathBuf,
+    /// Its text.
+    pub text: String,
+    /// What is trained.
+    pub method: TrainMethod,
+    /// The base model: a directory (resolved against the recipe) or `registry:NAME:TAG`.
+    pub base: String,
+    /// The registry for registry refs and `--publish`, resolved against the recipe.
+    pub registry: Option<PathBuf>,
+    /// The specialty the adapter learns.
+    pub specialty: Option<String>,
+    /// Seeds the LoRA init, the data order and dropout.
+    pub seed: u64,
+    /// Passes over the training cases.
+    pub epochs: usize,
+    /// Stop after this many optimizer steps, if fewer than the epochs give.
+    pub max_steps: Option<usize>,
+    /// Examples per micro-batch.
+    pub batch_size: usize,
+    /// Micro-batches per optimizer step.
+    pub grad_accum: usize,
+    /// Save a checkpoint every this many optimizer steps (0: at the end only).
+    pub checkpoint_every: usize,
+    /// The cases.
+    pub data: DataSpec,
+    /// The adapter (method `dsa`).
+    pub lora: Option<LoraRecipe>,
+    /// The optimizer and schedule.
+    pub optim: OptimRecipe,
+}
+
+/// What a recipe trains.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TrainMethod {
+    /// Domain-specific adaptation: a LoRA on a frozen base.
+    Dsa,
+    /// The base model's own weights.
+    Base,
+}
+
+/// Where the cases come from.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DataSpec {
+    /// Case files (JSON Lines), resolved against the recipe.
+    pub files: Vec<PathBuf>,
+    /// Or the synthetic generator's (seed, train, validation, test) per specialty.
+    pub synthetic: Option<(u64, usize, usize, usize)>,
+    /// Keep only these specialties (empty: all).
+    pub specialties: Vec<String>,
+    /// The completion each case trains on.
+    pub completion: CompletionKind,
+}
+
+/// The completion a case trains on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CompletionKind {
+    /// The reasoning and the answer.
+    Full,
+    /// The findings only, then an answer drawn at random from the seed and the case id: the
+    /// language and the format of the cases without their rules.
+    Format,
+}
+
+/// The adapter a DSA recipe trains.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoraRecipe {
+    /// Rank.
+    pub r: usize,
+    /// `lora_alpha`.
+    pub alpha: f64,
+    /// Dropout on the LoRA input.
+    pub dropout: f64,
+    /// Target modules (`q_proj`, ... or `all-linear`).
+    pub target_modules: Vec<String>,
+    /// Scale by α/√r.
+    pub use_rslora: bool,
+}
+
+/// Optimizer and schedule settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OptimRecipe {
+    /// Peak learning rate.
+    pub lr: f64,
+    /// Adam's β₁, β₂.
+    pub betas: (f64, f64),
+    /// Adam's ε.
+    pub eps: f64,
+    /// Decoupled weight decay.
+    pub weight_decay: f64,
+    /// Global gradient-norm clip (0: none).
+    pub max_grad_norm: f64,
+    /// Linear warmup steps.
+    pub warmup_steps: usize,
+    /// Decay after warmup.
+    pub decay: Decay,
+    /// Floor of the decay, as a share of `lr`.
+    pub min_lr_ratio: f64,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Wire {
+    train: WireTrain,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WireTrain {
+    method: TrainMethod,
+    base: String,
+    registry: Option<String>,
+    specialty: Option<String>,
+    #[serde(default)]
+    seed: u64,
+    #[serde(default = "one")]
+    epochs: usize,
+    max_steps: Option<usize>,
+    #[serde(default = "eight")]
+    batch_size: usize,
+    #[serde(default = "one")]
+    grad_accum: usize,
+    #[serde(default)]
+    checkpoint_every: usize,
+    data: WireData,
+    lora: Option<WireLora>,
+    #[serde(default)]
+    optim: WireOptim,
+}
+
+fn one() -> usize {
+    1
+}
+
+fn eight() -> usize {
+    8
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WireData {
+    #[serde(default)]
+    files: Vec<String>,
+    synthetic: Option<WireSynthetic>,
+    #[serde(default)]
+    specialties: Vec<String>,
+    #[serde(default = "full")]
+    completion: CompletionKind,
+}
+
+fn full() -> CompletionKind {
+    CompletionKind::Full
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WireSynthetic {
+    #[serde(default)]
+    seed: u64,
+    train: usize,
+    #[serde(default)]
+    validation: usize,
+    #[serde(default)]
+    test: usize,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WireLora {
+    r: usize,
+    alpha: f64,
+    #[serde(default)]
+    dropout: f64,
+    target_modules: Vec<String>,
+    #[serde(default)]
+    use_rslora: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct WireOptim {
+    lr: f64,
+    betas: [f64; 2],
+    eps: f64,
+    weight_decay: f64,
+    max_grad_norm: f64,
+    warmup_steps: usize,
+    decay: Decay,
+    min_lr_ratio: f64,
+}
+
+impl Default for WireOptim {
+    fn default() -> Self {
+        WireOptim {
+            lr: 2e-4,
+            betas: [0.9, 0.999],
+            eps: 1e-8,
+            weight_decay: 0.0,
+            max_grad_norm: 1.0,
+            warmup_steps: 0,
+            decay: Decay::Cosine,
+            min_lr_ratio: 0.0,
+        }
+    }
+}
+
+impl TrainRecipe {
+    /// Reads and checks a training recipe.
+    pub fn load(path: &Path) -> Result<TrainRecipe> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let fail = |message: String| Error::Recipe {
+            path: path.to_path_buf(),
+            message,
+        };
+        let wire: Wire = toml::from_str(&text).map_err(|e| fail(e.to_string()))?;
+        let t = wire.train;
+        let dir = path.parent().unwrap_or(Path::new("."));
+        let relative = |p: &str| dir.join(p);
+        let base = if t.base.starts_with("registry:") || t.base.starts_with("blake3:") {
+            t.base.clone()
+        } else {
+            relative(&t.base).display().to_string()
+        };
+        if t.batch_size == 0 || t.grad_accum == 0 || t.epochs == 0 {
+            return Err(fail(
+                "`batch_size`, `grad_accum` and `epochs` must be positive".into(),
+            ));
+        }
+        let data = DataSpec {
+            files: t.data.files.iter().map(|f| relative(f)).collect(),
+            synthetic: t
+                .data
+                .synthetic
+                .map(|s| (s.seed, s.train, s.validation, s.test)),
+            specialties: t.data.specialties,
+            completion: t.data.completion,
+        };
+        if data.files.is_empty() == data.synthetic.is_none() {
+            return Err(fail(
+                "`[train.data]` needs either `files` or `synthetic`, not both".into(),
+            ));
+        }
+        let lora = t.lora.map(|l| LoraRecipe {
+            r: l.r,
+            alpha: l.alpha,
+            dropout: l.dropout,
+            target_modules: l.target_modules,
+            use_rslora: l.use_rslora,
+        });
+        match (t.method, &lora) {
+            (TrainMethod::Dsa, None) => {
+                return Err(fail("method `dsa` needs a `[train.lora]` table".into()))
+            }
+            (TrainMethod::Base, Some(_)) => {
+                return Err(fail(
+                    "method `base` trains the model's own weights: remove `[train.lora]`".into(),
+                ))
+            }
+            _ => {}
+        }
+        let o = t.optim;
+        let valid = o.lr > 0.0
+            && o.lr.is_finite()
+            && (0.0..1.0).contains(&o.betas[0])
+            && (0.0..1.0).contains(&o.betas[1]);
+        if !valid {
+            return Err(fail(
+                "`[train.optim]`: `lr` must be positive and each of `betas` in [0, 1)".into(),
+            ));
+        }
+        Ok(TrainRecipe {
+            path: path.to_path_buf(),
+            text,
+            method: t.method,
+            base,
+            registry: t.registry.map(|r| relative(&r)),
+            specialty: t.specialty,
+            seed: t.seed,
+            epochs: t.epochs,
+            max_steps: t.max_steps,
+            batch_size: t.batch_size,
+            grad_accum: t.grad_accum,
+            checkpoint_every: t.checkpoint_every,
+            data,
+            lora,
+            optim: OptimRecipe {
+                lr: o.lr,
+                betas: (o.betas[0], o.betas[1]),
+                eps: o.eps,
+                weight_decay: o.weight_decay,
+                max_grad_norm: o.max_grad_norm,
+                warmup_steps: o.warmup_steps,
+                decay: o.decay,
+                min_lr_ratio: o.min_lr_ratio,
+            },
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(text: &str) -> Result<TrainRecipe> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("r.toml");
+        std::fs::write(&path, text).unwrap();
+        TrainRecipe::load(&path)
+    }
+
+    const MINIMAL: &str = "[train]\nmethod = \"dsa\"\nbase = \"base\"\n[train.data]\nsynthetic = { train = 10 }\n[train.lora]\nr = 4\nalpha = 8\ntarget_modules = [\"q_proj\"]\n";
+
+    #[test]
+    fn a_minimal_recipe_takes_the_defaults() {
+        let r = load(MINIMAL).unwrap();
+        assert_eq!(r.method, TrainMethod::Dsa);
+        assert!(r.base.ends_with("base"));
+        assert_eq!((r.epochs, r.batch_size, r.grad_accum), (1, 8, 1));
+        assert_eq!(r.data.synthetic, Some((0, 10, 0, 0)));
+        assert_eq!(r.optim.lr, 2e-4);
+        assert_eq!(r.lora.unwrap().r, 4);
+    }
+
+    #[test]
+    fn bad_recipes_name_what_is_wrong() {
+        let no_lora = MINIMAL.split("[train.lora]").next().unwrap();
+        assert!(load(no_lora)
+            .unwrap_err()
+            .to_string()
+            .contains("`[train.lora]`"));
+        let unknown = MINIMAL
+            .replace("seed", "sed")
+            .replace("[train]\n", "[train]\nlearning_rate = 1\n");
+        assert!(load(&unknown)
+            .unwrap_err()
+            .to_string()
+            .contains("learning_rate"));
+        let both = MINIMAL.replace("synthetic", "files = [\"a\"]\nsynthetic");
+        assert!(load(&both).unwrap_err().to_string().contains("not both"));
+        let zero = MINIMAL.replace("[train.data]", "batch_size = 0\n[train.data]");
+        assert!(load(&zero).unwrap_err().to_string().contains("batch_size"));
+    }
+}

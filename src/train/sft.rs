@@ -1,0 +1,313 @@
+//! Supervised fine-tuning (DSA, DESIGN.md §7): the loss on the completion only, AdamW with
+//! f32 moments, global-norm clipping, warmup and cosine decay, gradient accumulation,
+//! checkpoints every N steps and resume from the latest, and a JSON Lines metrics log.
+//!
+//! The data order is a function of the seed and the step (epoch `e` is the permutation drawn
+//! from `(seed, e)`), so a resumed run sees exactly the batches the uninterrupted run would
+//! have: resuming needs the adapter, the optimizer's moments and the step, all in the
+//! checkpoint.
+
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor, Var};
+use serde::Serialize;
+
+use super::batch::{summed_nll, Batch, Example};
+use super::checkpoint::{latest_checkpoint, load_checkpoint, save_checkpoint, TrainerState};
+use super::model::{candle, CausalLm, LoraSpec};
+use super::optim::{clip_factor, AdamW, AdamWConfig};
+use super::recipe::{TrainMethod, TrainRecipe};
+use super::rng::SplitMix;
+use super::schedule::Schedule;
+use super::tokenizer::Tokenizer;
+use super::Case;
+use crate::error::{Error, Result};
+
+/// One optimizer step's figures, as written to `metrics.jsonl`.
+#[derive(Debug, Clone, Serialize)]
+pub struct StepMetrics {
+    /// Optimizer steps done (1-based).
+    pub step: usize,
+    /// All optimizer steps of the run.
+    pub total_steps: usize,
+    /// The epoch the step's batches came from (0-based).
+    pub epoch: usize,
+    /// Mean negative log-likelihood per completion token over the step.
+    pub loss: f64,
+    /// The learning rate of the step.
+    pub lr: f64,
+    /// The gradients' global L2 norm before clipping.
+    pub grad_norm: f64,
+    /// Input tokens of the step.
+    pub tokens: usize,
+    /// Input tokens per second since the run (or the resume) started.
+    pub tokens_per_second: f64,
+    /// Seconds since the run (or the resume) started.
+    pub elapsed: f64,
+}
+
+/// What a training run did.
+#[derive(Debug, Clone)]
+pub struct TrainSummary {
+    /// Where the adapter (or model) was written.
+    pub output: PathBuf,
+    /// Optimizer steps run in this call.
+    pub steps: usize,
+    /// The step the run resumed from (0 for a fresh run).
+    pub resumed_from: usize,
+    /// The last step's loss.
+    pub final_loss: f64,
+    /// Input tokens per second over this call.
+    pub tokens_per_second: f64,
+    /// Training examples.
+    pub examples: usize,
+}
+
+/// Trains what the recipe says on `cases` from the model in `base_dir`, writing the result
+/// (a PEFT adapter for `dsa`), `metrics.jsonl` and `checkpoints/` into `output`. With
+/// `resume`, continues from the latest checkpoint in `output`. `on_step` sees every step.
+pub fn train(
+    recipe: &TrainRecipe,
+    base_dir: &Path,
+    base_name: &str,
+    cases: &[Case],
+    output: &Path,
+    resume: bool,
+    on_step: &mut dyn FnMut(&StepMetrics),
+) -> Result<TrainSummary> {
+    if recipe.method != TrainMethod::Dsa {
+        return Err(Error::Recipe {
+            path: recipe.path.clone(),
+            message: "this trainer trains LoRA adapters (`method = \"dsa\"`)".into(),
+        });
+    }
+    let lora = recipe.lora.as_ref().ok_or_else(|| Error::Recipe {
+        path: recipe.path.clone(),
+        message: "method `dsa` needs a `[train.lora]` table".into(),
+    })?;
+    let device = Device::Cpu;
+    let tokenizer = Tokenizer::load(base_dir)?;
+    let spec = LoraSpec {
+        r: lora.r,
+        alpha: lora.alpha,
+        dropout: lora.dropout,
+        use_rslora: lora.use_rslora,
+        target_modules: lora.target_modules.clone(),
+        seed: recipe.seed,
+    };
+    let mut model = CausalLm::load(base_dir, Some(&spec), DType::F32, &device)?;
+    tokenizer.check_vocab(model.config())?;
+    let examples = encode(&tokenizer, &model, cases, recipe)?;
+    if examples.is_empty() {
+        return Err(Error::Recipe {
+            path: recipe.path.clone(),
+            message: "no training case left after the specialty filter".into(),
+        });
+    }
+    let pad = model
+        .config()
+        .pad_token_id
+        .or(model.config().eos_token_ids.first().copied())
+        .unwrap_or(0);
+
+    let micro_per_epoch = examples.len().div_ceil(recipe.batch_size);
+    let steps_per_epoch = micro_per_epoch.div_ceil(recipe.grad_accum);
+    let mut total = recipe.epochs * steps_per_epoch;
+    if let Some(max) = recipe.max_steps {
+        total = total.min(max);
+    }
+    let schedule = Schedule {
+        lr: recipe.optim.lr,
+        warmup: recipe.optim.warmup_steps,
+        total,
+        decay: recipe.optim.decay,
+        min_lr_ratio: recipe.optim.min_lr_ratio,
+    };
+    let recipe_digest = blake3::hash(recipe.text.as_bytes()).to_hex().to_string();
+
+    std::fs::create_dir_all(output).map_err(|e| Error::io(output, e))?;
+    let checkpoints = output.join("checkpoints");
+    let mut start_step = 0;
+    let mut restored = None;
+    if resume {
+        if let Some(dir) = latest_checkpoint(&checkpoints)? {
+            let (state, moments) = load_checkpoint(&dir, &device)?;
+            if state.recipe_digest != recipe_digest {
+                return Err(Error::Recipe {
+                    path: recipe.path.clone(),
+                    message: format!(
+                        "`{}` was saved by another recipe (its text changed): train into a new output directory",
+                        dir.display()
+                    ),
+                });
+            }
+            model.load_adapter(&dir)?;
+            start_step = state.step;
+            restored = Some((moments, state.step as u64));
+        }
+    }
+    let config = AdamWConfig {
+        betas: recipe.optim.betas,
+        eps: recipe.optim.eps,
+        weight_decay: recipe.optim.weight_decay,
+    };
+    let mut optimizer = AdamW::new(model.lora_vars(), config)?;
+    if let Some((moments, steps)) = restored {
+        optimizer.restore(&moments, steps)?;
+    }
+    let vars: Vec<Var> = optimizer.vars().map(|(_, v)| v.clone()).collect();
+
+    let metrics_path = output.join("metrics.jsonl");
+    let mut metrics = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&metrics_path)
+        .map_err(|e| Error::io(&metrics_path, e))?;
+    model.set_training(true);
+    let started = Instant::now();
+    let (mut seen_tokens, mut last_loss) = (0usize, f64::NAN);
+    for step in start_step..total {
+        let micro: Vec<usize> = (0..recipe.grad_accum)
+            .map(|i| step * recipe.grad_accum + i)
+            .filter(|&m| m < recipe.epochs * micro_per_epoch)
+            .collect();
+        let batches: Vec<Vec<&Example>> = micro
+            .iter()
+            .map(|&m| micro_batch(&examples, recipe, m, micro_per_epoch))
+            .collect();
+        let step_targets: usize = batches
+            .iter()
+            .flatten()
+            .map(|e| e.target_tokens())
+            .sum::<usize>()
+            .max(1);
+        let mut grads: Vec<Option<Tensor>> = vec![None; vars.len()];
+        let (mut nll, mut tokens) = (0f64, 0usize);
+        for examples in &batches {
+            let batch = Batch::new(examples, pad, &device)?;
+            let logits = model.forward(&batch.inputs, Some(&batch.attention), None)?;
+            let summed = summed_nll(&logits, &batch)?;
+            nll += f64::from(summed.to_scalar::<f32>().map_err(candle("loss"))?);
+            tokens += batch.tokens;
+            let scaled = (summed / step_targets as f64).map_err(candle("loss"))?;
+            let store = scaled.backward().map_err(candle("backward"))?;
+            for (slot, var) in grads.iter_mut().zip(&vars) {
+                let Some(g) = store.get(var.as_tensor()) else {
+                    continue;
+                };
+                *slot = Some(match slot.take() {
+                    Some(sum) => (sum + g).map_err(candle("gradient accumulation"))?,
+                    None => g.clone(),
+                });
+            }
+        }
+        let grads: Vec<Tensor> = grads
+            .into_iter()
+            .zip(&vars)
+            .map(|(g, v)| match g {
+                Some(g) => Ok(g),
+                None => v.as_tensor().zeros_like().map_err(candle("zero gradient")),
+            })
+            .collect::<Result<_>>()?;
+        let (grad_norm, factor) = clip_factor(&grads, recipe.optim.max_grad_norm)?;
+        let grads = if factor < 1.0 {
+            grads
+                .iter()
+                .map(|g| (g * factor).map_err(candle("clipping")))
+                .collect::<Result<Vec<_>>>()?
+        } else {
+            grads
+        };
+        let lr = schedule.at(step);
+        optimizer.step(&grads, lr)?;
+        seen_tokens += tokens;
+        last_loss = nll / step_targets as f64;
+        let elapsed = started.elapsed().as_secs_f64();
+        let m = StepMetrics {
+            step: step + 1,
+            total_steps: total,
+            epoch: micro.first().map_or(0, |&m| m / micro_per_epoch),
+            loss: last_loss,
+            lr,
+            grad_norm,
+            tokens,
+            tokens_per_second: seen_tokens as f64 / elapsed.max(1e-9),
+            elapsed,
+        };
+        let line = serde_json::to_string(&m).expect("metrics serialise");
+        writeln!(metrics, "{line}").map_err(|e| Error::io(&metrics_path, e))?;
+        on_step(&m);
+        let done = step + 1;
+        if recipe.checkpoint_every > 0 && done % recipe.checkpoint_every == 0 && done < total {
+            let state = TrainerState {
+                step: done,
+                total_steps: total,
+                seed: recipe.seed,
+                recipe_digest: recipe_digest.clone(),
+                loss: last_loss,
+            };
+            save_checkpoint(&checkpoints, &model, base_name, &optimizer, &state)?;
+        }
+    }
+    metrics
+        .sync_all()
+        .map_err(|e| Error::io(&metrics_path, e))?;
+    model.set_training(false);
+    model.save_adapter(output, base_name)?;
+    let elapsed = started.elapsed().as_secs_f64();
+    Ok(TrainSummary {
+        output: output.to_path_buf(),
+        steps: total - start_step,
+        resumed_from: start_step,
+        final_loss: last_loss,
+        tokens_per_second: seen_tokens as f64 / elapsed.max(1e-9),
+        examples: examples.len(),
+    })
+}
+
+/// The examples of micro-batch `m` (counted over all epochs): epoch `m / per_epoch` in the
+/// order drawn from `(seed, epoch)`.
+fn micro_batch<'a>(
+    examples: &'a [Example],
+    recipe: &TrainRecipe,
+    m: usize,
+    per_epoch: usize,
+) -> Vec<&'a Example> {
+    let (epoch, index) = (m / per_epoch, m % per_epoch);
+    let mut order: Vec<usize> = (0..examples.len()).collect();
+    SplitMix::derive(recipe.seed, &[0x6461_7461, epoch as u64]).shuffle(&mut order);
+    order
+        .iter()
+        .skip(index * recipe.batch_size)
+        .take(recipe.batch_size)
+        .map(|&i| &examples[i])
+        .collect()
+}
+
+/// Tokenizes each case as `<bos> prompt completion <eos>`.
+fn encode(
+    tokenizer: &Tokenizer,
+    model: &CausalLm,
+    cases: &[Case],
+    recipe: &TrainRecipe,
+) -> Result<Vec<Example>> {
+    let config = model.config();
+    let eos = *config.eos_token_ids.first().ok_or_else(|| Error::Model {
+        path: model.dir().join("config.json"),
+        message: "no `eos_token_id`: the trainer ends every example with it".into(),
+    })?;
+    cases
+        .iter()
+        .map(|case| {
+            let completion = match recipe.data.completion {
+                super::recipe::CompletionKind::Full => case.completion(),
+                super::recipe::CompletionKind::Format => case.format_completion(recipe.seed),
+            };
+            let prompt = tokenizer.encode(&case.prompt(), false)?;
+            let completion = tokenizer.encode(&completion, false)?;
+            Ok(Example::new(config.bos_token_id, &prompt, &completion, eos))
+        })
+        .collect()
+}
