@@ -153,6 +153,24 @@ fn gpu_masks_match_the_cpu_bit_for_bit() {
 }
 
 #[test]
+fn gpu_della_masks_match_the_cpu_bit_for_bit() {
+    let Some(gpu) = gpu() else { return };
+    for n in sizes() {
+        let rng = mmx::merge::rng::MaskRng::new(9, "model.layers.0.mlp.down_proj.weight", 2);
+        // Probabilities spread over (0, 1), as DELLA's ranks give them.
+        let probability: Vec<f32> = (0..n)
+            .map(|i| 0.1 + 0.8 * (i % 1000) as f32 / 999.0)
+            .collect();
+        let first = 777u64;
+        let got = gpu.della_mask(rng.key(), first, &probability).unwrap();
+        let differing = (0..n)
+            .filter(|&i| (got[i] == 1) != (rng.uniform(first + i as u64) < probability[i]))
+            .count();
+        assert_eq!(differing, 0, "n {n}");
+    }
+}
+
+#[test]
 fn gpu_thresholds_keep_what_the_cpu_keeps() {
     let Some(gpu) = gpu() else { return };
     for n in sizes() {

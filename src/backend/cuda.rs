@@ -23,16 +23,46 @@ pub const KERNELS: &[(&str, &str)] = &[
 /// The PTX target: Turing and newer (f64 atomics; NVRTC 12.9 deprecates older); newer GPUs JIT it.
 const ARCH: &str = "compute_75";
 
+/// A CUDA library the backend uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Library {
+    /// libcuda, the driver.
+    Driver,
+    /// libnvrtc, the run-time compiler.
+    Nvrtc,
+    /// libcublas.
+    Cublas,
+}
+
+/// Whether `library` can be used. The default build loads it at run time (cudarc's dynamic
+/// loading), so this asks whether it can be opened. With the `cuda` feature, candle's CUDA
+/// backend makes cudarc link the libraries at build time: a binary that starts has them.
+/// The one place that depends on the feature.
+pub fn library_present(library: Library) -> bool {
+    #[cfg(not(feature = "cuda"))]
+    // SAFETY: each call only tries to open the library by its usual names.
+    unsafe {
+        match library {
+            Library::Driver => cudarc::driver::sys::is_culib_present(),
+            Library::Nvrtc => cudarc::nvrtc::sys::is_culib_present(),
+            Library::Cublas => cudarc::cublas::sys::is_culib_present(),
+        }
+    }
+    #[cfg(feature = "cuda")]
+    {
+        let _ = library;
+        true
+    }
+}
+
 /// Whether libcuda can be loaded.
 pub fn driver_present() -> bool {
-    // SAFETY: only tries to dlopen the library by its usual names.
-    unsafe { cudarc::driver::sys::is_culib_present() }
+    library_present(Library::Driver)
 }
 
 /// Whether NVRTC can be loaded.
 pub fn nvrtc_present() -> bool {
-    // SAFETY: as above.
-    unsafe { cudarc::nvrtc::sys::is_culib_present() }
+    library_present(Library::Nvrtc)
 }
 
 /// The driver's CUDA version, `major.minor`.

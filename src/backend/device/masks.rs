@@ -23,4 +23,23 @@ impl Gpu {
         unsafe { launch.launch(grid(count)) }.map_err(|e| device_error("dare_mask", e))?;
         self.download(&keep, n)
     }
+
+    /// DELLA's keep mask of elements `first..first + n`, each with its own keep probability
+    /// (ranked on the host), as `crate::merge::sparsify::della_at` draws it.
+    pub fn della_mask(&self, key: u64, first: u64, probability: &[f32]) -> Result<Vec<u8>> {
+        let n = probability.len();
+        let mut keep = self.zeros::<u8>(n)?;
+        let probability = self.upload(probability)?;
+        let count = n as u64;
+        let mut launch = self.stream.launch_builder(self.function("della_mask")?);
+        launch
+            .arg(&mut keep)
+            .arg(&key)
+            .arg(&first)
+            .arg(&probability)
+            .arg(&count);
+        // SAFETY: arguments as in cuda/masks.cu; `keep` and `probability` hold `n` values.
+        unsafe { launch.launch(grid(count)) }.map_err(|e| device_error("della_mask", e))?;
+        self.download(&keep, n)
+    }
 }

@@ -167,8 +167,7 @@ impl Gpu {
     fn blas(&self) -> Result<&CudaBlas> {
         self.blas
             .get_or_init(|| {
-                // SAFETY: only tries to dlopen the library by its usual names.
-                if !unsafe { cudarc::cublas::sys::is_culib_present() } {
+                if !super::cuda::library_present(super::cuda::Library::Cublas) {
                     return Err("cuBLAS (libcublas) is not installed".to_string());
                 }
                 CudaBlas::new(self.stream.clone()).map_err(|e| format!("cuBLAS: {e:?}"))
