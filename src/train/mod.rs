@@ -21,6 +21,8 @@
 pub mod batch;
 pub mod case;
 pub mod checkpoint;
+pub mod eval;
+pub mod init;
 pub mod model;
 pub mod optim;
 pub mod prompt;

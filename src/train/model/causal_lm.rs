@@ -35,6 +35,8 @@ pub struct CausalLm {
     lm_head: Tensor,
     rope: Rope,
     lora: Option<LoraSpec>,
+    /// With [`CausalLm::load_trainable`]: every weight as a variable, by its name.
+    weights: Vec<(String, Var)>,
     adapter_enabled: bool,
     training: bool,
     dtype: DType,
@@ -63,6 +65,22 @@ impl CausalLm {
         dtype: DType,
         device: &Device,
     ) -> Result<Self> {
+        Self::load_weights(dir, lora, dtype, device, false)
+    }
+
+    /// Loads `dir` with every weight a variable, for training the model's own weights (the
+    /// embedding is one variable however often it is used: tied heads train it once).
+    pub fn load_trainable(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
+        Self::load_weights(dir, None, dtype, device, true)
+    }
+
+    fn load_weights(
+        dir: &Path,
+        lora: Option<&LoraSpec>,
+        dtype: DType,
+        device: &Device,
+        trainable: bool,
+    ) -> Result<Self> {
         if !matches!(dtype, DType::F32 | DType::F16 | DType::BF16 | DType::F64) {
             return Err(Error::ModelInput {
                 message: format!(
@@ -73,7 +91,7 @@ impl CausalLm {
         }
         let config = ModelConfig::read(&dir.join("config.json"))?;
         let checkpoint = Checkpoint::open(dir)?;
-        let weights = Weights::new(&checkpoint, dtype, device);
+        let weights = Weights::new(&checkpoint, dtype, device, trainable);
         let (vocab, hidden) = (config.vocab_size, config.hidden_size);
         let embed = weights.get("model.embed_tokens.weight", &[vocab, hidden])?;
         let lm_head = if config.tie_word_embeddings {
@@ -136,9 +154,10 @@ impl CausalLm {
             device,
         )
         .map_err(candle("rotary tables"))?;
+        let final_norm = norm("model.norm.weight")?;
         let mut model = CausalLm {
             dir: dir.to_path_buf(),
-            norm: norm("model.norm.weight")?,
+            norm: final_norm,
             config,
             embed,
             layers,
@@ -149,6 +168,7 @@ impl CausalLm {
             training: false,
             dtype,
             device: device.clone(),
+            weights: weights.into_vars(),
         };
         if let Some(spec) = lora {
             model.attach_lora(spec)?;
@@ -265,6 +285,58 @@ impl CausalLm {
     /// An empty cache for [`forward`](Self::forward).
     pub fn new_cache(&self) -> KvCache {
         KvCache::new(self.layers.len())
+    }
+
+    /// Every weight as `(name, variable)` when loaded with [`CausalLm::load_trainable`], in
+    /// load order; empty otherwise.
+    pub fn weight_vars(&self) -> &[(String, Var)] {
+        &self.weights
+    }
+
+    /// Writes the model as a Hugging Face directory: `config.json` and the tokenizer files
+    /// copied from where it was loaded, and `model.safetensors` with every weight variable's
+    /// current values (f32). Only for a model loaded with [`CausalLm::load_trainable`].
+    pub fn save_model(&self, dir: &Path) -> Result<()> {
+        if self.weights.is_empty() {
+            return Err(Error::Output {
+                path: dir.to_path_buf(),
+                message: "only a model loaded with its weights trainable can be saved".into(),
+            });
+        }
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        for file in [
+            "config.json",
+            "tokenizer.json",
+            "tokenizer_config.json",
+            "special_tokens_map.json",
+            "generation_config.json",
+        ] {
+            let from = self.dir.join(file);
+            if from.is_file() && from != dir.join(file) {
+                let bytes = std::fs::read(&from).map_err(|e| Error::io(&from, e))?;
+                crate::tensor::write_atomic(&dir.join(file), &bytes)?;
+            }
+        }
+        let mut tensors = Vec::with_capacity(self.weights.len());
+        for (name, var) in &self.weights {
+            let t = var
+                .as_tensor()
+                .to_dtype(DType::F32)
+                .and_then(|t| t.flatten_all())
+                .and_then(|t| t.to_vec1::<f32>())
+                .map_err(candle(format!("saving `{name}`")))?;
+            let bytes: Vec<u8> = t.iter().flat_map(|v| v.to_le_bytes()).collect();
+            tensors.push((
+                crate::tensor::TensorSpec {
+                    name: name.clone(),
+                    dtype: crate::tensor::Dtype::F32,
+                    shape: var.dims().to_vec(),
+                },
+                bytes,
+            ));
+        }
+        let metadata = std::collections::BTreeMap::from([("format".to_string(), "pt".to_string())]);
+        crate::tensor::write_safetensors(&dir.join("model.safetensors"), &tensors, &metadata)
     }
 
     /// Every LoRA factor as `(PEFT key, variable)`, layer by layer in projection order, A

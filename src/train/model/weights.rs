@@ -1,20 +1,23 @@
 //! [`Weights`]: candle tensors read from safetensors through mmx's validated reader, checked
 //! against the shape the model expects and converted to the model's dtype.
 
+use std::cell::RefCell;
 use std::path::Path;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device, Tensor, Var};
 
 use super::candle;
 use crate::checkpoint::Checkpoint;
 use crate::error::{Error, Result};
 use crate::tensor::{Dtype, SafetensorsFile, TensorInfo};
 
-/// The tensors of a model directory, loaded on request.
+/// The tensors of a model directory, loaded on request; with `trainable`, each one is a
+/// variable (recorded under its name) so that training reaches every weight.
 pub(crate) struct Weights<'a> {
     checkpoint: &'a Checkpoint,
     dtype: DType,
     device: &'a Device,
+    trainable: Option<RefCell<Vec<(String, Var)>>>,
 }
 
 /// candle's dtype for a float safetensors dtype.
@@ -82,12 +85,23 @@ pub(crate) fn load_file_tensor(
 
 impl<'a> Weights<'a> {
     /// Tensors of `checkpoint`, to be converted to `dtype` on `device`.
-    pub(crate) fn new(checkpoint: &'a Checkpoint, dtype: DType, device: &'a Device) -> Self {
+    pub(crate) fn new(
+        checkpoint: &'a Checkpoint,
+        dtype: DType,
+        device: &'a Device,
+        trainable: bool,
+    ) -> Self {
         Weights {
             checkpoint,
             dtype,
             device,
+            trainable: trainable.then(|| RefCell::new(Vec::new())),
         }
+    }
+
+    /// The variables made so far (empty unless trainable), in load order.
+    pub(crate) fn into_vars(self) -> Vec<(String, Var)> {
+        self.trainable.map(RefCell::into_inner).unwrap_or_default()
     }
 
     /// Whether the checkpoint holds `name`.
@@ -104,7 +118,7 @@ impl<'a> Weights<'a> {
                 path: self.checkpoint.dir().to_path_buf(),
                 tensor: name.to_string(),
             })?;
-        load_tensor(
+        let tensor = load_tensor(
             self.checkpoint.dir(),
             name,
             info,
@@ -112,6 +126,15 @@ impl<'a> Weights<'a> {
             shape,
             self.dtype,
             self.device,
-        )
+        )?;
+        match &self.trainable {
+            None => Ok(tensor),
+            Some(vars) => {
+                let var = Var::from_tensor(&tensor).map_err(candle(name.to_string()))?;
+                vars.borrow_mut().push((name.to_string(), var.clone()));
+                // The model computes with the variable's tensor: updates reach it in place.
+                Ok(var.as_tensor().clone())
+            }
+        }
     }
 }
