@@ -156,6 +156,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 parameters: BTreeMap::new(),
                 methods: labels.iter().map(|(_, e)| e.clone()).collect(),
                 keep_outputs: false,
+                eval: None,
             };
             let options = SweepOptions {
                 shard: Shard::ALL,

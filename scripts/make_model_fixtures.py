@@ -28,6 +28,16 @@ left-padded by two pad tokens), `position_ids` [2, 7] (I64: counted from each ro
 real token, as `generate` does), `logits` (adapter disabled) and `logits_lora` (adapter on),
 both [2, 7, 256] float32. Logits at padded positions carry no meaning and are not compared.
 
+The same script checks that an adapter trained by mmx loads in PEFT and gives mmx's logits:
+
+    cargo run --release --example adapter_logits -- BASE ADAPTER /tmp/mmx-logits.safetensors
+    /tmp/ref/bin/python scripts/make_model_fixtures.py --check-adapter BASE ADAPTER \
+        /tmp/mmx-logits.safetensors
+
+(BASE and ADAPTER are directories, e.g. `mmx pull tiny-med-base:v2 -o BASE` and
+`mmx pull cardiology:v2 -o ADAPTER`.) It prints the worst relative difference and exits 1
+above 1e-4.
+
 The eager attention implementation is used so that the reference is plain matmul + softmax.
 Everything is seeded; the output depends on the library versions only.
 """
@@ -155,5 +165,29 @@ def main():
         print(f"{arch}: wrote fixtures; max |logits_lora - logits| = {delta:.4f}")
 
 
+def check_adapter(base, adapter, logits_file):
+    """Loads an mmx-trained adapter with PEFT and compares the logits with mmx's."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    saved = load_file(logits_file)
+    model = AutoModelForCausalLM.from_pretrained(
+        base, torch_dtype=torch.float32, attn_implementation="eager"
+    )
+    model = PeftModel.from_pretrained(model, adapter)
+    model.eval()
+    with torch.no_grad():
+        logits = model(input_ids=saved["input_ids"]).logits
+    ours = saved["logits"]
+    worst = ((logits - ours).abs().max() / ours.abs().max()).item()
+    print(f"PEFT loaded {adapter}: worst relative difference to mmx's logits {worst:.2e}")
+    return worst <= 1e-4
+
+
 if __name__ == "__main__":
+    import sys
+
+    if len(sys.argv) == 5 and sys.argv[1] == "--check-adapter":
+        sys.exit(0 if check_adapter(*sys.argv[2:]) else 1)
     main()

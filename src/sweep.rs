@@ -17,10 +17,18 @@ use serde_json::{json, Value};
 
 use crate::error::{Error, Result};
 use crate::merge::{merge_recipe, OutputOptions};
+use candle_core::{DType, Device};
+
 use crate::planted::{Planted, Split, SPEC_FILE};
+use crate::recipe::sweep::EvalSpec;
 use crate::recipe::sweep::{accepted_parameters, Sweep, Template, Trial};
 use crate::recipe::{native, Recipe};
 use crate::tensor::write_atomic;
+use crate::train::eval::evaluate;
+use crate::train::model::CausalLm;
+use crate::train::read_cases;
+use crate::train::source::Materialized;
+use crate::train::tokenizer::Tokenizer;
 
 /// Which part of the trials this run takes: trial `i` belongs to shard `i mod count`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -282,6 +290,54 @@ fn append(path: &Path, result: &TrialResult) -> Result<()> {
         .map_err(|e| Error::io(path, e))
 }
 
+/// How a sweep scores its merges.
+enum Scoring<'a> {
+    /// On the planted-conflict tasks.
+    Planted(&'a Planted),
+    /// By task accuracy on case files.
+    Accuracy(&'a EvalSpec),
+    /// Not at all (metrics only).
+    None,
+}
+
+/// Per-specialty accuracy of the merge in `target` on the validation and test files (in
+/// specialty order): a merged model answers itself, a merged adapter on the eval's base.
+fn accuracy(template: &Recipe, spec: &EvalSpec, target: &Path) -> Result<(Vec<f64>, Vec<f64>)> {
+    let registry = template
+        .registry
+        .clone()
+        .unwrap_or_else(|| crate::registry::registry_path(None));
+    let is_adapter = target.join("adapter_config.json").is_file();
+    let base = match (&spec.base, is_adapter) {
+        (Some(b), true) => Some(Materialized::open(b, &registry)?),
+        (None, true) => {
+            return Err(fail(
+                target,
+                "is a LoRA adapter: `[sweep.eval]` needs the `base` it applies to".to_string(),
+            ))
+        }
+        (_, false) => None,
+    };
+    let model_dir = base.as_ref().map_or(target, |b| b.dir());
+    let tokenizer = Tokenizer::load(model_dir)?;
+    let mut model = CausalLm::load(model_dir, None, DType::F32, &Device::Cpu)?;
+    if is_adapter {
+        model.load_adapter(target)?;
+    }
+    let score = |files: &[PathBuf]| -> Result<Vec<f64>> {
+        if files.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut cases = Vec::new();
+        for f in files {
+            cases.extend(read_cases(f)?);
+        }
+        let report = evaluate(&model, &tokenizer, &cases, spec.batch, spec.max_new_tokens)?;
+        Ok(report.accuracy.values().copied().collect())
+    };
+    Ok((score(&spec.validation)?, score(&spec.test)?))
+}
+
 /// Runs one trial: merge, metrics, evaluation. Errors of the trial itself are recorded in the
 /// result rather than returned.
 fn run_trial(
@@ -289,7 +345,7 @@ fn run_trial(
     trial: &Trial,
     id: &str,
     target: &Path,
-    problem: Option<&Planted>,
+    scoring: Scoring<'_>,
     options: &SweepOptions,
 ) -> TrialResult {
     let start = Instant::now();
@@ -317,13 +373,21 @@ fn run_trial(
         let merged = merge_recipe(recipe, target, &merge_options)?;
         result.sign_conflict = merged.mean_sign_conflict();
         result.retained_energy = merged.retained_by_expert().iter().cloned().collect();
-        if let Some(problem) = problem {
-            let deltas = problem.read_merged(target)?;
-            let validation = problem.score(&deltas, Split::Validation)?;
-            let test = problem.score(&deltas, Split::Test)?;
-            let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
+        let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
+        let scores = match scoring {
+            Scoring::Planted(problem) => {
+                let deltas = problem.read_merged(target)?;
+                Some((
+                    problem.score(&deltas, Split::Validation)?,
+                    problem.score(&deltas, Split::Test)?,
+                ))
+            }
+            Scoring::Accuracy(spec) => Some(accuracy(template, spec, target)?),
+            Scoring::None => None,
+        };
+        if let Some((validation, test)) = scores {
             result.validation = Some(mean(&validation));
-            result.test = Some(mean(&test));
+            result.test = (!test.is_empty()).then(|| mean(&test));
             result.by_task = Some((validation, test));
         }
         Ok(())
@@ -365,7 +429,12 @@ pub fn run_sweep(
             continue;
         }
         let target = outputs.join(&id);
-        let result = run_trial(&template, trial, &id, &target, problem.as_ref(), options);
+        let scoring = match (&problem, &sweep.eval) {
+            (Some(p), _) => Scoring::Planted(p),
+            (None, Some(spec)) => Scoring::Accuracy(spec),
+            (None, None) => Scoring::None,
+        };
+        let result = run_trial(&template, trial, &id, &target, scoring, options);
         if !sweep.keep_outputs && target.exists() {
             std::fs::remove_dir_all(&target).map_err(|e| Error::io(&target, e))?;
         }

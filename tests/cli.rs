@@ -469,18 +469,32 @@ fn streamed_tensors_merge_like_whole_ones_under_a_tight_budget() {
     );
 }
 
-/// `mmx conflicts` on the quickstart: the bundled adapters were built so that cardiology and
-/// pathology share a direction that radiology and dermatology oppose.
+/// The quickstart recipe over the bundled registry's `v1` adapters (examples/adapters, built
+/// with planted sign conflicts) instead of the trained `v2` ones, written into `dir`.
+fn planted_quickstart(dir: &Path) -> std::path::PathBuf {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let text = std::fs::read_to_string(root.join("recipes/quickstart.toml")).unwrap();
+    let registry = format!("registry = \"{}\"", root.join("registry").display());
+    let text = text
+        .replace(":v2\"", ":v1\"")
+        .replace("registry = \"../registry\"", &registry);
+    let path = dir.join("planted-quickstart.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// `mmx conflicts` on the quickstart over the example adapters: they were built so that
+/// cardiology and pathology share a direction that radiology and dermatology oppose.
 #[test]
 fn conflicts_report_the_bundled_experts_disagreements() {
     let work = tempfile::tempdir().unwrap();
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let recipe = planted_quickstart(work.path());
     let json = work.path().join("conflicts.json");
     // A bare file name: written into the working directory.
     let out = mmx(
         &[
             "conflicts",
-            root.join("recipes/quickstart.toml").to_str().unwrap(),
+            recipe.to_str().unwrap(),
             "--json",
             "conflicts.json",
         ],
@@ -516,7 +530,7 @@ fn conflicts_report_the_bundled_experts_disagreements() {
 fn conflicts_of_adapters_match_their_recipe_and_report_the_energy_kept() {
     let work = tempfile::tempdir().unwrap();
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let recipe = root.join("recipes/quickstart.toml");
+    let recipe = planted_quickstart(work.path());
     let adapters: Vec<String> = ["cardiology", "radiology", "pathology", "dermatology"]
         .iter()
         .map(|a| root.join("examples/adapters").join(a).display().to_string())

@@ -50,6 +50,10 @@ pub struct GenerateArgs {
     /// Test cases per specialty.
     #[arg(long, value_name = "N", default_value_t = 100)]
     test: usize,
+    /// Shuffle each case's options (by default each specialty lists its diagnoses in one fixed
+    /// order; the cases are the same either way).
+    #[arg(long)]
+    shuffle_options: bool,
     /// Overwrite case files and a README already in DIR.
     #[arg(long)]
     force: bool,
@@ -77,6 +81,7 @@ fn run_generate(args: GenerateArgs) -> anyhow::Result<ExitCode> {
         per_specialty: args.train,
         validation: args.validation,
         test: args.test,
+        shuffle_options: args.shuffle_options,
     };
     let splits = generate(&spec)?;
     let readme = args.output.join("README.md");
@@ -131,12 +136,17 @@ fn run_generate(args: GenerateArgs) -> anyhow::Result<ExitCode> {
 /// The command that makes these files, as a person would type it.
 fn command_line(args: &GenerateArgs) -> String {
     format!(
-        "mmx data generate -o {} --seed {} --train {} --validation {} --test {}",
+        "mmx data generate -o {} --seed {} --train {} --validation {} --test {}{}",
         shell_word(&args.output.display().to_string()),
         args.seed,
         args.train,
         args.validation,
-        args.test
+        args.test,
+        if args.shuffle_options {
+            " --shuffle-options"
+        } else {
+            ""
+        }
     )
 }
 
@@ -171,13 +181,18 @@ fn readme_text(args: &GenerateArgs) -> String {
          (`id`, `specialty`, `question`, `options`, `answer`, `reasoning`, `synthetic`); per \
          specialty {} train, {} validation and {} test cases, the four diagnoses equally \
          frequent (to within one case). No question appears twice, in one file or across \
-         files. `mmx data check FILE...` validates them.\n",
+         files. `mmx data check FILE...` validates them. {}\n",
         env!("CARGO_PKG_VERSION"),
         args.seed,
         command_line(args),
         args.train,
         args.validation,
-        args.test
+        args.test,
+        if args.shuffle_options {
+            "Each case lists its options in its own shuffled order."
+        } else {
+            "Each specialty lists its options in the order below in every case."
+        }
     );
     text.push_str("\n## Rules\n");
     for specialty in Specialty::ALL {

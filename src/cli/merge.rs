@@ -9,7 +9,7 @@ use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
 
-use super::{choose_device, default_max_memory, human_bytes, parse_size, Device};
+use super::{choose_device, default_max_memory, human_bytes, output_dir, parse_size, Device};
 use crate::backend::Backend;
 use crate::merge::lora_native::{merges_adapters, LoraMerge};
 use crate::merge::{check_target, write_merge, OutputOptions, Plan};
@@ -74,13 +74,7 @@ pub fn run(args: MergeArgs) -> anyhow::Result<ExitCode> {
     if let Some(seed) = args.seed {
         recipe.seed = seed;
     }
-    let output = args.output.clone().unwrap_or_else(|| {
-        let stem = args
-            .recipe
-            .file_stem()
-            .map_or("merge".into(), |s| s.to_string_lossy().into_owned());
-        PathBuf::from("out").join(stem)
-    });
+    let output = output_dir(args.output.as_deref(), &args.recipe, "merge");
     if merges_adapters(&recipe) {
         return run_lora_native(recipe, &output, &args, backend);
     }

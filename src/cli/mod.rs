@@ -3,9 +3,11 @@
 mod conflicts;
 mod data;
 mod doctor;
+mod eval;
 mod merge;
 mod registry;
 mod sweep;
+mod train;
 
 use std::process::ExitCode;
 
@@ -51,6 +53,10 @@ enum Command {
     Doctor(doctor::DoctorArgs),
     /// Case data for the trainers: generate synthetic cases, check case files.
     Data(data::DataArgs),
+    /// Train a specialty LoRA (`dsa`) or a base model's own weights (`base`).
+    Train(train::TrainArgs),
+    /// Per-specialty accuracy of a model (with an adapter) on case files.
+    Eval(eval::EvalArgs),
 }
 
 /// Parses the process arguments and runs the command. Errors exit with code 2.
@@ -71,7 +77,23 @@ pub fn run() -> anyhow::Result<ExitCode> {
         Command::Gc(args) => registry::gc(args),
         Command::Doctor(args) => doctor::run(args),
         Command::Data(args) => data::run(args),
+        Command::Train(args) => train::run(args),
+        Command::Eval(args) => eval::run(args),
     }
+}
+
+/// `-o OUT` if given, else `out/<the input file's stem>` (`out/<fallback>` without one).
+fn output_dir(
+    flag: Option<&std::path::Path>,
+    input: &std::path::Path,
+    fallback: &str,
+) -> std::path::PathBuf {
+    flag.map(std::path::Path::to_path_buf).unwrap_or_else(|| {
+        let stem = input
+            .file_stem()
+            .map_or(fallback.into(), |s| s.to_string_lossy().into_owned());
+        std::path::PathBuf::from("out").join(stem)
+    })
 }
 
 /// Where the arithmetic runs (`--device`).

@@ -48,13 +48,7 @@ fn line(result: &TrialResult) -> String {
 /// Runs `mmx sweep`.
 pub fn run(args: SweepArgs) -> anyhow::Result<ExitCode> {
     let sweep = Sweep::load(&args.sweep)?;
-    let output = args.output.clone().unwrap_or_else(|| {
-        let stem = args
-            .sweep
-            .file_stem()
-            .map_or("sweep".into(), |s| s.to_string_lossy().into_owned());
-        PathBuf::from("out").join(stem)
-    });
+    let output = super::output_dir(args.output.as_deref(), &args.sweep, "sweep");
     let options = SweepOptions {
         shard: args.shard.unwrap_or(Shard::ALL),
         resume: args.resume,

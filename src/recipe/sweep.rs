@@ -103,6 +103,44 @@ pub struct Sweep {
     pub methods: Vec<MethodEntry>,
     /// Keep every trial's merged output (by default only the metrics are kept).
     pub keep_outputs: bool,
+    /// Score every merge by task accuracy (`[sweep.eval]`).
+    pub eval: Option<EvalSpec>,
+}
+
+/// `[sweep.eval]`: each merge is scored by the accuracy of its greedy answers on case files
+/// (`mmx eval`): the mean over specialties on `validation`, and on `test`.
+///
+/// ```toml
+/// [sweep.eval]
+/// base = "registry:tiny-med-base:v1"  # the model a LoRA output applies to (full outputs: unused)
+/// validation = ["../data/cardiology/validation.jsonl", "..."]
+/// test = ["../data/cardiology/test.jsonl", "..."]
+/// ```
+#[derive(Debug, Clone, PartialEq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EvalSpec {
+    /// The base model of LoRA outputs: a directory (relative to the sweep file) or a
+    /// registry reference.
+    pub base: Option<String>,
+    /// Validation case files (relative to the sweep file).
+    pub validation: Vec<PathBuf>,
+    /// Test case files.
+    #[serde(default)]
+    pub test: Vec<PathBuf>,
+    /// Prompts answered together.
+    #[serde(default = "default_eval_batch")]
+    pub batch: usize,
+    /// The longest answer, in tokens.
+    #[serde(default = "default_eval_tokens")]
+    pub max_new_tokens: usize,
+}
+
+fn default_eval_batch() -> usize {
+    32
+}
+
+fn default_eval_tokens() -> usize {
+    96
 }
 
 /// One merge of a sweep.
@@ -168,7 +206,8 @@ pub fn accepted_parameters(method: &str) -> Option<Vec<&'static str>> {
     Some(names)
 }
 
-const SWEEP_KEYS: [&str; 8] = [
+const SWEEP_KEYS: [&str; 9] = [
+    "eval",
     "recipe",
     "planted",
     "search",
@@ -300,6 +339,23 @@ impl Sweep {
                 )))
             }
         };
+        let eval = match sweep.get("eval") {
+            None => None,
+            Some(v) => {
+                let mut spec: EvalSpec = serde_json::from_value(v.clone())
+                    .map_err(|e| fail(format!("`sweep.eval`: {e}")))?;
+                spec.validation = spec.validation.iter().map(|p| root.join(p)).collect();
+                spec.test = spec.test.iter().map(|p| root.join(p)).collect();
+                spec.base = spec.base.map(|b| {
+                    if b.starts_with("registry:") || b.starts_with("blake3:") {
+                        b
+                    } else {
+                        root.join(b).display().to_string()
+                    }
+                });
+                Some(spec)
+            }
+        };
         let parsed = Sweep {
             path: path.to_path_buf(),
             template,
@@ -307,6 +363,7 @@ impl Sweep {
             parameters,
             methods,
             keep_outputs,
+            eval,
         };
         parsed.check()?;
         Ok(parsed)

@@ -1,4 +1,5 @@
-//! Training checkpoints: `checkpoints/step-NNNNNN/` holds the adapter (PEFT files), the
+//! Training checkpoints: `checkpoints/step-NNNNNN/` holds the adapter (PEFT files; the whole
+//! model for a `base` run), the
 //! optimizer's moments (`optimizer.safetensors`) and `trainer_state.json` (step, seed, the
 //! recipe's digest). Written into a temporary directory and renamed into place, so a killed
 //! run leaves whole checkpoints only; resume takes the latest.
@@ -11,6 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use super::model::{candle, CausalLm};
 use super::optim::AdamW;
+use super::recipe::TrainMethod;
 use crate::error::{Error, Result};
 use crate::tensor::{sync_dir, write_atomic};
 
@@ -36,6 +38,7 @@ const OPTIMIZER: &str = "optimizer.safetensors";
 pub fn save_checkpoint(
     dir: &Path,
     model: &CausalLm,
+    method: TrainMethod,
     base_name: &str,
     optimizer: &AdamW,
     state: &TrainerState,
@@ -46,7 +49,10 @@ pub fn save_checkpoint(
     if tmp.exists() {
         std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
     }
-    model.save_adapter(&tmp, base_name)?;
+    match method {
+        TrainMethod::Dsa => model.save_adapter(&tmp, base_name)?,
+        TrainMethod::Base => model.save_model(&tmp)?,
+    }
     let moments: std::collections::HashMap<String, candle_core::Tensor> =
         optimizer.state().into_iter().collect();
     let path = tmp.join(OPTIMIZER);

@@ -100,8 +100,10 @@ pub fn init_model(dir: &Path, spec: &InitSpec, seed: u64) -> Result<()> {
     };
     if spec.num_attention_heads == 0
         || spec.num_key_value_heads == 0
-        || spec.hidden_size % spec.num_attention_heads != 0
-        || spec.num_attention_heads % spec.num_key_value_heads != 0
+        || !spec.hidden_size.is_multiple_of(spec.num_attention_heads)
+        || !spec
+            .num_attention_heads
+            .is_multiple_of(spec.num_key_value_heads)
     {
         return Err(fail(format!(
             "`hidden_size` {} must divide into `num_attention_heads` {}, which must divide into `num_key_value_heads` {}",
@@ -228,6 +230,7 @@ mod tests {
             per_specialty: 20,
             validation: 0,
             test: 0,
+            shuffle_options: true,
         })
         .unwrap();
         for case in &splits.train {

@@ -6,7 +6,7 @@
 //! ```
 //! use mmx::train::{parse_answer, read_cases, synth, write_cases};
 //!
-//! let splits = synth::generate(&synth::SynthSpec { seed: 1, per_specialty: 4, validation: 0, test: 0 })?;
+//! let splits = synth::generate(&synth::SynthSpec { seed: 1, per_specialty: 4, validation: 0, test: 0, shuffle_options: true })?;
 //! let dir = std::env::temp_dir().join(format!("mmx-train-doc-{}", std::process::id()));
 //! std::fs::create_dir_all(&dir).map_err(|e| mmx::Error::io(&dir, e))?;
 //! let path = dir.join("train.jsonl");
@@ -30,6 +30,7 @@ pub mod recipe;
 mod rng;
 pub mod schedule;
 pub mod sft;
+pub mod source;
 pub mod synth;
 pub mod tokenizer;
 

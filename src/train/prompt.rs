@@ -38,10 +38,10 @@ impl Case {
         text
     }
 
-    /// The base corpus's completion: the steps that restate findings (not the rule and the
-    /// conclusion, `rule: ...` and `so: ...`), then `Answer: X` with X drawn from `seed` and
-    /// the case's id. It teaches the cases' language and format, not their rules: a model
-    /// trained on it answers at chance.
+    /// The base corpus's completion: the steps that restate findings (not the rule, `rule:
+    /// ...`), then `so: <option>` and `Answer: X` for an option drawn from `seed` and the
+    /// case's id. It teaches the cases' language, the format and the lookup of an option's
+    /// letter, not the rules: a model trained on it answers at chance.
     pub fn format_completion(&self, seed: u64) -> String {
         let mut text = String::new();
         for step in self.reasoning() {
@@ -52,10 +52,10 @@ impl Case {
         }
         let id = blake3::hash(self.id().as_bytes());
         let key = u64::from_le_bytes(id.as_bytes()[..8].try_into().expect("8 bytes"));
-        let pick =
-            crate::train::rng::SplitMix::derive(seed, &[key]).below(self.options().len() as u64);
-        let letter = option_letter(pick as usize).unwrap_or('A');
-        let _ = write!(text, "{ANSWER_CUE} {letter}");
+        let pick = crate::train::rng::SplitMix::derive(seed, &[key])
+            .below(self.options().len() as u64) as usize;
+        let letter = option_letter(pick).unwrap_or('A');
+        let _ = write!(text, "so: {}\n{ANSWER_CUE} {letter}", self.options()[pick]);
         text
     }
 
@@ -128,11 +128,12 @@ mod tests {
     #[test]
     fn the_format_completion_keeps_findings_and_draws_the_answer() {
         let text = case().format_completion(3);
-        assert!(
-            text.starts_with("ST elevation in V1 to V4\nAnswer: "),
-            "{text}"
-        );
-        assert!(!text.contains("so:"));
+        assert!(text.starts_with("ST elevation in V1 to V4\nso: "), "{text}");
+        // The drawn option and its letter agree.
+        let letter = parse_answer(&text).unwrap();
+        let drawn = case();
+        let option = &drawn.options()[(letter as u8 - b'A') as usize];
+        assert!(text.contains(&format!("so: {option}\n")), "{text}");
         assert_eq!(text, case().format_completion(3));
         // Over many seeds every option is drawn.
         let letters: std::collections::BTreeSet<char> = (0..64)

@@ -3,7 +3,8 @@
 //! ```toml
 //! [train]
 //! method = "dsa"                      # LoRA on a base; "base": the base's own weights
-//! base = "registry:tiny-med-base:v1"  # a model directory (relative to the recipe) or a registry ref
+//! base = "registry:tiny-med-base:v1"  # a model directory (relative to the recipe) or a registry
+//!                                     # ref; a `base` recipe may start from `[train.init]` instead
 //! registry = "../registry"            # where registry refs come from (relative to the recipe)
 //! specialty = "cardiology"            # recorded in the adapter's registry entry
 //! seed = 1                            # LoRA init, data order, dropout
@@ -14,8 +15,10 @@
 //!
 //! [train.data]
 //! synthetic = { seed = 0, train = 1000, validation = 100, test = 100 }   # or files = ["..."]
+//!                                     # (add `shuffle_options = true` to shuffle the options)
 //! specialties = ["cardiology"]        # keep these specialties' cases
 //! completion = "full"                 # "format": findings only and a seeded random answer
+//! replay = 0.5                        # other specialties' cases per own case, as "format"
 //!
 //! [train.lora]
 //! r = 8
@@ -35,11 +38,14 @@
 //! min_lr_ratio = 0.1
 //! ```
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+use super::init::InitSpec;
 use super::schedule::Decay;
+use super::{read_cases, synth, Case};
 use crate::error::{Error, Result};
 
 /// A checked training recipe.
@@ -51,8 +57,11 @@ pub struct TrainRecipe {
     pub text: String,
     /// What is trained.
     pub method: TrainMethod,
-    /// The base model: a directory (resolved against the recipe) or `registry:NAME:TAG`.
-    pub base: String,
+    /// The base model: a directory (resolved against the recipe) or `registry:NAME:TAG`;
+    /// `None` for a `base` recipe that starts from [`TrainRecipe::init`].
+    pub base: Option<String>,
+    /// A `base` recipe's new model, drawn from `seed` ([`crate::train::init`]).
+    pub init: Option<InitSpec>,
     /// The registry for registry refs and `--publish`, resolved against the recipe.
     pub registry: Option<PathBuf>,
     /// The specialty the adapter learns.
@@ -92,11 +101,24 @@ pub enum TrainMethod {
 pub struct DataSpec {
     /// Case files (JSON Lines), resolved against the recipe.
     pub files: Vec<PathBuf>,
-    /// Or the synthetic generator's (seed, train, validation, test) per specialty.
-    pub synthetic: Option<(u64, usize, usize, usize)>,
+    /// Or the synthetic generator's cases.
+    pub synthetic: Option<synth::SynthSpec>,
     /// Keep only these specialties (empty: all).
     pub specialties: Vec<String>,
     /// The completion each case trains on.
+    pub completion: CompletionKind,
+    /// With `specialties`: add this many of the other specialties' cases per own case, in
+    /// the `format` form (findings and a drawn option), so that the adapter learns to leave
+    /// the base's behaviour on them alone.
+    pub replay: f64,
+}
+
+/// A training case and the completion it trains on.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TrainingCase {
+    /// The case.
+    pub case: Case,
+    /// Its completion's form.
     pub completion: CompletionKind,
 }
 
@@ -147,6 +169,57 @@ pub struct OptimRecipe {
     pub min_lr_ratio: f64,
 }
 
+impl DataSpec {
+    /// The training cases: the files' cases, or the generator's training split, kept to the
+    /// listed specialties, then the replayed cases of the others (in their order).
+    pub fn training_cases(&self) -> Result<Vec<TrainingCase>> {
+        let cases = match &self.synthetic {
+            Some(spec) => synth::generate(spec)?.train,
+            None => {
+                let mut all = Vec::new();
+                for file in &self.files {
+                    all.extend(read_cases(file)?);
+                }
+                all
+            }
+        };
+        let (own, others): (Vec<Case>, Vec<Case>) = cases.into_iter().partition(|c| {
+            self.specialties.is_empty() || self.specialties.iter().any(|s| s == c.specialty())
+        });
+        let own_count = own.len();
+        let replayed = (self.replay * own_count as f64).round() as usize;
+        let mut out: Vec<TrainingCase> = own
+            .into_iter()
+            .map(|case| TrainingCase {
+                case,
+                completion: self.completion,
+            })
+            .collect();
+        // Taken in turn from each other specialty, so that all of them are replayed.
+        let mut by_specialty: BTreeMap<String, std::collections::VecDeque<Case>> = BTreeMap::new();
+        for case in others {
+            by_specialty
+                .entry(case.specialty().to_string())
+                .or_default()
+                .push_back(case);
+        }
+        while out.len() < own_count + replayed && by_specialty.values().any(|q| !q.is_empty()) {
+            for queue in by_specialty.values_mut() {
+                if out.len() == own_count + replayed {
+                    break;
+                }
+                if let Some(case) = queue.pop_front() {
+                    out.push(TrainingCase {
+                        case,
+                        completion: CompletionKind::Format,
+                    });
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Wire {
@@ -157,7 +230,8 @@ struct Wire {
 #[serde(deny_unknown_fields)]
 struct WireTrain {
     method: TrainMethod,
-    base: String,
+    base: Option<String>,
+    init: Option<InitSpec>,
     registry: Option<String>,
     specialty: Option<String>,
     #[serde(default)]
@@ -195,6 +269,8 @@ struct WireData {
     specialties: Vec<String>,
     #[serde(default = "full")]
     completion: CompletionKind,
+    #[serde(default)]
+    replay: f64,
 }
 
 fn full() -> CompletionKind {
@@ -211,6 +287,8 @@ struct WireSynthetic {
     validation: usize,
     #[serde(default)]
     test: usize,
+    #[serde(default)]
+    shuffle_options: bool,
 }
 
 #[derive(Deserialize)]
@@ -265,11 +343,30 @@ impl TrainRecipe {
         let t = wire.train;
         let dir = path.parent().unwrap_or(Path::new("."));
         let relative = |p: &str| dir.join(p);
-        let base = if t.base.starts_with("registry:") || t.base.starts_with("blake3:") {
-            t.base.clone()
-        } else {
-            relative(&t.base).display().to_string()
-        };
+        let base = t.base.as_ref().map(|b| {
+            if b.starts_with("registry:") || b.starts_with("blake3:") {
+                b.clone()
+            } else {
+                relative(b).display().to_string()
+            }
+        });
+        match (t.method, &base, &t.init) {
+            (TrainMethod::Dsa, None, _) => {
+                return Err(fail("method `dsa` needs a `base` model".into()))
+            }
+            (TrainMethod::Dsa, Some(_), Some(_)) => {
+                return Err(fail(
+                    "`[train.init]` makes a new model: method `dsa` trains an adapter on `base`"
+                        .into(),
+                ))
+            }
+            (TrainMethod::Base, None, None) | (TrainMethod::Base, Some(_), Some(_)) => {
+                return Err(fail(
+                    "method `base` starts from either `base` or `[train.init]`".into(),
+                ))
+            }
+            _ => {}
+        }
         if t.batch_size == 0 || t.grad_accum == 0 || t.epochs == 0 {
             return Err(fail(
                 "`batch_size`, `grad_accum` and `epochs` must be positive".into(),
@@ -277,13 +374,20 @@ impl TrainRecipe {
         }
         let data = DataSpec {
             files: t.data.files.iter().map(|f| relative(f)).collect(),
-            synthetic: t
-                .data
-                .synthetic
-                .map(|s| (s.seed, s.train, s.validation, s.test)),
+            synthetic: t.data.synthetic.map(|s| synth::SynthSpec {
+                seed: s.seed,
+                per_specialty: s.train,
+                validation: s.validation,
+                test: s.test,
+                shuffle_options: s.shuffle_options,
+            }),
             specialties: t.data.specialties,
             completion: t.data.completion,
+            replay: t.data.replay,
         };
+        if !(0.0..=16.0).contains(&data.replay) {
+            return Err(fail("`[train.data] replay` must be in [0, 16]".into()));
+        }
         if data.files.is_empty() == data.synthetic.is_none() {
             return Err(fail(
                 "`[train.data]` needs either `files` or `synthetic`, not both".into(),
@@ -322,6 +426,7 @@ impl TrainRecipe {
             text,
             method: t.method,
             base,
+            init: t.init,
             registry: t.registry.map(|r| relative(&r)),
             specialty: t.specialty,
             seed: t.seed,
@@ -363,11 +468,43 @@ mod tests {
     fn a_minimal_recipe_takes_the_defaults() {
         let r = load(MINIMAL).unwrap();
         assert_eq!(r.method, TrainMethod::Dsa);
-        assert!(r.base.ends_with("base"));
+        assert!(r.base.unwrap().ends_with("base"));
         assert_eq!((r.epochs, r.batch_size, r.grad_accum), (1, 8, 1));
-        assert_eq!(r.data.synthetic, Some((0, 10, 0, 0)));
+        let synthetic = r.data.synthetic.unwrap();
+        assert_eq!(
+            (synthetic.per_specialty, synthetic.shuffle_options),
+            (10, false)
+        );
         assert_eq!(r.optim.lr, 2e-4);
         assert_eq!(r.lora.unwrap().r, 4);
+    }
+
+    #[test]
+    fn replay_adds_the_other_specialties_in_turn_as_format() {
+        let text = MINIMAL.replace(
+            "synthetic = { train = 10 }",
+            "synthetic = { train = 10 }\nspecialties = [\"cardiology\"]\nreplay = 0.6",
+        );
+        let cases = load(&text).unwrap().data.training_cases().unwrap();
+        assert_eq!(cases.len(), 16);
+        assert!(cases[..10]
+            .iter()
+            .all(|c| c.case.specialty() == "cardiology" && c.completion == CompletionKind::Full));
+        let replayed: Vec<&str> = cases[10..].iter().map(|c| c.case.specialty()).collect();
+        assert_eq!(
+            replayed,
+            [
+                "dermatology",
+                "pathology",
+                "radiology",
+                "dermatology",
+                "pathology",
+                "radiology"
+            ]
+        );
+        assert!(cases[10..]
+            .iter()
+            .all(|c| c.completion == CompletionKind::Format));
     }
 
     #[test]

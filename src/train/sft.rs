@@ -16,13 +16,12 @@ use serde::Serialize;
 
 use super::batch::{summed_nll, Batch, Example};
 use super::checkpoint::{latest_checkpoint, load_checkpoint, save_checkpoint, TrainerState};
-use super::model::{candle, CausalLm, LoraSpec};
+use super::model::{candle, CausalLm, LoraSpec, ModelConfig};
 use super::optim::{clip_factor, AdamW, AdamWConfig};
-use super::recipe::{TrainMethod, TrainRecipe};
+use super::recipe::{CompletionKind, TrainMethod, TrainRecipe, TrainingCase};
 use super::rng::SplitMix;
 use super::schedule::Schedule;
 use super::tokenizer::Tokenizer;
-use super::Case;
 use crate::error::{Error, Result};
 
 /// One optimizer step's figures, as written to `metrics.jsonl`.
@@ -66,38 +65,68 @@ pub struct TrainSummary {
 }
 
 /// Trains what the recipe says on `cases` from the model in `base_dir`, writing the result
-/// (a PEFT adapter for `dsa`), `metrics.jsonl` and `checkpoints/` into `output`. With
-/// `resume`, continues from the latest checkpoint in `output`. `on_step` sees every step.
+/// (a PEFT adapter for `dsa`, the whole model for `base`), `metrics.jsonl` and
+/// `checkpoints/` into `output`. With `resume`, continues from the latest checkpoint in
+/// `output`. `on_step` sees every step.
 pub fn train(
     recipe: &TrainRecipe,
     base_dir: &Path,
     base_name: &str,
-    cases: &[Case],
+    cases: &[TrainingCase],
     output: &Path,
     resume: bool,
     on_step: &mut dyn FnMut(&StepMetrics),
 ) -> Result<TrainSummary> {
-    if recipe.method != TrainMethod::Dsa {
-        return Err(Error::Recipe {
-            path: recipe.path.clone(),
-            message: "this trainer trains LoRA adapters (`method = \"dsa\"`)".into(),
-        });
-    }
-    let lora = recipe.lora.as_ref().ok_or_else(|| Error::Recipe {
-        path: recipe.path.clone(),
-        message: "method `dsa` needs a `[train.lora]` table".into(),
-    })?;
     let device = Device::Cpu;
     let tokenizer = Tokenizer::load(base_dir)?;
-    let spec = LoraSpec {
-        r: lora.r,
-        alpha: lora.alpha,
-        dropout: lora.dropout,
-        use_rslora: lora.use_rslora,
-        target_modules: lora.target_modules.clone(),
-        seed: recipe.seed,
+    // Before any weight is read: a tokenizer that does not fit the model is its own error.
+    tokenizer.check_vocab(&ModelConfig::read(&base_dir.join("config.json"))?)?;
+    let checkpoints = output.join("checkpoints");
+    let recipe_digest = blake3::hash(recipe.text.as_bytes()).to_hex().to_string();
+    let latest = if resume {
+        latest_checkpoint(&checkpoints)?
+    } else {
+        None
     };
-    let mut model = CausalLm::load(base_dir, Some(&spec), DType::F32, &device)?;
+    let mut restored = None;
+    if let Some(dir) = &latest {
+        let (state, moments) = load_checkpoint(dir, &device)?;
+        if state.recipe_digest != recipe_digest {
+            return Err(Error::Recipe {
+                path: recipe.path.clone(),
+                message: format!(
+                    "`{}` was saved by another recipe (its text changed): train into a new output directory",
+                    dir.display()
+                ),
+            });
+        }
+        restored = Some((state, moments));
+    }
+    let mut model = match recipe.method {
+        TrainMethod::Dsa => {
+            let lora = recipe.lora.as_ref().ok_or_else(|| Error::Recipe {
+                path: recipe.path.clone(),
+                message: "method `dsa` needs a `[train.lora]` table".into(),
+            })?;
+            let spec = LoraSpec {
+                r: lora.r,
+                alpha: lora.alpha,
+                dropout: lora.dropout,
+                use_rslora: lora.use_rslora,
+                target_modules: lora.target_modules.clone(),
+                seed: recipe.seed,
+            };
+            let mut model = CausalLm::load(base_dir, Some(&spec), DType::F32, &device)?;
+            if let Some(dir) = latest.as_ref().filter(|_| restored.is_some()) {
+                model.load_adapter(dir)?;
+            }
+            model
+        }
+        // A resumed base run continues from the checkpoint's own weights.
+        TrainMethod::Base => {
+            CausalLm::load_trainable(latest.as_deref().unwrap_or(base_dir), DType::F32, &device)?
+        }
+    };
     tokenizer.check_vocab(model.config())?;
     let examples = encode(&tokenizer, &model, cases, recipe)?;
     if examples.is_empty() {
@@ -125,37 +154,21 @@ pub fn train(
         decay: recipe.optim.decay,
         min_lr_ratio: recipe.optim.min_lr_ratio,
     };
-    let recipe_digest = blake3::hash(recipe.text.as_bytes()).to_hex().to_string();
-
     std::fs::create_dir_all(output).map_err(|e| Error::io(output, e))?;
-    let checkpoints = output.join("checkpoints");
-    let mut start_step = 0;
-    let mut restored = None;
-    if resume {
-        if let Some(dir) = latest_checkpoint(&checkpoints)? {
-            let (state, moments) = load_checkpoint(&dir, &device)?;
-            if state.recipe_digest != recipe_digest {
-                return Err(Error::Recipe {
-                    path: recipe.path.clone(),
-                    message: format!(
-                        "`{}` was saved by another recipe (its text changed): train into a new output directory",
-                        dir.display()
-                    ),
-                });
-            }
-            model.load_adapter(&dir)?;
-            start_step = state.step;
-            restored = Some((moments, state.step as u64));
-        }
-    }
     let config = AdamWConfig {
         betas: recipe.optim.betas,
         eps: recipe.optim.eps,
         weight_decay: recipe.optim.weight_decay,
     };
-    let mut optimizer = AdamW::new(model.lora_vars(), config)?;
-    if let Some((moments, steps)) = restored {
-        optimizer.restore(&moments, steps)?;
+    let trained = match recipe.method {
+        TrainMethod::Dsa => model.lora_vars(),
+        TrainMethod::Base => model.weight_vars().to_vec(),
+    };
+    let mut optimizer = AdamW::new(trained, config)?;
+    let mut start_step = 0;
+    if let Some((state, moments)) = &restored {
+        optimizer.restore(moments, state.step as u64)?;
+        start_step = state.step;
     }
     let vars: Vec<Var> = optimizer.vars().map(|(_, v)| v.clone()).collect();
 
@@ -248,14 +261,24 @@ pub fn train(
                 recipe_digest: recipe_digest.clone(),
                 loss: last_loss,
             };
-            save_checkpoint(&checkpoints, &model, base_name, &optimizer, &state)?;
+            save_checkpoint(
+                &checkpoints,
+                &model,
+                recipe.method,
+                base_name,
+                &optimizer,
+                &state,
+            )?;
         }
     }
     metrics
         .sync_all()
         .map_err(|e| Error::io(&metrics_path, e))?;
     model.set_training(false);
-    model.save_adapter(output, base_name)?;
+    match recipe.method {
+        TrainMethod::Dsa => model.save_adapter(output, base_name)?,
+        TrainMethod::Base => model.save_model(output)?,
+    }
     let elapsed = started.elapsed().as_secs_f64();
     Ok(TrainSummary {
         output: output.to_path_buf(),
@@ -290,7 +313,7 @@ fn micro_batch<'a>(
 fn encode(
     tokenizer: &Tokenizer,
     model: &CausalLm,
-    cases: &[Case],
+    cases: &[TrainingCase],
     recipe: &TrainRecipe,
 ) -> Result<Vec<Example>> {
     let config = model.config();
@@ -300,10 +323,10 @@ fn encode(
     })?;
     cases
         .iter()
-        .map(|case| {
-            let completion = match recipe.data.completion {
-                super::recipe::CompletionKind::Full => case.completion(),
-                super::recipe::CompletionKind::Format => case.format_completion(recipe.seed),
+        .map(|TrainingCase { case, completion }| {
+            let completion = match completion {
+                CompletionKind::Full => case.completion(),
+                CompletionKind::Format => case.format_completion(recipe.seed),
             };
             let prompt = tokenizer.encode(&case.prompt(), false)?;
             let completion = tokenizer.encode(&completion, false)?;

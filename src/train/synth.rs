@@ -15,7 +15,7 @@
 //! ```
 //! use mmx::train::synth::{generate, SynthSpec};
 //!
-//! let splits = generate(&SynthSpec { seed: 7, per_specialty: 8, validation: 4, test: 4 })?;
+//! let splits = generate(&SynthSpec { seed: 7, per_specialty: 8, validation: 4, test: 4, shuffle_options: true })?;
 //! assert_eq!(splits.train.len(), 4 * 8);
 //! let case = &splits.test[0];
 //! assert!(case.is_synthetic());
@@ -150,6 +150,9 @@ pub struct SynthSpec {
     pub validation: usize,
     /// Test cases per specialty.
     pub test: usize,
+    /// Shuffle each case's options (else they are listed in the specialty's fixed order, so
+    /// that an answer's letter follows from its diagnosis). The cases are the same either way.
+    pub shuffle_options: bool,
 }
 
 /// Generated cases, each split holding every specialty in [`Specialty::ALL`] order.
@@ -272,7 +275,16 @@ pub fn generate(spec: &SynthSpec) -> Result<Splits> {
     };
     for specialty in Specialty::ALL {
         let mut seen = HashSet::with_capacity(total);
-        let mut draw = |split, count| draw_split(spec.seed, specialty, split, count, &mut seen);
+        let mut draw = |split, count| {
+            draw_split(
+                spec.seed,
+                spec.shuffle_options,
+                specialty,
+                split,
+                count,
+                &mut seen,
+            )
+        };
         splits.test.extend(draw(Split::Test, spec.test)?);
         splits
             .validation
@@ -286,6 +298,7 @@ pub fn generate(spec: &SynthSpec) -> Result<Splits> {
 /// order shuffled by the seed, none with a question in `seen`.
 fn draw_split(
     seed: u64,
+    shuffle_options: bool,
     specialty: Specialty,
     split: Split,
     count: usize,
@@ -309,7 +322,11 @@ fn draw_split(
             })?;
         seen.insert(vignette.question.clone());
         let mut order: [usize; OPTIONS] = [0, 1, 2, 3];
+        // Drawn either way, so that the flag changes the option order and nothing else.
         rng.shuffle(&mut order);
+        if !shuffle_options {
+            order = [0, 1, 2, 3];
+        }
         let answer = order
             .iter()
             .position(|&d| d == target)
@@ -354,6 +371,7 @@ mod tests {
 
     fn spec(seed: u64, per_specialty: usize, validation: usize, test: usize) -> SynthSpec {
         SynthSpec {
+            shuffle_options: true,
             seed,
             per_specialty,
             validation,
@@ -514,6 +532,25 @@ mod tests {
             assert_eq!(options, expected);
         }
         assert_eq!(letters.len(), 4, "the right option is at every letter");
+    }
+
+    #[test]
+    fn fixed_option_order_changes_nothing_else() {
+        let shuffled = generate(&spec(4, 12, 2, 2)).unwrap();
+        let fixed = generate(&SynthSpec {
+            shuffle_options: false,
+            ..spec(4, 12, 2, 2)
+        })
+        .unwrap();
+        for (a, b) in shuffled.train.iter().zip(&fixed.train) {
+            assert_eq!(a.question(), b.question());
+            assert_eq!(a.answer_text(), b.answer_text());
+            let specialty = Specialty::ALL
+                .into_iter()
+                .find(|s| s.name() == b.specialty())
+                .unwrap();
+            assert_eq!(b.options(), specialty.diagnoses());
+        }
     }
 
     #[test]

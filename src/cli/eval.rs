@@ -1,0 +1,79 @@
+//! `mmx eval MODEL [--adapter A] --data FILE... [--json]`: per-specialty accuracy of greedy
+//! answers.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Args;
+use serde_json::json;
+
+use crate::train::eval::evaluate;
+use crate::train::model::CausalLm;
+use crate::train::read_cases;
+use crate::train::source::Materialized;
+use crate::train::tokenizer::Tokenizer;
+
+/// Arguments of `mmx eval`.
+#[derive(Debug, Args)]
+pub struct EvalArgs {
+    /// The model: a Hugging Face directory or a registry reference (`registry:NAME:TAG`).
+    model: String,
+    /// A PEFT adapter to apply: a directory or a registry reference.
+    #[arg(long)]
+    adapter: Option<String>,
+    /// Case files (JSON Lines), e.g. each specialty's test split.
+    #[arg(long, required = true, num_args = 1.., value_name = "FILE")]
+    data: Vec<PathBuf>,
+    /// Prompts generated together.
+    #[arg(long, default_value_t = 32)]
+    batch: usize,
+    /// The longest answer, in tokens.
+    #[arg(long, default_value_t = 96)]
+    max_new_tokens: usize,
+    /// The registry for registry references (default: $MMX_REGISTRY, else ./registry).
+    #[arg(long, value_name = "DIR")]
+    registry: Option<PathBuf>,
+    /// Print {"accuracy": {...}, "n": {...}} as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Runs `mmx eval`.
+pub fn run(args: EvalArgs) -> anyhow::Result<ExitCode> {
+    let registry = crate::registry::registry_path(args.registry.as_deref());
+    let model_dir = Materialized::open(&args.model, &registry)?;
+    let tokenizer = Tokenizer::load(model_dir.dir())?;
+    let mut model = CausalLm::load(
+        model_dir.dir(),
+        None,
+        candle_core::DType::F32,
+        &candle_core::Device::Cpu,
+    )?;
+    tokenizer.check_vocab(model.config())?;
+    if let Some(adapter) = &args.adapter {
+        let adapter = Materialized::open(adapter, &registry)?;
+        model.load_adapter(adapter.dir())?;
+    }
+    let mut cases = Vec::new();
+    for file in &args.data {
+        cases.extend(read_cases(file)?);
+    }
+    let report = evaluate(&model, &tokenizer, &cases, args.batch, args.max_new_tokens)?;
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&json!({"accuracy": report.accuracy, "n": report.n}))?
+        );
+    } else {
+        println!("{:<14} {:>8} {:>6}", "specialty", "accuracy", "n");
+        for (specialty, accuracy) in &report.accuracy {
+            println!(
+                "{specialty:<14} {:>7.1}% {:>6}",
+                100.0 * accuracy,
+                report.n[specialty]
+            );
+        }
+        println!("{:<14} {:>7.1}%", "mean", 100.0 * report.mean_accuracy());
+    }
+    Ok(ExitCode::SUCCESS)
+}
