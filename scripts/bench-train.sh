@@ -38,8 +38,9 @@
 # Peak memory: "Maximum resident set size" of /usr/bin/time -v (the whole process: for torch this
 # includes the Python interpreter and the torch/transformers/peft imports).
 #
-# Threads: both sides get THREADS threads: torch.set_num_threads(THREADS) and
-# RAYON_NUM_THREADS=THREADS for mmx (candle's CPU matmul, gemm, and its rayon pool read it).
+# Threads: torch.set_num_threads(THREADS); mmx runs one shard of each batch per core (2 here,
+# THREADS's default) with candle's own per-operation threads off (`mmx train` sets
+# RAYON_NUM_THREADS=1 unless it is set; see src/train/sft.rs).
 # "cpu %" is the process's user+sys time over its wall time; "other cpu %" is the CPU time the
 # rest of the machine used meanwhile (from /proc/stat), as a share of all cores: if it is not
 # near 0, something else ran during the measurement and the numbers are not to be trusted
@@ -169,7 +170,7 @@ run() {
 
 for i in $(seq 1 "$RUNS"); do
     echo "run $i/$RUNS: mmx" >&2
-    run "mmx-$i" env RAYON_NUM_THREADS="$THREADS" "$MMX" train dsa dsa.toml -o "runs/mmx-$i" --quiet
+    run "mmx-$i" "$MMX" train dsa dsa.toml -o "runs/mmx-$i" --quiet
     echo "run $i/$RUNS: torch" >&2
     run "torch-$i" "$PY" "$ROOT/scripts/bench_train_torch.py" \
         --base base --cases data/cardiology/train.jsonl --specialty cardiology \

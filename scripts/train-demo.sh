@@ -4,7 +4,7 @@
 # (<specialty>:v2, recipes/train/dsa-*.toml); then scores the base, each expert and the
 # merges of recipes/quickstart.toml (CACI) and recipes/baselines/ (TIES, task arithmetic) on
 # each specialty's test split (synthetic cases, seed 0) and writes the table to
-# out/train/results.md. About 15 minutes on 2 cores.
+# out/train/results.md. About 6 minutes on 2 cores.
 #
 # usage: scripts/train-demo.sh      (needs a release build: cargo build --release)
 #        SKIP_BASE=1 scripts/train-demo.sh   keeps the published tiny-med-base:v2

@@ -57,6 +57,11 @@ pub struct RunArgs {
 
 /// Runs `mmx train`.
 pub fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
+    // The trainer runs one shard of each batch per core; candle's own per-operation threads
+    // only slow small models down (see `crate::train::sft`). Set before any thread starts.
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        std::env::set_var("RAYON_NUM_THREADS", "1");
+    }
     let (method, args) = match args.command {
         TrainCommand::Dsa(a) => (TrainMethod::Dsa, a),
         TrainCommand::Base(a) => (TrainMethod::Base, a),
