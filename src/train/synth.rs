@@ -192,6 +192,23 @@ struct Vignette {
     reasoning: Vec<String>,
 }
 
+/// A vignette from a specialty's drawn findings and its rules: what `decide` concludes (its
+/// diagnosis at `index` in the specialty's list), the question and the reasoning.
+fn vignette<F, D: Copy>(
+    findings: F,
+    decide: impl Fn(&F) -> D,
+    index: impl Fn(D) -> usize,
+    question: impl Fn(&F) -> String,
+    reasoning: impl Fn(&F, D) -> Vec<String>,
+) -> Vignette {
+    let decided = decide(&findings);
+    Vignette {
+        question: question(&findings),
+        diagnosis: index(decided),
+        reasoning: reasoning(&findings, decided),
+    }
+}
+
 /// A patient's age and sex, which open every question and decide nothing. Displayed with its
 /// article, capitalised: "A 64 year old man", "An 80 year old woman".
 #[derive(Debug, Clone, Copy)]

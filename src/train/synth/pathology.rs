@@ -191,13 +191,13 @@ fn reasoning(f: &Findings, diagnosis: Diagnosis) -> Vec<String> {
 
 /// Draws one case.
 pub(super) fn draw(rng: &mut SplitMix) -> Vignette {
-    let findings = draw_findings(rng);
-    let diagnosis = diagnose(&findings);
-    Vignette {
-        question: question(&findings),
-        diagnosis: diagnosis as usize,
-        reasoning: reasoning(&findings, diagnosis),
-    }
+    super::vignette(
+        draw_findings(rng),
+        diagnose,
+        |d| d as usize,
+        question,
+        reasoning,
+    )
 }
 
 #[cfg(test)]

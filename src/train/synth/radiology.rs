@@ -183,13 +183,13 @@ fn reasoning(f: &Findings, rule: Rule) -> Vec<String> {
 
 /// Draws one case.
 pub(super) fn draw(rng: &mut SplitMix) -> Vignette {
-    let findings = draw_findings(rng);
-    let rule = rule(&findings);
-    Vignette {
-        question: question(&findings),
-        diagnosis: rule.diagnosis() as usize,
-        reasoning: reasoning(&findings, rule),
-    }
+    super::vignette(
+        draw_findings(rng),
+        rule,
+        |d| d.diagnosis() as usize,
+        question,
+        reasoning,
+    )
 }
 
 #[cfg(test)]
