@@ -45,7 +45,7 @@ mkdir -p target/release && cp "$bundle/mmx" target/release/mmx
 
 # NVRTC and cuBLAS: the toolkit's, else the Python packages' (PyTorch's nvidia-* wheels).
 libs=/usr/local/cuda/lib64
-for dir in /usr/local/cuda/lib64 $(python3 - <<'EOF' 2>/dev/null
+for dir in /usr/local/cuda/lib64 target/nvrtc-venv/lib/python3*/site-packages/nvidia/cuda_nvrtc/lib $(python3 - <<'EOF' 2>/dev/null
 import glob, site
 for s in site.getsitepackages():
     for d in glob.glob(s + "/nvidia/*/lib"):
@@ -58,8 +58,9 @@ export LD_LIBRARY_PATH="$libs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 "$bundle/mmx" doctor
-MMX_REQUIRE_NVRTC=1 MMX_GPU_LARGE=1 "$bundle/cuda-tests" --nocapture --test-threads 1 2>&1 |
-    grep -E "^test |SKIPPED|result|panicked|assert" | tee /tmp/gpu-tests.txt
+# A failing test is reported in the table; the benchmarks run anyway.
+(MMX_REQUIRE_NVRTC=1 MMX_GPU_LARGE=1 "$bundle/cuda-tests" --nocapture --test-threads 1 2>&1 || true) |
+    grep -E "^test |SKIPPED|result|panicked|assert" | tee /tmp/gpu-tests.txt || true
 "$bundle/gpu_bench"
 "$bundle/lora_merge_bench" cuda 32
 echo "| check | result |"
