@@ -166,6 +166,15 @@ fn all_linear(r: usize, alpha: f64) -> LoraSpec {
 
 /// Gives every B of `model` random values (PEFT initialises B to zero, which makes A's
 /// gradient exactly zero and the adapter a no-op).
+/// A tiny Qwen2 (weights from `seed`) with a rank-2 LoRA on every projection whose B are
+/// drawn from `b_seed`, so that the adapter changes the outputs.
+fn adapted_qwen2(dir: &Path, seed: u64, b_seed: u64) -> CausalLm {
+    write_tiny(dir, &QWEN2, seed);
+    let model = CausalLm::load(dir, Some(&all_linear(2, 4.0)), DType::F32, &Device::Cpu).unwrap();
+    randomise_b(&model, b_seed, 0.1);
+    model
+}
+
 fn randomise_b(model: &CausalLm, seed: u64, std: f64) {
     let mut rng = Rng(seed | 1);
     for (key, var) in model.lora_vars() {
@@ -518,15 +527,7 @@ fn backprop_agrees_with_finite_differences_in_f64() {
 #[test]
 fn the_kv_cache_gives_the_full_forward_logits() {
     let dir = tempfile::tempdir().unwrap();
-    write_tiny(dir.path(), &QWEN2, 4);
-    let model = CausalLm::load(
-        dir.path(),
-        Some(&all_linear(2, 4.0)),
-        DType::F32,
-        &Device::Cpu,
-    )
-    .unwrap();
-    randomise_b(&model, 9, 0.1);
+    let model = adapted_qwen2(dir.path(), 4, 9);
     let (ids, mask) = left_padded(&[
         vec![1, 7, 3, 9, 11, 40, 2, 5, 63],
         vec![1, 20, 21, 22, 23, 24],
@@ -567,15 +568,7 @@ fn the_kv_cache_gives_the_full_forward_logits() {
 fn batched_left_padded_generation_equals_one_row_at_a_time() {
     let dir = tempfile::tempdir().unwrap();
     // Untied: a tiny random model with tied embeddings mostly repeats its last token.
-    write_tiny(dir.path(), &QWEN2, 5);
-    let model = CausalLm::load(
-        dir.path(),
-        Some(&all_linear(2, 4.0)),
-        DType::F32,
-        &Device::Cpu,
-    )
-    .unwrap();
-    randomise_b(&model, 1, 0.1);
+    let model = adapted_qwen2(dir.path(), 5, 1);
     let prompts = vec![vec![1, 5, 9], vec![1, 33, 34, 35, 36, 37], vec![7]];
     let mut options = GenerateOptions::greedy(&model, 8);
     options.eos_token_ids = vec![];
