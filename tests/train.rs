@@ -170,14 +170,36 @@ fn base_then_dsa_then_resume_then_eval() {
             "--data",
             "test.jsonl",
             "--json",
+            "--samples",
+            "samples.jsonl",
         ],
     );
     assert_ok(&out);
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    // Every case's answer, in the cases' order, each right where its letter is the case's.
+    let samples: Vec<serde_json::Value> = std::fs::read_to_string(dir.join("samples.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let ids: Vec<&str> = samples.iter().map(|s| s["id"].as_str().unwrap()).collect();
+    let case_ids: Vec<&str> = cases.iter().map(|c| c.id()).collect();
+    assert_eq!(ids, case_ids);
+    for s in &samples {
+        let expected = cases.iter().find(|c| c.id() == s["id"]).unwrap().answer_letter();
+        assert_eq!(s["expected"], expected.to_string());
+        let read = mmx::train::parse_answer(s["output"].as_str().unwrap());
+        assert_eq!(s["answer"], serde_json::json!(read.map(String::from)));
+        assert_eq!(s["correct"], read == Some(expected), "{s}");
+    }
     for specialty in ["cardiology", "dermatology", "pathology", "radiology"] {
         assert_eq!(report["n"][specialty], 4);
         let a = report["accuracy"][specialty].as_f64().unwrap();
-        assert!((0.0..=1.0).contains(&a));
+        let right = samples
+            .iter()
+            .filter(|s| s["specialty"] == specialty && s["correct"] == true)
+            .count();
+        assert_eq!(a, right as f64 / 4.0, "{specialty}");
     }
 
     // A sweep scored by task accuracy: each merge of the adapter with itself is evaluated on

@@ -36,6 +36,10 @@ pub struct EvalArgs {
     /// Print {"accuracy": {...}, "n": {...}} as JSON.
     #[arg(long)]
     json: bool,
+    /// Also write every case's answer to FILE, one JSON object a line (id, specialty,
+    /// expected, answer, correct, output).
+    #[arg(long, value_name = "FILE")]
+    samples: Option<PathBuf>,
 }
 
 /// Runs `mmx eval`.
@@ -59,6 +63,14 @@ pub fn run(args: EvalArgs) -> anyhow::Result<ExitCode> {
         cases.extend(read_cases(file)?);
     }
     let report = evaluate(&model, &tokenizer, &cases, args.batch, args.max_new_tokens)?;
+    if let Some(path) = &args.samples {
+        let mut text = String::new();
+        for sample in &report.samples {
+            text.push_str(&serde_json::to_string(sample)?);
+            text.push('\n');
+        }
+        crate::tensor::write_atomic(path, text.as_bytes())?;
+    }
     if args.json {
         println!(
             "{}",

@@ -19,6 +19,25 @@ pub struct EvalReport {
     pub accuracy: BTreeMap<String, f64>,
     /// Cases, per specialty.
     pub n: BTreeMap<String, usize>,
+    /// Every case's answer, in the order of the cases.
+    pub samples: Vec<Sample>,
+}
+
+/// One case's generated answer (a line of `mmx eval --samples`).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Sample {
+    /// The case's id.
+    pub id: String,
+    /// The case's specialty.
+    pub specialty: String,
+    /// The right letter.
+    pub expected: char,
+    /// The letter read from the output, if any.
+    pub answer: Option<char>,
+    /// Whether `answer` is `expected`.
+    pub correct: bool,
+    /// The generated text.
+    pub output: String,
 }
 
 impl EvalReport {
@@ -43,6 +62,7 @@ pub fn evaluate(
     let bos = model.config().bos_token_id;
     let mut correct: BTreeMap<String, usize> = BTreeMap::new();
     let mut n: BTreeMap<String, usize> = BTreeMap::new();
+    let mut samples = Vec::with_capacity(cases.len());
     for chunk in cases.chunks(batch.max(1)) {
         let prompts = chunk
             .iter()
@@ -55,14 +75,27 @@ pub fn evaluate(
         let outputs = model.generate(&prompts, &options)?;
         for (case, output) in chunk.iter().zip(&outputs) {
             let text = tokenizer.decode(output, true)?;
-            let right = parse_answer(&text) == Some(case.answer_letter());
+            let answer = parse_answer(&text);
+            let right = answer == Some(case.answer_letter());
             *n.entry(case.specialty().to_string()).or_default() += 1;
             *correct.entry(case.specialty().to_string()).or_default() += usize::from(right);
+            samples.push(Sample {
+                id: case.id().to_string(),
+                specialty: case.specialty().to_string(),
+                expected: case.answer_letter(),
+                answer,
+                correct: right,
+                output: text,
+            });
         }
     }
     let accuracy = n
         .iter()
         .map(|(s, &count)| (s.clone(), correct[s] as f64 / count as f64))
         .collect();
-    Ok(EvalReport { accuracy, n })
+    Ok(EvalReport {
+        accuracy,
+        n,
+        samples,
+    })
 }
