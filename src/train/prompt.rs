@@ -16,12 +16,50 @@
 //! Answer: B
 //! ```
 
+use std::collections::BTreeMap;
 use std::fmt::Write;
 
 use super::case::{option_letter, Case};
 
 /// What introduces the final letter in a completion.
 const ANSWER_CUE: &str = "Answer:";
+/// What introduces the guideline rule a reasoning applies.
+const RULE_CUE: &str = "rule:";
+/// What introduces the diagnosis a reasoning concludes.
+const CONCLUSION_CUE: &str = "so:";
+
+/// The rule steps seen to lead to each option in a corpus, by specialty and option text: a
+/// case's last `rule:` step and its answer. The base corpus draws from it (see
+/// [`Case::format_completion`]).
+#[derive(Debug, Clone, Default)]
+pub struct RuleBook {
+    rules: BTreeMap<(String, String), Vec<String>>,
+}
+
+impl RuleBook {
+    /// The rule steps of `cases`, each kept once, in the order first seen.
+    pub fn from_cases<'a>(cases: impl IntoIterator<Item = &'a Case>) -> RuleBook {
+        let mut book = RuleBook::default();
+        for case in cases {
+            let Some(rule) = case.reasoning().iter().rev().find(|s| s.starts_with(RULE_CUE)) else {
+                continue;
+            };
+            let key = (case.specialty().to_string(), case.answer_text().to_string());
+            let known = book.rules.entry(key).or_default();
+            if !known.contains(rule) {
+                known.push(rule.clone());
+            }
+        }
+        book
+    }
+
+    /// The rule steps that led to `option` in `specialty`.
+    pub fn rules(&self, specialty: &str, option: &str) -> &[String] {
+        self.rules
+            .get(&(specialty.to_string(), option.to_string()))
+            .map_or(&[], Vec::as_slice)
+    }
+}
 
 impl Case {
     /// The prompt: `Question: ...`, `Options:` with one `X. text` line each, and `Reasoning:`,
@@ -38,24 +76,32 @@ impl Case {
         text
     }
 
-    /// The base corpus's completion: the steps that restate findings (not the rule, `rule:
-    /// ...`), then `so: <option>` and `Answer: X` for an option drawn from `seed` and the
-    /// case's id. It teaches the cases' language, the format and the lookup of an option's
-    /// letter, not the rules: a model trained on it answers at chance.
-    pub fn format_completion(&self, seed: u64) -> String {
+    /// The base corpus's completion: the steps that restate findings, then a rule step, `so:
+    /// <option>` and `Answer: X` for an option drawn from `seed` and the case's id, the rule
+    /// one that `rules` saw lead to that option (none when it knows none). It teaches the
+    /// cases' language, the whole format (a rule step included, so that an expert trained
+    /// from the base changes which rule it picks, not the shape of its answer) and the lookup
+    /// of an option's letter, not which rule applies: a model trained on it answers at chance.
+    pub fn format_completion(&self, seed: u64, rules: &RuleBook) -> String {
         let mut text = String::new();
         for step in self.reasoning() {
-            if !(step.starts_with("rule:") || step.starts_with("so:")) {
+            if !(step.starts_with(RULE_CUE) || step.starts_with(CONCLUSION_CUE)) {
                 text.push_str(step);
                 text.push('\n');
             }
         }
         let id = blake3::hash(self.id().as_bytes());
         let key = u64::from_le_bytes(id.as_bytes()[..8].try_into().expect("8 bytes"));
-        let pick = crate::train::rng::SplitMix::derive(seed, &[key])
-            .below(self.options().len() as u64) as usize;
+        let mut rng = crate::train::rng::SplitMix::derive(seed, &[key]);
+        let pick = rng.below(self.options().len() as u64) as usize;
+        let option = &self.options()[pick];
+        let known = rules.rules(self.specialty(), option);
+        if !known.is_empty() {
+            text.push_str(&known[rng.below(known.len() as u64) as usize]);
+            text.push('\n');
+        }
         let letter = option_letter(pick).unwrap_or('A');
-        let _ = write!(text, "so: {}\n{ANSWER_CUE} {letter}", self.options()[pick]);
+        let _ = write!(text, "{CONCLUSION_CUE} {option}\n{ANSWER_CUE} {letter}");
         text
     }
 
@@ -127,19 +173,67 @@ mod tests {
 
     #[test]
     fn the_format_completion_keeps_findings_and_draws_the_answer() {
-        let text = case().format_completion(3);
+        let none = RuleBook::default();
+        let text = case().format_completion(3, &none);
         assert!(text.starts_with("ST elevation in V1 to V4\nso: "), "{text}");
         // The drawn option and its letter agree.
         let letter = parse_answer(&text).unwrap();
         let drawn = case();
         let option = &drawn.options()[(letter as u8 - b'A') as usize];
         assert!(text.contains(&format!("so: {option}\n")), "{text}");
-        assert_eq!(text, case().format_completion(3));
+        assert_eq!(text, case().format_completion(3, &none));
         // Over many seeds every option is drawn.
         let letters: std::collections::BTreeSet<char> = (0..64)
-            .filter_map(|s| parse_answer(&case().format_completion(s)))
+            .filter_map(|s| parse_answer(&case().format_completion(s, &none)))
             .collect();
         assert_eq!(letters.into_iter().collect::<String>(), "ABC");
+    }
+
+    #[test]
+    fn the_format_completion_states_a_rule_of_the_drawn_option() {
+        let with_rule = |id: &str, answer: &str, rule: &str| {
+            Case::from_line(CaseLine {
+                id: id.into(),
+                specialty: "cardiology".into(),
+                question: "Chest pain at rest.".into(),
+                options: vec!["NSTEMI".into(), "STEMI".into(), "stable angina".into()],
+                answer: answer.into(),
+                reasoning: vec![
+                    "troponin 20 ng/L".into(),
+                    format!("rule: {rule}"),
+                    "so: x".into(),
+                ],
+                image_embeds: None,
+                synthetic: true,
+            })
+            .unwrap()
+        };
+        let corpus = [
+            with_rule("a", "A", "high troponin means NSTEMI"),
+            with_rule("b", "B", "ST elevation means STEMI"),
+            with_rule("c", "B", "ST elevation means STEMI"),
+        ];
+        let book = RuleBook::from_cases(&corpus);
+        assert_eq!(book.rules("cardiology", "STEMI"), ["rule: ST elevation means STEMI"]);
+        assert!(book.rules("cardiology", "stable angina").is_empty());
+        assert!(book.rules("radiology", "STEMI").is_empty());
+        let mut seen = std::collections::BTreeSet::new();
+        for seed in 0..64 {
+            let text = corpus[0].format_completion(seed, &book);
+            let lines: Vec<&str> = text.lines().collect();
+            // Findings, then a rule of the drawn option (if one is known), whatever the case's
+            // own rule, then the drawn option and its letter.
+            assert_eq!(lines[0], "troponin 20 ng/L", "{text}");
+            let expected: &[&str] = match parse_answer(&text) {
+                Some('A') => &["rule: high troponin means NSTEMI", "so: NSTEMI"],
+                Some('B') => &["rule: ST elevation means STEMI", "so: STEMI"],
+                Some('C') => &["so: stable angina"],
+                other => panic!("{other:?}: {text}"),
+            };
+            assert_eq!(&lines[1..lines.len() - 1], expected, "{text}");
+            seen.insert(lines.len());
+        }
+        assert_eq!(seen.len(), 2, "both rule and no-rule options drawn");
     }
 
     #[test]

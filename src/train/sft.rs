@@ -25,6 +25,7 @@ use super::batch::{summed_nll, Batch, Example};
 use super::checkpoint::{latest_checkpoint, load_checkpoint, save_checkpoint, TrainerState};
 use super::model::{candle, CausalLm, LoraSpec, ModelConfig};
 use super::optim::{clip_factor, AdamW, AdamWConfig};
+use super::prompt::RuleBook;
 use super::recipe::{CompletionKind, TrainMethod, TrainRecipe, TrainingCase};
 use super::rng::SplitMix;
 use super::schedule::Schedule;
@@ -379,12 +380,13 @@ fn encode(
         path: model.dir().join("config.json"),
         message: "no `eos_token_id`: the trainer ends every example with it".into(),
     })?;
+    let rules = RuleBook::from_cases(cases.iter().map(|c| &c.case));
     cases
         .iter()
         .map(|TrainingCase { case, completion }| {
             let completion = match completion {
                 CompletionKind::Full => case.completion(),
-                CompletionKind::Format => case.format_completion(recipe.seed),
+                CompletionKind::Format => case.format_completion(recipe.seed, &rules),
             };
             let prompt = tokenizer.encode(&case.prompt(), false)?;
             let completion = tokenizer.encode(&completion, false)?;
