@@ -22,6 +22,7 @@ pub mod batch;
 pub mod case;
 pub mod checkpoint;
 pub mod eval;
+pub mod fused;
 pub mod init;
 pub mod model;
 pub mod optim;

@@ -60,6 +60,11 @@ impl Block {
         }
     }
 
+    /// The norms before attention and before the MLP.
+    pub(crate) fn norms(&self) -> (&RmsNorm, &RmsNorm) {
+        (&self.input_norm, &self.post_attention_norm)
+    }
+
     /// Applies the layer to the residual stream `x [b, s, hidden]`.
     pub(crate) fn forward(
         &self,

@@ -201,6 +201,21 @@ impl CausalLm {
         &self.layers
     }
 
+    /// The embedding `[vocab, hidden]`.
+    pub(crate) fn embed(&self) -> &Tensor {
+        &self.embed
+    }
+
+    /// The output head `[vocab, hidden]` (the embedding itself when tied).
+    pub(crate) fn lm_head(&self) -> &Tensor {
+        &self.lm_head
+    }
+
+    /// The norm before the output head.
+    pub(crate) fn final_norm(&self) -> &RmsNorm {
+        &self.norm
+    }
+
     /// The LoRA configuration in force, if any.
     pub fn lora_spec(&self) -> Option<&LoraSpec> {
         self.lora.as_ref()

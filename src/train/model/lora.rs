@@ -214,6 +214,11 @@ impl LoraLinear {
         &self.weight
     }
 
+    /// The frozen bias `[out]`, if any.
+    pub(crate) fn bias(&self) -> Option<&Tensor> {
+        self.bias.as_ref()
+    }
+
     /// The down factor A `[r, in]`, if adapted.
     pub fn lora_a(&self) -> Option<&Var> {
         self.lora.as_ref().map(|f| &f.a)

@@ -24,6 +24,11 @@ impl RmsNorm {
         RmsNorm { weight, eps }
     }
 
+    /// The scale `[hidden]`.
+    pub(crate) fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
     /// Normalises `x [.., hidden]`; the result has `x`'s dtype.
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let dtype = x.dtype();

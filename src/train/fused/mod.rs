@@ -1,0 +1,261 @@
+//! The fused training engine: a hand-written CPU forward and backward pass of [`CausalLm`] in
+//! f32 for supervised fine-tuning, the same mathematics as the candle model (and checked
+//! against its autograd in `tests/fused.rs`) without candle's per-operation overhead, which
+//! dominates on small models.
+//!
+//! [`Engine`] copies the model's weights into plain vectors ([`Engine::new`], and
+//! [`Engine::refresh`] after each optimizer step; LoRA updates are merged into their weights),
+//! runs each example as its own unpadded sequence (training batches are right-padded, so no
+//! example ever sees padding) and adds the gradients of the tensors being trained into one flat
+//! buffer. Each shard of a micro-batch runs on its own thread with its own buffer, its examples
+//! stacked so that each projection is one large product (`matrixmultiply`'s `sgemm`, one thread
+//! per call). The shards are fixed by the recipe and summed in order, so a run repeats bit for
+//! bit whatever the threads' timing (on CPUs of one kind: `sgemm`, like candle's own kernels,
+//! picks its kernel by the CPU's features).
+//!
+//! It applies to f32 models on the CPU without LoRA dropout ([`Engine::unsupported`] says why
+//! not otherwise), training LoRA factors or every weight.
+//!
+//! ```no_run
+//! use candle_core::{DType, Device};
+//! use mmx::train::batch::Example;
+//! use mmx::train::fused::Engine;
+//! use mmx::train::model::{CausalLm, LoraSpec};
+//!
+//! let spec = LoraSpec::new(8, 16.0, vec!["all-linear".into()]);
+//! let model = CausalLm::load("models/tiny".as_ref(), Some(&spec), DType::F32, &Device::Cpu)?;
+//! let mut engine = Engine::new(&model, &model.lora_vars())?;
+//! let example = Example::new(Some(1), &[5, 6], &[7], 2);
+//! let (nll, tokens) = engine.micro_batch(&[&example], 8, example.target_tokens())?;
+//! let grads = engine.take_gradients()?; // one per LoRA factor, in `lora_vars` order
+//! # Ok::<(), mmx::Error>(())
+//! ```
+
+mod attention;
+mod linear;
+mod loss;
+mod matmul;
+mod norm;
+mod step;
+mod weights;
+
+use candle_core::{DType, Device, Tensor, Var};
+
+use super::batch::Example;
+use super::model::{candle, CausalLm, Projection};
+use crate::error::{Error, Result};
+use attention::RopeTable;
+use step::{Scratch, Seq};
+use weights::{Slots, Weights};
+
+/// The model's sizes, as the pass needs them.
+#[derive(Debug, Clone)]
+pub(crate) struct Dims {
+    pub hidden: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub intermediate: usize,
+    pub vocab: usize,
+    pub eps: f32,
+}
+
+/// The fused forward and backward pass of one model, with its gradient buffers.
+#[derive(Debug)]
+pub struct Engine {
+    dims: Dims,
+    rope: RopeTable,
+    slots: Slots,
+    weights: Weights,
+    /// Per shard: its scratch and its gradient buffer, kept from step to step.
+    shards: Vec<(Scratch, Vec<f32>)>,
+    /// The gradients summed since the last [`Engine::take_gradients`].
+    sum: Vec<f32>,
+}
+
+impl Engine {
+    /// Why the engine cannot train `model`, or `None` if it can: it runs f32 on the CPU, and
+    /// has no LoRA dropout (its forward pass is the inference one).
+    pub fn unsupported(model: &CausalLm) -> Option<String> {
+        if !model.device().is_cpu() {
+            return Some("the fused engine runs on the CPU only".into());
+        }
+        if model.dtype() != DType::F32 {
+            return Some(format!(
+                "the fused engine runs f32 models, not {}",
+                model.dtype().as_str()
+            ));
+        }
+        let dropout = model
+            .layers()
+            .iter()
+            .flat_map(|b| Projection::ALL.map(|p| b.projection(p).dropout()))
+            .any(|d| d.is_some_and(|d| d > 0.0));
+        if dropout && model.adapter_enabled() {
+            return Some("the fused engine has no LoRA dropout".into());
+        }
+        None
+    }
+
+    /// An engine for `model` that computes the gradients of `trained` (the model's own
+    /// variables, from [`CausalLm::lora_vars`] or [`CausalLm::weight_vars`]), in that order.
+    pub fn new(model: &CausalLm, trained: &[(String, Var)]) -> Result<Engine> {
+        if let Some(reason) = Self::unsupported(model) {
+            return Err(Error::ModelInput { message: reason });
+        }
+        let c = model.config();
+        let named: Vec<(String, Vec<usize>)> = trained
+            .iter()
+            .map(|(n, v)| (n.clone(), v.dims().to_vec()))
+            .collect();
+        let slots = Slots::new(&named);
+        let weights = Weights::read(model, &slots)?;
+        Ok(Engine {
+            dims: Dims {
+                hidden: c.hidden_size,
+                heads: c.num_attention_heads,
+                kv_heads: c.num_key_value_heads,
+                head_dim: c.head_dim,
+                intermediate: c.intermediate_size,
+                vocab: c.vocab_size,
+                eps: c.rms_norm_eps as f32,
+            },
+            rope: RopeTable::new(c.head_dim, c.max_position_embeddings, c.rope_theta),
+            sum: vec![0.0; slots.len],
+            slots,
+            weights,
+            shards: Vec::new(),
+        })
+    }
+
+    /// Copies the model's weights again (after an optimizer step changed them).
+    pub fn refresh(&mut self, model: &CausalLm) -> Result<()> {
+        self.weights = Weights::read(model, &self.slots)?;
+        Ok(())
+    }
+
+    /// Forward and backward of a micro-batch, `shard` examples per thread, the loss divided by
+    /// `step_targets`: adds its gradients to those kept for [`Engine::take_gradients`] and
+    /// returns its summed NLL and its input tokens.
+    pub fn micro_batch(
+        &mut self,
+        examples: &[&Example],
+        shard: usize,
+        step_targets: usize,
+    ) -> Result<(f64, usize)> {
+        for e in examples {
+            self.check(e)?;
+        }
+        let chunks: Vec<&[&Example]> = examples.chunks(shard.max(1)).collect();
+        if self.shards.len() < chunks.len() {
+            self.shards.resize_with(chunks.len(), Default::default);
+        }
+        let scale = (1.0 / step_targets.max(1) as f64) as f32;
+        let Engine {
+            dims,
+            rope,
+            slots,
+            weights,
+            shards,
+            sum,
+        } = self;
+        let (dims, rope, weights, slots) = (&*dims, &*rope, &*weights, &*slots);
+        let nlls: Vec<f64> = std::thread::scope(|scope| {
+            let handles: Vec<_> = chunks
+                .iter()
+                .zip(shards.iter_mut())
+                .map(|(chunk, (scratch, grads))| {
+                    scope.spawn(move || {
+                        grads.clear();
+                        grads.resize(slots.len, 0.0);
+                        run(weights, dims, rope, chunk, scale, scratch, grads)
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().expect("a training shard does not panic"))
+                .collect()
+        });
+        // In shard order, whatever order the threads finished in.
+        for (_, grads) in &shards[..chunks.len()] {
+            for (s, g) in sum.iter_mut().zip(grads) {
+                *s += g;
+            }
+        }
+        let tokens = examples.iter().map(|e| e.tokens.len() - 1).sum();
+        Ok((nlls.iter().sum(), tokens))
+    }
+
+    /// The gradients summed since the last call, one tensor per trained variable in the order
+    /// given to [`Engine::new`]; the sums start again from zero.
+    pub fn take_gradients(&mut self) -> Result<Vec<Tensor>> {
+        let grads = self
+            .slots
+            .params
+            .iter()
+            .map(|p| {
+                let n: usize = p.shape.iter().product();
+                Tensor::from_vec(
+                    self.sum[p.offset..p.offset + n].to_vec(),
+                    p.shape.as_slice(),
+                    &Device::Cpu,
+                )
+                .map_err(candle(format!("gradient of `{}`", p.name)))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        self.sum.fill(0.0);
+        Ok(grads)
+    }
+
+    /// Refuses an example candle's forward pass would refuse: a token outside the vocabulary
+    /// or a position beyond the rotary table.
+    fn check(&self, e: &Example) -> Result<()> {
+        let vocab = self.dims.vocab;
+        if let Some(id) = e.tokens.iter().find(|&&id| id as usize >= vocab) {
+            return Err(Error::ModelInput {
+                message: format!("token {id} is outside the vocabulary (`vocab_size` {vocab})"),
+            });
+        }
+        let max = self.rope.positions();
+        if e.tokens.len() > max + 1 {
+            return Err(Error::ModelInput {
+                message: format!(
+                    "an example reaches position {}, beyond `max_position_embeddings` ({max})",
+                    e.tokens.len() - 2
+                ),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// A shard's checked examples through [`step::pass`]; their summed NLL.
+fn run(
+    weights: &Weights,
+    dims: &Dims,
+    rope: &RopeTable,
+    examples: &[&Example],
+    scale: f32,
+    scratch: &mut Scratch,
+    grads: &mut [f32],
+) -> f64 {
+    let seqs: Vec<Seq<'_>> = examples
+        .iter()
+        .filter_map(|e| {
+            let t = e.tokens.len().saturating_sub(1);
+            // Position i predicts token i + 1, in the loss when that token is past the prompt.
+            let first = e.prompt_len.saturating_sub(1).min(t);
+            // Without a target an example has no loss and no gradient (candle's exact zeros).
+            (first < t).then(|| Seq {
+                inputs: &e.tokens[..t],
+                first,
+                targets: &e.tokens[first + 1..],
+            })
+        })
+        .collect();
+    if seqs.is_empty() {
+        return 0.0;
+    }
+    step::pass(weights, dims, rope, &seqs, scale, scratch, grads)
+}
