@@ -5,7 +5,8 @@
 //! 3. elect `σ = sign(Σ c_t·Δ̂_t)` (ties positive), i.e. `sign(P − N)` with
 //!    `P = Σ c_t·max(Δ̂_t, 0)` and `N = Σ c_t·max(−Δ̂_t, 0)`;
 //! 4. conflict `κ = min(P, N) / max(P, N)` (0 where nothing opposes);
-//! 5. disjoint mean over the experts that agree with σ: `μ = Σ w_t·Δ̂_t / Σ w_t`;
+//! 5. disjoint mean over the experts that agree with σ: `μ = Σ w_t·Δ̂_t / Σ w_t` (with
+//!    `normalize = false`, mergekit's TIES option, the agreeing sum `Σ w_t·Δ̂_t`);
 //! 6. `Δ = λ·μ·(1 − κ)^γ`.
 //!
 //! The vote and the mean are computed in the same order and form as TIES's, so that with
@@ -70,7 +71,11 @@ pub(crate) fn merge(
             opposed |= oriented < 0.0;
         }
         conflicts += usize::from(opposed);
-        let mean = mixed / if divisor == 0.0 { 1.0 } else { divisor };
+        let mean = if globals.normalize && divisor != 0.0 {
+            mixed / divisor
+        } else {
+            mixed
+        };
         let (low, high) = (positive.min(negative), positive.max(negative));
         let kappa = if high > 0.0 { low / high } else { 0.0 };
         *out = mean * (1.0 - kappa).powf(globals.attenuation);
@@ -136,6 +141,22 @@ mod tests {
     }
 
     #[test]
+    fn without_normalize_the_agreeing_sum_is_attenuated() {
+        // Deltas a = [1, 2], b = [3, -2], c = [1, 1]; weights 1, no trim, confidence "none".
+        // Coordinate 0: all agree, κ = 0: the sum 5 (the mean would be 5/3). Coordinate 1:
+        // P = 3, N = 2, σ = +, κ = 2/3: (2 + 1)·(1 − 2/3) = 1.
+        let globals = GlobalParams {
+            normalize: false,
+            confidence: Confidence::None,
+            ..Method::Caci.default_globals()
+        };
+        let experts = [vec![1.0, 2.0], vec![3.0, -2.0], vec![1.0, 1.0]];
+        let out = run(Method::Caci, &globals, &experts, &[1.0; 3], 1.0);
+        assert!((out[0] - 5.0).abs() < 1e-6, "{out:?}");
+        assert!((out[1] - 1.0).abs() < 1e-6, "{out:?}");
+    }
+
+    #[test]
     fn attenuates_contested_coordinates() {
         // Deltas (base 0.5 removed): a = [1, 2, -1], b = [3, -2, -1]; weights 1, no trim,
         // confidence by weight, gamma 1.
@@ -198,21 +219,28 @@ mod tests {
     }
 
     proptest! {
-        /// With gamma 0 and confidence "none", CACI is TIES, bit for bit.
+        /// With gamma 0 and confidence "none", CACI is TIES, bit for bit, with `normalize` on
+        /// (the disjoint mean) or off (the agreeing sum).
         #[test]
         fn reduces_to_ties(
             experts in prop::collection::vec(prop::collection::vec(-4.0f32..4.0, 24), 1..5),
             weights in prop::collection::vec(0.1f32..2.0, 5),
             density in 0.1f32..1.0,
+            normalize in any::<bool>(),
         ) {
             let weights = &weights[..experts.len()];
             let caci = GlobalParams {
                 attenuation: 0.0,
                 confidence: Confidence::None,
+                normalize,
                 ..Method::Caci.default_globals()
             };
             let ours = run(Method::Caci, &caci, &experts, weights, density);
-            let ties = run(Method::Ties, &Method::Ties.default_globals(), &experts, weights, density);
+            let ties_globals = GlobalParams {
+                normalize,
+                ..Method::Ties.default_globals()
+            };
+            let ties = run(Method::Ties, &ties_globals, &experts, weights, density);
             prop_assert_eq!(
                 ours.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
                 ties.iter().map(|v| v.to_bits()).collect::<Vec<_>>()

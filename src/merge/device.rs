@@ -105,7 +105,7 @@ pub(crate) fn compute_on_device(
     let rule = match plan.method {
         Method::Caci => ConsensusRule {
             divide_by_count: false,
-            normalize: true,
+            normalize: globals.normalize,
             gamma: globals.attenuation,
             lambda: globals.lambda,
         },

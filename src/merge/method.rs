@@ -280,7 +280,7 @@ impl Method {
                 "disjoint_mean",
             ],
             Method::MagnitudePrune => &["lambda"],
-            Method::Caci => &["lambda", "gamma", "confidence"],
+            Method::Caci => &["lambda", "gamma", "confidence", "normalize"],
         }
     }
 
