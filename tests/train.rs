@@ -186,7 +186,11 @@ fn base_then_dsa_then_resume_then_eval() {
     let case_ids: Vec<&str> = cases.iter().map(|c| c.id()).collect();
     assert_eq!(ids, case_ids);
     for s in &samples {
-        let expected = cases.iter().find(|c| c.id() == s["id"]).unwrap().answer_letter();
+        let expected = cases
+            .iter()
+            .find(|c| c.id() == s["id"])
+            .unwrap()
+            .answer_letter();
         assert_eq!(s["expected"], expected.to_string());
         let read = mmx::train::parse_answer(s["output"].as_str().unwrap());
         assert_eq!(s["answer"], serde_json::json!(read.map(String::from)));

@@ -41,7 +41,12 @@ impl RuleBook {
     pub fn from_cases<'a>(cases: impl IntoIterator<Item = &'a Case>) -> RuleBook {
         let mut book = RuleBook::default();
         for case in cases {
-            let Some(rule) = case.reasoning().iter().rev().find(|s| s.starts_with(RULE_CUE)) else {
+            let Some(rule) = case
+                .reasoning()
+                .iter()
+                .rev()
+                .find(|s| s.starts_with(RULE_CUE))
+            else {
                 continue;
             };
             let key = (case.specialty().to_string(), case.answer_text().to_string());
@@ -214,7 +219,10 @@ mod tests {
             with_rule("c", "B", "ST elevation means STEMI"),
         ];
         let book = RuleBook::from_cases(&corpus);
-        assert_eq!(book.rules("cardiology", "STEMI"), ["rule: ST elevation means STEMI"]);
+        assert_eq!(
+            book.rules("cardiology", "STEMI"),
+            ["rule: ST elevation means STEMI"]
+        );
         assert!(book.rules("cardiology", "stable angina").is_empty());
         assert!(book.rules("radiology", "STEMI").is_empty());
         let mut seen = std::collections::BTreeSet::new();
