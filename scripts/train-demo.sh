@@ -4,10 +4,14 @@
 # (<specialty>:v2, recipes/train/dsa-*.toml); then scores the base, each expert and the
 # merges of recipes/quickstart.toml (CACI) and recipes/baselines/ (TIES, task arithmetic) on
 # each specialty's test split (synthetic cases, seed 0) and writes the table to
-# out/train/results.md. About 6 minutes on 2 cores.
+# out/train/results.md. About 3 minutes on 2 cores.
 #
 # usage: scripts/train-demo.sh      (needs a release build: cargo build --release)
 #        SKIP_BASE=1 scripts/train-demo.sh   keeps the published tiny-med-base:v2
+#        SKIP_TRAIN=1 scripts/train-demo.sh  keeps every published model: merges and scores only
+#
+# The merges' settings come from recipes/demo-sweep.toml (each method's best on the validation
+# split); after retraining, run that sweep and carry its best settings into the recipes.
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 MMX=${MMX_BIN:-$ROOT/target/release/mmx}
@@ -18,21 +22,23 @@ mkdir -p "$OUT"
 cd "$ROOT"
 
 # Tags are immutable: a rerun replaces the demo's own tags.
-for tag in $SPECIALTIES; do
-    "$MMX" rm "$tag:v2" --registry "$REG" >/dev/null 2>&1 || true
-done
-if [[ -z "${SKIP_BASE:-}" ]]; then
-    "$MMX" rm tiny-med-base:v2 --registry "$REG" >/dev/null 2>&1 || true
-    rm -rf "${OUT:?}/base"
-    "$MMX" train base recipes/train/base.toml -o "$OUT/base" --quiet \
-        --publish tiny-med-base:v2 --registry "$REG"
+if [[ -z "${SKIP_TRAIN:-}" ]]; then
+    for tag in $SPECIALTIES; do
+        "$MMX" rm "$tag:v2" --registry "$REG" >/dev/null 2>&1 || true
+    done
+    if [[ -z "${SKIP_BASE:-}" ]]; then
+        "$MMX" rm tiny-med-base:v2 --registry "$REG" >/dev/null 2>&1 || true
+        rm -rf "${OUT:?}/base"
+        "$MMX" train base recipes/train/base.toml -o "$OUT/base" --quiet \
+            --publish tiny-med-base:v2 --registry "$REG"
+    fi
+    for s in $SPECIALTIES; do
+        rm -rf "${OUT:?}/$s"
+        "$MMX" train dsa "recipes/train/dsa-$s.toml" -o "$OUT/$s" --quiet \
+            --publish "$s:v2" --registry "$REG"
+    done
+    "$MMX" gc --grace 0s --registry "$REG" >/dev/null
 fi
-for s in $SPECIALTIES; do
-    rm -rf "${OUT:?}/$s"
-    "$MMX" train dsa "recipes/train/dsa-$s.toml" -o "$OUT/$s" --quiet \
-        --publish "$s:v2" --registry "$REG"
-done
-"$MMX" gc --grace 0s --registry "$REG" >/dev/null
 "$MMX" verify --read-data --registry "$REG"
 
 # The test split every recipe held out (same seed and counts as the recipes' data).
