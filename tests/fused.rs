@@ -18,28 +18,7 @@ use mmx::train::model::{CausalLm, LoraSpec};
 
 mod common;
 
-use common::{assert_ok, max_relative_error};
-
-/// A xorshift stream for test weights and tokens.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> f64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        (self.0 >> 11) as f64 / (1u64 << 53) as f64
-    }
-
-    /// Uniform in ±`bound`.
-    fn uniform(&mut self, bound: f64) -> f32 {
-        ((2.0 * self.next() - 1.0) * bound) as f32
-    }
-
-    fn below(&mut self, n: usize) -> u32 {
-        (self.next() * n as f64) as u32
-    }
-}
+use common::{assert_ok, max_relative_error, Rng};
 
 /// The shape of a tiny model.
 struct Tiny {

@@ -14,26 +14,12 @@ use mmx::tensor::{write_safetensors, Dtype, SafetensorsFile, TensorSpec};
 use mmx::train::model::{CausalLm, GenerateOptions, LoraSpec, Sampling};
 use mmx::train::tokenizer::Tokenizer;
 
+mod common;
+
+use common::Rng;
+
 // ---------------------------------------------------------------------------------------------
 // Tiny random models
-
-/// A xorshift stream for test weights.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> f64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        (self.0 >> 11) as f64 / (1u64 << 53) as f64
-    }
-
-    /// Roughly normal (a sum of uniforms), mean 0, standard deviation `std`.
-    fn normal(&mut self, std: f64) -> f32 {
-        let s: f64 = (0..4).map(|_| self.next()).sum::<f64>() - 2.0;
-        (s * std * 3f64.sqrt()) as f32
-    }
-}
 
 struct Tiny {
     arch: &'static str,

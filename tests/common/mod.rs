@@ -34,3 +34,32 @@ pub fn assert_ok(out: &std::process::Output) {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// A xorshift stream for test weights and tokens.
+pub struct Rng(pub u64);
+
+impl Rng {
+    /// Uniform in [0, 1) with 53 bits.
+    pub fn next(&mut self) -> f64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        (self.0 >> 11) as f64 / (1u64 << 53) as f64
+    }
+
+    /// Roughly normal (a sum of uniforms), mean 0, standard deviation `std`.
+    pub fn normal(&mut self, std: f64) -> f32 {
+        let s: f64 = (0..4).map(|_| self.next()).sum::<f64>() - 2.0;
+        (s * std * 3f64.sqrt()) as f32
+    }
+
+    /// Uniform in ±`bound`.
+    pub fn uniform(&mut self, bound: f64) -> f32 {
+        ((2.0 * self.next() - 1.0) * bound) as f32
+    }
+
+    /// Uniform in 0..`n`.
+    pub fn below(&mut self, n: usize) -> u32 {
+        (self.next() * n as f64) as u32
+    }
+}
