@@ -6,106 +6,31 @@
 //!
 //! Run with `--nocapture` to see the measured errors.
 
-use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::Command;
 
 use candle_core::{DType, Device, Tensor, Var};
-use mmx::tensor::{write_safetensors, Dtype, SafetensorsFile, TensorSpec};
+use mmx::tensor::SafetensorsFile;
 use mmx::train::batch::{summed_nll, Batch, Example};
 use mmx::train::fused::Engine;
 use mmx::train::model::{CausalLm, LoraSpec};
 
 mod common;
 
+use common::tiny::{self, Part, Tiny};
 use common::{assert_ok, max_relative_error, Rng};
 
-/// The shape of a tiny model.
-struct Tiny {
-    arch: &'static str,
-    hidden: usize,
-    heads: usize,
-    kv_heads: usize,
-    tied: bool,
-}
-
 const VOCAB: usize = 48;
-const LAYERS: usize = 2;
-const INTERMEDIATE: usize = 40;
 
-/// Writes a random model of shape `t` into `dir`.
+/// Writes a random model of shape `t` into `dir`: weights uniform in ±2/√fan-in, large enough
+/// that attention is far from uniform and RoPE matters.
 fn write_tiny(dir: &Path, t: &Tiny, seed: u64) {
-    let d = t.hidden / t.heads;
-    let config = serde_json::json!({
-        "model_type": t.arch, "vocab_size": VOCAB, "hidden_size": t.hidden,
-        "intermediate_size": INTERMEDIATE, "num_hidden_layers": LAYERS,
-        "num_attention_heads": t.heads, "num_key_value_heads": t.kv_heads,
-        "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "max_position_embeddings": 128,
-        "tie_word_embeddings": t.tied, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0,
+    tiny::write_tiny(dir, t, seed, |part, rng| match part {
+        Part::Embedding => rng.uniform(1.0),
+        Part::LmHead | Part::Bias => rng.uniform(0.5),
+        Part::Norm => 1.0 + rng.uniform(0.3),
+        Part::Weight { fan_in } => rng.uniform(2.0 / (fan_in as f64).sqrt()),
     });
-    std::fs::create_dir_all(dir).unwrap();
-    std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
-    let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
-    let mut tensors = Vec::new();
-    let mut add = |name: String, shape: Vec<usize>, bound: f64, offset: f32| {
-        let n = shape.iter().product::<usize>();
-        let bytes = (0..n)
-            .flat_map(|_| (offset + rng.uniform(bound)).to_le_bytes())
-            .collect();
-        let spec = TensorSpec {
-            name,
-            dtype: Dtype::F32,
-            shape,
-        };
-        tensors.push((spec, bytes));
-    };
-    add(
-        "model.embed_tokens.weight".into(),
-        vec![VOCAB, t.hidden],
-        1.0,
-        0.0,
-    );
-    if !t.tied {
-        add("lm_head.weight".into(), vec![VOCAB, t.hidden], 0.5, 0.0);
-    }
-    add("model.norm.weight".into(), vec![t.hidden], 0.3, 1.0);
-    let (q, kv) = (t.heads * d, t.kv_heads * d);
-    for i in 0..LAYERS {
-        let p = format!("model.layers.{i}");
-        for (name, rows, cols) in [
-            ("self_attn.q_proj", q, t.hidden),
-            ("self_attn.k_proj", kv, t.hidden),
-            ("self_attn.v_proj", kv, t.hidden),
-            ("self_attn.o_proj", t.hidden, q),
-            ("mlp.gate_proj", INTERMEDIATE, t.hidden),
-            ("mlp.up_proj", INTERMEDIATE, t.hidden),
-            ("mlp.down_proj", t.hidden, INTERMEDIATE),
-        ] {
-            // Large enough that attention is far from uniform and RoPE matters.
-            let bound = 2.0 / (cols as f64).sqrt();
-            add(format!("{p}.{name}.weight"), vec![rows, cols], bound, 0.0);
-            if t.arch == "qwen2"
-                && ["q_proj", "k_proj", "v_proj"]
-                    .iter()
-                    .any(|s| name.ends_with(s))
-            {
-                add(format!("{p}.{name}.bias"), vec![rows], 0.5, 0.0);
-            }
-        }
-        add(
-            format!("{p}.input_layernorm.weight"),
-            vec![t.hidden],
-            0.3,
-            1.0,
-        );
-        add(
-            format!("{p}.post_attention_layernorm.weight"),
-            vec![t.hidden],
-            0.3,
-            1.0,
-        );
-    }
-    write_safetensors(&dir.join("model.safetensors"), &tensors, &BTreeMap::new()).unwrap();
 }
 
 /// Random values for every B (PEFT starts them at zero, which zeroes A's gradient).
@@ -224,10 +149,14 @@ fn base_parity(t: &Tiny, label: &str) {
 
 const LLAMA: Tiny = Tiny {
     arch: "llama",
+    layers: 2,
     hidden: 32,
+    intermediate: 40,
     heads: 4,
     kv_heads: 2,
+    vocab: VOCAB,
     tied: false,
+    max_positions: 128,
 };
 
 #[test]

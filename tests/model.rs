@@ -10,27 +10,17 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor, Var, D};
 use mmx::adapter::Adapter;
-use mmx::tensor::{write_safetensors, Dtype, SafetensorsFile, TensorSpec};
+use mmx::tensor::{Dtype, SafetensorsFile, TensorSpec};
 use mmx::train::model::{CausalLm, GenerateOptions, LoraSpec, Sampling};
 use mmx::train::tokenizer::Tokenizer;
 
 mod common;
 
+use common::tiny::{self, Part, Tiny};
 use common::Rng;
 
 // ---------------------------------------------------------------------------------------------
 // Tiny random models
-
-struct Tiny {
-    arch: &'static str,
-    layers: usize,
-    hidden: usize,
-    intermediate: usize,
-    heads: usize,
-    kv_heads: usize,
-    vocab: usize,
-    tied: bool,
-}
 
 const LLAMA: Tiny = Tiny {
     arch: "llama",
@@ -41,109 +31,24 @@ const LLAMA: Tiny = Tiny {
     kv_heads: 2,
     vocab: 64,
     tied: true,
+    max_positions: 64,
 };
 
 const QWEN2: Tiny = Tiny {
     arch: "qwen2",
-    layers: 2,
-    hidden: 32,
-    intermediate: 48,
-    heads: 4,
-    kv_heads: 2,
-    vocab: 64,
     tied: false,
+    ..LLAMA
 };
 
-/// Writes `config.json` and `model.safetensors` of a random model into `dir`.
+/// Writes `config.json` and `model.safetensors` of a random model into `dir`: weights normal
+/// with standard deviation 1/√fan-in, norms near 1.
 fn write_tiny(dir: &Path, t: &Tiny, seed: u64) {
-    let head_dim = t.hidden / t.heads;
-    let config = serde_json::json!({
-        "model_type": t.arch,
-        "vocab_size": t.vocab,
-        "hidden_size": t.hidden,
-        "intermediate_size": t.intermediate,
-        "num_hidden_layers": t.layers,
-        "num_attention_heads": t.heads,
-        "num_key_value_heads": t.kv_heads,
-        "rms_norm_eps": 1e-6,
-        "rope_theta": 10000.0,
-        "max_position_embeddings": 64,
-        "tie_word_embeddings": t.tied,
-        "bos_token_id": 1,
-        "eos_token_id": 2,
-        "pad_token_id": 0,
+    tiny::write_tiny(dir, t, seed, |part, rng| match part {
+        Part::Embedding | Part::LmHead => rng.normal(0.5),
+        Part::Norm => 1.0 + rng.normal(0.2),
+        Part::Weight { fan_in } => rng.normal(1.0 / (fan_in as f64).sqrt()),
+        Part::Bias => rng.normal(0.3),
     });
-    std::fs::create_dir_all(dir).unwrap();
-    std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
-
-    let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
-    let mut tensors: Vec<(TensorSpec, Vec<u8>)> = Vec::new();
-    let mut add = |name: String, shape: Vec<usize>, values: Vec<f32>| {
-        let bytes = values.iter().flat_map(|v| v.to_le_bytes()).collect();
-        let spec = TensorSpec {
-            name,
-            dtype: Dtype::F32,
-            shape,
-        };
-        tensors.push((spec, bytes));
-    };
-    let matrix = |rng: &mut Rng, rows: usize, cols: usize, std: f64| -> Vec<f32> {
-        (0..rows * cols).map(|_| rng.normal(std)).collect()
-    };
-    let (q, kv) = (t.heads * head_dim, t.kv_heads * head_dim);
-    add(
-        "model.embed_tokens.weight".into(),
-        vec![t.vocab, t.hidden],
-        matrix(&mut rng, t.vocab, t.hidden, 0.5),
-    );
-    if !t.tied {
-        add(
-            "lm_head.weight".into(),
-            vec![t.vocab, t.hidden],
-            matrix(&mut rng, t.vocab, t.hidden, 0.5),
-        );
-    }
-    let norm = |rng: &mut Rng| {
-        (0..t.hidden)
-            .map(|_| 1.0 + rng.normal(0.2))
-            .collect::<Vec<_>>()
-    };
-    add("model.norm.weight".into(), vec![t.hidden], norm(&mut rng));
-    for i in 0..t.layers {
-        let p = format!("model.layers.{i}");
-        for (name, rows, cols) in [
-            ("self_attn.q_proj", q, t.hidden),
-            ("self_attn.k_proj", kv, t.hidden),
-            ("self_attn.v_proj", kv, t.hidden),
-            ("self_attn.o_proj", t.hidden, q),
-            ("mlp.gate_proj", t.intermediate, t.hidden),
-            ("mlp.up_proj", t.intermediate, t.hidden),
-            ("mlp.down_proj", t.hidden, t.intermediate),
-        ] {
-            let w = matrix(&mut rng, rows, cols, 1.0 / (cols as f64).sqrt());
-            add(format!("{p}.{name}.weight"), vec![rows, cols], w);
-            let has_bias =
-                t.arch == "qwen2" && name.starts_with("self_attn") && name != "self_attn.o_proj";
-            if has_bias {
-                add(
-                    format!("{p}.{name}.bias"),
-                    vec![rows],
-                    matrix(&mut rng, 1, rows, 0.3),
-                );
-            }
-        }
-        add(
-            format!("{p}.input_layernorm.weight"),
-            vec![t.hidden],
-            norm(&mut rng),
-        );
-        add(
-            format!("{p}.post_attention_layernorm.weight"),
-            vec![t.hidden],
-            norm(&mut rng),
-        );
-    }
-    write_safetensors(&dir.join("model.safetensors"), &tensors, &BTreeMap::new()).unwrap();
 }
 
 fn all_linear(r: usize, alpha: f64) -> LoraSpec {

@@ -3,6 +3,8 @@
 
 use std::path::{Path, PathBuf};
 
+pub mod tiny;
+
 /// A directory under tests/fixtures/reference.
 pub fn reference(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
