@@ -369,6 +369,27 @@ fn caci_reduces_to_ties_end_to_end() {
     assert!(adapter.modules().values().any(|m| m.rank == 16));
 }
 
+/// CACI's `restore` changes the merge (on top of the same vote), and a target that is not a
+/// positive number is refused before anything is written, naming the parameter.
+#[test]
+fn caci_restore_is_checked_and_applied() {
+    let dir = tempfile::tempdir().unwrap();
+    let header = "method = 'caci'\noutput = 'lora'\nrank = 16";
+    assert_ok(&bundled(dir.path(), "plain", header, ""));
+    assert_ok(&bundled(dir.path(), "restored", header, "restore = 0.8"));
+    let read = |name: &str| {
+        std::fs::read(dir.path().join(name).join("adapter_model.safetensors")).unwrap()
+    };
+    assert!(read("plain") != read("restored"));
+    for bad in ["restore = -0.5", "restore = 0.0", "restore = 'yes'"] {
+        let out = bundled(dir.path(), "bad", header, bad);
+        assert_eq!(out.status.code(), Some(2), "{bad}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains("restore"), "{bad}: {stderr}");
+        assert!(!dir.path().join("bad").exists(), "{bad}: partial output");
+    }
+}
+
 /// The energy of each expert the merge keeps: all of it when the merge spans the whole core
 /// space (task arithmetic at full rank), less under a rank cut; reported per module and per
 /// expert.

@@ -7,30 +7,39 @@
 //! 4. conflict `κ = min(P, N) / max(P, N)` (0 where nothing opposes);
 //! 5. disjoint mean over the experts that agree with σ: `μ = Σ w_t·Δ̂_t / Σ w_t` (with
 //!    `normalize = false`, mergekit's TIES option, the agreeing sum `Σ w_t·Δ̂_t`);
-//! 6. `Δ = λ·μ·(1 − κ)^γ`.
+//! 6. `Δ = λ·μ·(1 − κ)^γ`;
+//! 7. with `restore = τ`, each expert's share of `Δ` made `τ·w_t` along the experts' own
+//!    untrimmed updates (see [`super::restore`]).
 //!
 //! The vote and the mean are computed in the same order and form as TIES's, so that with
 //! `gamma = 0` and `confidence = "none"` the result is TIES's to the bit.
 
 use super::method::{fraction, squared_distance, Confidence, ExpertParams, GlobalParams};
 use super::method::{MergedTensor, TensorStats};
+use super::restore::restore;
 use super::sparsify;
 use crate::error::Result;
 
-/// Merges one tensor with CACI; `experts` are full tensors, `base` their common base.
+/// Merges one tensor with CACI; `experts` are full tensors, `base` their common base, `name`
+/// the tensor's (for errors).
 pub(crate) fn merge(
+    name: &str,
     base: &[f32],
     mut experts: Vec<Vec<f32>>,
     params: &[ExpertParams],
     globals: &GlobalParams,
 ) -> Result<MergedTensor> {
     let n = base.len();
-    let mut confidence = Vec::with_capacity(experts.len());
-    let mut kept_fraction = Vec::with_capacity(experts.len());
-    for (delta, p) in experts.iter_mut().zip(params) {
+    for delta in experts.iter_mut() {
         for (d, b) in delta.iter_mut().zip(base) {
             *d -= b;
         }
+    }
+    // Restore reads the updates as the experts made them, before the trim.
+    let untrimmed = globals.restore.map(|_| experts.clone());
+    let mut confidence = Vec::with_capacity(experts.len());
+    let mut kept_fraction = Vec::with_capacity(experts.len());
+    for (delta, p) in experts.iter_mut().zip(params) {
         confidence.push(match globals.confidence {
             Confidence::None => p.weight,
             Confidence::Rms => {
@@ -82,6 +91,10 @@ pub(crate) fn merge(
     }
     if globals.lambda != 1.0 {
         values.iter_mut().for_each(|v| *v *= globals.lambda);
+    }
+    if let (Some(target), Some(updates)) = (globals.restore, &untrimmed) {
+        let weights: Vec<f32> = params.iter().map(|p| p.weight).collect();
+        restore(&mut values, updates, &weights, target, name)?;
     }
     values.iter_mut().zip(base).for_each(|(v, b)| *v += b);
     let delta_l2 = squared_distance(&values, Some(base)).sqrt();

@@ -609,6 +609,50 @@ mod tests {
         }
     }
 
+    #[test]
+    fn caci_restore_in_core_space_gives_each_expert_its_share_of_the_full_update() {
+        // Restore solves for the shares in core coordinates; the frame keeps inner products,
+        // so the factored merge's shares of each dense update ⟨Δ, Δ_t⟩ / ‖Δ_t‖² are τ·w_t.
+        let (rows, cols, rank) = (12, 10, 3);
+        let data = random_factors(3, (rows, cols, rank), 30);
+        let experts: Vec<Factors<'_>> = data
+            .iter()
+            .map(|(b, a)| Factors {
+                b,
+                a,
+                rank,
+                scale: 1.5,
+            })
+            .collect();
+        let method = Method::Caci;
+        let mut globals = method.default_globals();
+        globals.restore = Some(0.8);
+        let weights = [1.0, 0.5, 1.25];
+        let merged = merge_in_core(
+            "m.weight",
+            rows,
+            cols,
+            &experts,
+            method,
+            &globals,
+            expert_params(&weights, 0.5),
+            vec![0, 1, 2],
+            RankTarget::Fixed(3 * rank),
+        )
+        .unwrap();
+        let got = product(&merged.factored, rows, cols);
+        for (f, w) in experts.iter().zip(weights) {
+            let d = dense(f, rows, cols);
+            let share = got.iter().zip(&d).map(|(g, d)| g * d).sum::<f64>()
+                / d.iter().map(|d| d * d).sum::<f64>();
+            assert!(
+                (share - 0.8 * f64::from(w)).abs() < 1e-4,
+                "{share} vs {}",
+                0.8 * w
+            );
+        }
+    }
+
     /// [`merge_in_core`] with the method's default globals, on a module named `m.weight`.
     fn merge_defaults(
         rows: usize,
@@ -644,14 +688,28 @@ mod tests {
         (0..n as u64).map(|i| 2.0 * rng.uniform(i) - 1.0).collect()
     }
 
+    /// `count` experts' `(B, A)` of one `rows × cols` module at `rank`, drawn from `seed` on.
+    fn random_factors(
+        count: u64,
+        (rows, cols, rank): (usize, usize, usize),
+        seed: u64,
+    ) -> Vec<(Vec<f32>, Vec<f32>)> {
+        (0..count)
+            .map(|t| {
+                (
+                    values(rows * rank, seed + t),
+                    values(rank * cols, seed + 10 + t),
+                )
+            })
+            .collect()
+    }
+
     #[test]
     fn coordinate_wise_methods_do_not_depend_on_the_experts_order() {
         // TIES trims and votes per core coordinate: with principal bases the coordinates are
         // the same whatever order the experts come in.
         let (rows, cols, rank) = (12, 10, 3);
-        let data: Vec<(Vec<f32>, Vec<f32>)> = (0..3)
-            .map(|t| (values(rows * rank, 10 + t), values(rank * cols, 20 + t)))
-            .collect();
+        let data = random_factors(3, (rows, cols, rank), 10);
         let merge = |order: &[usize]| {
             let experts: Vec<Factors<'_>> = order
                 .iter()

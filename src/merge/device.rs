@@ -2,7 +2,7 @@
 //! expert's update formed on the device (LoRA products through cuBLAS, or the uploaded
 //! difference to the base, or bf16 tensors read as they are stored), trimmed by radix select
 //! and merged by the fused kernel; only the merged tensor comes back. Every other method,
-//! and TIES with a rescale, runs on the CPU. Core-space merges (LoRA output) take their
+//! TIES with a rescale and CACI with `restore`, runs on the CPU. Core-space merges (LoRA output) take their
 //! module-sized products from cuBLAS ([`GpuProducts`]).
 
 use std::path::Path;
@@ -29,7 +29,8 @@ use crate::tensor::{check_finite_from, from_f32, Dtype};
 pub(crate) fn runs_on_device(plan: &Plan, params: &MergeParams) -> bool {
     let method_fits = match plan.method {
         Method::Ties => !params.globals.rescale,
-        Method::Caci => true,
+        // Restore needs the experts' untrimmed updates next to the merge: on the CPU.
+        Method::Caci => params.globals.restore.is_none(),
         _ => false,
     };
     method_fits && plan.base.is_some() && (1..=MAX_EXPERTS).contains(&plan.experts.len())

@@ -106,6 +106,9 @@ pub struct GlobalParams {
     pub attenuation: f32,
     /// CACI's vote weights.
     pub confidence: Confidence,
+    /// CACI's restore target τ: each expert's share of the merge made `τ·w_t`
+    /// (see `restore.rs`); `None` leaves the coordinate-wise merge as it is.
+    pub restore: Option<f32>,
 }
 
 /// Per-expert parameters for one tensor.
@@ -280,7 +283,7 @@ impl Method {
                 "disjoint_mean",
             ],
             Method::MagnitudePrune => &["lambda"],
-            Method::Caci => &["lambda", "gamma", "confidence", "normalize"],
+            Method::Caci => &["lambda", "gamma", "confidence", "normalize", "restore"],
         }
     }
 
@@ -323,6 +326,7 @@ impl Method {
             seed: 0,
             attenuation: 1.0,
             confidence: Confidence::Rms,
+            restore: None,
         }
     }
 
@@ -394,7 +398,7 @@ pub fn merge_tensor(
     }
 
     if method == Method::Caci {
-        return caci::merge(base, experts, &params, globals);
+        return caci::merge(name, base, experts, &params, globals);
     }
     let mut trimmer = Trimmer {
         trim: method.trim(),

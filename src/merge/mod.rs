@@ -27,6 +27,7 @@ pub mod lora_native;
 pub mod method;
 mod output;
 mod plan;
+mod restore;
 pub mod rng;
 mod run;
 pub mod sparsify;

@@ -493,6 +493,20 @@ pub(crate) fn resolve(
                     &[("rms", Confidence::Rms), ("none", Confidence::None)],
                 )?
             }
+            "restore" => {
+                let target = number(recipe, name, tensor, v)?;
+                if !(target.is_finite() && target > 0.0) {
+                    return Err(Error::Parameter {
+                        name: name.to_string(),
+                        tensor: tensor.to_string(),
+                        message: format!(
+                            "{target} is not a positive number (the share of each expert's \
+                             update the merge keeps; leave it out not to restore)"
+                        ),
+                    });
+                }
+                globals.restore = Some(target as f32);
+            }
             other => unreachable!("method lists global parameter `{other}` without a reader"),
         }
     }
