@@ -12,7 +12,7 @@
 //!    untrimmed updates (see [`super::restore`]).
 //!
 //! The vote and the mean are computed in the same order and form as TIES's, so that with
-//! `gamma = 0` and `confidence = "none"` the result is TIES's to the bit.
+//! `gamma = 0`, `confidence = "none"` and no `restore` the result is TIES's to the bit.
 
 use super::method::{fraction, squared_distance, Confidence, ExpertParams, GlobalParams};
 use super::method::{MergedTensor, TensorStats};

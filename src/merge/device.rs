@@ -2,8 +2,8 @@
 //! expert's update formed on the device (LoRA products through cuBLAS, or the uploaded
 //! difference to the base, or bf16 tensors read as they are stored), trimmed by radix select
 //! and merged by the fused kernel; only the merged tensor comes back. Every other method,
-//! TIES with a rescale and CACI with `restore`, runs on the CPU. Core-space merges (LoRA output) take their
-//! module-sized products from cuBLAS ([`GpuProducts`]).
+//! TIES with a rescale and CACI with `restore`, runs on the CPU. Core-space merges (LoRA
+//! output) take their module-sized products from cuBLAS ([`GpuProducts`]).
 
 use std::path::Path;
 use std::sync::Mutex;

@@ -59,8 +59,9 @@ pub enum Method {
     /// has no such method.
     MagnitudePrune,
     /// Conflict-aware capability integration (DESIGN.md §5): TIES's trim, a sign vote weighted
-    /// by each expert's confidence, the disjoint mean, and contested coordinates attenuated by
-    /// `(1 − κ)^γ`. With `gamma = 0` and `confidence = "none"` it is TIES.
+    /// by each expert's confidence, the disjoint mean, contested coordinates attenuated by
+    /// `(1 − κ)^γ`, and optionally each expert's share restored. With `gamma = 0`,
+    /// `confidence = "none"` and no `restore` it is TIES.
     Caci,
 }
 
