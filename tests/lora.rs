@@ -390,6 +390,63 @@ fn caci_restore_is_checked_and_applied() {
     }
 }
 
+/// CACI with `restore = 0.8` in full space, written as a delta: in every module, each expert's
+/// share of the merged update, ⟨Δ, Δ_t⟩ / ‖Δ_t‖² with Δ_t = s·B·A from its adapter, is 0.8
+/// times its weight (the bundled recipe's 1, 0.8, 1.2, 0.6).
+#[test]
+fn caci_restore_gives_each_expert_its_share_end_to_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = bundled(
+        dir.path(),
+        "restored",
+        "method = 'caci'\noutput = 'delta'",
+        "restore = 0.8",
+    );
+    assert_ok(&out);
+    let merged = SafetensorsFile::open(dir.path().join("restored/delta.safetensors")).unwrap();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/adapters");
+    let experts: Vec<(Adapter, f64)> = [
+        ("cardiology", 1.0),
+        ("radiology", 0.8),
+        ("pathology", 1.2),
+        ("dermatology", 0.6),
+    ]
+    .iter()
+    .map(|(s, w)| (Adapter::open(root.join(s)).unwrap(), *w))
+    .collect();
+    let mut checked = 0;
+    for (module, _) in experts[0].0.modules() {
+        let delta = merged.read_f32(module).unwrap();
+        for (adapter, weight) in &experts {
+            let m = &adapter.modules()[module];
+            let (b, a) = (
+                adapter.file().read_f32(&m.b_key).unwrap(),
+                adapter.file().read_f32(&m.a_key).unwrap(),
+            );
+            let cols = a.len() / m.rank;
+            let (mut inner, mut norm) = (0f64, 0f64);
+            for (i, row) in delta.chunks(cols).enumerate() {
+                for (j, d) in row.iter().enumerate() {
+                    let u: f64 = (0..m.rank)
+                        .map(|k| f64::from(b[i * m.rank + k]) * f64::from(a[k * cols + j]))
+                        .sum::<f64>()
+                        * f64::from(m.scaling);
+                    inner += f64::from(*d) * u;
+                    norm += u * u;
+                }
+            }
+            let share = inner / norm;
+            assert!(
+                (share - 0.8 * weight).abs() < 1e-3,
+                "{module}: share {share}, expected {}",
+                0.8 * weight
+            );
+            checked += 1;
+        }
+    }
+    assert_eq!(checked, 4 * experts[0].0.modules().len());
+}
+
 /// The energy of each expert the merge keeps: all of it when the merge spans the whole core
 /// space (task arithmetic at full rank), less under a rank cut; reported per module and per
 /// expert.
