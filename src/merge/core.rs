@@ -70,14 +70,18 @@ fn eigen(m: MatRef<'_, f64>, tensor: &str) -> Result<SelfAdjointEigen<f64>> {
             name: "factors".to_string(),
             tensor: tensor.to_string(),
             message: format!(
-                "the eigendecomposition of the factors' Gram matrix did not converge: {e:?}"
+                "the eigendecomposition of a Gram matrix of the experts' updates did not converge: {e:?}"
             ),
         })
 }
 
-/// The eigenvectors of a symmetric positive semi-definite matrix whose eigenvalues are not
-/// negligible, largest first, with those eigenvalues.
-fn significant(m: MatRef<'_, f64>, tensor: &str) -> Result<(Mat<f64>, Vec<f64>)> {
+/// The eigenvectors of a symmetric positive semi-definite matrix whose eigenvalues are above
+/// `negligible` times the largest, largest first, with those eigenvalues.
+pub(super) fn significant(
+    m: MatRef<'_, f64>,
+    negligible: f64,
+    tensor: &str,
+) -> Result<(Mat<f64>, Vec<f64>)> {
     let e = eigen(m, tensor)?;
     let values = e.S().column_vector();
     let n = values.nrows();
@@ -85,7 +89,7 @@ fn significant(m: MatRef<'_, f64>, tensor: &str) -> Result<(Mat<f64>, Vec<f64>)>
     // faer sorts eigenvalues in ascending order.
     let keep: Vec<usize> = (0..n)
         .rev()
-        .filter(|&i| values[i] > largest * NEGLIGIBLE && values[i] > 0.0)
+        .filter(|&i| values[i] > largest * negligible && values[i] > 0.0)
         .collect();
     let vectors = Mat::from_fn(n, keep.len(), |r, c| e.U()[(r, keep[c])]);
     Ok((vectors, keep.iter().map(|&i| values[i]).collect()))
@@ -124,7 +128,7 @@ impl Frame {
             column += block.ncols();
         }
         let w_gram = c.transpose() * gram * &c;
-        let (q, omega) = significant(w_gram.as_ref(), tensor)?;
+        let (q, omega) = significant(w_gram.as_ref(), NEGLIGIBLE, tensor)?;
         let scaled = Mat::from_fn(q.nrows(), q.ncols(), |i, j| q[(i, j)] / omega[j].sqrt());
         Ok(Frame {
             t: &c * scaled * q.transpose(),
@@ -186,8 +190,8 @@ fn expert_directions(
             // Linearly dependent columns (an untrained B is zero): through eigenvectors, which
             // drop the directions the factors do not have.
             _ => {
-                let (v_b, l_b) = significant(g_b, tensor)?;
-                let (v_a, l_a) = significant(g_a, tensor)?;
+                let (v_b, l_b) = significant(g_b, NEGLIGIBLE, tensor)?;
+                let (v_a, l_a) = significant(g_a, NEGLIGIBLE, tensor)?;
                 let s_b: Vec<f64> = l_b.iter().map(|l| l.sqrt()).collect();
                 let s_a: Vec<f64> = l_a.iter().map(|l| l.sqrt()).collect();
                 // X_B = U_B·S_B·V_Bᵀ, X_A = U_A·S_A·V_Aᵀ: B·A = U_B·K·U_Aᵀ with

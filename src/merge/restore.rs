@@ -15,10 +15,10 @@
 //! make the system singular: its least-norm solution is used, through the eigenvalues of the
 //! Gram matrix that are not negligible.
 
-use faer::linalg::solvers::SelfAdjointEigen;
-use faer::{Mat, Side};
+use faer::Mat;
 
-use crate::error::{Error, Result};
+use super::core::significant;
+use crate::error::Result;
 
 /// Eigenvalues of the experts' Gram matrix below this share of the largest count as zero.
 const NEGLIGIBLE: f64 = 1e-12;
@@ -61,29 +61,16 @@ fn dot(x: &[f32], y: &[f32]) -> f64 {
 
 /// The least-norm `x` with `G·x = b` for a symmetric positive semi-definite `G`, `b` in its
 /// range (it is here: `b` is a combination of `G`'s columns and of inner products with the
-/// vectors `G` is the Gram matrix of).
+/// vectors `G` is the Gram matrix of): `x = Σ_k v_k·(v_kᵀ·b) / λ_k` over the eigenpairs that
+/// are not negligible.
 fn least_norm_solve(gram: &Mat<f64>, b: &[f64], tensor: &str) -> Result<Vec<f64>> {
-    let eigen: SelfAdjointEigen<f64> =
-        gram.self_adjoint_eigen(Side::Lower)
-            .map_err(|e| Error::Parameter {
-                name: "restore".to_string(),
-                tensor: tensor.to_string(),
-                message: format!(
-                    "the eigendecomposition of the experts' Gram matrix did not converge: {e:?}"
-                ),
-            })?;
-    let (values, vectors) = (eigen.S().column_vector(), eigen.U());
-    let n = b.len();
-    let largest = (0..n).map(|i| values[i]).fold(0.0, f64::max);
-    let mut x = vec![0.0; n];
-    for k in 0..n {
-        let lambda = values[k];
-        if !(lambda > largest * NEGLIGIBLE && lambda > 0.0) {
-            continue;
-        }
-        let along: f64 = (0..n).map(|i| vectors[(i, k)] * b[i]).sum::<f64>() / lambda;
+    let (vectors, values) = significant(gram.as_ref(), NEGLIGIBLE, tensor)?;
+    let mut x = vec![0.0; b.len()];
+    for (k, lambda) in values.iter().enumerate() {
+        let v = vectors.col(k);
+        let along: f64 = b.iter().enumerate().map(|(i, bi)| v[i] * bi).sum::<f64>() / lambda;
         for (i, xi) in x.iter_mut().enumerate() {
-            *xi += along * vectors[(i, k)];
+            *xi += along * v[i];
         }
     }
     Ok(x)
@@ -91,6 +78,7 @@ fn least_norm_solve(gram: &Mat<f64>, b: &[f64], tensor: &str) -> Result<Vec<f64>
 
 #[cfg(test)]
 mod tests {
+    use faer::Side;
     use proptest::prelude::*;
 
     use super::*;
