@@ -3,20 +3,12 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 
 mod common;
 
-use common::{assert_ok, reference};
+use common::{assert_ok, mmx, reference};
 use mmx::tensor::{from_f32, write_safetensors, SafetensorsFile, TensorSpec};
-
-fn mmx(args: &[&str], cwd: &Path) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_mmx"))
-        .current_dir(cwd)
-        .args(args)
-        .output()
-        .unwrap()
-}
 
 fn copy_dir(from: &Path, to: &Path) {
     std::fs::create_dir_all(to).unwrap();

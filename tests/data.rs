@@ -1,22 +1,14 @@
 //! `mmx data generate` and `mmx data check`, run as the binary in a temporary directory.
 
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Output;
 
 mod common;
 
-use common::assert_ok;
+use common::{assert_ok, mmx};
 
 const SPECIALTIES: [&str; 4] = ["cardiology", "radiology", "pathology", "dermatology"];
 const SPLITS: [&str; 3] = ["train", "validation", "test"];
-
-fn mmx(args: &[&str], cwd: &Path) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_mmx"))
-        .current_dir(cwd)
-        .args(args)
-        .output()
-        .unwrap()
-}
 
 fn stdout(out: &Output) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()

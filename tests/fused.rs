@@ -7,7 +7,6 @@
 //! Run with `--nocapture` to see the measured errors.
 
 use std::path::Path;
-use std::process::Command;
 
 use candle_core::{DType, Device, Tensor, Var};
 use mmx::tensor::SafetensorsFile;
@@ -18,7 +17,7 @@ use mmx::train::model::{CausalLm, LoraSpec};
 mod common;
 
 use common::tiny::{self, Part, Tiny};
-use common::{assert_ok, max_relative_error, Rng};
+use common::{assert_ok, max_relative_error, mmx_with_env, Rng};
 
 const VOCAB: usize = 48;
 
@@ -281,12 +280,7 @@ fn dropout_and_other_dtypes_are_left_to_candle() {
 // `mmx train` with either engine
 
 fn mmx(dir: &Path, engine: &str, args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_mmx"))
-        .current_dir(dir)
-        .env("MMX_TRAIN_ENGINE", engine)
-        .args(args)
-        .output()
-        .unwrap()
+    mmx_with_env(args, dir, &[("MMX_TRAIN_ENGINE", Some(engine))])
 }
 
 // Both recipes raise AdamW's eps from 1e-8: its first update is lr·g/(|g| + eps), so a rounding

@@ -3,11 +3,10 @@
 //! `mmx conflicts --plot` draws the report.
 
 use std::path::Path;
-use std::process::{Command, Output};
 
 mod common;
 
-use common::assert_ok;
+use common::{assert_ok, mmx};
 use mmx::plot::{heatmap, heatmaps, scatter_panels, ColorMap, Heatmap, Panel, Series, EMPTY};
 
 const PNG_SIGNATURE: [u8; 8] = [0x89, b'P', b'N', b'G', b'\r', b'\n', 0x1A, b'\n'];
@@ -309,14 +308,6 @@ fn scatter_survives_degenerate_ranges_and_skips_non_finite_points() {
     // Each series keeps its colour across panels: `ties` is the first colour in both.
     let ties = mmx::plot::Rgb(0x00, 0x72, 0xB2).hex();
     assert!(svg.matches(&format!("fill=\"{ties}\"")).count() >= 4);
-}
-
-fn mmx(args: &[&str], cwd: &Path) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_mmx"))
-        .current_dir(cwd)
-        .args(args)
-        .output()
-        .unwrap()
 }
 
 #[test]

@@ -7,15 +7,11 @@ use std::process::{Command, Output};
 
 mod common;
 
-use common::assert_ok;
+use common::{assert_ok, mmx_with_env};
 
+/// `mmx` without a registry from the environment: each test names its own.
 fn mmx(args: &[&str], cwd: &Path) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_mmx"))
-        .current_dir(cwd)
-        .env_remove("MMX_REGISTRY")
-        .args(args)
-        .output()
-        .unwrap()
+    mmx_with_env(args, cwd, &[("MMX_REGISTRY", None)])
 }
 
 fn examples() -> PathBuf {

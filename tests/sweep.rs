@@ -2,19 +2,10 @@
 //! and JSON keyed by trial id.
 
 use std::path::Path;
-use std::process::{Command, Output};
 
 mod common;
 
-use common::assert_ok;
-
-fn mmx(args: &[&str], cwd: &Path) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_mmx"))
-        .current_dir(cwd)
-        .args(args)
-        .output()
-        .unwrap()
-}
+use common::{assert_ok, mmx};
 
 const PLANTED: &str = r#"
 [sweep]

@@ -4,19 +4,10 @@
 //! any training.
 
 use std::path::Path;
-use std::process::Command;
 
 mod common;
 
-use common::assert_ok;
-
-fn mmx(dir: &Path, args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_mmx"))
-        .current_dir(dir)
-        .args(args)
-        .output()
-        .unwrap()
-}
+use common::{assert_ok, mmx};
 
 const BASE: &str = r#"[train]
 method = "base"
@@ -83,8 +74,8 @@ fn base_then_dsa_then_resume_then_eval() {
     let dir = work.path();
     std::fs::write(dir.join("base.toml"), BASE).unwrap();
     assert_ok(&mmx(
-        dir,
         &["train", "base", "base.toml", "-o", "base", "--quiet"],
+        dir,
     ));
     let steps = metrics(&dir.join("base"));
     assert_eq!(steps.len(), 6);
@@ -95,16 +86,16 @@ fn base_then_dsa_then_resume_then_eval() {
     }
     // The same recipe draws the same base.
     assert_ok(&mmx(
-        dir,
         &["train", "base", "base.toml", "-o", "base-again", "--quiet"],
+        dir,
     ));
     let weights = |d: &str| std::fs::read(dir.join(d).join("model.safetensors")).unwrap();
     assert_eq!(weights("base"), weights("base-again"));
 
     std::fs::write(dir.join("dsa.toml"), dsa("q_proj")).unwrap();
     assert_ok(&mmx(
-        dir,
         &["train", "dsa", "dsa.toml", "-o", "card", "--quiet"],
+        dir,
     ));
     let steps = metrics(&dir.join("card"));
     assert_eq!(steps.len(), 4, "2 epochs of 2 batches");
@@ -124,8 +115,8 @@ fn base_then_dsa_then_resume_then_eval() {
         &resumed.join("checkpoints/step-000002"),
     );
     let out = mmx(
-        dir,
         &["train", "dsa", "dsa.toml", "-o", "resumed", "--resume"],
+        dir,
     );
     assert_ok(&out);
     assert!(String::from_utf8_lossy(&out.stderr).contains("resumed from step 2"));
@@ -142,8 +133,8 @@ fn base_then_dsa_then_resume_then_eval() {
     )
     .unwrap();
     let out = mmx(
-        dir,
         &["train", "dsa", "dsa.toml", "-o", "resumed", "--resume"],
+        dir,
     );
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("another recipe"));
@@ -161,7 +152,6 @@ fn base_then_dsa_then_resume_then_eval() {
     .test;
     mmx::train::write_cases(&test, &cases).unwrap();
     let out = mmx(
-        dir,
         &[
             "eval",
             "base",
@@ -173,6 +163,7 @@ fn base_then_dsa_then_resume_then_eval() {
             "--samples",
             "samples.jsonl",
         ],
+        dir,
     );
     assert_ok(&out);
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
@@ -218,7 +209,7 @@ fn base_then_dsa_then_resume_then_eval() {
         "[sweep]\nrecipe = \"template.toml\"\nkeep_outputs = true\n[[sweep.methods]]\nmethod = \"ties\"\nparameters = { density = [0.5, 1.0] }\n[sweep.eval]\nbase = \"base\"\nvalidation = [\"test.jsonl\"]\ntest = [\"test.jsonl\"]\n",
     )
     .unwrap();
-    assert_ok(&mmx(dir, &["sweep", "sweep.toml", "-o", "sweep"]));
+    assert_ok(&mmx(&["sweep", "sweep.toml", "-o", "sweep"], dir));
     let results: serde_json::Value =
         serde_json::from_slice(&std::fs::read(dir.join("sweep/results.json")).unwrap()).unwrap();
     let trials = results["trials"].as_array().unwrap();
@@ -226,7 +217,6 @@ fn base_then_dsa_then_resume_then_eval() {
     for t in trials {
         let merged = dir.join("sweep/outputs").join(t["id"].as_str().unwrap());
         let out = mmx(
-            dir,
             &[
                 "eval",
                 "base",
@@ -236,6 +226,7 @@ fn base_then_dsa_then_resume_then_eval() {
                 "test.jsonl",
                 "--json",
             ],
+            dir,
         );
         let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
         let accuracy = report["accuracy"].as_object().unwrap();
@@ -258,12 +249,12 @@ fn bad_inputs_are_refused_before_training() {
     )
     .unwrap();
     assert_ok(&mmx(
-        dir,
         &["train", "base", "base.toml", "-o", "base", "--quiet"],
+        dir,
     ));
     let refused = |recipe: &str, out: &str, expected: &str| {
         std::fs::write(dir.join("r.toml"), recipe).unwrap();
-        let o = mmx(dir, &["train", "dsa", "r.toml", "-o", out, "--quiet"]);
+        let o = mmx(&["train", "dsa", "r.toml", "-o", out, "--quiet"], dir);
         let err = String::from_utf8_lossy(&o.stderr).to_string();
         assert_eq!(o.status.code(), Some(2), "{err}");
         assert!(err.contains(expected), "{expected}: {err}");
@@ -294,7 +285,7 @@ fn bad_inputs_are_refused_before_training() {
     .unwrap();
     refused(&dsa("q_proj"), "d", "vocab");
     // A base recipe run as dsa.
-    let o = mmx(dir, &["train", "dsa", "base.toml", "--quiet"]);
+    let o = mmx(&["train", "dsa", "base.toml", "--quiet"], dir);
     assert!(String::from_utf8_lossy(&o.stderr).contains("mmx train base"));
 }
 

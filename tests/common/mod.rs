@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
 
 pub mod tiny;
 
@@ -28,8 +29,26 @@ pub fn max_relative_error(ours: &[f32], theirs: &[f32]) -> f64 {
     worst / scale.max(f64::MIN_POSITIVE)
 }
 
+/// Runs the built `mmx` in `cwd` with `args`.
+pub fn mmx(args: &[&str], cwd: &Path) -> Output {
+    mmx_with_env(args, cwd, &[])
+}
+
+/// [`mmx`] with environment variables set (`Some`) or removed (`None`).
+pub fn mmx_with_env(args: &[&str], cwd: &Path, env: &[(&str, Option<&str>)]) -> Output {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_mmx"));
+    command.current_dir(cwd).args(args);
+    for (name, value) in env {
+        match value {
+            Some(v) => command.env(name, v),
+            None => command.env_remove(name),
+        };
+    }
+    command.output().unwrap()
+}
+
 /// Asserts that a command succeeded, showing its stderr if not.
-pub fn assert_ok(out: &std::process::Output) {
+pub fn assert_ok(out: &Output) {
     assert!(
         out.status.success(),
         "{}",
