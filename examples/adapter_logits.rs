@@ -25,6 +25,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         validation: 0,
         test: 1,
         shuffle_options: false,
+        guidelines: false,
+        answer_only: 0,
     })?
     .test[0];
     let mut ids: Vec<u32> = model.config().bos_token_id.into_iter().collect();

@@ -147,6 +147,8 @@ fn base_then_dsa_then_resume_then_eval() {
         validation: 0,
         test: 4,
         shuffle_options: false,
+        guidelines: false,
+        answer_only: 0,
     })
     .unwrap()
     .test;

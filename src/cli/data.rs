@@ -54,6 +54,13 @@ pub struct GenerateArgs {
     /// order; the cases are the same either way).
     #[arg(long)]
     shuffle_options: bool,
+    /// Write each case's reasoning under one of four guidelines in turn (differential,
+    /// analytical, Bayesian, intuitive), named in the case and its prompt.
+    #[arg(long)]
+    guidelines: bool,
+    /// Answer-only training cases per specialty (no reasoning), in `answers.jsonl`.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    answer_only: usize,
     /// Overwrite case files and a README already in DIR.
     #[arg(long)]
     force: bool,
@@ -82,6 +89,8 @@ fn run_generate(args: GenerateArgs) -> anyhow::Result<ExitCode> {
         validation: args.validation,
         test: args.test,
         shuffle_options: args.shuffle_options,
+        guidelines: args.guidelines,
+        answer_only: args.answer_only,
     };
     let splits = generate(&spec)?;
     let readme = args.output.join("README.md");
@@ -91,7 +100,11 @@ fn run_generate(args: GenerateArgs) -> anyhow::Result<ExitCode> {
             ("train", &splits.train),
             ("validation", &splits.validation),
             ("test", &splits.test),
+            ("answers", &splits.answer_only),
         ] {
+            if split == "answers" && args.answer_only == 0 {
+                continue;
+            }
             let path = args
                 .output
                 .join(specialty.name())
@@ -123,7 +136,7 @@ fn run_generate(args: GenerateArgs) -> anyhow::Result<ExitCode> {
     write_atomic(&readme, readme_text(&args).as_bytes())?;
     println!(
         "wrote {} synthetic cases to {} (seed {}; per specialty {} train, {} validation, {} test)",
-        splits.train.len() + splits.validation.len() + splits.test.len(),
+        splits.train.len() + splits.validation.len() + splits.test.len() + splits.answer_only.len(),
         args.output.display(),
         args.seed,
         args.train,
@@ -136,7 +149,7 @@ fn run_generate(args: GenerateArgs) -> anyhow::Result<ExitCode> {
 /// The command that makes these files, as a person would type it.
 fn command_line(args: &GenerateArgs) -> String {
     format!(
-        "mmx data generate -o {} --seed {} --train {} --validation {} --test {}{}",
+        "mmx data generate -o {} --seed {} --train {} --validation {} --test {}{}{}{}",
         shell_word(&args.output.display().to_string()),
         args.seed,
         args.train,
@@ -146,6 +159,12 @@ fn command_line(args: &GenerateArgs) -> String {
             " --shuffle-options"
         } else {
             ""
+        },
+        if args.guidelines { " --guidelines" } else { "" },
+        if args.answer_only > 0 {
+            format!(" --answer-only {}", args.answer_only)
+        } else {
+            String::new()
         }
     )
 }
@@ -181,7 +200,7 @@ fn readme_text(args: &GenerateArgs) -> String {
          (`id`, `specialty`, `question`, `options`, `answer`, `reasoning`, `synthetic`); per \
          specialty {} train, {} validation and {} test cases, the four diagnoses equally \
          frequent (to within one case). No question appears twice, in one file or across \
-         files. `mmx data check FILE...` validates them. {}\n",
+         files. `mmx data check FILE...` validates them. {}{}\n",
         env!("CARGO_PKG_VERSION"),
         args.seed,
         command_line(args),
@@ -192,6 +211,13 @@ fn readme_text(args: &GenerateArgs) -> String {
             "Each case lists its options in its own shuffled order."
         } else {
             "Each specialty lists its options in the order below in every case."
+        },
+        if args.guidelines {
+            " Each case's reasoning is written under one of four guidelines in turn \
+             (differential, analytical, Bayesian, intuitive), named in its `guideline` field; \
+             `answers.jsonl` holds answer-only training cases (no reasoning)."
+        } else {
+            ""
         }
     );
     text.push_str("\n## Rules\n");

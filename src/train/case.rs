@@ -38,15 +38,21 @@ pub(crate) struct CaseLine {
     pub(crate) question: String,
     pub(crate) options: Vec<String>,
     pub(crate) answer: String,
+    /// Empty (or absent) for an answer-only case.
+    #[serde(default)]
     pub(crate) reasoning: Vec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) image_embeds: Option<String>,
     #[serde(default)]
     pub(crate) synthetic: bool,
+    /// The guideline the reasoning is written under (its prompt carries `Guideline: <name>`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) guideline: Option<String>,
 }
 
 /// A validated case: a question, 2 to 8 options, the letter of the right one, and the
-/// reasoning that leads to it.
+/// reasoning that leads to it (none for an answer-only case), optionally written under a
+/// named guideline.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Case {
     id: String,
@@ -57,6 +63,7 @@ pub struct Case {
     reasoning: Vec<String>,
     image_embeds: Option<String>,
     synthetic: bool,
+    guideline: Option<String>,
 }
 
 impl Case {
@@ -97,9 +104,6 @@ impl Case {
                 line.answer
             )
         })?;
-        if line.reasoning.is_empty() {
-            return Err("`reasoning` is empty, expected at least one step".to_string());
-        }
         for (i, step) in line.reasoning.iter().enumerate() {
             let name = format!("`reasoning` step {}", i + 1);
             non_empty(&name, step)?;
@@ -107,6 +111,10 @@ impl Case {
         }
         if let Some(path) = &line.image_embeds {
             non_empty("`image_embeds`", path)?;
+        }
+        if let Some(name) = &line.guideline {
+            non_empty("`guideline`", name)?;
+            one_line("`guideline`", name)?;
         }
         Ok(Case {
             id: line.id,
@@ -117,6 +125,7 @@ impl Case {
             reasoning: line.reasoning,
             image_embeds: line.image_embeds,
             synthetic: line.synthetic,
+            guideline: line.guideline,
         })
     }
 
@@ -131,6 +140,7 @@ impl Case {
             reasoning: self.reasoning.clone(),
             image_embeds: self.image_embeds.clone(),
             synthetic: self.synthetic,
+            guideline: self.guideline.clone(),
         }
     }
 
@@ -182,6 +192,20 @@ impl Case {
     /// Whether the case was generated rather than taken from real records.
     pub fn is_synthetic(&self) -> bool {
         self.synthetic
+    }
+
+    /// The guideline its reasoning is written under, if any.
+    pub fn guideline(&self) -> Option<&str> {
+        self.guideline.as_deref()
+    }
+
+    /// The same case with its reasoning dropped: an answer-only case.
+    pub fn answer_only(&self) -> Case {
+        Case {
+            reasoning: Vec::new(),
+            guideline: None,
+            ..self.clone()
+        }
     }
 }
 
@@ -365,11 +389,24 @@ mod tests {
     }
 
     #[test]
-    fn missing_or_empty_reasoning_names_its_line_and_field() {
-        let missing = error(&[GOOD, &with("reasoning", None).replace("c1", "c2")]);
-        assert_names(&missing, &["line 2:", "missing field `reasoning`"]);
-        let empty = error(&[&with("reasoning", Some("[]"))]);
-        assert_names(&empty, &["line 1:", "`reasoning` is empty"]);
+    fn answer_only_cases_and_guidelines_read_and_write_back() {
+        let text = format!(
+            "{}\n{}\n",
+            with("reasoning", None),
+            with("guideline", Some(r#""bayesian""#)).replace("c1", "c2")
+        );
+        let cases = parse_cases(Path::new("cases.jsonl"), text.as_bytes()).unwrap();
+        assert!(cases[0].reasoning().is_empty() && cases[0].guideline().is_none());
+        assert_eq!(cases[1].guideline(), Some("bayesian"));
+        assert_eq!(cases[1].answer_only().reasoning().len(), 0);
+        let line = serde_json::to_string(&cases[1].to_line()).unwrap();
+        assert!(line.contains(r#""guideline":"bayesian""#), "{line}");
+        let blank = error(&[&with("guideline", Some(r#""  ""#))]);
+        assert_names(&blank, &["line 1:", "`guideline` is empty"]);
+    }
+
+    #[test]
+    fn bad_reasoning_steps_name_their_line_and_field() {
         let blank_step = error(&[&with("reasoning", Some(r#"["a", " "]"#))]);
         assert_names(&blank_step, &["line 1:", "`reasoning` step 2 is empty"]);
         let split_step = error(&[&with("reasoning", Some(r#"["a\nb"]"#))]);

@@ -231,6 +231,8 @@ mod tests {
             validation: 0,
             test: 0,
             shuffle_options: true,
+            guidelines: true,
+            answer_only: 0,
         })
         .unwrap();
         for case in &splits.train {

@@ -6,7 +6,7 @@
 //! ```
 //! use mmx::train::{parse_answer, read_cases, synth, write_cases};
 //!
-//! let splits = synth::generate(&synth::SynthSpec { seed: 1, per_specialty: 4, validation: 0, test: 0, shuffle_options: true })?;
+//! let splits = synth::generate(&synth::SynthSpec::new(1, 4, 0, 0))?;
 //! let dir = std::env::temp_dir().join(format!("mmx-train-doc-{}", std::process::id()));
 //! std::fs::create_dir_all(&dir).map_err(|e| mmx::Error::io(&dir, e))?;
 //! let path = dir.join("train.jsonl");
@@ -23,11 +23,13 @@ pub mod case;
 pub mod checkpoint;
 pub mod eval;
 pub mod fused;
+pub mod guideline;
 pub mod init;
 pub mod model;
 pub mod optim;
 pub mod prompt;
 pub mod recipe;
+pub mod rl;
 mod rng;
 pub mod schedule;
 pub mod sft;

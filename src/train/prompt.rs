@@ -67,15 +67,28 @@ impl RuleBook {
 }
 
 impl Case {
-    /// The prompt: `Question: ...`, `Options:` with one `X. text` line each, and `Reasoning:`,
-    /// every line ending in a newline.
+    /// The prompt: `Question: ...`, `Options:` with one `X. text` line each, the case's
+    /// guideline line (`Guideline: <name>`) if it has one, and `Reasoning:`, every line ending
+    /// in a newline.
     pub fn prompt(&self) -> String {
+        let line = self
+            .guideline()
+            .map(|g| format!("{} {g}", crate::train::guideline::PROMPT_CUE));
+        self.prompt_under(line.as_deref())
+    }
+
+    /// The prompt with `line` (a guideline's prompt line) before `Reasoning:`, or none.
+    pub fn prompt_under(&self, line: Option<&str>) -> String {
         let mut text = format!("Question: {}\nOptions:\n", self.question());
         for (index, option) in self.options().iter().enumerate() {
             // A validated case has at most as many options as there are letters.
             if let Some(letter) = option_letter(index) {
                 let _ = writeln!(text, "{letter}. {option}");
             }
+        }
+        if let Some(line) = line {
+            text.push_str(line);
+            text.push('\n');
         }
         text.push_str("Reasoning:\n");
         text
@@ -155,6 +168,7 @@ mod tests {
             reasoning: vec!["ST elevation in V1 to V4".into(), "so: STEMI".into()],
             image_embeds: None,
             synthetic: true,
+            guideline: None,
         })
         .unwrap()
     }
@@ -210,6 +224,7 @@ mod tests {
                 ],
                 image_embeds: None,
                 synthetic: true,
+                guideline: None,
             })
             .unwrap()
         };

@@ -289,6 +289,10 @@ struct WireSynthetic {
     test: usize,
     #[serde(default)]
     shuffle_options: bool,
+    #[serde(default)]
+    guidelines: bool,
+    #[serde(default)]
+    answer_only: usize,
 }
 
 #[derive(Deserialize)]
@@ -380,6 +384,8 @@ impl TrainRecipe {
                 validation: s.validation,
                 test: s.test,
                 shuffle_options: s.shuffle_options,
+                guidelines: s.guidelines,
+                answer_only: s.answer_only,
             }),
             specialties: t.data.specialties,
             completion: t.data.completion,

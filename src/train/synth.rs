@@ -15,7 +15,7 @@
 //! ```
 //! use mmx::train::synth::{generate, SynthSpec};
 //!
-//! let splits = generate(&SynthSpec { seed: 7, per_specialty: 8, validation: 4, test: 4, shuffle_options: true })?;
+//! let splits = generate(&SynthSpec::new(7, 8, 4, 4))?;
 //! assert_eq!(splits.train.len(), 4 * 8);
 //! let case = &splits.test[0];
 //! assert!(case.is_synthetic());
@@ -33,6 +33,7 @@ use std::fmt;
 use std::ops::RangeInclusive;
 
 use super::case::{option_letter, Case, CaseLine};
+use super::guideline::{self, Facts, Style};
 use super::rng::SplitMix;
 use crate::error::{Error, Result};
 
@@ -104,6 +105,22 @@ impl Specialty {
         }
     }
 
+    /// How common each of its diagnoses is, relative to the others (the Bayesian guideline's
+    /// prior): distinct values, larger is more common.
+    pub fn priors(self) -> [u32; 4] {
+        match self {
+            Specialty::Cardiology => cardiology::PRIORS,
+            Specialty::Radiology => radiology::PRIORS,
+            Specialty::Pathology => pathology::PRIORS,
+            Specialty::Dermatology => dermatology::PRIORS,
+        }
+    }
+
+    /// The specialty called `name`.
+    pub fn from_name(name: &str) -> Option<Specialty> {
+        Specialty::ALL.into_iter().find(|s| s.name() == name)
+    }
+
     fn draw(self, rng: &mut SplitMix) -> Vignette {
         match self {
             Specialty::Cardiology => cardiology::draw(rng),
@@ -153,6 +170,28 @@ pub struct SynthSpec {
     /// Shuffle each case's options (else they are listed in the specialty's fixed order, so
     /// that an answer's letter follows from its diagnosis). The cases are the same either way.
     pub shuffle_options: bool,
+    /// Write each case's reasoning under one of the four guidelines ([`Style`], in turn), with
+    /// its name in the case (and so in its prompt); else in the plain form (findings, rule,
+    /// conclusion).
+    pub guidelines: bool,
+    /// Answer-only training cases per specialty (no reasoning), drawn after every other split.
+    pub answer_only: usize,
+}
+
+impl SynthSpec {
+    /// `per_specialty` training, `validation` and `test` cases per specialty from `seed`, with
+    /// shuffled options, plain reasoning and no answer-only cases.
+    pub fn new(seed: u64, per_specialty: usize, validation: usize, test: usize) -> SynthSpec {
+        SynthSpec {
+            seed,
+            per_specialty,
+            validation,
+            test,
+            shuffle_options: true,
+            guidelines: false,
+            answer_only: 0,
+        }
+    }
 }
 
 /// Generated cases, each split holding every specialty in [`Specialty::ALL`] order.
@@ -164,6 +203,8 @@ pub struct Splits {
     pub validation: Vec<Case>,
     /// Test cases.
     pub test: Vec<Case>,
+    /// Answer-only training cases (no reasoning, no guideline).
+    pub answer_only: Vec<Case>,
 }
 
 /// One split, in the order it is drawn.
@@ -172,6 +213,7 @@ enum Split {
     Test,
     Validation,
     Train,
+    AnswerOnly,
 }
 
 impl Split {
@@ -180,6 +222,7 @@ impl Split {
             Split::Test => "test",
             Split::Validation => "validation",
             Split::Train => "train",
+            Split::AnswerOnly => "answers",
         }
     }
 }
@@ -189,23 +232,56 @@ struct Vignette {
     question: String,
     /// Index into the specialty's diagnoses.
     diagnosis: usize,
+    /// The plain reasoning: the findings restated, the rule, the conclusion.
     reasoning: Vec<String>,
+    /// The competing diagnosis (an index) and the finding (an index into the reasoning) that
+    /// excludes it.
+    runner_up: (usize, usize),
+}
+
+impl Vignette {
+    /// What every guideline's reasoning rests on, for a specialty whose diagnoses are
+    /// `diagnoses` with relative frequencies `priors`.
+    fn facts(&self, diagnoses: [&str; 4], priors: [u32; 4]) -> Facts {
+        let n = self.reasoning.len();
+        let (other, exclusion) = self.runner_up;
+        let (first, second) = if self.diagnosis < other {
+            (self.diagnosis, other)
+        } else {
+            (other, self.diagnosis)
+        };
+        Facts {
+            findings: self.reasoning[..n - 2].to_vec(),
+            rule: self.reasoning[n - 2]
+                .trim_start_matches(guideline::RULE)
+                .trim_start()
+                .to_string(),
+            diagnosis: diagnoses[self.diagnosis].to_string(),
+            runner_up: diagnoses[other].to_string(),
+            exclusion,
+            diagnosis_more_common: priors[self.diagnosis] > priors[other],
+            candidates: [diagnoses[first].to_string(), diagnoses[second].to_string()],
+        }
+    }
 }
 
 /// A vignette from a specialty's drawn findings and its rules: what `decide` concludes (its
-/// diagnosis at `index` in the specialty's list), the question and the reasoning.
+/// diagnosis at `index` in the specialty's list), the question, the reasoning and the runner-up
+/// with the finding that excludes it.
 fn vignette<F, D: Copy>(
     findings: F,
     decide: impl Fn(&F) -> D,
     index: impl Fn(D) -> usize,
     question: impl Fn(&F) -> String,
     reasoning: impl Fn(&F, D) -> Vec<String>,
+    runner_up: impl Fn(&F, D) -> (usize, usize),
 ) -> Vignette {
     let decided = decide(&findings);
     Vignette {
         question: question(&findings),
         diagnosis: index(decided),
         reasoning: reasoning(&findings, decided),
+        runner_up: runner_up(&findings, decided),
     }
 }
 
@@ -278,35 +354,31 @@ pub fn generate(spec: &SynthSpec) -> Result<Splits> {
         .per_specialty
         .checked_add(spec.validation)
         .and_then(|n| n.checked_add(spec.test))
+        .and_then(|n| n.checked_add(spec.answer_only))
         .filter(|&n| n <= MAX_PER_SPECIALTY)
         .ok_or_else(|| Error::Synth {
             message: format!(
-                "{} train + {} validation + {} test cases per specialty is more than {MAX_PER_SPECIALTY}",
-                spec.per_specialty, spec.validation, spec.test
+                "{} train + {} validation + {} test + {} answer-only cases per specialty is more than {MAX_PER_SPECIALTY}",
+                spec.per_specialty, spec.validation, spec.test, spec.answer_only
             ),
         })?;
     let mut splits = Splits {
         train: Vec::with_capacity(spec.per_specialty * Specialty::ALL.len()),
         validation: Vec::with_capacity(spec.validation * Specialty::ALL.len()),
         test: Vec::with_capacity(spec.test * Specialty::ALL.len()),
+        answer_only: Vec::with_capacity(spec.answer_only * Specialty::ALL.len()),
     };
     for specialty in Specialty::ALL {
         let mut seen = HashSet::with_capacity(total);
-        let mut draw = |split, count| {
-            draw_split(
-                spec.seed,
-                spec.shuffle_options,
-                specialty,
-                split,
-                count,
-                &mut seen,
-            )
-        };
+        let mut draw = |split, count| draw_split(spec, specialty, split, count, &mut seen);
         splits.test.extend(draw(Split::Test, spec.test)?);
         splits
             .validation
             .extend(draw(Split::Validation, spec.validation)?);
         splits.train.extend(draw(Split::Train, spec.per_specialty)?);
+        splits
+            .answer_only
+            .extend(draw(Split::AnswerOnly, spec.answer_only)?);
     }
     Ok(splits)
 }
@@ -314,14 +386,13 @@ pub fn generate(spec: &SynthSpec) -> Result<Splits> {
 /// Draws one split of one specialty: as many cases of each diagnosis (to within one), in an
 /// order shuffled by the seed, none with a question in `seen`.
 fn draw_split(
-    seed: u64,
-    shuffle_options: bool,
+    spec: &SynthSpec,
     specialty: Specialty,
     split: Split,
     count: usize,
     seen: &mut HashSet<String>,
 ) -> Result<Vec<Case>> {
-    let mut rng = SplitMix::derive(seed, &[specialty as u64, split as u64]);
+    let mut rng = SplitMix::derive(spec.seed, &[specialty as u64, split as u64]);
     let diagnoses = specialty.diagnoses();
     let mut targets: Vec<usize> = (0..count).map(|i| i % diagnoses.len()).collect();
     rng.shuffle(&mut targets);
@@ -341,9 +412,16 @@ fn draw_split(
         let mut order: [usize; OPTIONS] = [0, 1, 2, 3];
         // Drawn either way, so that the flag changes the option order and nothing else.
         rng.shuffle(&mut order);
-        if !shuffle_options {
+        if !spec.shuffle_options {
             order = [0, 1, 2, 3];
         }
+        let answer_only = matches!(split, Split::AnswerOnly);
+        let style = (spec.guidelines && !answer_only).then(|| Style::ALL[index % Style::ALL.len()]);
+        let reasoning = match style {
+            _ if answer_only => Vec::new(),
+            Some(style) => guideline::render(style, &vignette.facts(diagnoses, specialty.priors())),
+            None => vignette.reasoning,
+        };
         let answer = order
             .iter()
             .position(|&d| d == target)
@@ -355,9 +433,10 @@ fn draw_split(
             question: vignette.question,
             options: order.iter().map(|&d| diagnoses[d].to_string()).collect(),
             answer: answer.unwrap_or_default(),
-            reasoning: vignette.reasoning,
+            reasoning,
             image_embeds: None,
             synthetic: true,
+            guideline: style.map(|s| s.name().to_string()),
         };
         // The same checks as a file's lines: a generator bug is an error, not a bad data set.
         let case = Case::from_line(line).map_err(|message| Error::Synth {
@@ -372,7 +451,11 @@ fn draw_split(
 /// and [`Case::prompt`] and [`Case::completion`] of its cases, once the symbols
 /// `, . : ; ( ) /` are split from the words around them and the text is split on whitespace.
 pub fn vocabulary() -> Vec<String> {
-    let mut words: BTreeSet<String> = COMMON_WORDS.split_whitespace().map(String::from).collect();
+    let mut words: BTreeSet<String> = COMMON_WORDS
+        .split_whitespace()
+        .chain(guideline::WORDS.split_whitespace())
+        .map(String::from)
+        .collect();
     for specialty in Specialty::ALL {
         words.extend(specialty.words().split_whitespace().map(String::from));
         for range in specialty.numbers() {
@@ -387,13 +470,7 @@ mod tests {
     use super::*;
 
     fn spec(seed: u64, per_specialty: usize, validation: usize, test: usize) -> SynthSpec {
-        SynthSpec {
-            shuffle_options: true,
-            seed,
-            per_specialty,
-            validation,
-            test,
-        }
+        SynthSpec::new(seed, per_specialty, validation, test)
     }
 
     fn all(splits: &Splits) -> impl Iterator<Item = &Case> {
@@ -423,8 +500,12 @@ mod tests {
     fn every_emitted_word_is_in_the_vocabulary_and_every_word_is_emitted() {
         let vocabulary: BTreeSet<String> = vocabulary().into_iter().collect();
         let mut emitted = BTreeSet::new();
-        for seed in [1, 2] {
-            let splits = generate(&spec(seed, 600, 50, 50)).unwrap();
+        for (seed, guidelines) in [(1, false), (2, true)] {
+            let splits = generate(&SynthSpec {
+                guidelines,
+                ..spec(seed, 600, 50, 50)
+            })
+            .unwrap();
             for case in all(&splits) {
                 let text = format!("{}{}", case.prompt(), case.completion());
                 for word in words(&text) {
@@ -580,6 +661,51 @@ mod tests {
             .map(|c| c.options().to_vec())
             .collect();
         assert!(orders.len() > 5, "{} option orders", orders.len());
+    }
+
+    #[test]
+    fn guideline_cases_cycle_the_styles_and_answer_only_cases_are_new_questions() {
+        let plain = generate(&spec(6, 40, 8, 8)).unwrap();
+        let styled = generate(&SynthSpec {
+            guidelines: true,
+            answer_only: 20,
+            ..spec(6, 40, 8, 8)
+        })
+        .unwrap();
+        // The same questions and answers; only the reasoning's form differs.
+        for (a, b) in plain.train.iter().zip(&styled.train) {
+            assert_eq!((a.question(), a.answer()), (b.question(), b.answer()));
+            assert_eq!(a.reasoning().last(), b.reasoning().last());
+        }
+        let questions = |cases: &[Case]| {
+            cases
+                .iter()
+                .map(|c| c.question().to_string())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(questions(&plain.test), questions(&styled.test));
+        for style in Style::ALL {
+            let n = styled
+                .train
+                .iter()
+                .filter(|c| c.guideline() == Some(style.name()))
+                .count();
+            assert_eq!(n, 40, "{style}");
+        }
+        assert!(styled.test.iter().all(|c| c.guideline().is_some()));
+        assert_eq!(styled.answer_only.len(), 4 * 20);
+        let seen: HashSet<&str> = styled
+            .train
+            .iter()
+            .chain(&styled.validation)
+            .chain(&styled.test)
+            .map(|c| c.question())
+            .collect();
+        for case in &styled.answer_only {
+            assert!(case.reasoning().is_empty() && case.guideline().is_none());
+            assert!(!seen.contains(case.question()), "{}", case.id());
+        }
+        assert_eq!(styled.answer_only[0].id(), "cardiology-answers-000000");
     }
 
     #[test]

@@ -24,6 +24,9 @@ pub(super) const RULES: [&str; 4] = [
     "troponin at or below 14 ng/L with pain on exertion and no ST change means stable angina",
 ];
 
+/// How common each diagnosis is, relative to the others, indexed by [`Diagnosis`].
+pub(super) const PRIORS: [u32; 4] = [1, 3, 2, 4];
+
 /// Every word the questions and reasoning use besides numbers, separated by spaces.
 pub(super) const WORDS: &str = "\
     has chest pain at rest on exertion and a heart rate of per minute ECG shows ST elevation \
@@ -152,6 +155,17 @@ fn reasoning(f: &Findings, diagnosis: Diagnosis) -> Vec<String> {
     ]
 }
 
+/// The diagnosis a clinician weighs against `diagnosis`, and the reasoning step (troponin 0,
+/// ECG 1, pain 2) that excludes it.
+fn runner_up(_: &Findings, diagnosis: Diagnosis) -> (usize, usize) {
+    match diagnosis {
+        Diagnosis::Stemi => (Diagnosis::Nstemi as usize, 1),
+        Diagnosis::Nstemi => (Diagnosis::UnstableAngina as usize, 0),
+        Diagnosis::UnstableAngina => (Diagnosis::Nstemi as usize, 0),
+        Diagnosis::StableAngina => (Diagnosis::UnstableAngina as usize, 2),
+    }
+}
+
 /// Draws one case.
 pub(super) fn draw(rng: &mut SplitMix) -> Vignette {
     super::vignette(
@@ -160,6 +174,7 @@ pub(super) fn draw(rng: &mut SplitMix) -> Vignette {
         |d| d as usize,
         question,
         reasoning,
+        runner_up,
     )
 }
 

@@ -37,6 +37,9 @@ const MELANOMA_RULE: &str = "3 or more features means melanoma";
 const DYSPLASTIC_RULE: &str = "1 or 2 features means dysplastic nevus";
 const BENIGN_RULE: &str = "no feature means benign nevus";
 
+/// How common each diagnosis is, relative to the others, indexed by [`Diagnosis`].
+pub(super) const PRIORS: [u32; 4] = [4, 3, 1, 2];
+
 /// Every word the questions and reasoning use besides numbers, separated by spaces.
 pub(super) const WORDS: &str = "\
     has a pigmented lesion on the back chest abdomen arm leg face neck scalp It is symmetric \
@@ -167,6 +170,16 @@ fn reasoning(f: &Findings, diagnosis: Diagnosis) -> Vec<String> {
     ]
 }
 
+/// The diagnosis a clinician weighs against `diagnosis`, and the reasoning step (diameter 0,
+/// ABCDE features 1, surface 2) that excludes it.
+fn runner_up(_: &Findings, diagnosis: Diagnosis) -> (usize, usize) {
+    match diagnosis {
+        Diagnosis::SeborrheicKeratosis => (Diagnosis::DysplasticNevus as usize, 2),
+        Diagnosis::Melanoma | Diagnosis::BenignNevus => (Diagnosis::DysplasticNevus as usize, 1),
+        Diagnosis::DysplasticNevus => (Diagnosis::Melanoma as usize, 1),
+    }
+}
+
 /// Draws one case.
 pub(super) fn draw(rng: &mut SplitMix) -> Vignette {
     super::vignette(
@@ -175,6 +188,7 @@ pub(super) fn draw(rng: &mut SplitMix) -> Vignette {
         |d| d as usize,
         question,
         reasoning,
+        runner_up,
     )
 }
 

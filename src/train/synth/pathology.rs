@@ -33,6 +33,9 @@ pub(super) const RULES: [&str; 4] = [
 
 const IN_SITU_RULE: &str = "no stromal invasion means carcinoma in situ";
 
+/// How common each diagnosis is, relative to the others, indexed by [`Diagnosis`].
+pub(super) const PRIORS: [u32; 4] = [1, 2, 4, 3];
+
 /// Every word the questions and reasoning use besides numbers, separated by spaces.
 pub(super) const WORDS: &str = "\
     has a breast colon lung stomach tumor biopsy It shows no stromal invasion present mitoses \
@@ -189,6 +192,15 @@ fn reasoning(f: &Findings, diagnosis: Diagnosis) -> Vec<String> {
     ]
 }
 
+/// The diagnosis a clinician weighs against `diagnosis`, and the reasoning step that excludes
+/// it: the invasion finding (step 0) separates carcinoma in situ from the graded carcinomas.
+fn runner_up(_: &Findings, diagnosis: Diagnosis) -> (usize, usize) {
+    match diagnosis {
+        Diagnosis::InSitu => (Diagnosis::Grade1 as usize, 0),
+        _ => (Diagnosis::InSitu as usize, 0),
+    }
+}
+
 /// Draws one case.
 pub(super) fn draw(rng: &mut SplitMix) -> Vignette {
     super::vignette(
@@ -197,6 +209,7 @@ pub(super) fn draw(rng: &mut SplitMix) -> Vignette {
         |d| d as usize,
         question,
         reasoning,
+        runner_up,
     )
 }
 

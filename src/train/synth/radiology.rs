@@ -27,6 +27,9 @@ pub(super) const RULES: [&str; 5] = [
     "circumscribed margin at or below 10 mm with no enhancement means benign",
 ];
 
+/// How common each diagnosis is, relative to the others, indexed by [`Diagnosis`].
+pub(super) const PRIORS: [u32; 4] = [4, 3, 2, 1];
+
 /// Every word the questions and reasoning use besides numbers, separated by spaces.
 pub(super) const WORDS: &str = "\
     has a lesion in the left right breast at o'clock on MRI It measures mm with margin and \
@@ -181,6 +184,19 @@ fn reasoning(f: &Findings, rule: Rule) -> Vec<String> {
     ]
 }
 
+/// The diagnosis a clinician weighs against the one `rule` gives, and the reasoning step (size
+/// 0, margin 1, enhancement 2) that excludes it.
+fn runner_up(f: &Findings, rule: Rule) -> (usize, usize) {
+    match rule {
+        Rule::Spiculated => (Diagnosis::Suspicious as usize, 1),
+        Rule::LargeIrregular => (Diagnosis::Suspicious as usize, 0),
+        Rule::IrregularOrRim if f.margin == Margin::Irregular => (Diagnosis::Malignant as usize, 0),
+        Rule::IrregularOrRim => (Diagnosis::Malignant as usize, 1),
+        Rule::LargeOrEnhancing => (Diagnosis::Suspicious as usize, 1),
+        Rule::SmallQuiet => (Diagnosis::ProbablyBenign as usize, 0),
+    }
+}
+
 /// Draws one case.
 pub(super) fn draw(rng: &mut SplitMix) -> Vignette {
     super::vignette(
@@ -189,6 +205,7 @@ pub(super) fn draw(rng: &mut SplitMix) -> Vignette {
         |d| d.diagnosis() as usize,
         question,
         reasoning,
+        runner_up,
     )
 }
 
