@@ -1,5 +1,6 @@
-//! `mmx train dsa|base RECIPE`: supervised fine-tuning of a specialty LoRA, or of a base
-//! model's own weights, with a progress bar on stderr.
+//! `mmx train dsa|base|gba RECIPE`: supervised fine-tuning of a specialty LoRA or of a base
+//! model's own weights, or reinforcement learning of a DSA adapter with guideline-based
+//! advantages, with a progress bar on stderr.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -9,8 +10,12 @@ use clap::{Args, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::registry::{publish::PublishOptions, Kind, Registry};
+use crate::train::guideline::config::Guidelines;
 use crate::train::init::init_model;
 use crate::train::recipe::{TrainMethod, TrainRecipe};
+use crate::train::rl::recipe::GbaRecipe;
+use crate::train::rl::reward::builtin;
+use crate::train::rl::trainer::{train_gba, WeightedReward};
 use crate::train::sft::train;
 use crate::train::source::Materialized;
 
@@ -29,6 +34,10 @@ enum TrainCommand {
     /// The base model's own weights, from `base` or a new model drawn from the recipe's seed.
     /// Writes a Hugging Face model directory.
     Base(RunArgs),
+    /// Guideline-based advantages: GRPO-family reinforcement learning of a DSA adapter on
+    /// answer-only cases, rollouts drawn under several clinical guidelines. Writes a PEFT
+    /// adapter.
+    Gba(RunArgs),
 }
 
 /// Arguments of one training run.
@@ -65,6 +74,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
     let (method, args) = match args.command {
         TrainCommand::Dsa(a) => (TrainMethod::Dsa, a),
         TrainCommand::Base(a) => (TrainMethod::Base, a),
+        TrainCommand::Gba(a) => return run_gba(a),
     };
     let recipe = TrainRecipe::load(&args.recipe)?;
     if recipe.method != method {
@@ -101,18 +111,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
         ),
     };
     let cases = recipe.data.training_cases()?;
-    let bar = if args.quiet {
-        ProgressBar::hidden()
-    } else {
-        ProgressBar::new(0)
-    };
-    bar.set_style(
-        ProgressStyle::with_template(
-            "{spinner} training [{bar:30}] step {pos}/{len} {msg} eta {eta}",
-        )
-        .expect("static template")
-        .progress_chars("=> "),
-    );
+    let bar = progress(args.quiet, "training");
     let summary = train(
         &recipe,
         base.dir(),
@@ -153,20 +152,131 @@ pub fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
             ..PublishOptions::default()
         };
         // Only the result: not the checkpoints and the metrics beside it.
-        let staging = RemoveOnDrop(output.join(".publish"));
-        std::fs::create_dir_all(&staging.0)?;
-        for entry in std::fs::read_dir(&output)? {
-            let path = entry?.path();
-            if path.is_file() && path.file_name().is_some_and(|n| n != "metrics.jsonl") {
-                std::fs::copy(&path, staging.0.join(path.file_name().unwrap_or_default()))?;
-            }
-        }
-        let published = store
-            .publish(&staging.0, &reference, &options)
-            .with_context(|| format!("publishing {} as {reference}", output.display()))?;
-        println!("published as {reference}: manifest {}", published.manifest);
+        publish_outputs(&store, &output, &reference, &options)?;
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `mmx train gba`.
+fn run_gba(args: RunArgs) -> anyhow::Result<ExitCode> {
+    let recipe = GbaRecipe::load(&args.recipe)?;
+    let guidelines = Guidelines::load(&recipe.guidelines)?;
+    let mut rewards = Vec::new();
+    for (name, &weight) in &recipe.rewards {
+        let Some(reward) = builtin(name) else {
+            bail!(
+                "`{}`: reward `{name}` is not built in (accuracy, format, adherence); add others through the library (examples/custom_reward.rs)",
+                args.recipe.display()
+            );
+        };
+        rewards.push(WeightedReward { reward, weight });
+    }
+    let publish = args
+        .publish
+        .as_deref()
+        .map(super::registry::publish_target)
+        .transpose()?;
+    let registry = args
+        .registry
+        .clone()
+        .or_else(|| recipe.registry.clone())
+        .unwrap_or_else(|| crate::registry::registry_path(None));
+    let output = super::output_dir(args.output.as_deref(), &args.recipe, "train");
+    let base = Materialized::open(&recipe.base, &registry)?;
+    let adapter = Materialized::open(&recipe.adapter, &registry)?;
+    let cases = recipe.data.cases()?;
+    let bar = progress(args.quiet, "gba");
+    let summary = train_gba(
+        &recipe,
+        &guidelines,
+        &rewards,
+        base.dir(),
+        &recipe.base,
+        adapter.dir(),
+        &cases,
+        &output,
+        args.resume,
+        &mut |m| {
+            bar.set_length(m.total_steps as u64);
+            bar.set_position(m.step as u64);
+            let accuracy = m.rewards.get("accuracy").map_or(f64::NAN, |s| s.mean);
+            bar.set_message(format!(
+                "reward {:.3} | accuracy {:.2} | zero-std {:.2} | {:.0} gen tok/s",
+                m.reward, accuracy, m.frac_reward_zero_std, m.generation_tokens_per_second
+            ));
+        },
+    )?;
+    bar.finish_and_clear();
+    if summary.resumed_from > 0 {
+        eprintln!("resumed from step {}", summary.resumed_from);
+    }
+    println!(
+        "trained {} GBA steps on {} cases into {}: final mean reward {:.4}",
+        summary.steps,
+        cases.len(),
+        output.display(),
+        summary.final_reward
+    );
+    if let Some(reference) = publish {
+        let store = Registry::create(&registry)?;
+        // The lineage: the recipe and the guidelines it drew under, and the parent adapter.
+        let lineage = format!(
+            "# {}\n{}\n# {}\n{}",
+            args.recipe.display(),
+            recipe.text,
+            recipe.guidelines.display(),
+            guidelines.text
+        );
+        let options = PublishOptions {
+            kind: Some(Kind::Adapter),
+            specialty: recipe.specialty.clone(),
+            base: base.manifest().copied(),
+            recipe: Some(lineage),
+            inputs: adapter.manifest().copied().into_iter().collect(),
+            ..PublishOptions::default()
+        };
+        publish_outputs(&store, &output, &reference, &options)?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// A progress bar for `what` (hidden when quiet).
+fn progress(quiet: bool, what: &str) -> ProgressBar {
+    let bar = if quiet {
+        ProgressBar::hidden()
+    } else {
+        ProgressBar::new(0)
+    };
+    bar.set_style(
+        ProgressStyle::with_template(&format!(
+            "{{spinner}} {what} [{{bar:30}}] step {{pos}}/{{len}} {{msg}} eta {{eta}}"
+        ))
+        .expect("static template")
+        .progress_chars("=> "),
+    );
+    bar
+}
+
+/// Publishes the files of a training output (not its metrics or checkpoints).
+fn publish_outputs(
+    store: &Registry,
+    output: &std::path::Path,
+    reference: &crate::registry::Reference,
+    options: &PublishOptions,
+) -> anyhow::Result<()> {
+    let staging = RemoveOnDrop(output.join(".publish"));
+    std::fs::create_dir_all(&staging.0)?;
+    for entry in std::fs::read_dir(output)? {
+        let path = entry?.path();
+        if path.is_file() && path.file_name().is_some_and(|n| n != "metrics.jsonl") {
+            std::fs::copy(&path, staging.0.join(path.file_name().unwrap_or_default()))?;
+        }
+    }
+    let published = store
+        .publish(&staging.0, reference, options)
+        .with_context(|| format!("publishing {} as {reference}", output.display()))?;
+    println!("published as {reference}: manifest {}", published.manifest);
+    Ok(())
 }
 
 fn name(method: TrainMethod) -> &'static str {

@@ -277,9 +277,10 @@ fn full() -> CompletionKind {
     CompletionKind::Full
 }
 
+/// `synthetic = { ... }` as written.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct WireSynthetic {
+pub(crate) struct WireSynthetic {
     #[serde(default)]
     seed: u64,
     train: usize,
@@ -307,9 +308,10 @@ struct WireLora {
     use_rslora: bool,
 }
 
+/// `[train.optim]` (and `[gba.optim]`) as written.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields, default)]
-struct WireOptim {
+pub(crate) struct WireOptim {
     lr: f64,
     betas: [f64; 2],
     eps: f64,
@@ -318,6 +320,44 @@ struct WireOptim {
     warmup_steps: usize,
     decay: Decay,
     min_lr_ratio: f64,
+}
+
+impl WireSynthetic {
+    /// The generator's spec.
+    pub(crate) fn spec(self) -> synth::SynthSpec {
+        synth::SynthSpec {
+            seed: self.seed,
+            per_specialty: self.train,
+            validation: self.validation,
+            test: self.test,
+            shuffle_options: self.shuffle_options,
+            guidelines: self.guidelines,
+            answer_only: self.answer_only,
+        }
+    }
+}
+
+impl WireOptim {
+    /// The checked settings, or what is wrong with them.
+    pub(crate) fn check(self) -> std::result::Result<OptimRecipe, String> {
+        let valid = self.lr > 0.0
+            && self.lr.is_finite()
+            && (0.0..1.0).contains(&self.betas[0])
+            && (0.0..1.0).contains(&self.betas[1]);
+        if !valid {
+            return Err("`lr` must be positive and each of `betas` in [0, 1)".into());
+        }
+        Ok(OptimRecipe {
+            lr: self.lr,
+            betas: (self.betas[0], self.betas[1]),
+            eps: self.eps,
+            weight_decay: self.weight_decay,
+            max_grad_norm: self.max_grad_norm,
+            warmup_steps: self.warmup_steps,
+            decay: self.decay,
+            min_lr_ratio: self.min_lr_ratio,
+        })
+    }
 }
 
 impl Default for WireOptim {
@@ -378,15 +418,7 @@ impl TrainRecipe {
         }
         let data = DataSpec {
             files: t.data.files.iter().map(|f| relative(f)).collect(),
-            synthetic: t.data.synthetic.map(|s| synth::SynthSpec {
-                seed: s.seed,
-                per_specialty: s.train,
-                validation: s.validation,
-                test: s.test,
-                shuffle_options: s.shuffle_options,
-                guidelines: s.guidelines,
-                answer_only: s.answer_only,
-            }),
+            synthetic: t.data.synthetic.map(WireSynthetic::spec),
             specialties: t.data.specialties,
             completion: t.data.completion,
             replay: t.data.replay,
@@ -417,16 +449,10 @@ impl TrainRecipe {
             }
             _ => {}
         }
-        let o = t.optim;
-        let valid = o.lr > 0.0
-            && o.lr.is_finite()
-            && (0.0..1.0).contains(&o.betas[0])
-            && (0.0..1.0).contains(&o.betas[1]);
-        if !valid {
-            return Err(fail(
-                "`[train.optim]`: `lr` must be positive and each of `betas` in [0, 1)".into(),
-            ));
-        }
+        let optim = t
+            .optim
+            .check()
+            .map_err(|m| fail(format!("`[train.optim]`: {m}")))?;
         Ok(TrainRecipe {
             path: path.to_path_buf(),
             text,
@@ -443,16 +469,7 @@ impl TrainRecipe {
             checkpoint_every: t.checkpoint_every,
             data,
             lora,
-            optim: OptimRecipe {
-                lr: o.lr,
-                betas: (o.betas[0], o.betas[1]),
-                eps: o.eps,
-                weight_decay: o.weight_decay,
-                max_grad_norm: o.max_grad_norm,
-                warmup_steps: o.warmup_steps,
-                decay: o.decay,
-                min_lr_ratio: o.min_lr_ratio,
-            },
+            optim,
         })
     }
 }

@@ -45,7 +45,8 @@ use super::batch::Example;
 use super::model::{candle, CausalLm, Projection};
 use crate::error::{Error, Result};
 use attention::RopeTable;
-use step::{Scratch, Seq};
+pub use loss::TokenStat;
+use step::{Head, Scratch, Seq};
 use weights::{Slots, Weights};
 
 /// The model's sizes, as the pass needs them.
@@ -168,7 +169,8 @@ impl Engine {
                     scope.spawn(move || {
                         grads.clear();
                         grads.resize(slots.len, 0.0);
-                        run(weights, dims, rope, chunk, scale, scratch, grads)
+                        let head = Head::CrossEntropy { scale };
+                        run(weights, dims, rope, chunk, head, scratch, grads)
                     })
                 })
                 .collect();
@@ -185,6 +187,89 @@ impl Engine {
         }
         let tokens = examples.iter().map(|e| e.tokens.len() - 1).sum();
         Ok((nlls.iter().sum(), tokens))
+    }
+
+    /// A policy-gradient pass over completions (`examples`: prompt then completion, no
+    /// end-of-sequence token added beyond what was sampled), `shard` per thread, at
+    /// `temperature`: returns each example's completion tokens' [`TokenStat`]s and, with
+    /// `backward`, adds the gradient of `Σ coef(example, token, logp) · logp` to the sums kept
+    /// for [`Engine::take_gradients`].
+    pub fn policy_batch(
+        &mut self,
+        examples: &[&Example],
+        shard: usize,
+        temperature: f32,
+        coef: &(dyn Fn(usize, usize, f64) -> f64 + Sync),
+        backward: bool,
+    ) -> Result<Vec<Vec<TokenStat>>> {
+        for e in examples {
+            self.check(e)?;
+        }
+        let shard = shard.max(1);
+        let chunks: Vec<&[&Example]> = examples.chunks(shard).collect();
+        if self.shards.len() < chunks.len() {
+            self.shards.resize_with(chunks.len(), Default::default);
+        }
+        let Engine {
+            dims,
+            rope,
+            slots,
+            weights,
+            shards,
+            sum,
+        } = self;
+        let (dims, rope, weights, slots) = (&*dims, &*rope, &*weights, &*slots);
+        let stats: Vec<Vec<Vec<TokenStat>>> = std::thread::scope(|scope| {
+            let handles: Vec<_> = chunks
+                .iter()
+                .enumerate()
+                .zip(shards.iter_mut())
+                .map(|((c, chunk), (scratch, grads))| {
+                    scope.spawn(move || {
+                        grads.clear();
+                        grads.resize(slots.len, 0.0);
+                        // Row r of the shard's head is token `rows[r].1` of example `rows[r].0`.
+                        let mut rows = Vec::new();
+                        for (i, e) in chunk.iter().enumerate() {
+                            let n = e.tokens.len() - e.prompt_len.max(1).min(e.tokens.len());
+                            rows.extend((0..n).map(|t| (c * shard + i, t)));
+                        }
+                        let local = |r: usize, logp: f64| {
+                            let (e, t) = rows[r];
+                            coef(e, t, logp)
+                        };
+                        let mut flat = Vec::with_capacity(rows.len());
+                        let head = Head::Policy {
+                            temperature,
+                            coef: &local,
+                            stats: &mut flat,
+                            backward,
+                        };
+                        run(weights, dims, rope, chunk, head, scratch, grads);
+                        let mut out = Vec::with_capacity(chunk.len());
+                        let mut at = 0;
+                        for e in chunk.iter() {
+                            let n = e.tokens.len() - e.prompt_len.max(1).min(e.tokens.len());
+                            out.push(flat[at..at + n].to_vec());
+                            at += n;
+                        }
+                        out
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().expect("a training shard does not panic"))
+                .collect()
+        });
+        if backward {
+            for (_, grads) in &shards[..chunks.len()] {
+                for (s, g) in sum.iter_mut().zip(grads) {
+                    *s += g;
+                }
+            }
+        }
+        Ok(stats.into_iter().flatten().collect())
     }
 
     /// The gradients summed since the last call, one tensor per trained variable in the order
@@ -236,7 +321,7 @@ fn run(
     dims: &Dims,
     rope: &RopeTable,
     examples: &[&Example],
-    scale: f32,
+    head: Head<'_>,
     scratch: &mut Scratch,
     grads: &mut [f32],
 ) -> f64 {
@@ -257,5 +342,5 @@ fn run(
     if seqs.is_empty() {
         return 0.0;
     }
-    step::pass(weights, dims, rope, &seqs, scale, scratch, grads)
+    step::pass(weights, dims, rope, &seqs, head, scratch, grads)
 }

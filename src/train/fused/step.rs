@@ -7,7 +7,7 @@
 
 use super::attention::{self, RopeTable, Shape};
 use super::linear;
-use super::loss::cross_entropy;
+use super::loss::{cross_entropy, policy, TokenStat};
 use super::matmul::{gemm, View};
 use super::norm;
 use super::weights::{Linear, Weights};
@@ -21,6 +21,21 @@ pub(crate) struct Seq<'a> {
     pub inputs: &'a [u32],
     pub first: usize,
     pub targets: &'a [u32],
+}
+
+/// What the head computes on the loss's positions.
+pub(crate) enum Head<'a> {
+    /// The summed NLL, its gradient scaled by `scale`.
+    CrossEntropy { scale: f32 },
+    /// A per-token policy objective on `logits / temperature`: each target's log-probability
+    /// and the entropy are pushed to `stats` (rows in sequence order), and the gradient is
+    /// `coef(row, logp) · ∇logp`. Without `backward` the pass stops after the head.
+    Policy {
+        temperature: f32,
+        coef: &'a (dyn Fn(usize, f64) -> f64 + Sync),
+        stats: &'a mut Vec<TokenStat>,
+        backward: bool,
+    },
 }
 
 /// What one layer's forward pass keeps for its backward pass.
@@ -85,14 +100,14 @@ fn max_rank(proj: &[Linear]) -> usize {
         .unwrap_or(0)
 }
 
-/// Forward and backward of `seqs`: adds `scale ·` the gradient of their summed NLL into
-/// `grads` and returns that NLL.
+/// Forward and backward of `seqs`: adds the gradient of the head's objective into `grads`
+/// and returns their summed NLL.
 pub(crate) fn pass(
     w: &Weights,
     dims: &Dims,
     rope: &RopeTable,
     seqs: &[Seq<'_>],
-    scale: f32,
+    objective: Head<'_>,
     scratch: &mut Scratch,
     grads: &mut [f32],
 ) -> f64 {
@@ -236,7 +251,21 @@ pub(crate) fn pass(
         logits,
         vocab,
     );
-    let nll = cross_entropy(logits, vocab, targets, scale);
+    let nll = match objective {
+        Head::CrossEntropy { scale } => cross_entropy(logits, vocab, targets, scale),
+        Head::Policy {
+            temperature,
+            coef,
+            stats,
+            backward,
+        } => {
+            let nll = policy(logits, vocab, targets, temperature, coef, stats);
+            if !backward {
+                return nll;
+            }
+            nll
+        }
+    };
 
     // Backward.
     let dhf = take(dhf, npos * hd);

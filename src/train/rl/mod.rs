@@ -3,4 +3,6 @@
 
 pub mod advantage;
 pub mod objective;
+pub mod recipe;
 pub mod reward;
+pub mod trainer;
