@@ -14,6 +14,45 @@ use crate::train::source::Materialized;
 use crate::train::tokenizer::Tokenizer;
 
 /// Arguments of `mmx eval`.
+/// The evaluation of `model` (with `adapter`) on the cases of `data`.
+fn report(
+    model: &str,
+    adapter: Option<&str>,
+    data: &[PathBuf],
+    registry: &std::path::Path,
+    batch: usize,
+    max_new_tokens: usize,
+) -> anyhow::Result<crate::train::eval::EvalReport> {
+    let model_dir = Materialized::open(model, registry)?;
+    let tokenizer = Tokenizer::load(model_dir.dir())?;
+    let mut lm = CausalLm::load(
+        model_dir.dir(),
+        None,
+        candle_core::DType::F32,
+        &candle_core::Device::Cpu,
+    )?;
+    tokenizer.check_vocab(lm.config())?;
+    if let Some(adapter) = adapter {
+        let adapter = Materialized::open(adapter, registry)?;
+        lm.load_adapter(adapter.dir())?;
+    }
+    let mut cases = Vec::new();
+    for file in data {
+        cases.extend(read_cases(file)?);
+    }
+    Ok(evaluate(&lm, &tokenizer, &cases, batch, max_new_tokens)?)
+}
+
+/// Per-specialty accuracy of `model` (with `adapter`) on `data`, as `mmx eval` measures it.
+pub(super) fn accuracy(
+    model: &str,
+    adapter: Option<&str>,
+    data: &[PathBuf],
+    registry: &std::path::Path,
+) -> anyhow::Result<std::collections::BTreeMap<String, f64>> {
+    Ok(report(model, adapter, data, registry, 32, 96)?.accuracy)
+}
+
 #[derive(Debug, Args)]
 pub struct EvalArgs {
     /// The model: a Hugging Face directory or a registry reference (`registry:NAME:TAG`).
@@ -45,24 +84,14 @@ pub struct EvalArgs {
 /// Runs `mmx eval`.
 pub fn run(args: EvalArgs) -> anyhow::Result<ExitCode> {
     let registry = crate::registry::registry_path(args.registry.as_deref());
-    let model_dir = Materialized::open(&args.model, &registry)?;
-    let tokenizer = Tokenizer::load(model_dir.dir())?;
-    let mut model = CausalLm::load(
-        model_dir.dir(),
-        None,
-        candle_core::DType::F32,
-        &candle_core::Device::Cpu,
+    let report = report(
+        &args.model,
+        args.adapter.as_deref(),
+        &args.data,
+        &registry,
+        args.batch,
+        args.max_new_tokens,
     )?;
-    tokenizer.check_vocab(model.config())?;
-    if let Some(adapter) = &args.adapter {
-        let adapter = Materialized::open(adapter, &registry)?;
-        model.load_adapter(adapter.dir())?;
-    }
-    let mut cases = Vec::new();
-    for file in &args.data {
-        cases.extend(read_cases(file)?);
-    }
-    let report = evaluate(&model, &tokenizer, &cases, args.batch, args.max_new_tokens)?;
     if let Some(path) = &args.samples {
         let mut text = String::new();
         for sample in &report.samples {

@@ -5,6 +5,7 @@ mod data;
 mod doctor;
 mod eval;
 mod merge;
+mod pipeline;
 mod registry;
 mod sweep;
 mod train;
@@ -57,11 +58,22 @@ enum Command {
     Train(train::TrainArgs),
     /// Per-specialty accuracy of a model (with an adapter) on case files.
     Eval(eval::EvalArgs),
+    /// The whole recipe in one command: data, base, DSA and GBA experts, conflicts, merges
+    /// chosen on validation and an evaluation table; unchanged stages are skipped.
+    Pipeline(pipeline::PipelineArgs),
 }
 
 /// Parses the process arguments and runs the command. Errors exit with code 2.
 pub fn run() -> anyhow::Result<ExitCode> {
-    let cli = Cli::parse();
+    execute(Cli::parse())
+}
+
+/// Runs the command `args` (the program's name first) in this process.
+fn dispatch<'a>(args: impl IntoIterator<Item = &'a str>) -> anyhow::Result<ExitCode> {
+    execute(Cli::try_parse_from(args)?)
+}
+
+fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Merge(args) => merge::run(args),
         Command::Conflicts(args) => conflicts::run(args),
@@ -79,6 +91,7 @@ pub fn run() -> anyhow::Result<ExitCode> {
         Command::Data(args) => data::run(args),
         Command::Train(args) => train::run(args),
         Command::Eval(args) => eval::run(args),
+        Command::Pipeline(args) => pipeline::run(args),
     }
 }
 

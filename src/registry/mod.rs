@@ -180,8 +180,8 @@ impl Registry {
         Ok(current)
     }
 
-    /// The lineage of a manifest: it, then the inputs it was made from, depth first; inputs no
-    /// longer in the registry are listed with `None`.
+    /// The lineage of a manifest: it, then the inputs it was made from and the base it applies
+    /// to, depth first (each once); inputs no longer in the registry are listed with `None`.
     pub fn log(&self, digest: &Digest) -> Result<Vec<(usize, Digest, Option<Manifest>)>> {
         let mut out = Vec::new();
         let mut stack = vec![(0usize, *digest)];
@@ -195,6 +195,9 @@ impl Registry {
             } else {
                 None
             };
+            if let Some(base) = manifest.as_ref().and_then(|m| m.base) {
+                stack.push((depth + 1, base));
+            }
             if let Some(lineage) = manifest.as_ref().and_then(|m| m.lineage.as_ref()) {
                 for input in lineage.inputs.iter().rev() {
                     stack.push((depth + 1, *input));

@@ -20,6 +20,8 @@ use std::collections::BTreeMap;
 use std::fmt::Write;
 
 use super::case::{option_letter, Case};
+use super::guideline::check::known_findings;
+use super::guideline::{render, Facts, Style};
 
 /// What introduces the final letter in a completion.
 const ANSWER_CUE: &str = "Answer:";
@@ -100,7 +102,14 @@ impl Case {
     /// cases' language, the whole format (a rule step included, so that an expert trained
     /// from the base changes which rule it picks, not the shape of its answer) and the lookup
     /// of an option's letter, not which rule applies: a model trained on it answers at chance.
+    ///
+    /// A case written under a guideline gets the same under its guideline: its findings and a
+    /// drawn option (with a second drawn option as the runner-up, a drawn finding excluding
+    /// it) in the guideline's shape.
     pub fn format_completion(&self, seed: u64, rules: &RuleBook) -> String {
+        if let Some(style) = self.guideline().and_then(Style::from_name) {
+            return self.styled_format_completion(style, seed, rules);
+        }
         let mut text = String::new();
         for step in self.reasoning() {
             if !(step.starts_with(RULE_CUE) || step.starts_with(CONCLUSION_CUE)) {
@@ -120,6 +129,53 @@ impl Case {
         }
         let letter = option_letter(pick).unwrap_or('A');
         let _ = write!(text, "{CONCLUSION_CUE} {option}\n{ANSWER_CUE} {letter}");
+        text
+    }
+
+    fn styled_format_completion(&self, style: Style, seed: u64, rules: &RuleBook) -> String {
+        let findings = known_findings(self).unwrap_or_default();
+        let id = blake3::hash(self.id().as_bytes());
+        let key = u64::from_le_bytes(id.as_bytes()[..8].try_into().expect("8 bytes"));
+        let mut rng = crate::train::rng::SplitMix::derive(seed, &[key]);
+        let n = self.options().len() as u64;
+        let pick = rng.below(n) as usize;
+        let other = (pick + 1 + rng.below(n - 1) as usize) % n as usize;
+        let known = rules.rules(self.specialty(), &self.options()[pick]);
+        let rule = if known.is_empty() {
+            String::new()
+        } else {
+            known[rng.below(known.len() as u64) as usize]
+                .trim_start_matches(RULE_CUE)
+                .trim_start()
+                .to_string()
+        };
+        let (first, second) = (pick.min(other), pick.max(other));
+        let facts = Facts {
+            exclusion: rng.below(findings.len().max(1) as u64) as usize,
+            findings: if findings.is_empty() {
+                vec![String::new()]
+            } else {
+                findings
+            },
+            rule,
+            diagnosis: self.options()[pick].clone(),
+            runner_up: self.options()[other].clone(),
+            diagnosis_more_common: rng.one_in(2),
+            candidates: [
+                self.options()[first].clone(),
+                self.options()[second].clone(),
+            ],
+        };
+        let mut text = String::new();
+        for step in render(style, &facts) {
+            if step.trim().is_empty() || step == RULE_CUE.to_string() + " " {
+                continue;
+            }
+            text.push_str(&step);
+            text.push('\n');
+        }
+        let letter = option_letter(pick).unwrap_or('A');
+        let _ = write!(text, "{ANSWER_CUE} {letter}");
         text
     }
 
@@ -206,6 +262,37 @@ mod tests {
             .filter_map(|s| parse_answer(&case().format_completion(s, &none)))
             .collect();
         assert_eq!(letters.into_iter().collect::<String>(), "ABC");
+    }
+
+    #[test]
+    fn a_guideline_case_s_format_completion_has_its_shape_and_a_drawn_answer() {
+        use crate::train::guideline::config::Guidelines;
+        use crate::train::synth::{generate, SynthSpec};
+        let guidelines = Guidelines::load(
+            &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("recipes/guidelines.toml"),
+        )
+        .unwrap();
+        let cases = generate(&SynthSpec {
+            guidelines: true,
+            ..SynthSpec::new(2, 64, 0, 0)
+        })
+        .unwrap()
+        .train;
+        let book = RuleBook::from_cases(&cases);
+        let mut right = 0;
+        for case in &cases {
+            let text = case.format_completion(4, &book);
+            let g = guidelines
+                .guidelines
+                .iter()
+                .find(|g| Some(g.name.as_str()) == case.guideline())
+                .unwrap();
+            assert!(g.format_ok(&text), "`{}`:\n{text}", case.id());
+            right += usize::from(parse_answer(&text) == Some(case.answer_letter()));
+        }
+        // The drawn answer is right about one time in four.
+        let share = right as f64 / cases.len() as f64;
+        assert!((0.15..0.35).contains(&share), "{share}");
     }
 
     #[test]

@@ -146,7 +146,7 @@ pub fn adherence(style: Style, case: &Case, text: &str) -> f64 {
 
 /// The findings of a case with written reasoning: its steps with any style's cue taken off,
 /// less its rule, its conclusion, its candidates and its prior. `None` for an answer-only case.
-fn known_findings(case: &Case) -> Option<Vec<String>> {
+pub(crate) fn known_findings(case: &Case) -> Option<Vec<String>> {
     if case.reasoning().is_empty() {
         return None;
     }

@@ -135,4 +135,32 @@ impl CausalLm {
         }
         Ok(out)
     }
+
+    /// [`CausalLm::generate`] in shards of `shard_rows` prompts, each shard a batch of its own
+    /// (its own KV cache) on its own thread, shard `i` with `options(i)` (its own seed): the
+    /// outputs in the prompts' order, and the same for any number of cores.
+    pub fn generate_sharded(
+        &self,
+        prompts: &[Vec<u32>],
+        shard_rows: usize,
+        options: impl Fn(usize) -> GenerateOptions + Sync,
+    ) -> Result<Vec<Vec<u32>>> {
+        let options = &options;
+        let shards: Vec<Result<Vec<Vec<u32>>>> = std::thread::scope(|scope| {
+            let handles: Vec<_> = prompts
+                .chunks(shard_rows.max(1))
+                .enumerate()
+                .map(|(i, rows)| scope.spawn(move || self.generate(rows, &options(i))))
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().expect("a generation shard does not panic"))
+                .collect()
+        });
+        let mut out = Vec::with_capacity(prompts.len());
+        for shard in shards {
+            out.extend(shard?);
+        }
+        Ok(out)
+    }
 }

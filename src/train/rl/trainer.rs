@@ -139,6 +139,10 @@ pub struct GbaSummary {
     pub final_reward: f64,
 }
 
+/// Rollouts per generation thread (fixed by the recipe, not the machine, so that the
+/// rollouts repeat anywhere).
+pub const GENERATION_SHARD: usize = 32;
+
 /// One rollout.
 struct Rollout {
     group: usize,
@@ -313,19 +317,23 @@ pub fn train_gba(
                 .iter()
                 .map(|&(c, _, g)| prompts[c][g].clone())
                 .collect();
-            let options = GenerateOptions {
-                max_new_tokens: recipe.max_completion_length,
-                sampling: Sampling::Sample {
-                    temperature: recipe.temperature,
-                    top_p: recipe.top_p,
-                },
-                seed: SplitMix::derive(recipe.seed, &[0x726f_6c6c, step as u64, attempt as u64])
-                    .next_u64(),
-                eos_token_ids: config.eos_token_ids.clone(),
-                pad_token_id: pad,
-            };
             let generation = Instant::now();
-            let outputs = model.generate(&row_prompts, &options)?;
+            let outputs = model.generate_sharded(&row_prompts, GENERATION_SHARD, |shard| {
+                GenerateOptions {
+                    max_new_tokens: recipe.max_completion_length,
+                    sampling: Sampling::Sample {
+                        temperature: recipe.temperature,
+                        top_p: recipe.top_p,
+                    },
+                    seed: SplitMix::derive(
+                        recipe.seed,
+                        &[0x726f_6c6c, step as u64, attempt as u64, shard as u64],
+                    )
+                    .next_u64(),
+                    eos_token_ids: config.eos_token_ids.clone(),
+                    pad_token_id: pad,
+                }
+            })?;
             generation_seconds += generation.elapsed().as_secs_f64();
             lap("generation", &mut clock);
             let mut batch: Vec<Rollout> = Vec::with_capacity(rows.len());
