@@ -63,6 +63,7 @@ source = "registry:radiology{suffix}:v1"
 
 const SWEEP: &str = r#"[sweep]
 recipe = "merge{suffix}.toml"
+keep_outputs = true
 [[sweep.methods]]
 method = "ties"
 parameters = { density = [0.5] }
@@ -82,7 +83,7 @@ dsa = { recipe = "dsa-{specialty}.toml", publish = "{specialty}:v1" }
 gba = { recipe = "gba-{specialty}.toml", publish = "{specialty}-gba:v1" }
 merges = [
     { name = "dsa", experts = "dsa", sweep = "sweep.toml" },
-    { name = "gba", experts = "gba", sweep = "sweep-gba.toml" },
+    { name = "gba", experts = "gba", sweep = "sweep-gba.toml", publish = "expert:v1" },
 ]
 "#;
 
@@ -130,6 +131,13 @@ fn the_pipeline_runs_every_stage_then_skips_what_did_not_change() {
     assert_ok(&log);
     let chain = String::from_utf8_lossy(&log.stdout);
     assert!(chain.lines().count() >= 3, "{chain}");
+    // The merged expert's: the merge, the GBA experts, their DSA parents, the base.
+    let log = mmx(&["log", "expert:v1", "--registry", "out/registry"], dir);
+    assert_ok(&log);
+    let chain = String::from_utf8_lossy(&log.stdout);
+    assert!(chain.lines().next().unwrap().contains("merged"), "{chain}");
+    assert_eq!(chain.matches("adapter (").count(), 4, "{chain}");
+    assert!(chain.contains(" base"), "{chain}");
 
     let again = mmx(&["pipeline", "pipeline.toml"], dir);
     assert_ok(&again);

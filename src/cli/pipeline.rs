@@ -19,7 +19,7 @@
 //! gba = { recipe = "gba/gba-{specialty}.toml", publish = "{specialty}-gba:v3" }
 //! merges = [
 //!     { name = "dsa", experts = "dsa", sweep = "gba/merge-dsa-sweep.toml" },
-//!     { name = "gba", experts = "gba", sweep = "gba/merge-gba-sweep.toml" },
+//!     { name = "gba", experts = "gba", sweep = "gba/merge-gba-sweep.toml", publish = "expert:v3" },
 //! ]
 //! ```
 
@@ -90,6 +90,8 @@ struct Merge {
     /// Which experts its sweep merges: `dsa` or `gba` (its key follows theirs).
     experts: String,
     sweep: String,
+    /// Publish the sweep's best merge by validation (with its lineage) as this tag.
+    publish: Option<String>,
 }
 
 /// The keys of finished stages, kept in `pipeline-state.json`.
@@ -361,6 +363,39 @@ pub fn run(args: PipelineArgs) -> anyhow::Result<ExitCode> {
             .with_context(|| format!("reading `{}`", results.display()))?;
         let trials: Vec<TrialResult> = serde_json::from_value(document["trials"].clone())
             .with_context(|| format!("the trials of `{}`", results.display()))?;
+        if let Some(tag) = &m.publish {
+            let best = trials
+                .iter()
+                .filter(|t| t.error.is_none())
+                .max_by(|a, b| {
+                    a.validation
+                        .unwrap_or(f64::NAN)
+                        .total_cmp(&b.validation.unwrap_or(f64::NAN))
+                })
+                .with_context(|| format!("`{}` has no successful trial", results.display()))?;
+            let dir = out.join("outputs").join(&best.id);
+            if !dir.is_dir() {
+                bail!(
+                    "`{}`: publishing the best merge needs `keep_outputs = true`",
+                    sweep.display()
+                );
+            }
+            let reference = crate::registry::Reference::parse(tag).map_err(anyhow::Error::msg)?;
+            let recorded = store.resolve(tag).ok();
+            let record: serde_json::Value =
+                serde_json::from_slice(&std::fs::read(dir.join(crate::merge::MERGE_RECORD))?)?;
+            let recipe = record["recipe"]["text"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string();
+            if recorded.is_some() && state.keys.get(&format!("publish-{}", m.name)) != Some(&k) {
+                store.remove(&reference)?;
+            }
+            if store.resolve(tag).is_err() {
+                super::registry::publish_merge(Some(&registry), &dir, &reference, &recipe)?;
+                state.record(&format!("publish-{}", m.name), &k)?;
+            }
+        }
         for best in best_by_method(&trials) {
             merged.push((m.name.clone(), best.clone()));
         }

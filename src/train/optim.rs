@@ -150,6 +150,20 @@ pub fn clip_factor(grads: &[Tensor], max_norm: f64) -> Result<(f64, f64)> {
     Ok((norm, factor))
 }
 
+/// `grads` scaled down to a global norm of `max_norm` where they exceed it (0: no clipping),
+/// and their norm before.
+pub fn clip_gradients(grads: Vec<Tensor>, max_norm: f64) -> Result<(Vec<Tensor>, f64)> {
+    let (norm, factor) = clip_factor(&grads, max_norm)?;
+    if factor >= 1.0 {
+        return Ok((grads, norm));
+    }
+    let scaled = grads
+        .iter()
+        .map(|g| (g * factor).map_err(candle("clipping")))
+        .collect::<Result<Vec<_>>>()?;
+    Ok((scaled, norm))
+}
+
 #[cfg(test)]
 mod tests {
     use candle_core::Device;

@@ -31,7 +31,7 @@ use super::batch::{summed_nll, Batch, Example};
 use super::checkpoint::{latest_checkpoint, load_checkpoint, save_checkpoint, TrainerState};
 use super::fused::Engine;
 use super::model::{candle, CausalLm, LoraSpec, ModelConfig};
-use super::optim::{clip_factor, AdamW, AdamWConfig};
+use super::optim::{clip_gradients, AdamW, AdamWConfig};
 use super::prompt::RuleBook;
 use super::recipe::{CompletionKind, TrainMethod, TrainRecipe, TrainingCase};
 use super::rng::SplitMix;
@@ -257,15 +257,7 @@ pub fn train(
                     .collect::<Result<_>>()?
             }
         };
-        let (grad_norm, factor) = clip_factor(&grads, recipe.optim.max_grad_norm)?;
-        let grads = if factor < 1.0 {
-            grads
-                .iter()
-                .map(|g| (g * factor).map_err(candle("clipping")))
-                .collect::<Result<Vec<_>>>()?
-        } else {
-            grads
-        };
+        let (grads, grad_norm) = clip_gradients(grads, recipe.optim.max_grad_norm)?;
         let lr = schedule.at(step);
         optimizer.step(&grads, lr)?;
         if let Some(engine) = fused.as_mut() {

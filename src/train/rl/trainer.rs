@@ -25,8 +25,8 @@ use crate::train::batch::Example;
 use crate::train::checkpoint::{latest_checkpoint, load_checkpoint, save_checkpoint, TrainerState};
 use crate::train::fused::{Engine, TokenStat};
 use crate::train::guideline::config::Guidelines;
-use crate::train::model::{candle, CausalLm, GenerateOptions, Sampling};
-use crate::train::optim::{clip_factor, AdamW, AdamWConfig};
+use crate::train::model::{CausalLm, GenerateOptions, Sampling};
+use crate::train::optim::{clip_gradients, AdamW, AdamWConfig};
 use crate::train::recipe::TrainMethod;
 use crate::train::rng::SplitMix;
 use crate::train::schedule::Schedule;
@@ -488,15 +488,7 @@ pub fn train_gba(
                 old = stats;
             }
             let grads: Vec<Tensor> = engine.take_gradients()?;
-            let (norm, factor) = clip_factor(&grads, recipe.optim.max_grad_norm)?;
-            let grads = if factor < 1.0 {
-                grads
-                    .iter()
-                    .map(|g| (g * factor).map_err(candle("clipping")))
-                    .collect::<Result<Vec<_>>>()?
-            } else {
-                grads
-            };
+            let (grads, norm) = clip_gradients(grads, recipe.optim.max_grad_norm)?;
             lr = schedule.at(step * mu + iteration);
             grad_norm = norm;
             optimizer.step(&grads, lr)?;
