@@ -2,21 +2,24 @@
 # The learning comparison of issue 14 on the guideline demo (synthetic cases, seed 0): the
 # base tiny-med-base:v3 (recipes/gba/base.toml), one DSA expert per specialty on 64 traced
 # cases (recipes/gba/dsa-*.toml), then from each expert the same number of RL steps and
-# rollouts with four advantage estimators (GRPO, Dr. GRPO with its loss, RLOO, GBA) over three
-# seeds (recipes/gba/gba-*.toml, estimator and seed replaced). Every model is scored greedily
-# on the validation (100) and test (200) cases of its specialty; the table of means and
-# standard deviations goes to out/gba/learning.md, every score to out/gba/scores.jsonl.
-# Everything is published into a scratch registry, out/gba/registry.
+# rollouts with each advantage estimator (GRPO, Dr. GRPO with its loss, RLOO, GBA with alpha 0.5
+# and 1, GBA with the pooled scale) over three seeds (recipes/gba/gba-*.toml, estimator and
+# seed replaced). Every model is scored greedily on the validation (100) and test (200) cases of
+# its specialty; scripts/gba_report.py writes the tables (means and standard deviations over
+# seeds, and the per-guideline accuracy and adherence of the rollouts) to out/gba/learning.md;
+# every score is in out/gba/scores.jsonl. Everything is published into a scratch registry,
+# out/gba/registry.
 #
-# usage: scripts/gba-experiment.sh          (needs a release build)
+# usage: scripts/gba-experiment.sh          (needs a release build; about 70 minutes on 2 cores)
 #        SEEDS="1 2" SPECIALTIES=cardiology METHODS="grpo gba" scripts/gba-experiment.sh
+#        APPEND=1 METHODS=gba_pooled scripts/gba-experiment.sh   adds runs to the scores
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 MMX=${MMX_BIN:-$ROOT/target/release/mmx}
 OUT=$ROOT/out/gba
 REG=$OUT/registry
 SPECIALTIES=${SPECIALTIES:-"cardiology radiology pathology dermatology"}
-METHODS=${METHODS:-"grpo dr_grpo rloo gba"}
+METHODS=${METHODS:-"grpo dr_grpo rloo gba gba_alpha1 gba_pooled"}
 SEEDS=${SEEDS:-"1 2 3"}
 mkdir -p "$OUT/runs"
 cd "$ROOT"
@@ -38,21 +41,23 @@ score() { # score LABEL SPECIALTY [--adapter A]
                 "$label" "$s" "$split" >>"$OUT/scores.jsonl"
     done
 }
-: >"$OUT/scores.jsonl"
+[[ -n "${APPEND:-}" ]] || : >"$OUT/scores.jsonl"
 for s in $SPECIALTIES; do
-    score base "$s"
+    [[ -n "${APPEND:-}" ]] || score base "$s"
     if ! "$MMX" show "$s:v3" --registry "$REG" >/dev/null 2>&1; then
         rm -rf "$OUT/dsa-$s"
         "$MMX" train dsa "recipes/gba/dsa-$s.toml" -o "$OUT/dsa-$s" --quiet \
             --publish "$s:v3" --registry "$REG"
     fi
-    score dsa "$s" --adapter "registry:$s:v3"
+    [[ -n "${APPEND:-}" ]] || score dsa "$s" --adapter "registry:$s:v3"
     for method in $METHODS; do
         for seed in $SEEDS; do
             run=$OUT/runs/$s-$method-$seed
             recipe=$OUT/runs/$s-$method-$seed.toml
             case $method in
                 gba) settings='estimator = "gba"\nalpha = 0.5' ;;
+                gba_alpha1) settings='estimator = "gba"\nalpha = 1.0' ;;
+                gba_pooled) settings='estimator = "gba_pooled"\nalpha = 0.5' ;;
                 grpo) settings='estimator = "grpo"' ;;
                 rloo) settings='estimator = "rloo"' ;;
                 dr_grpo) settings='estimator = "dr_grpo"\nloss_type = "dr_grpo"' ;;
@@ -71,25 +76,4 @@ for s in $SPECIALTIES; do
         done
     done
 done
-python3 - "$OUT" <<'PY'
-import json, statistics, sys
-out = sys.argv[1]
-rows = [json.loads(l) for l in open(f"{out}/scores.jsonl")]
-specialties = list(dict.fromkeys(r["specialty"] for r in rows))
-models = list(dict.fromkeys(r["model"] for r in rows))
-def cell(model, s, split):
-    v = [100 * r["accuracy"] for r in rows if r["model"] == model and r["specialty"] == s and r["split"] == split]
-    if not v:
-        return ""
-    if len(v) == 1:
-        return f"{v[0]:.1f}"
-    return f"{statistics.mean(v):.1f} ± {statistics.stdev(v):.1f}"
-with open(f"{out}/learning.md", "w") as f:
-    for split in ["test", "validation"]:
-        f.write(f"\n{split} accuracy (%), mean ± std over seeds\n\n")
-        f.write("| model | " + " | ".join(specialties) + " |\n")
-        f.write("| --- |" + " ---: |" * len(specialties) + "\n")
-        for m in models:
-            f.write(f"| {m} | " + " | ".join(cell(m, s, split) for s in specialties) + " |\n")
-print(open(f"{out}/learning.md").read())
-PY
+python3 scripts/gba_report.py "$OUT"

@@ -49,6 +49,8 @@ for m in methods:
         if os.path.basename(os.path.dirname(path)).rsplit("-", 2)[1] != m:
             continue
         steps = [json.loads(l) for l in open(path)]
+        if not steps:  # a run in progress
+            continue
         guidelines = list(steps[0]["guidelines"])
         for g in guidelines:
             for phase, part in (("start", steps[:3]), ("end", steps[-3:])):

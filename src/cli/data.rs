@@ -135,13 +135,14 @@ fn run_generate(args: GenerateArgs) -> anyhow::Result<ExitCode> {
     }
     write_atomic(&readme, readme_text(&args).as_bytes())?;
     println!(
-        "wrote {} synthetic cases to {} (seed {}; per specialty {} train, {} validation, {} test)",
+        "wrote {} synthetic cases to {} (seed {}; per specialty {} train, {} validation, {} test, {} answer-only)",
         splits.train.len() + splits.validation.len() + splits.test.len() + splits.answer_only.len(),
         args.output.display(),
         args.seed,
         args.train,
         args.validation,
-        args.test
+        args.test,
+        args.answer_only
     );
     Ok(ExitCode::SUCCESS)
 }

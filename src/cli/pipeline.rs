@@ -171,13 +171,15 @@ pub fn run(args: PipelineArgs) -> anyhow::Result<ExitCode> {
     let output = dir.join(&p.output);
     let registry = dir.join(&p.registry);
     std::fs::create_dir_all(&output)?;
+    let output = output.canonicalize()?;
+    let store = Registry::create(&registry)?;
+    let registry = registry.canonicalize()?;
     let reg = registry.display().to_string();
     // Every registry source the stages name without a registry of their own comes from here.
     std::env::set_var("MMX_REGISTRY", &registry);
-    let store = Registry::create(&registry)?;
     let mut state = State::load(output.join("pipeline-state.json"))?;
     let started = Instant::now();
-    let total = 3 + 2 * p.specialties.len() + 2 * p.merges.len() + 1;
+    let total = 2 + 2 * p.specialties.len() + 2 * p.merges.len() + 1;
     let mut progress = Progress {
         done: 0,
         total,
@@ -203,8 +205,8 @@ pub fn run(args: PipelineArgs) -> anyhow::Result<ExitCode> {
             return Ok(k);
         }
         let out = output.join(stage);
-        if state.keys.get(stage) != Some(&k) {
-            // Another recipe's checkpoints cannot be resumed.
+        if args.force || state.keys.get(stage) != Some(&k) {
+            // Another recipe's checkpoints cannot be resumed, and a forced stage starts over.
             let _ = std::fs::remove_dir_all(&out);
         }
         if have {

@@ -63,7 +63,11 @@ pub fn evaluate(
     let mut correct: BTreeMap<String, usize> = BTreeMap::new();
     let mut n: BTreeMap<String, usize> = BTreeMap::new();
     let mut samples = Vec::with_capacity(cases.len());
-    for chunk in cases.chunks(batch.max(1)) {
+    // Batches of `batch` cases, as many at once as there are cores, each on its own thread:
+    // the same batches as one after the other, so the same answers.
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let batch = batch.max(1);
+    for chunk in cases.chunks(batch * threads) {
         let prompts = chunk
             .iter()
             .map(|c| {
@@ -72,7 +76,7 @@ pub fn evaluate(
                 Ok(ids)
             })
             .collect::<Result<Vec<_>>>()?;
-        let outputs = model.generate(&prompts, &options)?;
+        let outputs = model.generate_sharded(&prompts, batch, |_| options.clone())?;
         for (case, output) in chunk.iter().zip(&outputs) {
             let text = tokenizer.decode(output, true)?;
             let answer = parse_answer(&text);

@@ -9,6 +9,10 @@
 //! - GBA (DESIGN.md §7): `A = α·(r − μ_s)/(σ_s + ε) + (1 − α)·(r − μ)/(σ + ε)`, μ_s, σ_s over
 //!   the stratum, μ, σ over the group; `scale_rewards` chooses the σ of both terms as for GRPO.
 //!   α = 0 is GRPO exactly.
+//! - GBA, pooled scale: the same with the group's σ dividing the stratum term too,
+//!   `A = α·(r − μ_s)/(σ + ε) + (1 − α)·(r − μ)/(σ + ε)`: a per-guideline baseline without the
+//!   stratum's own std, which with two or three rollouts a stratum blows small reward
+//!   differences up to ±1.
 //!
 //! A group (or stratum) of one rollout has no spread: its term is 0, as TRL's NaN std becomes.
 
@@ -41,6 +45,11 @@ pub enum Estimator {
     /// Guideline-based: a mix of stratum- and group-normalised rewards, with weight `alpha`
     /// on the stratum.
     Gba {
+        /// The stratum's weight, in [0, 1].
+        alpha: f64,
+    },
+    /// GBA with the group's std scaling the stratum term.
+    GbaPooled {
         /// The stratum's weight, in [0, 1].
         alpha: f64,
     },
@@ -79,12 +88,18 @@ pub fn advantages(
             .map(|j| rewards[j])
             .collect()
     };
-    let normalised = |i: usize, with_stratum: bool, scale: ScaleRewards| -> f64 {
+    // Centred on the stratum's (or group's) mean; scaled by the group's std when `pooled`.
+    let scaled = |i: usize, with_stratum: bool, scale: ScaleRewards, pooled: bool| -> f64 {
         let set = members(i, with_stratum);
         if set.len() < 2 {
             return 0.0;
         }
-        let (mean, std) = mean_std(&set);
+        let (mean, own_std) = mean_std(&set);
+        let std = if pooled {
+            mean_std(&members(i, false)).1
+        } else {
+            own_std
+        };
         let centred = rewards[i] - mean;
         match scale {
             ScaleRewards::Group => centred / (std + EPSILON),
@@ -92,6 +107,8 @@ pub fn advantages(
             ScaleRewards::None => centred,
         }
     };
+    let normalised =
+        |i: usize, with_stratum: bool, scale: ScaleRewards| scaled(i, with_stratum, scale, false);
     (0..rewards.len())
         .map(|i| match estimator {
             Estimator::Grpo => normalised(i, false, scale),
@@ -110,6 +127,9 @@ pub fn advantages(
                     return group;
                 }
                 alpha * normalised(i, true, scale) + (1.0 - alpha) * group
+            }
+            Estimator::GbaPooled { alpha } => {
+                alpha * scaled(i, true, scale, true) + (1.0 - alpha) * normalised(i, false, scale)
             }
         })
         .collect()
@@ -183,6 +203,31 @@ mod tests {
             ScaleRewards::None,
         );
         close(&only_strata, &[0.5, -0.5, 0.0, 0.0]);
+    }
+
+    #[test]
+    fn pooled_gba_scales_the_stratum_term_by_the_group_std() {
+        let r = [1.0, 0.0, 1.0, 1.0];
+        let (g, s) = ([0; 4], [0, 0, 1, 1]);
+        let a = advantages(
+            &r,
+            &g,
+            &s,
+            Estimator::GbaPooled { alpha: 1.0 },
+            ScaleRewards::Group,
+        );
+        // Stratum 0 centred: ±0.5; the group's std is 0.5.
+        let x = 0.5 / (0.5 + EPSILON);
+        close(&a, &[x, -x, 0.0, 0.0]);
+        let grpo = advantages(&r, &g, &s, Estimator::Grpo, ScaleRewards::Group);
+        let zero = advantages(
+            &r,
+            &g,
+            &s,
+            Estimator::GbaPooled { alpha: 0.0 },
+            ScaleRewards::Group,
+        );
+        assert_eq!(grpo, zero);
     }
 
     #[test]

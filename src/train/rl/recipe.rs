@@ -22,7 +22,7 @@
 //! beta = 0.0                           # k3 KL to the adapter-disabled model
 //! loss_type = "dapo"                   # grpo | bnpo | dr_grpo | dapo
 //! scale_rewards = "group"              # group | batch | none
-//! estimator = "gba"                    # grpo | dr_grpo | rloo | gba
+//! estimator = "gba"                    # grpo | dr_grpo | rloo | gba | gba_pooled
 //! alpha = 0.5                          # GBA's weight on the guideline stratum
 //! mask_truncated_completions = false
 //! dynamic_sampling = false             # drop groups whose rewards are all equal, refill
@@ -278,6 +278,7 @@ impl GbaRecipe {
         let alpha = g.alpha.unwrap_or(0.5);
         let estimator = match (g.estimator.as_str(), g.alpha) {
             ("gba", _) => Estimator::Gba { alpha },
+            ("gba_pooled", _) => Estimator::GbaPooled { alpha },
             ("grpo", None) => Estimator::Grpo,
             ("dr_grpo", None) => Estimator::DrGrpo,
             ("rloo", None) => Estimator::Rloo,
@@ -289,7 +290,7 @@ impl GbaRecipe {
             }
             (other, _) => {
                 return Err(fail(format!(
-                    "`estimator = \"{other}\"`: expected grpo, dr_grpo, rloo or gba"
+                    "`estimator = \"{other}\"`: expected grpo, dr_grpo, rloo, gba or gba_pooled"
                 )))
             }
         };
