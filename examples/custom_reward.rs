@@ -51,7 +51,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         &cases,
         out.as_ref(),
         false,
-        &mut |m| eprintln!("step {}: reward {:.3}", m.step, m.reward),
+        &mut |m| eprintln!("step {}: reward {:.3}", m.step, m.rollouts.reward),
     )?;
     println!("final mean reward {:.3}", summary.final_reward);
     Ok(())

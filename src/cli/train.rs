@@ -199,10 +199,17 @@ fn run_gba(args: RunArgs) -> anyhow::Result<ExitCode> {
         &mut |m| {
             bar.set_length(m.total_steps as u64);
             bar.set_position(m.step as u64);
-            let accuracy = m.rewards.get("accuracy").map_or(f64::NAN, |s| s.mean);
+            let accuracy = m
+                .rollouts
+                .rewards
+                .get("accuracy")
+                .map_or(f64::NAN, |s| s.mean);
             bar.set_message(format!(
                 "reward {:.3} | accuracy {:.2} | zero-std {:.2} | {:.0} gen tok/s",
-                m.reward, accuracy, m.frac_reward_zero_std, m.generation_tokens_per_second
+                m.rollouts.reward,
+                accuracy,
+                m.rollouts.frac_reward_zero_std,
+                m.generation_tokens_per_second
             ));
         },
     )?;

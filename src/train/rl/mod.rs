@@ -2,7 +2,9 @@
 //! §7): advantage estimators, the per-token objective, rewards.
 
 pub mod advantage;
+pub mod metrics;
 pub mod objective;
 pub mod recipe;
 pub mod reward;
+mod rollout;
 pub mod trainer;

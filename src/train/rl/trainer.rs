@@ -14,12 +14,13 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
-use serde::Serialize;
 
-use super::advantage::{advantages, mean_std};
+use super::advantage::advantages;
+use super::metrics::{GbaStepMetrics, RolloutFigures};
 use super::objective::{clip_term, k3, sequence_weights};
 use super::recipe::GbaRecipe;
 use super::reward::{Completion, Reward};
+use super::rollout::Rollout;
 use crate::error::{Error, Result};
 use crate::train::batch::Example;
 use crate::train::checkpoint::{latest_checkpoint, load_checkpoint, save_checkpoint, TrainerState};
@@ -42,90 +43,6 @@ pub struct WeightedReward {
     pub weight: f64,
 }
 
-/// Mean and std of a set of values.
-#[derive(Debug, Clone, Copy, Default, Serialize)]
-pub struct Spread {
-    /// Mean.
-    pub mean: f64,
-    /// Bessel-corrected std.
-    pub std: f64,
-}
-
-impl Spread {
-    fn of(values: &[f64]) -> Spread {
-        let (mean, std) = mean_std(values);
-        Spread { mean, std }
-    }
-}
-
-/// One guideline's figures in a step.
-#[derive(Debug, Clone, Default, Serialize)]
-pub struct GuidelineMetrics {
-    /// Rollouts drawn under it.
-    pub rollouts: usize,
-    /// Their summed reward.
-    pub reward: Spread,
-    /// Their mean advantage.
-    pub advantage_mean: f64,
-    /// Their accuracy (the letter read against the answer).
-    pub accuracy: f64,
-    /// Their mean adherence to the guideline.
-    pub adherence: f64,
-}
-
-/// One step's figures, as written to `metrics.jsonl` (TRL's names where TRL has the figure).
-#[derive(Debug, Clone, Serialize)]
-pub struct GbaStepMetrics {
-    /// Generation batches done (1-based).
-    pub step: usize,
-    /// All generation batches of the run.
-    pub total_steps: usize,
-    /// The summed reward, mean over rollouts.
-    pub reward: f64,
-    /// Its std.
-    pub reward_std: f64,
-    /// Per reward function.
-    pub rewards: BTreeMap<String, Spread>,
-    /// Per guideline.
-    pub guidelines: BTreeMap<String, GuidelineMetrics>,
-    /// Groups whose rewards are all equal (no learning signal), as a share.
-    pub frac_reward_zero_std: f64,
-    /// Groups generated this step (more than `cases_per_step` with dynamic sampling).
-    pub groups_generated: usize,
-    /// Tokens where the clip bound from below (ρ < 1 − ε_low, A < 0), as a share.
-    #[serde(rename = "clip_ratio/low_mean")]
-    pub clip_low: f64,
-    /// From above (ρ > 1 + ε_high, A > 0).
-    #[serde(rename = "clip_ratio/high_mean")]
-    pub clip_high: f64,
-    /// Either.
-    #[serde(rename = "clip_ratio/region_mean")]
-    pub clip_region: f64,
-    /// Mean k3 KL to the adapter-disabled model (with β > 0).
-    pub kl: Option<f64>,
-    /// Mean per-token entropy of the policy at the sampling temperature.
-    pub entropy: f64,
-    /// Completion lengths.
-    #[serde(rename = "completions/mean_length")]
-    pub mean_length: f64,
-    /// The longest completion.
-    #[serde(rename = "completions/max_length")]
-    pub max_length: usize,
-    /// Completions cut at `max_completion_length`, as a share.
-    #[serde(rename = "completions/clipped_ratio")]
-    pub clipped_ratio: f64,
-    /// Completion tokens generated per second of generation.
-    pub generation_tokens_per_second: f64,
-    /// Seconds in each phase: generation, scoring, forward and backward, optimizer.
-    pub time: BTreeMap<String, f64>,
-    /// The learning rate of the step's last update.
-    pub lr: f64,
-    /// The gradients' global norm before clipping, at the last update.
-    pub grad_norm: f64,
-    /// Seconds since the run (or the resume) started.
-    pub elapsed: f64,
-}
-
 /// What a GBA run did.
 #[derive(Debug, Clone)]
 pub struct GbaSummary {
@@ -142,17 +59,6 @@ pub struct GbaSummary {
 /// Rollouts per generation thread (fixed by the recipe, not the machine, so that the
 /// rollouts repeat anywhere).
 pub const GENERATION_SHARD: usize = 32;
-
-/// One rollout.
-struct Rollout {
-    group: usize,
-    guideline: usize,
-    example: Example,
-    completion_len: usize,
-    truncated: bool,
-    rewards: Vec<f64>,
-    reward: f64,
-}
 
 /// Refines the adapter in `adapter_dir` (on the base in `base_dir`) by the recipe on `cases`,
 /// writing the PEFT adapter, `metrics.jsonl` and `checkpoints/` into `output`.
@@ -497,71 +403,19 @@ pub fn train_gba(
         }
 
         // Metrics over every rollout generated this step.
-        let all_rewards: Vec<f64> = all.iter().map(|r| r.reward).collect();
-        let spread = Spread::of(&all_rewards);
-        final_reward = spread.mean;
-        let mut per_reward = BTreeMap::new();
-        for (k, r) in rewards.iter().enumerate() {
-            let v: Vec<f64> = all.iter().map(|x| x.rewards[k]).collect();
-            per_reward.insert(r.reward.name().to_string(), Spread::of(&v));
-        }
-        let accuracy_at = rewards.iter().position(|r| r.reward.name() == "accuracy");
-        let adherence_at = rewards.iter().position(|r| r.reward.name() == "adherence");
-        let mut per_guideline = BTreeMap::new();
-        for (g, guideline) in guidelines.guidelines.iter().enumerate() {
-            let mine: Vec<&Rollout> = all.iter().filter(|r| r.guideline == g).collect();
-            let kept_adv: Vec<f64> = kept
-                .iter()
-                .zip(&adv)
-                .filter(|(r, _)| r.guideline == g)
-                .map(|(_, a)| *a)
-                .collect();
-            let mean_of = |at: Option<usize>| {
-                at.map_or(0.0, |k| {
-                    mine.iter().map(|r| r.rewards[k]).sum::<f64>() / mine.len().max(1) as f64
-                })
-            };
-            per_guideline.insert(
-                guideline.name.clone(),
-                GuidelineMetrics {
-                    rollouts: mine.len(),
-                    reward: Spread::of(&mine.iter().map(|r| r.reward).collect::<Vec<_>>()),
-                    advantage_mean: kept_adv.iter().sum::<f64>() / kept_adv.len().max(1) as f64,
-                    accuracy: mean_of(accuracy_at),
-                    adherence: mean_of(adherence_at),
-                },
-            );
-        }
-        let zero_std = (0..groups_generated)
-            .filter(|&g| {
-                let m: Vec<f64> = all
-                    .iter()
-                    .filter(|r| r.group == g)
-                    .map(|r| r.reward)
-                    .collect();
-                m.iter().all(|&r| r == m[0])
-            })
-            .count();
-        let lengths: Vec<usize> = all.iter().map(|r| r.completion_len).collect();
+        let figures = RolloutFigures::of(&all, &kept, &adv, rewards, guidelines, groups_generated);
+        final_reward = figures.reward;
         let share = |n: usize| n as f64 / counted.max(1) as f64;
         let m = GbaStepMetrics {
             step: step + 1,
             total_steps: recipe.steps,
-            reward: spread.mean,
-            reward_std: spread.std,
-            rewards: per_reward,
-            guidelines: per_guideline,
-            frac_reward_zero_std: zero_std as f64 / groups_generated.max(1) as f64,
+            rollouts: figures,
             groups_generated,
             clip_low: share(clip_low),
             clip_high: share(clip_high),
             clip_region: share(clip_low + clip_high),
             kl: refs.as_ref().map(|_| kl_sum / counted.max(1) as f64),
             entropy: entropy_sum / counted.max(1) as f64,
-            mean_length: lengths.iter().sum::<usize>() as f64 / lengths.len().max(1) as f64,
-            max_length: lengths.iter().copied().max().unwrap_or(0),
-            clipped_ratio: all.iter().filter(|r| r.truncated).count() as f64
-                / all.len().max(1) as f64,
             generation_tokens_per_second: generated_tokens as f64 / generation_seconds.max(1e-9),
             time,
             lr,
@@ -579,7 +433,7 @@ pub fn train_gba(
                 total_steps: recipe.steps,
                 seed: recipe.seed,
                 recipe_digest: recipe_digest.clone(),
-                loss: spread.mean,
+                loss: final_reward,
             };
             save_checkpoint(
                 &checkpoints,
