@@ -7,8 +7,8 @@
 
 use mmx::train::guideline::config::Guidelines;
 use mmx::train::rl::recipe::GbaRecipe;
-use mmx::train::rl::reward::{builtin, Completion, Reward};
-use mmx::train::rl::trainer::{train_gba, WeightedReward};
+use mmx::train::rl::reward::{builtin, Completion, Reward, WeightedReward};
+use mmx::train::rl::trainer::train_gba;
 
 /// 1 up to 12 lines, then linearly less, 0 from 24 lines on.
 struct Brevity;

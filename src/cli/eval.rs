@@ -9,7 +9,7 @@ use serde_json::json;
 
 use crate::train::eval::evaluate;
 use crate::train::model::CausalLm;
-use crate::train::read_cases;
+use crate::train::read_case_files;
 use crate::train::source::Materialized;
 use crate::train::tokenizer::Tokenizer;
 
@@ -36,10 +36,7 @@ fn report(
         let adapter = Materialized::open(adapter, registry)?;
         lm.load_adapter(adapter.dir())?;
     }
-    let mut cases = Vec::new();
-    for file in data {
-        cases.extend(read_cases(file)?);
-    }
+    let cases = read_case_files(data)?;
     Ok(evaluate(&lm, &tokenizer, &cases, batch, max_new_tokens)?)
 }
 

@@ -14,8 +14,8 @@ use crate::train::guideline::config::Guidelines;
 use crate::train::init::init_model;
 use crate::train::recipe::{TrainMethod, TrainRecipe};
 use crate::train::rl::recipe::GbaRecipe;
-use crate::train::rl::reward::builtin;
-use crate::train::rl::trainer::{train_gba, WeightedReward};
+use crate::train::rl::reward::{builtin, WeightedReward};
+use crate::train::rl::trainer::train_gba;
 use crate::train::sft::train;
 use crate::train::source::Materialized;
 
@@ -85,17 +85,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
             name(recipe.method)
         );
     }
-    let publish = args
-        .publish
-        .as_deref()
-        .map(super::registry::publish_target)
-        .transpose()?;
-    let registry = args
-        .registry
-        .clone()
-        .or_else(|| recipe.registry.clone())
-        .unwrap_or_else(|| crate::registry::registry_path(None));
-    let output = super::output_dir(args.output.as_deref(), &args.recipe, "train");
+    let (publish, registry, output) = destination(&args, recipe.registry.as_ref())?;
     // The starting model: the recipe's base, or a new one drawn from its seed.
     let (base, base_name, _scratch) = match (&recipe.base, &recipe.init) {
         (Some(source), _) => (Materialized::open(source, &registry)?, source.clone(), None),
@@ -171,17 +161,7 @@ fn run_gba(args: RunArgs) -> anyhow::Result<ExitCode> {
         };
         rewards.push(WeightedReward { reward, weight });
     }
-    let publish = args
-        .publish
-        .as_deref()
-        .map(super::registry::publish_target)
-        .transpose()?;
-    let registry = args
-        .registry
-        .clone()
-        .or_else(|| recipe.registry.clone())
-        .unwrap_or_else(|| crate::registry::registry_path(None));
-    let output = super::output_dir(args.output.as_deref(), &args.recipe, "train");
+    let (publish, registry, output) = destination(&args, recipe.registry.as_ref())?;
     let base = Materialized::open(&recipe.base, &registry)?;
     let adapter = Materialized::open(&recipe.adapter, &registry)?;
     let cases = recipe.data.cases()?;
@@ -245,6 +225,26 @@ fn run_gba(args: RunArgs) -> anyhow::Result<ExitCode> {
         publish_outputs(&store, &output, &reference, &options)?;
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Where a run publishes (`--publish`), the registry it reads and publishes to (`--registry`,
+/// else the recipe's, else the default) and its output directory.
+fn destination(
+    args: &RunArgs,
+    recipe_registry: Option<&PathBuf>,
+) -> anyhow::Result<(Option<crate::registry::Reference>, PathBuf, PathBuf)> {
+    let publish = args
+        .publish
+        .as_deref()
+        .map(super::registry::publish_target)
+        .transpose()?;
+    let registry = args
+        .registry
+        .clone()
+        .or_else(|| recipe_registry.cloned())
+        .unwrap_or_else(|| crate::registry::registry_path(None));
+    let output = super::output_dir(args.output.as_deref(), &args.recipe, "train");
+    Ok((publish, registry, output))
 }
 
 /// A progress bar for `what` (hidden when quiet).

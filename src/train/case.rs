@@ -284,6 +284,15 @@ fn json_message(e: &serde_json::Error) -> String {
     format!("invalid case: {message} (column {})", e.column())
 }
 
+/// Every case of `files`, in their order.
+pub fn read_case_files(files: &[PathBuf]) -> Result<Vec<Case>> {
+    let mut all = Vec::new();
+    for file in files {
+        all.extend(read_cases(file)?);
+    }
+    Ok(all)
+}
+
 /// Writes cases to a file atomically, one per line in the given order, each line ending in a
 /// newline. Ids must be unique; the file's directory must exist.
 pub fn write_cases(path: &Path, cases: &[Case]) -> Result<()> {

@@ -37,5 +37,5 @@ pub mod source;
 pub mod synth;
 pub mod tokenizer;
 
-pub use case::{option_letter, read_cases, write_cases, Case};
+pub use case::{option_letter, read_case_files, read_cases, write_cases, Case};
 pub use prompt::parse_answer;

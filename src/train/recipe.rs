@@ -45,7 +45,7 @@ use serde::Deserialize;
 
 use super::init::InitSpec;
 use super::schedule::Decay;
-use super::{read_cases, synth, Case};
+use super::{read_case_files, synth, Case};
 use crate::error::{Error, Result};
 
 /// A checked training recipe.
@@ -175,13 +175,7 @@ impl DataSpec {
     pub fn training_cases(&self) -> Result<Vec<TrainingCase>> {
         let cases = match &self.synthetic {
             Some(spec) => synth::generate(spec)?.train,
-            None => {
-                let mut all = Vec::new();
-                for file in &self.files {
-                    all.extend(read_cases(file)?);
-                }
-                all
-            }
+            None => read_case_files(&self.files)?,
         };
         let (own, others): (Vec<Case>, Vec<Case>) = cases.into_iter().partition(|c| {
             self.specialties.is_empty() || self.specialties.iter().any(|s| s == c.specialty())

@@ -179,12 +179,7 @@ impl Engine {
                 .map(|h| h.join().expect("a training shard does not panic"))
                 .collect()
         });
-        // In shard order, whatever order the threads finished in.
-        for (_, grads) in &shards[..chunks.len()] {
-            for (s, g) in sum.iter_mut().zip(grads) {
-                *s += g;
-            }
-        }
+        add_shards(sum, &shards[..chunks.len()]);
         let tokens = examples.iter().map(|e| e.tokens.len() - 1).sum();
         Ok((nlls.iter().sum(), tokens))
     }
@@ -263,11 +258,7 @@ impl Engine {
                 .collect()
         });
         if backward {
-            for (_, grads) in &shards[..chunks.len()] {
-                for (s, g) in sum.iter_mut().zip(grads) {
-                    *s += g;
-                }
-            }
+            add_shards(sum, &shards[..chunks.len()]);
         }
         Ok(stats.into_iter().flatten().collect())
     }
@@ -312,6 +303,16 @@ impl Engine {
             });
         }
         Ok(())
+    }
+}
+
+/// Adds the shards' gradients into `sum`, in shard order whatever order the threads finished
+/// in (so that a run repeats bit for bit).
+fn add_shards(sum: &mut [f32], shards: &[(Scratch, Vec<f32>)]) {
+    for (_, grads) in shards {
+        for (s, g) in sum.iter_mut().zip(grads) {
+            *s += g;
+        }
     }
 }
 

@@ -7,8 +7,8 @@ use std::collections::BTreeMap;
 use serde::Serialize;
 
 use super::advantage::mean_std;
+use super::reward::WeightedReward;
 use super::rollout::Rollout;
-use super::trainer::WeightedReward;
 use crate::train::guideline::config::Guidelines;
 
 /// Mean and std of a set of values.

@@ -53,7 +53,7 @@ use super::advantage::{Estimator, ScaleRewards};
 use super::objective::LossType;
 use crate::error::{Error, Result};
 use crate::train::recipe::{OptimRecipe, WireOptim, WireSynthetic};
-use crate::train::{read_cases, synth, Case};
+use crate::train::{read_case_files, synth, Case};
 
 /// A checked GBA recipe.
 #[derive(Debug, Clone)]
@@ -134,13 +134,7 @@ impl GbaData {
     pub fn cases(&self) -> Result<Vec<Case>> {
         let all = match &self.synthetic {
             Some(spec) => synth::generate(spec)?.answer_only,
-            None => {
-                let mut all = Vec::new();
-                for f in &self.files {
-                    all.extend(read_cases(f)?);
-                }
-                all
-            }
+            None => read_case_files(&self.files)?,
         };
         Ok(all
             .into_iter()

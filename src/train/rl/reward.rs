@@ -30,6 +30,14 @@ pub trait Reward: Send + Sync {
     fn score(&self, completion: &Completion<'_>) -> f64;
 }
 
+/// A reward and its weight in the summed reward.
+pub struct WeightedReward {
+    /// The reward.
+    pub reward: Box<dyn Reward>,
+    /// Its weight.
+    pub weight: f64,
+}
+
 /// 1 when the letter read after the last `Answer:` is the case's answer, else 0.
 pub fn accuracy(case: &Case, text: &str) -> f64 {
     f64::from(u8::from(parse_answer(text) == Some(case.answer_letter())))

@@ -19,7 +19,7 @@ use super::advantage::advantages;
 use super::metrics::{GbaStepMetrics, RolloutFigures};
 use super::objective::{clip_term, k3, sequence_weights};
 use super::recipe::GbaRecipe;
-use super::reward::{Completion, Reward};
+use super::reward::{Completion, WeightedReward};
 use super::rollout::Rollout;
 use crate::error::{Error, Result};
 use crate::train::batch::Example;
@@ -34,14 +34,6 @@ use crate::train::schedule::Schedule;
 use crate::train::sft::SHARD;
 use crate::train::tokenizer::Tokenizer;
 use crate::train::Case;
-
-/// A reward and its weight in the summed reward.
-pub struct WeightedReward {
-    /// The reward.
-    pub reward: Box<dyn Reward>,
-    /// Its weight.
-    pub weight: f64,
-}
 
 /// What a GBA run did.
 #[derive(Debug, Clone)]
@@ -282,15 +274,7 @@ pub fn train_gba(
                 let flat = members.iter().all(|&r| r == members[0]);
                 if !(recipe.dynamic_sampling && flat) && groups_kept < recipe.cases_per_step {
                     groups_kept += 1;
-                    kept.extend(batch.iter().filter(|r| r.group == group).map(|r| Rollout {
-                        group: r.group,
-                        guideline: r.guideline,
-                        example: r.example.clone(),
-                        completion_len: r.completion_len,
-                        truncated: r.truncated,
-                        rewards: r.rewards.clone(),
-                        reward: r.reward,
-                    }));
+                    kept.extend(batch.iter().filter(|r| r.group == group).cloned());
                 }
             }
             all.extend(batch);
