@@ -12,7 +12,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use mmx::tensor::SafetensorsFile;
 use mmx::train::batch::{summed_nll, Batch, Example};
 use mmx::train::fused::Engine;
-use mmx::train::model::{CausalLm, LoraSpec};
+use mmx::train::model::{CausalLm, GenerateOptions, LoraSpec, Sampling};
 
 mod common;
 
@@ -274,6 +274,114 @@ fn dropout_and_other_dtypes_are_left_to_candle() {
     assert!(Engine::new(&model, &model.lora_vars()).is_err());
     let half = CausalLm::load(dir.path(), None, DType::BF16, &Device::Cpu).unwrap();
     assert!(Engine::unsupported(&half).unwrap().contains("f32"));
+}
+
+/// Greedy and sampled continuations of prompts of different lengths, through candle's KV cache
+/// and the engine's: the same tokens, each row stopping at its own end-of-sequence token.
+fn generation_parity(t: &Tiny, spec: Option<&LoraSpec>, label: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    write_tiny(dir.path(), t, 13);
+    let model = CausalLm::load(dir.path(), spec, DType::F32, &Device::Cpu).unwrap();
+    randomise_b(&model, 7);
+    let engine = Engine::new(&model, &[]).unwrap();
+    // A repeated prompt (as a group's rollouts repeat theirs) is prefilled once.
+    let prompts = vec![
+        vec![1, 5, 9],
+        (3..40).collect(),
+        vec![7],
+        vec![2, 30, 31, 32, 33],
+        vec![1, 5, 9],
+    ];
+    let mut options = GenerateOptions::greedy(&model, 24);
+    options.eos_token_ids = vec![];
+    let candle = model
+        .generate_sharded(&prompts, 3, |_| options.clone())
+        .unwrap();
+    let fused = engine
+        .generate_sharded(&prompts, 3, |_| options.clone())
+        .unwrap();
+    assert_eq!(fused, candle, "{label}: greedy");
+    assert!(candle.iter().all(|row| row.len() == 24));
+    // Stop at a token some rows produce midway: those rows end there, the others go on.
+    let row = &candle[1];
+    let first_new = (1..row.len())
+        .find(|&j| !row[..j].contains(&row[j]))
+        .unwrap_or(0);
+    options.eos_token_ids = vec![row[first_new]];
+    let stopped = engine
+        .generate_sharded(&prompts, 3, |_| options.clone())
+        .unwrap();
+    assert_eq!(stopped[1].len(), first_new + 1, "{label}: {stopped:?}");
+    assert_eq!(
+        stopped,
+        model
+            .generate_sharded(&prompts, 3, |_| options.clone())
+            .unwrap(),
+        "{label}: stopped"
+    );
+    options.eos_token_ids = vec![];
+    options.sampling = Sampling::Sample {
+        temperature: 1.3,
+        top_p: 0.9,
+    };
+    let seeded = |shard: usize| GenerateOptions {
+        seed: 40 + shard as u64,
+        ..options.clone()
+    };
+    let candle = model.generate_sharded(&prompts, 2, seeded).unwrap();
+    let fused = engine.generate_sharded(&prompts, 2, seeded).unwrap();
+    assert_eq!(fused, candle, "{label}: sampled");
+    assert_ne!(fused[0], fused[4], "{label}: rows of one prompt draw apart");
+    println!("{label}: greedy and sampled generation equal");
+}
+
+#[test]
+fn generation_matches_candle() {
+    generation_parity(&LLAMA, None, "llama untied, no adapter");
+    let tied = Tiny {
+        tied: true,
+        ..LLAMA
+    };
+    generation_parity(
+        &tied,
+        Some(&lora(4, 8.0, &["all-linear"], false)),
+        "llama tied, LoRA",
+    );
+    let qwen = Tiny {
+        arch: "qwen2",
+        kv_heads: 1,
+        ..LLAMA
+    };
+    let subset = lora(3, 6.0, &["q_proj", "v_proj", "down_proj"], true);
+    generation_parity(&qwen, Some(&subset), "qwen2 (biases), one kv head, rsLoRA");
+}
+
+#[test]
+fn generation_refuses_what_candle_refuses() {
+    let dir = tempfile::tempdir().unwrap();
+    write_tiny(dir.path(), &LLAMA, 5);
+    let mut spec = lora(4, 8.0, &["all-linear"], false);
+    spec.dropout = 0.1;
+    // Dropout keeps the engine from training the model, not from running it.
+    let model = CausalLm::load(dir.path(), Some(&spec), DType::F32, &Device::Cpu).unwrap();
+    let engine = Engine::new(&model, &[]).unwrap();
+    let options = GenerateOptions::greedy(&model, 8);
+    let run = |prompts: Vec<Vec<u32>>| {
+        engine
+            .generate_sharded(&prompts, 4, |_| options.clone())
+            .unwrap_err()
+            .to_string()
+    };
+    assert!(run(vec![vec![1, VOCAB as u32]]).contains("outside the vocabulary"));
+    assert!(run(vec![vec![1], vec![]]).contains("prompt 1 is empty"));
+    let long = (0..125).map(|i| 3 + i % 40).collect();
+    let err = run(vec![long]);
+    assert!(err.contains("`max_position_embeddings` (128)"), "{err}");
+    let err = model
+        .generate(&[(0..125).map(|i| 3 + i % 40).collect()], &options)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("`max_position_embeddings` (128)"), "{err}");
 }
 
 // ---------------------------------------------------------------------------------------------

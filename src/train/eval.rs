@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 
 use serde::Serialize;
 
+use super::fused::generate_sharded;
 use super::model::{CausalLm, GenerateOptions};
 use super::parse_answer;
 use super::tokenizer::Tokenizer;
@@ -76,7 +77,7 @@ pub fn evaluate(
                 Ok(ids)
             })
             .collect::<Result<Vec<_>>>()?;
-        let outputs = model.generate_sharded(&prompts, batch, |_| options.clone())?;
+        let outputs = generate_sharded(model, &prompts, batch, |_| options.clone())?;
         for (case, output) in chunk.iter().zip(&outputs) {
             let text = tokenizer.decode(output, true)?;
             let answer = parse_answer(&text);

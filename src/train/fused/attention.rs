@@ -39,18 +39,23 @@ impl RopeTable {
     /// halves of a head turn together, `(x₁, x₂) → (x₁c − x₂s, x₂c + x₁s)`. `inverse` turns
     /// the other way, which is the backward pass (the rotation is orthogonal).
     pub(crate) fn rotate(&self, x: &mut [f32], width: usize, inverse: bool) {
-        let half = self.half;
         for (pos, row) in x.chunks_exact_mut(width).enumerate() {
-            let cos = &self.cos[pos * half..(pos + 1) * half];
-            let sin = &self.sin[pos * half..(pos + 1) * half];
-            for head in row.chunks_exact_mut(2 * half) {
-                let (x1, x2) = head.split_at_mut(half);
-                for (((a, b), &c), &s) in x1.iter_mut().zip(x2).zip(cos).zip(sin) {
-                    let s = if inverse { -s } else { s };
-                    let (u, v) = (*a, *b);
-                    *a = u * c - v * s;
-                    *b = v * c + u * s;
-                }
+            self.rotate_token(row, pos, inverse);
+        }
+    }
+
+    /// Rotates every head of one token's row at position `pos` in place, as [`Self::rotate`].
+    pub(crate) fn rotate_token(&self, row: &mut [f32], pos: usize, inverse: bool) {
+        let half = self.half;
+        let cos = &self.cos[pos * half..(pos + 1) * half];
+        let sin = &self.sin[pos * half..(pos + 1) * half];
+        for head in row.chunks_exact_mut(2 * half) {
+            let (x1, x2) = head.split_at_mut(half);
+            for (((a, b), &c), &s) in x1.iter_mut().zip(x2).zip(cos).zip(sin) {
+                let s = if inverse { -s } else { s };
+                let (u, v) = (*a, *b);
+                *a = u * c - v * s;
+                *b = v * c + u * s;
             }
         }
     }

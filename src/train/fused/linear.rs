@@ -7,6 +7,25 @@ use super::weights::Linear;
 
 /// `y ← beta·y + x·(W + s·B·A)ᵀ + bias`, keeping `z = x·Aᵀ` (`[n, r]`) when B is trained.
 pub(crate) fn forward(l: &Linear, n: usize, x: &[f32], beta: f32, y: &mut [f32], z: &mut [f32]) {
+    apply(l, n, x, beta, y);
+    if let Some(lora) = l.lora.as_ref().filter(|f| f.grad_b.is_some()) {
+        let r = lora.r;
+        gemm(
+            n,
+            l.inp,
+            r,
+            1.0,
+            View::rows(x, l.inp),
+            View::cols(&lora.a, l.inp),
+            0.0,
+            z,
+            r,
+        );
+    }
+}
+
+/// `y ← beta·y + x·(W + s·B·A)ᵀ + bias`: the projection alone, as inference needs it.
+pub(crate) fn apply(l: &Linear, n: usize, x: &[f32], beta: f32, y: &mut [f32]) {
     let (inp, out) = (l.inp, l.out);
     gemm(
         n,
@@ -25,20 +44,6 @@ pub(crate) fn forward(l: &Linear, n: usize, x: &[f32], beta: f32, y: &mut [f32],
                 *y += b;
             }
         }
-    }
-    if let Some(lora) = l.lora.as_ref().filter(|f| f.grad_b.is_some()) {
-        let r = lora.r;
-        gemm(
-            n,
-            inp,
-            r,
-            1.0,
-            View::rows(x, inp),
-            View::cols(&lora.a, inp),
-            0.0,
-            z,
-            r,
-        );
     }
 }
 

@@ -32,6 +32,7 @@
 //! ```
 
 mod attention;
+mod decode;
 mod linear;
 mod loss;
 mod matmul;
@@ -42,7 +43,7 @@ mod weights;
 use candle_core::{DType, Device, Tensor, Var};
 
 use super::batch::Example;
-use super::model::{candle, CausalLm, Projection};
+use super::model::{candle, sharded, CausalLm, GenerateOptions, Projection};
 use crate::error::{Error, Result};
 use attention::RopeTable;
 pub use loss::TokenStat;
@@ -78,14 +79,8 @@ impl Engine {
     /// Why the engine cannot train `model`, or `None` if it can: it runs f32 on the CPU, and
     /// has no LoRA dropout (its forward pass is the inference one).
     pub fn unsupported(model: &CausalLm) -> Option<String> {
-        if !model.device().is_cpu() {
-            return Some("the fused engine runs on the CPU only".into());
-        }
-        if model.dtype() != DType::F32 {
-            return Some(format!(
-                "the fused engine runs f32 models, not {}",
-                model.dtype().as_str()
-            ));
+        if let Some(reason) = Self::unsupported_for_inference(model) {
+            return Some(reason);
         }
         let dropout = model
             .layers()
@@ -98,10 +93,31 @@ impl Engine {
         None
     }
 
+    /// Why the engine cannot run `model` without training it (generation, log-probabilities
+    /// under a frozen model), or `None` if it can: it runs f32 on the CPU. Dropout does not
+    /// matter there, as inference applies none.
+    pub fn unsupported_for_inference(model: &CausalLm) -> Option<String> {
+        if !model.device().is_cpu() {
+            return Some("the fused engine runs on the CPU only".into());
+        }
+        if model.dtype() != DType::F32 {
+            return Some(format!(
+                "the fused engine runs f32 models, not {}",
+                model.dtype().as_str()
+            ));
+        }
+        None
+    }
+
     /// An engine for `model` that computes the gradients of `trained` (the model's own
     /// variables, from [`CausalLm::lora_vars`] or [`CausalLm::weight_vars`]), in that order.
     pub fn new(model: &CausalLm, trained: &[(String, Var)]) -> Result<Engine> {
-        if let Some(reason) = Self::unsupported(model) {
+        let unsupported = if trained.is_empty() {
+            Self::unsupported_for_inference(model)
+        } else {
+            Self::unsupported(model)
+        };
+        if let Some(reason) = unsupported {
             return Err(Error::ModelInput { message: reason });
         }
         let c = model.config();
@@ -263,6 +279,25 @@ impl Engine {
         Ok(stats.into_iter().flatten().collect())
     }
 
+    /// Continues every prompt as [`CausalLm::generate_sharded`] does (the same samplers, seeds
+    /// and stopping rule, `shard_rows` prompts per thread, shard `i` with `options(i)`), through
+    /// the engine's weights as they stand. The tokens equal candle's up to rounding: a near tie
+    /// between two tokens can go the other way.
+    pub fn generate_sharded(
+        &self,
+        prompts: &[Vec<u32>],
+        shard_rows: usize,
+        options: impl Fn(usize) -> GenerateOptions + Sync,
+    ) -> Result<Vec<Vec<u32>>> {
+        for p in prompts {
+            self.check_tokens(p)?;
+        }
+        let (weights, dims, rope) = (&self.weights, &self.dims, &self.rope);
+        sharded(prompts, shard_rows, |i, rows| {
+            decode::generate(weights, dims, rope, rows, &options(i))
+        })
+    }
+
     /// The gradients summed since the last call, one tensor per trained variable in the order
     /// given to [`Engine::new`]; the sums start again from zero.
     pub fn take_gradients(&mut self) -> Result<Vec<Tensor>> {
@@ -284,15 +319,21 @@ impl Engine {
         Ok(grads)
     }
 
+    /// Refuses a token outside the vocabulary.
+    fn check_tokens(&self, tokens: &[u32]) -> Result<()> {
+        let vocab = self.dims.vocab;
+        match tokens.iter().find(|&&id| id as usize >= vocab) {
+            Some(id) => Err(Error::ModelInput {
+                message: format!("token {id} is outside the vocabulary (`vocab_size` {vocab})"),
+            }),
+            None => Ok(()),
+        }
+    }
+
     /// Refuses an example candle's forward pass would refuse: a token outside the vocabulary
     /// or a position beyond the rotary table.
     fn check(&self, e: &Example) -> Result<()> {
-        let vocab = self.dims.vocab;
-        if let Some(id) = e.tokens.iter().find(|&&id| id as usize >= vocab) {
-            return Err(Error::ModelInput {
-                message: format!("token {id} is outside the vocabulary (`vocab_size` {vocab})"),
-            });
-        }
+        self.check_tokens(&e.tokens)?;
         let max = self.rope.positions();
         if e.tokens.len() > max + 1 {
             return Err(Error::ModelInput {
@@ -304,6 +345,20 @@ impl Engine {
         }
         Ok(())
     }
+}
+
+/// Generation through the fused engine where it runs `model` (f32 on the CPU), else through
+/// candle ([`CausalLm::generate_sharded`]): the same tokens up to rounding.
+pub fn generate_sharded(
+    model: &CausalLm,
+    prompts: &[Vec<u32>],
+    shard_rows: usize,
+    options: impl Fn(usize) -> GenerateOptions + Sync,
+) -> Result<Vec<Vec<u32>>> {
+    if Engine::unsupported_for_inference(model).is_some() {
+        return model.generate_sharded(prompts, shard_rows, options);
+    }
+    Engine::new(model, &[])?.generate_sharded(prompts, shard_rows, options)
 }
 
 /// Adds the shards' gradients into `sum`, in shard order whatever order the threads finished

@@ -85,7 +85,7 @@ pub(crate) struct Scratch {
 }
 
 /// The first `n` elements of `v`, grown (never shrunk) to fit.
-fn take<T: Copy + Default>(v: &mut Vec<T>, n: usize) -> &mut [T] {
+pub(crate) fn take<T: Copy + Default>(v: &mut Vec<T>, n: usize) -> &mut [T] {
     if v.len() < n {
         v.resize(n, T::default());
     }

@@ -44,6 +44,65 @@ impl GenerateOptions {
     }
 }
 
+impl GenerateOptions {
+    /// One sampler per row, row r drawing from the stream of (seed, r).
+    pub(crate) fn samplers(&self, rows: usize) -> Result<Vec<Sampler>> {
+        (0..rows)
+            .map(|r| {
+                let seed = SplitMix::derive(self.seed, &[r as u64]).next_u64();
+                Sampler::new(self.sampling, seed)
+            })
+            .collect()
+    }
+
+    /// Refuses an empty prompt, and prompts whose continuation would pass the rotary table's
+    /// `max_positions`.
+    pub(crate) fn check_prompts(&self, prompts: &[Vec<u32>], max_positions: usize) -> Result<()> {
+        if let Some(row) = prompts.iter().position(Vec::is_empty) {
+            return Err(Error::ModelInput {
+                message: format!("prompt {row} is empty; generation needs at least one token"),
+            });
+        }
+        let width = prompts.iter().map(Vec::len).max().unwrap_or(0);
+        // The last token fed sits at position width + max_new_tokens - 2.
+        if width + self.max_new_tokens.max(1) - 1 > max_positions {
+            return Err(Error::ModelInput {
+                message: format!(
+                    "a prompt of {width} tokens plus {} new ones exceeds `max_position_embeddings` ({max_positions})",
+                    self.max_new_tokens
+                ),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Runs `generate` on shards of `shard_rows` prompts, shard `i` on its own thread: the outputs
+/// in the prompts' order.
+pub(crate) fn sharded<T: Send>(
+    prompts: &[Vec<u32>],
+    shard_rows: usize,
+    generate: impl Fn(usize, &[Vec<u32>]) -> Result<Vec<T>> + Sync,
+) -> Result<Vec<T>> {
+    let generate = &generate;
+    let shards: Vec<Result<Vec<T>>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = prompts
+            .chunks(shard_rows.max(1))
+            .enumerate()
+            .map(|(i, rows)| scope.spawn(move || generate(i, rows)))
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("a generation shard does not panic"))
+            .collect()
+    });
+    let mut out = Vec::with_capacity(prompts.len());
+    for shard in shards {
+        out.extend(shard?);
+    }
+    Ok(out)
+}
+
 /// The last position's logits of `[b, s, vocab]`, per row, as f32 on the host.
 fn last_logits(logits: &Tensor) -> Result<Vec<Vec<f32>>> {
     let s = logits.dim(1).map_err(candle("logits"))?;
@@ -64,32 +123,13 @@ impl CausalLm {
         prompts: &[Vec<u32>],
         options: &GenerateOptions,
     ) -> Result<Vec<Vec<u32>>> {
-        let mut samplers = (0..prompts.len())
-            .map(|r| {
-                let seed = SplitMix::derive(options.seed, &[r as u64]).next_u64();
-                Sampler::new(options.sampling, seed)
-            })
-            .collect::<Result<Vec<_>>>()?;
+        let mut samplers = options.samplers(prompts.len())?;
         let mut out = vec![Vec::new(); prompts.len()];
         if prompts.is_empty() || options.max_new_tokens == 0 {
             return Ok(out);
         }
-        if let Some(row) = prompts.iter().position(Vec::is_empty) {
-            return Err(Error::ModelInput {
-                message: format!("prompt {row} is empty; generation needs at least one token"),
-            });
-        }
+        options.check_prompts(prompts, self.config().max_position_embeddings)?;
         let width = prompts.iter().map(Vec::len).max().unwrap_or(0);
-        let max_positions = self.config().max_position_embeddings;
-        // The last token fed sits at position width + max_new_tokens - 2.
-        if width + options.max_new_tokens - 1 > max_positions {
-            return Err(Error::ModelInput {
-                message: format!(
-                    "a prompt of {width} tokens plus {} new ones exceeds `max_position_embeddings` ({max_positions})",
-                    options.max_new_tokens
-                ),
-            });
-        }
         let (b, device) = (prompts.len(), self.device());
         let mut ids = Vec::with_capacity(b * width);
         let mut mask = Vec::with_capacity(b * width);
@@ -145,22 +185,8 @@ impl CausalLm {
         shard_rows: usize,
         options: impl Fn(usize) -> GenerateOptions + Sync,
     ) -> Result<Vec<Vec<u32>>> {
-        let options = &options;
-        let shards: Vec<Result<Vec<Vec<u32>>>> = std::thread::scope(|scope| {
-            let handles: Vec<_> = prompts
-                .chunks(shard_rows.max(1))
-                .enumerate()
-                .map(|(i, rows)| scope.spawn(move || self.generate(rows, &options(i))))
-                .collect();
-            handles
-                .into_iter()
-                .map(|h| h.join().expect("a generation shard does not panic"))
-                .collect()
-        });
-        let mut out = Vec::with_capacity(prompts.len());
-        for shard in shards {
-            out.extend(shard?);
-        }
-        Ok(out)
+        sharded(prompts, shard_rows, |i, rows| {
+            self.generate(rows, &options(i))
+        })
     }
 }

@@ -48,6 +48,7 @@ pub use block::Block;
 pub use cache::KvCache;
 pub use causal_lm::CausalLm;
 pub use config::{Architecture, ModelConfig};
+pub(crate) use generate::sharded;
 pub use generate::GenerateOptions;
 pub use lora::{LoraLinear, LoraSpec, ALL_LINEAR};
 pub use mlp::Mlp;

@@ -67,6 +67,20 @@ impl Sampler {
             .map(|&v| ((f64::from(v) - max) / temperature).exp())
             .collect();
         let total: f64 = weights.iter().sum();
+        if top_p >= 1.0 {
+            // Every token is kept: draw in id order, without sorting.
+            let target = unit(&mut self.rng) * total;
+            let mut acc = 0.0;
+            for (i, w) in weights.iter().enumerate() {
+                acc += w;
+                if target < acc {
+                    return Ok(i as u32);
+                }
+            }
+            // Rounding can leave the target at the very top of the mass.
+            let last = weights.iter().rposition(|&w| w > 0.0).unwrap_or(0);
+            return Ok(last as u32);
+        }
         let mut order: Vec<usize> = (0..logits.len()).collect();
         // Most likely first; equal weights by id, so that the draw is reproducible.
         order.sort_by(|&i, &j| weights[j].total_cmp(&weights[i]).then(i.cmp(&j)));

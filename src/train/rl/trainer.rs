@@ -216,7 +216,7 @@ pub fn train_gba(
                 .map(|&(c, _, g)| prompts[c][g].clone())
                 .collect();
             let generation = Instant::now();
-            let outputs = model.generate_sharded(&row_prompts, GENERATION_SHARD, |shard| {
+            let outputs = engine.generate_sharded(&row_prompts, GENERATION_SHARD, |shard| {
                 GenerateOptions {
                     max_new_tokens: recipe.max_completion_length,
                     sampling: Sampling::Sample {
