@@ -93,7 +93,30 @@ fn candle_grads(
 /// Runs both engines on one micro-batch and returns the worst relative gradient error; fails
 /// past the bars (loss 1e-5, gradients 1e-4, relative to the reference's largest magnitude).
 fn parity(model: &CausalLm, vars: &[(String, Var)], label: &str) -> f64 {
-    let examples = examples(7);
+    parity_on(model, vars, examples(7), label)
+}
+
+/// Rollouts as GRPO draws them: several completions of one prompt (a prompt longer than an
+/// attention block among them), not all adjacent, one whose prompt ends differently, beside
+/// examples of their own.
+fn shared_examples(seed: u64) -> Vec<Example> {
+    let mut rng = Rng(seed | 1);
+    let mut words = |n: usize| -> Vec<u32> { (0..n).map(|_| 3 + rng.below(VOCAB - 3)).collect() };
+    let (short, long) = (words(9), words(70));
+    // The same case under another guideline: only the end of the prompt differs.
+    let mut variant = long[..66].to_vec();
+    variant.extend(words(5));
+    let mut out = Vec::new();
+    for (prompt, completion) in [(&short, 5), (&long, 12), (&variant, 4), (&long, 3)] {
+        out.push(Example::new(Some(1), prompt, &words(completion), 2));
+    }
+    for (prompt, completion) in [(&short, 1), (&words(9), 6), (&short, 30)] {
+        out.push(Example::new(Some(1), prompt, &words(completion), 2));
+    }
+    out
+}
+
+fn parity_on(model: &CausalLm, vars: &[(String, Var)], examples: Vec<Example>, label: &str) -> f64 {
     let refs: Vec<&Example> = examples.iter().collect();
     let targets: usize = examples.iter().map(|e| e.target_tokens()).sum();
     let (nll, expected) = candle_grads(model, vars, &refs, targets);
@@ -284,13 +307,15 @@ fn generation_parity(t: &Tiny, spec: Option<&LoraSpec>, label: &str) {
     let model = CausalLm::load(dir.path(), spec, DType::F32, &Device::Cpu).unwrap();
     randomise_b(&model, 7);
     let engine = Engine::new(&model, &[]).unwrap();
-    // A repeated prompt (as a group's rollouts repeat theirs) is prefilled once.
+    // A repeated prompt, and one that ends differently (as a group's rollouts repeat their
+    // case's prompt under other guidelines): their common start is prefilled once.
     let prompts = vec![
         vec![1, 5, 9],
         (3..40).collect(),
         vec![7],
         vec![2, 30, 31, 32, 33],
         vec![1, 5, 9],
+        (3..36).chain([44, 45]).collect(),
     ];
     let mut options = GenerateOptions::greedy(&model, 24);
     options.eos_token_ids = vec![];
@@ -382,6 +407,60 @@ fn generation_refuses_what_candle_refuses() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("`max_position_embeddings` (128)"), "{err}");
+}
+
+#[test]
+fn shared_prompts_change_nothing_but_rounding() {
+    let dir = tempfile::tempdir().unwrap();
+    write_tiny(dir.path(), &LLAMA, 5);
+    let model = CausalLm::load(
+        dir.path(),
+        Some(&lora(4, 8.0, &["all-linear"], false)),
+        DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap();
+    randomise_b(&model, 3);
+    parity_on(
+        &model,
+        &model.lora_vars(),
+        shared_examples(3),
+        "LoRA, shared prompts",
+    );
+    let full = CausalLm::load_trainable(dir.path(), DType::F32, &Device::Cpu).unwrap();
+    parity_on(
+        &full,
+        full.weight_vars(),
+        shared_examples(4),
+        "every weight, shared prompts",
+    );
+
+    // The policy pass: one example per shard shares nothing; one shard shares every prompt.
+    let examples = shared_examples(5);
+    let refs: Vec<&Example> = examples.iter().collect();
+    let mut engine = Engine::new(&model, &model.lora_vars()).unwrap();
+    let coef = |e: usize, t: usize, logp: f64| (e as f64 - 2.5) * 0.1 + t as f64 * 0.01 - logp;
+    let mut run = |shard: usize| {
+        let stats = engine.policy_batch(&refs, shard, 0.7, &coef, true).unwrap();
+        let grads = engine.take_gradients().unwrap();
+        let flat: Vec<f32> = grads
+            .iter()
+            .flat_map(|g| g.flatten_all().unwrap().to_vec1::<f32>().unwrap())
+            .collect();
+        (stats, flat)
+    };
+    let (alone, alone_grads) = run(1);
+    let (shared, shared_grads) = run(8);
+    for (e, (a, b)) in examples.iter().zip(alone.iter().zip(&shared)) {
+        assert_eq!(a.len(), e.tokens.len() - e.prompt_len);
+        assert_eq!(a.len(), b.len());
+        for (x, y) in a.iter().zip(b) {
+            assert!((x.logp - y.logp).abs() < 1e-5, "{} vs {}", x.logp, y.logp);
+            assert!((x.entropy - y.entropy).abs() < 1e-5);
+        }
+    }
+    let err = max_relative_error(&shared_grads, &alone_grads);
+    assert!(err < 1e-4, "policy gradient off by {err:e}");
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -1,19 +1,18 @@
 //! Generation through the fused engine: the same decoding as [`CausalLm::generate`] (the same
 //! samplers, seeds, stopping rule and checks) on the engine's plain f32 weights, with a KV
 //! cache written in place. Each row is its own unpadded sequence, so a prompt needs no padding
-//! and a finished row costs nothing; rows of the same prompt (a group's rollouts) share its
-//! prefill; every step's live rows go through each projection as one
+//! and a finished row costs nothing; rows whose prompts start alike (a group's rollouts) share
+//! the prefill of that start; every step's live rows go through each projection as one
 //! product. Candle's per-operation overhead and its cache's concatenation at every step are
 //! what this avoids: on small models they, not the arithmetic, set the speed.
 //!
 //! [`CausalLm::generate`]: crate::train::model::CausalLm::generate
 
-use std::collections::HashMap;
-
 use super::attention::RopeTable;
 use super::linear;
 use super::matmul::{gemm, View};
 use super::norm;
+use super::share::{clusters, Cluster};
 use super::step::take;
 use super::weights::Weights;
 use super::Dims;
@@ -40,8 +39,12 @@ impl Cache {
         }
     }
 
-    /// Copies the first `len` positions of row `source` into row `row`, in every layer.
+    /// Copies the first `len` positions of row `source` into row `row`, in every layer (none
+    /// when they are the same row).
     fn copy_row(&mut self, source: usize, row: usize, len: usize) {
+        if source == row {
+            return;
+        }
         let (from, to, n) = (self.at(source, 0), self.at(row, 0), len * self.width);
         for layer in self.keys.iter_mut().chain(self.values.iter_mut()) {
             layer.copy_within(from..from + n, to);
@@ -106,36 +109,41 @@ pub(crate) fn generate(
         kv_width,
     );
     let mut buffers = Buffers::default();
-    // The prefill: every distinct prompt's tokens at once (a group's rollouts share theirs),
-    // logits at each prompt's last token; a repeated prompt's keys and values are copied.
+    // The prefill. Rows whose prompts start alike (a group's rollouts) run the common start
+    // once, in their first row, whose keys and values the others copy; then every row runs the
+    // rest of its prompt, with logits at its last token.
+    let starts: Vec<&[u32]> = prompts.iter().map(|p| &p[..p.len() - 1]).collect();
     let mut tokens: Vec<Token> = Vec::with_capacity(prompts.iter().map(Vec::len).sum());
-    let mut heads = Vec::with_capacity(prompts.len());
-    let mut first_of: HashMap<&[u32], (usize, usize)> = HashMap::new();
-    let mut copies = Vec::new();
-    for (row, p) in prompts.iter().enumerate() {
-        match first_of.get(p.as_slice()) {
-            Some(&(source, head)) => {
-                copies.push((source, row));
-                heads.push(head);
-            }
-            None => {
-                tokens.extend(
-                    p.iter()
-                        .enumerate()
-                        .map(|(pos, &id)| Token { row, pos, id }),
-                );
-                heads.push(tokens.len() - 1);
-                first_of.insert(p, (row, tokens.len() - 1));
+    let mut done_to = vec![0; prompts.len()];
+    let shared: Vec<Cluster> = clusters(&starts)
+        .into_iter()
+        .filter(|c| c.members.len() > 1)
+        .collect();
+    for c in &shared {
+        let row = c.members[0];
+        let ids = prompts[row][..c.shared].iter().enumerate();
+        tokens.extend(ids.map(|(pos, &id)| Token { row, pos, id }));
+    }
+    if !tokens.is_empty() {
+        forward(w, dims, rope, &mut cache, &tokens, &[], &mut buffers);
+        for c in &shared {
+            for &row in &c.members {
+                cache.copy_row(c.members[0], row, c.shared);
+                done_to[row] = c.shared;
             }
         }
+    }
+    tokens.clear();
+    let mut heads = Vec::with_capacity(prompts.len());
+    for (row, p) in prompts.iter().enumerate() {
+        let rest = p.iter().enumerate().skip(done_to[row]);
+        tokens.extend(rest.map(|(pos, &id)| Token { row, pos, id }));
+        heads.push(tokens.len() - 1);
     }
     let mut live: Vec<usize> = (0..prompts.len()).collect();
     let vocab = dims.vocab;
     for step in 0..options.max_new_tokens {
         let logits = forward(w, dims, rope, &mut cache, &tokens, &heads, &mut buffers);
-        for (source, row) in copies.drain(..) {
-            cache.copy_row(source, row, prompts[row].len());
-        }
         let mut next = Vec::with_capacity(live.len());
         for (&row, logits) in live.iter().zip(logits.chunks_exact(vocab)) {
             let token = samplers[row].sample(logits)?;

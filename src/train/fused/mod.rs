@@ -37,6 +37,7 @@ mod linear;
 mod loss;
 mod matmul;
 mod norm;
+mod share;
 mod step;
 mod weights;
 
@@ -47,7 +48,7 @@ use super::model::{candle, sharded, CausalLm, GenerateOptions, Projection};
 use crate::error::{Error, Result};
 use attention::RopeTable;
 pub use loss::TokenStat;
-use step::{Head, Scratch, Seq};
+use step::{Head, Scratch};
 use weights::{Slots, Weights};
 
 /// The model's sizes, as the pass needs them.
@@ -371,7 +372,8 @@ fn add_shards(sum: &mut [f32], shards: &[(Scratch, Vec<f32>)]) {
     }
 }
 
-/// A shard's checked examples through [`step::pass`]; their summed NLL.
+/// A shard's checked examples through [`step::pass`], a shared prompt start run once
+/// ([`share::sequences`]); their summed NLL.
 fn run(
     weights: &Weights,
     dims: &Dims,
@@ -381,20 +383,7 @@ fn run(
     scratch: &mut Scratch,
     grads: &mut [f32],
 ) -> f64 {
-    let seqs: Vec<Seq<'_>> = examples
-        .iter()
-        .filter_map(|e| {
-            let t = e.tokens.len().saturating_sub(1);
-            // Position i predicts token i + 1, in the loss when that token is past the prompt.
-            let first = e.prompt_len.saturating_sub(1).min(t);
-            // Without a target an example has no loss and no gradient (candle's exact zeros).
-            (first < t).then(|| Seq {
-                inputs: &e.tokens[..t],
-                first,
-                targets: &e.tokens[first + 1..],
-            })
-        })
-        .collect();
+    let seqs = share::sequences(examples);
     if seqs.is_empty() {
         return 0.0;
     }

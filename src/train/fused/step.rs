@@ -5,7 +5,7 @@
 //! within each sequence. Every buffer lives in a [`Scratch`] that is reused from shard to
 //! shard, so the pass allocates only when a shard outgrows every one before it.
 
-use super::attention::{self, RopeTable, Shape};
+use super::attention::{self, Prefix, PrefixGrads, RopeTable, Shape};
 use super::linear;
 use super::loss::{cross_entropy, policy, TokenStat};
 use super::matmul::{gemm, View};
@@ -21,6 +21,9 @@ pub(crate) struct Seq<'a> {
     pub inputs: &'a [u32],
     pub first: usize,
     pub targets: &'a [u32],
+    /// The earlier sequence this one continues (a shared prompt): its inputs come first, at
+    /// positions `0..`, and this one's from where it ends.
+    pub parent: Option<usize>,
 }
 
 /// What the head computes on the loss's positions.
@@ -92,6 +95,11 @@ pub(crate) fn take<T: Copy + Default>(v: &mut Vec<T>, n: usize) -> &mut [T] {
     &mut v[..n]
 }
 
+/// The length of the prefix `s` continues (0 if none).
+fn prefix_len(seqs: &[Seq<'_>], s: &Seq<'_>) -> usize {
+    s.parent.map_or(0, |i| seqs[i].inputs.len())
+}
+
 /// The largest LoRA rank of a layer's projections (0 without LoRA).
 fn max_rank(proj: &[Linear]) -> usize {
     proj.iter()
@@ -118,16 +126,20 @@ pub(crate) fn pass(
     let inter = dims.intermediate;
     // Each sequence's first row, and where its attention probabilities start.
     let mut starts = Vec::with_capacity(seqs.len());
-    let (mut row, mut p_at, mut longest) = (0, 0, 0);
+    let (mut row, mut p_at, mut widest) = (0, 0, 0);
     for s in seqs {
-        let t = s.inputs.len();
+        let (t, prefix) = (s.inputs.len(), prefix_len(seqs, s));
         starts.push((row, p_at));
         row += t;
-        p_at += dims.heads * t * t;
-        longest = longest.max(t);
+        p_at += dims.heads * t * (prefix + t);
+        widest = widest.max(t * (prefix + t));
     }
-    let shape = |t: usize| Shape {
-        t,
+    // A sequence's rows in the stack, and those of the prefix it continues.
+    let rows_of = |i: usize| starts[i].0..starts[i].0 + seqs[i].inputs.len();
+    let prefix_rows = |s: &Seq<'_>| s.parent.map_or(0..0, rows_of);
+    let shape = |s: &Seq<'_>| Shape {
+        t: s.inputs.len(),
+        prefix: prefix_rows(s).len(),
         heads: dims.heads,
         kv_heads: dims.kv_heads,
         d: dims.head_dim,
@@ -186,20 +198,26 @@ pub(crate) fn pass(
         linear::forward(pv, n, h1, 0.0, v, take(zv, n * rank));
         let ctx = take(&mut s.ctx, n * qw);
         let p = take(&mut s.p, p_at);
+        // A prefix comes before the sequences that continue it, so its keys are rotated
+        // by the time they read them.
         for (seq, &(at, p_at)) in seqs.iter().zip(&starts) {
-            let t = seq.inputs.len();
-            let (q, k) = (
-                &mut q[at * qw..(at + t) * qw],
-                &mut k[at * kw..(at + t) * kw],
-            );
-            rope.rotate(q, qw, false);
-            rope.rotate(k, kw, false);
+            let (t, pre) = (seq.inputs.len(), prefix_rows(seq));
+            let (prefix_k, own_k) = k.split_at_mut(at * kw);
+            let own_k = &mut own_k[..t * kw];
+            let q = &mut q[at * qw..(at + t) * qw];
+            rope.rotate(q, qw, pre.len(), false);
+            rope.rotate(own_k, kw, pre.len(), false);
+            let prefix = Prefix {
+                k: &prefix_k[pre.start * kw..pre.end * kw],
+                v: &v[pre.start * kw..pre.end * kw],
+            };
             attention::forward(
-                shape(t),
+                shape(seq),
+                prefix,
                 q,
-                k,
+                own_k,
                 &v[at * kw..(at + t) * kw],
-                &mut p[p_at..p_at + dims.heads * t * t],
+                &mut p[p_at..p_at + dims.heads * t * (pre.len() + t)],
                 &mut ctx[at * qw..(at + t) * qw],
             );
         }
@@ -314,7 +332,7 @@ pub(crate) fn pass(
     let dm = take(dm, n * inter);
     let dctx = take(dctx, n * qw);
     let (dq, dk, dv) = (take(dq, n * qw), take(dk, n * kw), take(dv, n * kw));
-    let dp = take(dp, longest * longest);
+    let dp = take(dp, widest);
     let dz = take(dz, n * rank);
     let need_input = w.grad_embed.is_some();
     for (l, (lw, s)) in w.layers.iter().zip(layers.iter_mut()).enumerate().rev() {
@@ -337,23 +355,40 @@ pub(crate) fn pass(
         norm::backward(&s.mid[..nh], &lw.post_norm.w, &s.rstd2, dh, dx, dw2);
 
         linear::backward(po, n, &s.ctx, zo, dx, Some((dctx, 0.0)), dz, grads);
+        // A prefix's own pass writes its key and value gradients before the sequences that
+        // continue it add theirs; the rotations are undone once all are in.
         for (seq, &(at, p_at)) in seqs.iter().zip(&starts) {
-            let t = seq.inputs.len();
+            let (t, pre) = (seq.inputs.len(), prefix_rows(seq));
             let (qs, ks) = (at * qw..(at + t) * qw, at * kw..(at + t) * kw);
+            let (dk_before, dk_own) = dk.split_at_mut(at * kw);
+            let (dv_before, dv_own) = dv.split_at_mut(at * kw);
+            let prefix_grads = PrefixGrads {
+                dk: &mut dk_before[pre.start * kw..pre.end * kw],
+                dv: &mut dv_before[pre.start * kw..pre.end * kw],
+            };
+            let prefix = Prefix {
+                k: &s.k[pre.start * kw..pre.end * kw],
+                v: &s.v[pre.start * kw..pre.end * kw],
+            };
             attention::backward(
-                shape(t),
+                shape(seq),
+                prefix,
+                Some(prefix_grads),
                 &s.q[qs.clone()],
                 &s.k[ks.clone()],
-                &s.v[ks.clone()],
-                &s.p[p_at..p_at + dims.heads * t * t],
+                &s.v[ks],
+                &s.p[p_at..p_at + dims.heads * t * (pre.len() + t)],
                 &dctx[qs.clone()],
-                &mut dq[qs.clone()],
-                &mut dk[ks.clone()],
-                &mut dv[ks.clone()],
+                &mut dq[qs],
+                &mut dk_own[..t * kw],
+                &mut dv_own[..t * kw],
                 dp,
             );
-            rope.rotate(&mut dq[qs], qw, true);
-            rope.rotate(&mut dk[ks], kw, true);
+        }
+        for (seq, &(at, _)) in seqs.iter().zip(&starts) {
+            let (t, start) = (seq.inputs.len(), prefix_rows(seq).len());
+            rope.rotate(&mut dq[at * qw..(at + t) * qw], qw, start, true);
+            rope.rotate(&mut dk[at * kw..(at + t) * kw], kw, start, true);
         }
         // The first layer's input gradient feeds only a trained embedding or norm.
         let input = (l > 0 || need_input || lw.input_norm.grad.is_some()).then_some(());
