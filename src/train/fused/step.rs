@@ -2,7 +2,8 @@
 //! their gradients into a flat buffer. The examples run as one stack of unpadded sequences:
 //! everything but attention and rotary positions works row by row, so the projections see all
 //! the shard's tokens at once (large products, each weight packed once), and attention runs
-//! within each sequence. Every buffer lives in a [`Scratch`] that is reused from shard to
+//! within each sequence, after the prefix it continues if it has one (a shared prompt start,
+//! [`super::share`]). Every buffer lives in a [`Scratch`] that is reused from shard to
 //! shard, so the pass allocates only when a shard outgrows every one before it.
 
 use super::attention::{self, Prefix, PrefixGrads, RopeTable, Shape};

@@ -19,14 +19,14 @@ use super::advantage::advantages;
 use super::metrics::{GbaStepMetrics, RolloutFigures};
 use super::objective::{clip_term, k3, sequence_weights};
 use super::recipe::GbaRecipe;
-use super::reward::{Completion, WeightedReward};
-use super::rollout::Rollout;
+use super::reward::WeightedReward;
+use super::rollout::{Rollout, Rollouts, Sampler};
 use crate::error::{Error, Result};
 use crate::train::batch::Example;
 use crate::train::checkpoint::{latest_checkpoint, load_checkpoint, save_checkpoint, TrainerState};
 use crate::train::fused::{Engine, TokenStat};
 use crate::train::guideline::config::Guidelines;
-use crate::train::model::{CausalLm, GenerateOptions, Sampling};
+use crate::train::model::CausalLm;
 use crate::train::optim::{clip_gradients, AdamW, AdamWConfig};
 use crate::train::recipe::TrainMethod;
 use crate::train::rng::SplitMix;
@@ -47,10 +47,6 @@ pub struct GbaSummary {
     /// The last step's mean reward.
     pub final_reward: f64,
 }
-
-/// Rollouts per generation thread (fixed by the recipe, not the machine, so that the
-/// rollouts repeat anywhere).
-pub const GENERATION_SHARD: usize = 32;
 
 /// Refines the adapter in `adapter_dir` (on the base in `base_dir`) by the recipe on `cases`,
 /// writing the PEFT adapter, `metrics.jsonl` and `checkpoints/` into `output`.
@@ -141,25 +137,21 @@ pub fn train_gba(
         message: "no `eos_token_id`: rollouts stop at it".into(),
     })?;
     let pad = config.pad_token_id.unwrap_or(eos);
-    // Each case's prompt under each guideline, tokenized once.
-    let prompts: Vec<Vec<Vec<u32>>> = cases
-        .iter()
-        .map(|c| {
-            guidelines
-                .guidelines
-                .iter()
-                .map(|g| {
-                    let mut ids: Vec<u32> = config.bos_token_id.into_iter().collect();
-                    ids.extend(tokenizer.encode(&c.prompt_under(Some(&g.prompt)), false)?);
-                    Ok(ids)
-                })
-                .collect::<Result<Vec<_>>>()
-        })
-        .collect::<Result<_>>()?;
-    let splits: Vec<Vec<usize>> = cases
-        .iter()
-        .map(|c| guidelines.split(c.specialty(), recipe.num_generations))
-        .collect::<Result<_>>()?;
+    let rollouts = Rollouts::new(
+        cases,
+        guidelines,
+        rewards,
+        &tokenizer,
+        config.bos_token_id,
+        recipe.num_generations,
+        Sampler {
+            max_new_tokens: recipe.max_completion_length,
+            temperature: recipe.temperature,
+            top_p: recipe.top_p,
+            eos_token_ids: config.eos_token_ids.clone(),
+            pad_token_id: pad,
+        },
+    )?;
 
     std::fs::create_dir_all(output).map_err(|e| Error::io(output, e))?;
     let metrics_path = output.join("metrics.jsonl");
@@ -205,64 +197,18 @@ pub fn train_gba(
             let batch_cases: Vec<usize> = (0..recipe.cases_per_step)
                 .map(|j| case_at(first + j))
                 .collect();
-            let mut rows: Vec<(usize, usize, usize)> = Vec::new(); // (case, group, guideline)
-            for (j, &c) in batch_cases.iter().enumerate() {
-                for (g, &n) in splits[c].iter().enumerate() {
-                    rows.extend(std::iter::repeat_n((c, groups_generated + j, g), n));
-                }
-            }
-            let row_prompts: Vec<Vec<u32>> = rows
-                .iter()
-                .map(|&(c, _, g)| prompts[c][g].clone())
-                .collect();
             let generation = Instant::now();
-            let outputs = engine.generate_sharded(&row_prompts, GENERATION_SHARD, |shard| {
-                GenerateOptions {
-                    max_new_tokens: recipe.max_completion_length,
-                    sampling: Sampling::Sample {
-                        temperature: recipe.temperature,
-                        top_p: recipe.top_p,
-                    },
-                    seed: SplitMix::derive(
-                        recipe.seed,
-                        &[0x726f_6c6c, step as u64, attempt as u64, shard as u64],
-                    )
-                    .next_u64(),
-                    eos_token_ids: config.eos_token_ids.clone(),
-                    pad_token_id: pad,
-                }
+            let sampled = rollouts.sample(&engine, &batch_cases, groups_generated, |shard| {
+                SplitMix::derive(
+                    recipe.seed,
+                    &[0x726f_6c6c, step as u64, attempt as u64, shard as u64],
+                )
+                .next_u64()
             })?;
             generation_seconds += generation.elapsed().as_secs_f64();
+            generated_tokens += sampled.tokens();
             lap("generation", &mut clock);
-            let mut batch: Vec<Rollout> = Vec::with_capacity(rows.len());
-            for ((&(c, group, g), prompt), out) in rows.iter().zip(row_prompts).zip(outputs) {
-                generated_tokens += out.len();
-                let truncated = out.last().is_none_or(|t| !config.eos_token_ids.contains(t));
-                let text = tokenizer.decode(&out, true)?;
-                let completion = Completion {
-                    case: &cases[c],
-                    guideline: &guidelines.guidelines[g],
-                    text: &text,
-                    truncated,
-                };
-                let scores: Vec<f64> = rewards
-                    .iter()
-                    .map(|r| r.reward.score(&completion))
-                    .collect();
-                let reward = scores.iter().zip(rewards).map(|(s, r)| s * r.weight).sum();
-                let prompt_len = prompt.len();
-                let mut tokens = prompt;
-                tokens.extend_from_slice(&out);
-                batch.push(Rollout {
-                    group,
-                    guideline: g,
-                    completion_len: out.len(),
-                    example: Example { tokens, prompt_len },
-                    truncated,
-                    rewards: scores,
-                    reward,
-                });
-            }
+            let batch = rollouts.score(sampled)?;
             groups_generated += batch_cases.len();
             for j in 0..batch_cases.len() {
                 let group = groups_generated - batch_cases.len() + j;
