@@ -92,7 +92,8 @@ pub struct TrialResult {
     pub validation: Option<f64>,
     /// Planted sweeps: the same on test inputs.
     pub test: Option<f64>,
-    /// Planted sweeps: per task, validation then test.
+    /// Per task, validation then test: a planted sweep's tasks, or an accuracy sweep's
+    /// specialties in the order they first appear in its case files.
     pub by_task: Option<(Vec<f64>, Vec<f64>)>,
     /// Seconds the merge and its evaluation took.
     pub seconds: f64,
@@ -300,8 +301,8 @@ enum Scoring<'a> {
     None,
 }
 
-/// Per-specialty accuracy of the merge in `target` on the validation and test files (in
-/// specialty order): a merged model answers itself, a merged adapter on the eval's base.
+/// Per-specialty accuracy of the merge in `target` on the validation and test files (the
+/// specialties in the order they first appear in the files): a merged model answers itself, a merged adapter on the eval's base.
 fn accuracy(template: &Recipe, spec: &EvalSpec, target: &Path) -> Result<(Vec<f64>, Vec<f64>)> {
     let registry = template
         .registry
@@ -333,9 +334,30 @@ fn accuracy(template: &Recipe, spec: &EvalSpec, target: &Path) -> Result<(Vec<f6
             cases.extend(read_cases(f)?);
         }
         let report = evaluate(&model, &tokenizer, &cases, spec.batch, spec.max_new_tokens)?;
-        Ok(report.accuracy.values().copied().collect())
+        Ok(in_file_order(
+            cases.iter().map(|c| c.specialty()),
+            &report.accuracy,
+        ))
     };
     Ok((score(&spec.validation)?, score(&spec.test)?))
+}
+
+/// The accuracies (keyed by specialty) in the order the specialties first appear among the
+/// cases, as the sweep's files list them.
+fn in_file_order<'a>(
+    specialties: impl Iterator<Item = &'a str>,
+    accuracy: &BTreeMap<String, f64>,
+) -> Vec<f64> {
+    let mut order: Vec<&str> = Vec::new();
+    for s in specialties {
+        if !order.contains(&s) {
+            order.push(s);
+        }
+    }
+    order
+        .iter()
+        .filter_map(|s| accuracy.get(*s).copied())
+        .collect()
 }
 
 /// Runs one trial: merge, metrics, evaluation. Errors of the trial itself are recorded in the
@@ -635,6 +657,17 @@ pub fn describe(result: &TrialResult) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn accuracies_follow_the_files_not_the_alphabet() {
+        let accuracy: BTreeMap<String, f64> = [
+            ("cardiology".to_string(), 0.75),
+            ("radiology".to_string(), 0.25),
+        ]
+        .into();
+        let cases = ["radiology", "radiology", "cardiology", "radiology"];
+        assert_eq!(in_file_order(cases.into_iter(), &accuracy), [0.25, 0.75]);
+    }
 
     #[test]
     fn parses_shards() {

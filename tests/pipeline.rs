@@ -69,15 +69,15 @@ method = "ties"
 parameters = { density = [0.5] }
 [sweep.eval]
 base = "registry:tiny:v1"
-validation = ["out/data/cardiology/validation.jsonl", "out/data/radiology/validation.jsonl"]
-test = ["out/data/cardiology/test.jsonl", "out/data/radiology/test.jsonl"]
+validation = ["out/data/radiology/validation.jsonl", "out/data/cardiology/validation.jsonl"]
+test = ["out/data/radiology/test.jsonl", "out/data/cardiology/test.jsonl"]
 "#;
 
 const PIPELINE: &str = r#"[pipeline]
 output = "out"
 registry = "out/registry"
-specialties = ["cardiology", "radiology"]
-data = { seed = 0, train = 4, validation = 2, test = 2, answer_only = 4 }
+specialties = ["radiology", "cardiology"]
+data = { seed = 0, train = 4, validation = 2, test = 8, answer_only = 4 }
 base = { recipe = "base.toml", publish = "tiny:v1" }
 dsa = { recipe = "dsa-{specialty}.toml", publish = "{specialty}:v1" }
 gba = { recipe = "gba-{specialty}.toml", publish = "{specialty}-gba:v1" }
@@ -121,6 +121,38 @@ fn the_pipeline_runs_every_stage_then_skips_what_did_not_change() {
     ] {
         assert!(table.contains(row), "`{row}` in\n{table}");
     }
+    // The merge's row, specialty by specialty (not in alphabetical order), is what `mmx eval`
+    // gives the published merge (the sweep's only setting).
+    let row = table
+        .lines()
+        .find(|l| l.contains("merge of the gba experts"))
+        .unwrap();
+    let cells: Vec<&str> = row.split('|').map(str::trim).collect();
+    for (column, specialty) in [(2, "radiology"), (3, "cardiology")] {
+        let test = format!("out/data/{specialty}/test.jsonl");
+        let eval = mmx(
+            &[
+                "eval",
+                "registry:tiny:v1",
+                "--adapter",
+                "registry:expert:v1",
+                "--data",
+                &test,
+                "--json",
+                "--registry",
+                "out/registry",
+            ],
+            dir,
+        );
+        assert_ok(&eval);
+        let report: serde_json::Value = serde_json::from_slice(&eval.stdout).unwrap();
+        let accuracy = report["accuracy"][specialty].as_f64().unwrap();
+        assert_eq!(
+            cells[column],
+            format!("{:.1}%", accuracy * 100.0),
+            "{specialty}: {row}"
+        );
+    }
     assert!(dir.join("out/table.png").is_file());
     assert!(dir.join("out/conflicts-gba.json").is_file());
     // The GBA expert's lineage names its DSA parent, whose base is the pipeline's base.
@@ -157,4 +189,34 @@ fn the_pipeline_runs_every_stage_then_skips_what_did_not_change() {
     assert_eq!(skipped(&changed.stderr), 6, "{stderr}");
     assert!(stderr.contains("gba-radiology: done"), "{stderr}");
     assert!(stderr.contains("dsa-radiology: unchanged"), "{stderr}");
+
+    // A forced run remakes everything and publishes its best merge again, even where the tag
+    // already points elsewhere (here: moved by hand to the base).
+    let show = |tag: &str| {
+        let out = mmx(&["show", tag, "--registry", "out/registry"], dir);
+        assert_ok(&out);
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    let published = show("expert:v1");
+    let moved = mmx(
+        &[
+            "tag",
+            "tiny:v1",
+            "expert:v1",
+            "--force",
+            "--registry",
+            "out/registry",
+        ],
+        dir,
+    );
+    assert_ok(&moved);
+    assert_ne!(show("expert:v1"), published);
+    let forced = mmx(&["pipeline", "pipeline.toml", "--force"], dir);
+    assert_ok(&forced);
+    assert_eq!(skipped(&forced.stderr), 0);
+    assert_eq!(
+        show("expert:v1"),
+        published,
+        "the same inputs make the same merge"
+    );
 }

@@ -390,7 +390,10 @@ pub fn run(args: PipelineArgs) -> anyhow::Result<ExitCode> {
                 .as_str()
                 .unwrap_or_default()
                 .to_string();
-            if recorded.is_some() && state.keys.get(&format!("publish-{}", m.name)) != Some(&k) {
+            // A forced run remakes the experts (the key of recipes alone cannot tell): its
+            // best merge replaces the published one.
+            let stale = args.force || state.keys.get(&format!("publish-{}", m.name)) != Some(&k);
+            if recorded.is_some() && stale {
                 store.remove(&reference)?;
             }
             if store.resolve(tag).is_err() {
