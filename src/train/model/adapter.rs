@@ -128,7 +128,7 @@ impl CausalLm {
                 let (Some(a), Some(b)) = (linear.lora_a(), linear.lora_b()) else {
                     continue;
                 };
-                let path = p.path(i);
+                let path = self.module_path(i, p);
                 by_projection.entry(p).or_default().push(i);
                 let rank = linear.rank().unwrap_or(spec.r);
                 if rank != spec.r {
@@ -155,7 +155,7 @@ impl CausalLm {
             if layers.len() == num_layers {
                 targets.push(p.name().to_string());
             } else {
-                targets.extend(layers.iter().map(|&i| p.path(i)));
+                targets.extend(layers.iter().map(|&i| self.module_path(i, *p)));
             }
         }
         targets.sort();
@@ -229,7 +229,9 @@ impl CausalLm {
         let mut loaded = Vec::new();
         for m in adapter.modules().values() {
             let file_path = adapter.file().path();
-            let Some((layer, projection)) = Projection::parse_path(&m.module)
+            let Some((layer, projection)) = self
+                .canonical_module(&m.module)
+                .and_then(|module| Projection::parse_path(&module))
                 .filter(|&(layer, _)| layer < num_layers)
                 .filter(|_| m.kind == LoraKind::Linear)
             else {
@@ -269,7 +271,8 @@ impl CausalLm {
 
         // Every module the config targets must have its factors in the file.
         let paths: Vec<String> = (0..num_layers)
-            .flat_map(|i| Projection::ALL.map(|p| p.path(i)))
+            .flat_map(|i| Projection::ALL.map(move |p| (i, p)))
+            .map(|(i, p)| self.module_path(i, p))
             .collect();
         let targets = selected(
             &config_path,
@@ -287,8 +290,11 @@ impl CausalLm {
                 targets.retain(|p| !excluded.contains(p));
             }
             if let Some(kept) = layers_kept(&config_path, config.raw.get("layers_to_transform"))? {
-                targets
-                    .retain(|p| Projection::parse_path(p).is_some_and(|(i, _)| kept.contains(&i)));
+                targets.retain(|p| {
+                    self.canonical_module(p)
+                        .and_then(|m| Projection::parse_path(&m))
+                        .is_some_and(|(i, _)| kept.contains(&i))
+                });
             }
             if targets.is_empty() {
                 return Err(fail(

@@ -17,7 +17,7 @@ use super::mlp::Mlp;
 use super::norm::RmsNorm;
 use super::projection::Projection;
 use super::rope::Rope;
-use super::weights::Weights;
+use super::weights::{Naming, Weights};
 use crate::adapter::PEFT_PREFIX;
 use crate::checkpoint::Checkpoint;
 use crate::error::{Error, Result};
@@ -35,6 +35,9 @@ pub struct CausalLm {
     lm_head: Tensor,
     rope: Rope,
     lora: Option<LoraSpec>,
+    /// How adapters name its modules: `model.layers.…` for a text model, the nesting of a
+    /// vision-language model's language model otherwise.
+    modules: Naming,
     /// With [`CausalLm::load_trainable`]: every weight as a variable, by its name.
     weights: Vec<(String, Var)>,
     adapter_enabled: bool,
@@ -81,6 +84,56 @@ impl CausalLm {
         device: &Device,
         trainable: bool,
     ) -> Result<Self> {
+        let config = ModelConfig::read(&dir.join("config.json"))?;
+        let checkpoint = Checkpoint::open(dir)?;
+        let weights = Weights::new(&checkpoint, dtype, device, trainable);
+        Self::assemble(dir, config, weights, lora, dtype, device)
+    }
+
+    /// The language model of a vision-language checkpoint in `dir`: its `config` (the
+    /// checkpoint's `text_config`) and its tensors where `naming` says.
+    /// Adapters name its modules as `modules` says (PEFT's names of the nested modules).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn load_nested(
+        dir: &Path,
+        checkpoint: &Checkpoint,
+        config: ModelConfig,
+        naming: Naming,
+        modules: Naming,
+        lora: Option<&LoraSpec>,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        let weights = Weights::new(checkpoint, dtype, device, false).named(naming);
+        let mut model = Self::assemble(dir, config, weights, None, dtype, device)?;
+        model.modules = modules;
+        if let Some(spec) = lora {
+            model.attach_lora(spec)?;
+        }
+        Ok(model)
+    }
+
+    /// The module path adapters use for projection `p` of layer `layer`.
+    pub fn module_path(&self, layer: usize, p: Projection) -> String {
+        self.modules.key(&p.path(layer))
+    }
+
+    /// The text model's own path (`model.layers.…`) of an adapter's module path, if it names
+    /// one of this model's modules.
+    pub(crate) fn canonical_module(&self, module: &str) -> Option<String> {
+        module
+            .strip_prefix(self.modules.model.as_str())
+            .map(|rest| format!("model.{rest}"))
+    }
+
+    fn assemble(
+        dir: &Path,
+        config: ModelConfig,
+        weights: Weights<'_>,
+        lora: Option<&LoraSpec>,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
         if !matches!(dtype, DType::F32 | DType::F16 | DType::BF16 | DType::F64) {
             return Err(Error::ModelInput {
                 message: format!(
@@ -89,9 +142,6 @@ impl CausalLm {
                 ),
             });
         }
-        let config = ModelConfig::read(&dir.join("config.json"))?;
-        let checkpoint = Checkpoint::open(dir)?;
-        let weights = Weights::new(&checkpoint, dtype, device, trainable);
         let (vocab, hidden) = (config.vocab_size, config.hidden_size);
         let embed = weights.get("model.embed_tokens.weight", &[vocab, hidden])?;
         let lm_head = if config.tie_word_embeddings {
@@ -164,6 +214,7 @@ impl CausalLm {
             lm_head,
             rope,
             lora: None,
+            modules: Naming::default(),
             adapter_enabled: true,
             training: false,
             dtype,
@@ -238,7 +289,8 @@ impl CausalLm {
         };
         spec.check().map_err(fail)?;
         let paths: Vec<String> = (0..self.layers.len())
-            .flat_map(|i| Projection::ALL.map(|p| p.path(i)))
+            .flat_map(|i| Projection::ALL.map(move |p| (i, p)))
+            .map(|(i, p)| self.module_path(i, p))
             .collect();
         for target in &spec.target_modules {
             if !paths.iter().any(|p| LoraSpec::target_matches(target, p)) {
@@ -249,10 +301,11 @@ impl CausalLm {
             }
         }
         let scaling = spec.scaling();
+        let modules = self.modules.clone();
         for (i, layer) in self.layers.iter_mut().enumerate() {
             for (k, p) in Projection::ALL.into_iter().enumerate() {
                 let linear = layer.projection_mut(p);
-                if spec.selects(&p.path(i)) {
+                if spec.selects(&modules.key(&p.path(i))) {
                     let seed = SplitMix::derive(spec.seed, &[i as u64, k as u64]).next_u64();
                     linear
                         .init_lora(spec.r, spec.alpha, scaling, spec.dropout, seed)
@@ -362,7 +415,7 @@ impl CausalLm {
             for p in Projection::ALL {
                 let linear = layer.projection(p);
                 if let (Some(a), Some(b)) = (linear.lora_a(), linear.lora_b()) {
-                    let path = p.path(i);
+                    let path = self.module_path(i, p);
                     vars.push((format!("{PEFT_PREFIX}{path}.lora_A.weight"), a.clone()));
                     vars.push((format!("{PEFT_PREFIX}{path}.lora_B.weight"), b.clone()));
                 }
@@ -383,6 +436,13 @@ impl CausalLm {
         attention_mask: Option<&Tensor>,
         cache: Option<&mut KvCache>,
     ) -> Result<Tensor> {
+        let x = self.embed_tokens(input_ids)?;
+        self.forward_embeds(&x, attention_mask, cache)
+    }
+
+    /// The embeddings `[b, s, hidden]` of `input_ids [b, s]`, every id checked against the
+    /// vocabulary.
+    pub fn embed_tokens(&self, input_ids: &Tensor) -> Result<Tensor> {
         let ids = host_rows(input_ids, "input_ids")?;
         let (b, s) = (ids.len(), ids.first().map_or(0, Vec::len));
         if b == 0 || s == 0 {
@@ -404,15 +464,41 @@ impl CausalLm {
                 flat.push(id as u32);
             }
         }
+        let ids = Tensor::from_vec(flat, b * s, &self.device).map_err(candle("input_ids"))?;
+        self.embed
+            .index_select(&ids, 0)
+            .and_then(|e| e.reshape((b, s, self.config.hidden_size)))
+            .map_err(candle("embedding"))
+    }
+
+    /// [`CausalLm::forward`] from input embeddings `[b, s, hidden]` (a vision-language model
+    /// puts image features among the tokens' embeddings).
+    pub fn forward_embeds(
+        &self,
+        embeds: &Tensor,
+        attention_mask: Option<&Tensor>,
+        cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
+        let hidden = self.config.hidden_size;
+        let (b, s) = match embeds.dims() {
+            &[b, s, h] if h == hidden && b > 0 && s > 0 => (b, s),
+            other => {
+                return Err(Error::ModelInput {
+                    message: format!(
+                    "input embeddings must be [batch, seq, {hidden}] and not empty, not {other:?}"
+                ),
+                })
+            }
+        };
         let new_mask: Vec<Vec<bool>> = match attention_mask {
             None => vec![vec![true; s]; b],
             Some(m) => {
-                if m.dims() != input_ids.dims() {
+                if m.dims() != [b, s] {
                     return Err(Error::ModelInput {
                         message: format!(
                             "`attention_mask` has shape {:?}, `input_ids` {:?}",
                             m.dims(),
-                            input_ids.dims()
+                            [b, s]
                         ),
                     });
                 }
@@ -463,12 +549,7 @@ impl CausalLm {
             self.dtype,
             &self.device,
         )?;
-        let ids = Tensor::from_vec(flat, b * s, &self.device).map_err(candle("input_ids"))?;
-        let mut x = self
-            .embed
-            .index_select(&ids, 0)
-            .and_then(|e| e.reshape((b, s, self.config.hidden_size)))
-            .map_err(candle("embedding"))?;
+        let mut x = embeds.clone();
         let (cos, sin) = self
             .rope
             .select(&mask.positions)

@@ -11,10 +11,43 @@ use crate::checkpoint::Checkpoint;
 use crate::error::{Error, Result};
 use crate::tensor::{Dtype, SafetensorsFile, TensorInfo};
 
+/// Where a language model's tensors live in a checkpoint: under their own names (`model.…`,
+/// `lm_head.…`), or under the prefixes a vision-language checkpoint nests them in.
+#[derive(Debug, Clone)]
+pub(crate) struct Naming {
+    /// Replaces `model.`.
+    pub model: String,
+    /// Replaces `lm_head.`.
+    pub head: String,
+}
+
+impl Default for Naming {
+    fn default() -> Self {
+        Naming {
+            model: "model.".into(),
+            head: "lm_head.".into(),
+        }
+    }
+}
+
+impl Naming {
+    /// The checkpoint's name for the tensor the text model calls `name`.
+    pub(crate) fn key(&self, name: &str) -> String {
+        if let Some(rest) = name.strip_prefix("model.") {
+            format!("{}{rest}", self.model)
+        } else if let Some(rest) = name.strip_prefix("lm_head.") {
+            format!("{}{rest}", self.head)
+        } else {
+            name.to_string()
+        }
+    }
+}
+
 /// The tensors of a model directory, loaded on request; with `trainable`, each one is a
 /// variable (recorded under its name) so that training reaches every weight.
 pub(crate) struct Weights<'a> {
     checkpoint: &'a Checkpoint,
+    naming: Naming,
     dtype: DType,
     device: &'a Device,
     trainable: Option<RefCell<Vec<(String, Var)>>>,
@@ -93,10 +126,16 @@ impl<'a> Weights<'a> {
     ) -> Self {
         Weights {
             checkpoint,
+            naming: Naming::default(),
             dtype,
             device,
             trainable: trainable.then(|| RefCell::new(Vec::new())),
         }
+    }
+
+    /// The same, the text model's tensors found where `naming` says.
+    pub(crate) fn named(self, naming: Naming) -> Self {
+        Weights { naming, ..self }
     }
 
     /// The variables made so far (empty unless trainable), in load order.
@@ -106,11 +145,12 @@ impl<'a> Weights<'a> {
 
     /// Whether the checkpoint holds `name`.
     pub(crate) fn contains(&self, name: &str) -> bool {
-        self.checkpoint.info(name).is_some()
+        self.checkpoint.info(&self.naming.key(name)).is_some()
     }
 
     /// Tensor `name`, which must have `shape`.
     pub(crate) fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        let name = &self.naming.key(name);
         let info = self
             .checkpoint
             .info(name)

@@ -1,0 +1,378 @@
+//! [`Llava`]: a vision-language model as transformers' `LlavaForConditionalGeneration`
+//! defines it: a CLIP vision tower, the `multi_modal_projector`, and a Llama/Qwen2 language
+//! model ([`CausalLm`]) whose prompt holds one image token per image feature. Loaded from a
+//! Hugging Face directory in either key layout transformers writes (`language_model.model.…`,
+//! `vision_tower.…` as saved; `model.language_model.…`, `model.vision_tower.…` as held in
+//! memory; `vision_tower.vision_model.…` of older checkpoints).
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use serde::Deserialize;
+
+use super::candle;
+use super::causal_lm::CausalLm;
+use super::config::ModelConfig;
+use super::lora::LoraSpec;
+use super::vision::{Activation, ClipVision, Projector, VisionConfig};
+use super::weights::{Naming, Weights};
+use crate::checkpoint::Checkpoint;
+use crate::error::{Error, Result};
+
+/// Which hidden states of the tower become image features.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum FeatureSelect {
+    /// `default`: every patch, the class token dropped.
+    Patches,
+    /// `full`: the class token and every patch.
+    Full,
+}
+
+/// What a LLaVA `config.json` says beyond its text and vision configurations.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LlavaConfig {
+    /// The language model's (`text_config`).
+    pub text: ModelConfig,
+    /// The vision tower's (`vision_config`).
+    pub vision: VisionConfig,
+    /// The id of the token that stands for one image feature.
+    pub image_token_index: u32,
+    /// The tower's layer whose hidden states are the features (negative: from the end).
+    pub vision_feature_layer: i64,
+    /// `vision_feature_select_strategy`.
+    pub select: FeatureSelect,
+    /// `projector_hidden_act`.
+    pub projector_act: Activation,
+    /// `multimodal_projector_bias`.
+    pub projector_bias: bool,
+}
+
+#[derive(Deserialize)]
+struct Wire {
+    model_type: Option<String>,
+    text_config: serde_json::Value,
+    vision_config: VisionConfig,
+    #[serde(alias = "image_token_id")]
+    image_token_index: Option<u32>,
+    vision_feature_layer: Option<serde_json::Value>,
+    vision_feature_select_strategy: Option<String>,
+    projector_hidden_act: Option<String>,
+    multimodal_projector_bias: Option<bool>,
+}
+
+impl LlavaConfig {
+    /// Reads and checks a LLaVA `config.json`.
+    pub fn read(path: &Path) -> Result<Self> {
+        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        let fail = |message: String| Error::Model {
+            path: path.to_path_buf(),
+            message,
+        };
+        let w: Wire = serde_json::from_slice(&bytes).map_err(|source| Error::Json {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        if w.model_type.as_deref() != Some("llava") {
+            return Err(fail(format!(
+                "`model_type` is {:?}; a vision-language model here is `llava`",
+                w.model_type
+            )));
+        }
+        let text = ModelConfig::from_json(path, w.text_config.to_string().as_bytes())?;
+        if let Some(problem) = w.vision_config.problem() {
+            return Err(fail(format!("`vision_config`: {problem}")));
+        }
+        let layer = match w.vision_feature_layer {
+            None => -2,
+            Some(serde_json::Value::Number(n)) if n.as_i64().is_some() => n.as_i64().unwrap_or(-2),
+            Some(other) => {
+                return Err(fail(format!(
+                    "`vision_feature_layer` {other} is not one layer (lists of layers are not read yet)"
+                )))
+            }
+        };
+        let layers = w.vision_config.num_hidden_layers as i64;
+        if !(-layers - 1..=layers).contains(&layer) {
+            return Err(fail(format!(
+                "`vision_feature_layer` {layer} is outside a tower of {layers} layers"
+            )));
+        }
+        let select = match w.vision_feature_select_strategy.as_deref() {
+            None | Some("default") => FeatureSelect::Patches,
+            Some("full") => FeatureSelect::Full,
+            Some(other) => {
+                return Err(fail(format!(
+                    "`vision_feature_select_strategy` {other:?} is not `default` or `full`"
+                )))
+            }
+        };
+        let projector_act = Activation::parse(w.projector_hidden_act.as_deref().unwrap_or("gelu"))
+            .map_err(|m| fail(format!("`projector_hidden_act`: {m}")))?;
+        let image_token_index = w
+            .image_token_index
+            .ok_or_else(|| fail("no `image_token_index`".into()))?;
+        if image_token_index as usize >= text.vocab_size {
+            return Err(fail(format!(
+                "`image_token_index` {image_token_index} is outside the vocabulary ({})",
+                text.vocab_size
+            )));
+        }
+        Ok(LlavaConfig {
+            text,
+            vision: w.vision_config,
+            image_token_index,
+            vision_feature_layer: layer,
+            select,
+            projector_act,
+            projector_bias: w.multimodal_projector_bias.unwrap_or(true),
+        })
+    }
+
+    /// How many encoder layers run before the features are read.
+    pub fn feature_depth(&self) -> usize {
+        let layers = self.vision.num_hidden_layers as i64;
+        let at = if self.vision_feature_layer < 0 {
+            layers + 1 + self.vision_feature_layer
+        } else {
+            self.vision_feature_layer
+        };
+        at as usize
+    }
+
+    /// Image tokens per image.
+    pub fn image_tokens(&self) -> usize {
+        let patches = self.vision.grid() * self.vision.grid();
+        match self.select {
+            FeatureSelect::Patches => patches,
+            FeatureSelect::Full => patches + 1,
+        }
+    }
+}
+
+/// The key prefixes of one checkpoint's parts.
+struct Layout {
+    vision: String,
+    projector: String,
+    text: Naming,
+}
+
+/// The first of `candidates` under which the checkpoint holds `probe`.
+fn find_prefix<'c>(
+    checkpoint: &Checkpoint,
+    candidates: &[&'c str],
+    probe: &str,
+) -> Option<&'c str> {
+    candidates
+        .iter()
+        .copied()
+        .find(|p| checkpoint.info(&format!("{p}{probe}")).is_some())
+}
+
+impl Layout {
+    fn of(dir: &Path, checkpoint: &Checkpoint) -> Result<Self> {
+        let missing = |part: &str| Error::Model {
+            path: dir.to_path_buf(),
+            message: format!(
+                "holds no {part} under any key layout of a LLaVA checkpoint transformers writes"
+            ),
+        };
+        let vision = find_prefix(
+            checkpoint,
+            &[
+                "vision_tower.vision_model.",
+                "vision_tower.",
+                "model.vision_tower.",
+            ],
+            "embeddings.patch_embedding.weight",
+        )
+        .ok_or_else(|| missing("vision tower"))?;
+        let projector = find_prefix(
+            checkpoint,
+            &["multi_modal_projector.", "model.multi_modal_projector."],
+            "linear_1.weight",
+        )
+        .ok_or_else(|| missing("`multi_modal_projector`"))?;
+        let model = find_prefix(
+            checkpoint,
+            &["language_model.model.", "model.language_model."],
+            "embed_tokens.weight",
+        )
+        .ok_or_else(|| missing("language model"))?;
+        let head = if model == "language_model.model." {
+            "language_model.lm_head."
+        } else {
+            "lm_head."
+        };
+        Ok(Layout {
+            vision: vision.into(),
+            projector: projector.into(),
+            text: Naming {
+                model: model.into(),
+                head: head.into(),
+            },
+        })
+    }
+}
+
+/// A LLaVA model.
+#[derive(Debug)]
+pub struct Llava {
+    dir: PathBuf,
+    config: LlavaConfig,
+    vision: ClipVision,
+    projector: Projector,
+    language: CausalLm,
+}
+
+impl Llava {
+    /// Loads the LLaVA checkpoint in `dir` (its `config.json` and safetensors) in `dtype` on
+    /// `device`, with fresh LoRA updates on the language model where `lora` says.
+    pub fn load(
+        dir: &Path,
+        lora: Option<&LoraSpec>,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        let config = LlavaConfig::read(&dir.join("config.json"))?;
+        let checkpoint = Checkpoint::open(dir)?;
+        let layout = Layout::of(dir, &checkpoint)?;
+        let weights = Weights::new(&checkpoint, dtype, device, false);
+        let vision = ClipVision::load(&config.vision, &weights, &layout.vision)?;
+        let projector = Projector::load(
+            &weights,
+            &layout.projector,
+            config.vision.hidden_size,
+            config.text.hidden_size,
+            config.projector_act,
+            config.projector_bias,
+        )?;
+        // PEFT names the language model's modules as transformers nests them in memory.
+        let modules = Naming {
+            model: "model.language_model.".into(),
+            head: "lm_head.".into(),
+        };
+        let language = CausalLm::load_nested(
+            dir,
+            &checkpoint,
+            config.text.clone(),
+            layout.text,
+            modules,
+            lora,
+            dtype,
+            device,
+        )?;
+        Ok(Llava {
+            dir: dir.to_path_buf(),
+            config,
+            vision,
+            projector,
+            language,
+        })
+    }
+
+    /// The directory it was loaded from.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Its configuration.
+    pub fn config(&self) -> &LlavaConfig {
+        &self.config
+    }
+
+    /// The language model (its LoRA, its KV cache, its generation).
+    pub fn language_model(&self) -> &CausalLm {
+        &self.language
+    }
+
+    /// The language model, to attach or load adapters.
+    pub fn language_model_mut(&mut self) -> &mut CausalLm {
+        &mut self.language
+    }
+
+    /// Each image's features in the language model's embedding space, `[images, tokens,
+    /// hidden]`, from `pixel_values [images, channels, size, size]`.
+    pub fn image_features(&self, pixel_values: &Tensor) -> Result<Tensor> {
+        let hidden = self
+            .vision
+            .hidden_states(pixel_values, self.config.feature_depth())?;
+        let selected = match self.config.select {
+            FeatureSelect::Full => hidden,
+            FeatureSelect::Patches => {
+                let n = hidden.dim(1).map_err(candle("vision features"))?;
+                hidden
+                    .narrow(1, 1, n - 1)
+                    .map_err(candle("vision features"))?
+            }
+        };
+        self.projector.forward(&selected)
+    }
+
+    /// Logits `[b, s, vocab]` for `input_ids [b, s]` whose image tokens, in order, take the
+    /// features of `pixel_values` (image i's tokens the i-th image's), or of none for a
+    /// text-only prompt.
+    pub fn forward(&self, input_ids: &Tensor, pixel_values: Option<&Tensor>) -> Result<Tensor> {
+        let features = pixel_values.map(|p| self.image_features(p)).transpose()?;
+        let embeds = self.merge(input_ids, features.as_ref())?;
+        self.language.forward_embeds(&embeds, None, None)
+    }
+
+    /// The prompt's embeddings with each image token's replaced by the next image feature;
+    /// refused unless there are exactly as many image tokens as features.
+    pub fn merge(&self, input_ids: &Tensor, features: Option<&Tensor>) -> Result<Tensor> {
+        let embeds = self.language.embed_tokens(input_ids)?;
+        let (b, s, h) = embeds.dims3().map_err(candle("embeddings"))?;
+        let ids = input_ids
+            .to_dtype(DType::I64)
+            .and_then(|t| t.flatten_all())
+            .and_then(|t| t.to_vec1::<i64>())
+            .map_err(candle("input_ids"))?;
+        let image = i64::from(self.config.image_token_index);
+        let tokens = ids.iter().filter(|&&id| id == image).count();
+        let (images, per_image) = (
+            features
+                .map_or(Ok(0), |f| f.dim(0))
+                .map_err(candle("image features"))?,
+            self.config.image_tokens(),
+        );
+        if tokens != images * per_image {
+            return Err(Error::ModelInput {
+                message: format!(
+                    "the prompt holds {tokens} image tokens (id {image}); {images} image(s) of {per_image} features each need {}",
+                    images * per_image
+                ),
+            });
+        }
+        let Some(features) = features else {
+            return Ok(embeds);
+        };
+        // Row i of the stacked table [text rows; feature rows] for each position.
+        let mut next = b * s;
+        let index: Vec<u32> = ids
+            .iter()
+            .enumerate()
+            .map(|(i, &id)| {
+                if id == image {
+                    next += 1;
+                    (next - 1) as u32
+                } else {
+                    i as u32
+                }
+            })
+            .collect();
+        (|| -> candle_core::Result<Tensor> {
+            let table = Tensor::cat(
+                &[
+                    &embeds.reshape((b * s, h))?,
+                    &features
+                        .to_dtype(embeds.dtype())?
+                        .reshape((images * per_image, h))?,
+                ],
+                0,
+            )?;
+            let index = Tensor::from_vec(index, b * s, embeds.device())?;
+            table.index_select(&index, 0)?.reshape((b, s, h))
+        })()
+        .map_err(candle("merging image features"))
+    }
+}

@@ -1,0 +1,186 @@
+//! The LLaVA model against transformers: logits of image+text and text-only prompts on a tiny
+//! random `LlavaForConditionalGeneration` (fixtures by scripts/make_vlm_fixtures.py), and the
+//! refusals of prompts whose image tokens do not match the images.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor};
+use mmx::tensor::{write_safetensors, SafetensorsFile, TensorSpec};
+use mmx::train::model::Llava;
+
+mod common;
+use common::max_relative_error;
+
+const FIXTURES: &str = "tests/fixtures/vlm";
+
+fn fixture(file: &SafetensorsFile, name: &str) -> Tensor {
+    let info = file.info(name).unwrap();
+    let dtype = match info.dtype.to_string().as_str() {
+        "I64" => DType::I64,
+        _ => DType::F32,
+    };
+    Tensor::from_raw_buffer(file.bytes(name).unwrap(), dtype, &info.shape, &Device::Cpu).unwrap()
+}
+
+fn flat(t: &Tensor) -> Vec<f32> {
+    t.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+}
+
+fn model() -> Llava {
+    Llava::load(
+        &Path::new(FIXTURES).join("tiny-llava"),
+        None,
+        DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap()
+}
+
+#[test]
+fn logits_match_transformers_with_and_without_images() {
+    let file =
+        SafetensorsFile::open(Path::new(FIXTURES).join("tiny-llava-logits.safetensors")).unwrap();
+    let model = model();
+    assert_eq!(model.config().image_tokens(), 16);
+    assert_eq!(model.config().feature_depth(), 2);
+    let ids = fixture(&file, "input_ids");
+    let pixels = fixture(&file, "pixel_values");
+    let logits = model.forward(&ids, Some(&pixels)).unwrap();
+    let err = max_relative_error(&flat(&logits), &flat(&fixture(&file, "logits")));
+    println!("image+text logits: max relative error {err:.1e}");
+    assert!(err < 1e-4, "image+text logits off by {err:e}");
+    let text = model.forward(&fixture(&file, "text_ids"), None).unwrap();
+    let err = max_relative_error(&flat(&text), &flat(&fixture(&file, "text_logits")));
+    println!("text-only logits: max relative error {err:.1e}");
+    assert!(err < 1e-4, "text-only logits off by {err:e}");
+    // The image changes the text after it: without it (its tokens' features zeroed) the
+    // logits move, so the parity above is not the text's alone.
+    let zeros = pixels.zeros_like().unwrap();
+    let blank = model.forward(&ids, Some(&zeros)).unwrap();
+    assert!(max_relative_error(&flat(&blank), &flat(&logits)) > 1e-2);
+}
+
+#[test]
+fn a_peft_lora_on_the_language_model_matches_transformers() {
+    let file =
+        SafetensorsFile::open(Path::new(FIXTURES).join("tiny-llava-logits.safetensors")).unwrap();
+    let mut model = model();
+    model
+        .language_model_mut()
+        .load_adapter(&Path::new(FIXTURES).join("tiny-llava-lora"))
+        .unwrap();
+    let ids = fixture(&file, "input_ids");
+    let pixels = fixture(&file, "pixel_values");
+    let logits = model.forward(&ids, Some(&pixels)).unwrap();
+    let expected = fixture(&file, "logits_lora");
+    let err = max_relative_error(&flat(&logits), &flat(&expected));
+    println!("image+text logits with LoRA: max relative error {err:.1e}");
+    assert!(err < 1e-4, "image+text logits with LoRA off by {err:e}");
+    // The adapter matters: the base's logits are far from these.
+    let base = fixture(&file, "logits");
+    assert!(max_relative_error(&flat(&base), &flat(&expected)) > 1e-2);
+    let text = model.forward(&fixture(&file, "text_ids"), None).unwrap();
+    let err = max_relative_error(&flat(&text), &flat(&fixture(&file, "text_logits_lora")));
+    println!("text-only logits with LoRA: max relative error {err:.1e}");
+    assert!(err < 1e-4, "text-only logits with LoRA off by {err:e}");
+    // Its factors are named as PEFT names them on a LLaVA model.
+    let vars = model.language_model().lora_vars();
+    assert_eq!(vars.len(), 2 * 4 * 2);
+    assert_eq!(
+        vars[0].0,
+        "base_model.model.model.language_model.layers.0.self_attn.q_proj.lora_A.weight"
+    );
+}
+
+#[test]
+fn image_tokens_must_match_the_images() {
+    let file =
+        SafetensorsFile::open(Path::new(FIXTURES).join("tiny-llava-logits.safetensors")).unwrap();
+    let model = model();
+    let ids = fixture(&file, "input_ids");
+    let pixels = fixture(&file, "pixel_values");
+    // Two rows of 16 image tokens, one image.
+    let one = pixels.narrow(0, 0, 1).unwrap();
+    let err = model.forward(&ids, Some(&one)).unwrap_err().to_string();
+    assert!(
+        err.contains("32 image tokens") && err.contains("1 image(s) of 16"),
+        "{err}"
+    );
+    // Image tokens and no image.
+    let err = model.forward(&ids, None).unwrap_err().to_string();
+    assert!(err.contains("32 image tokens"), "{err}");
+    // Pixels of the wrong size.
+    let small = Tensor::zeros((2, 3, 8, 8), DType::F32, &Device::Cpu).unwrap();
+    let err = model.forward(&ids, Some(&small)).unwrap_err().to_string();
+    assert!(err.contains("[images, 3, 16, 16]"), "{err}");
+}
+
+#[test]
+fn bad_configs_and_checkpoints_are_refused_by_name() {
+    let source = Path::new(FIXTURES).join("tiny-llava");
+    let config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(source.join("config.json")).unwrap()).unwrap();
+    let attempt = |edit: &dyn Fn(&mut serde_json::Value), drop_tensor: Option<&str>| -> String {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = config.clone();
+        edit(&mut c);
+        std::fs::write(dir.path().join("config.json"), c.to_string()).unwrap();
+        let weights = source.join("model.safetensors");
+        match drop_tensor {
+            None => {
+                std::fs::copy(&weights, dir.path().join("model.safetensors")).unwrap();
+            }
+            Some(name) => {
+                let file = SafetensorsFile::open(&weights).unwrap();
+                let kept: Vec<(TensorSpec, Vec<u8>)> = file
+                    .names()
+                    .filter(|n| *n != name)
+                    .map(|n| {
+                        let info = file.info(n).unwrap();
+                        let spec = TensorSpec {
+                            name: n.to_string(),
+                            dtype: info.dtype,
+                            shape: info.shape.clone(),
+                        };
+                        (spec, file.bytes(n).unwrap().to_vec())
+                    })
+                    .collect();
+                write_safetensors(
+                    &dir.path().join("model.safetensors"),
+                    &kept,
+                    &BTreeMap::new(),
+                )
+                .unwrap();
+            }
+        }
+        Llava::load(dir.path(), None, DType::F32, &Device::Cpu)
+            .unwrap_err()
+            .to_string()
+    };
+    let err = attempt(&|c| c["model_type"] = "llama".into(), None);
+    assert!(err.contains("`llava`"), "{err}");
+    let err = attempt(&|c| c["vision_feature_layer"] = 7.into(), None);
+    assert!(
+        err.contains("`vision_feature_layer` 7 is outside a tower of 3 layers"),
+        "{err}"
+    );
+    let err = attempt(&|c| c["image_token_index"] = 80.into(), None);
+    assert!(
+        err.contains("`image_token_index` 80 is outside the vocabulary (80)"),
+        "{err}"
+    );
+    let err = attempt(
+        &|c| c["vision_feature_select_strategy"] = "cls".into(),
+        None,
+    );
+    assert!(err.contains("\"cls\""), "{err}");
+    // A projector that does not fit the language model: the text model made wider.
+    let err = attempt(&|c| c["text_config"]["hidden_size"] = 64.into(), None);
+    assert!(
+        err.contains("multi_modal_projector.linear_1.weight"),
+        "{err}"
+    );
+    let err = attempt(&|_| {}, Some("multi_modal_projector.linear_2.bias"));
+    assert!(err.contains("multi_modal_projector.linear_2.bias"), "{err}");
+}
