@@ -13,6 +13,9 @@ It writes, under tests/fixtures/vlm/:
 
     tiny-llava/config.json, tiny-llava/model.safetensors      the model, float32, saved by
                                                               `save_pretrained` (its key layout)
+    tiny-llava/preprocessor_config.json                       its CLIPImageProcessor (shortest
+                                                              edge 16, centre crop 16 x 16)
+    square.png (16 x 16), wide.png (24 x 20)                  two random RGB images
     tiny-llava-lora/adapter_config.json,
     tiny-llava-lora/adapter_model.safetensors                 a PEFT LoRA on the language model
                                                               (non-zero random B)
@@ -33,6 +36,10 @@ The adapter: r=4, lora_alpha=8, on the language model's q_proj, v_proj, up_proj 
 (the vision tower and the projector untouched), saved with the module names PEFT gives a
 LLaVA model (`base_model.model.model.language_model.layers.…`).
 
+`processed` [2, 3, 16, 16] is what the CLIPImageProcessor makes of square.png and wide.png
+(wide.png is resized, bicubic with antialiasing, then centre-cropped), and `file_logits` the
+logits of `input_ids` with those pixels.
+
 The eager attention implementation is used so that the reference is plain matmul + softmax.
 Everything is seeded; the output depends on the library versions only.
 """
@@ -43,7 +50,8 @@ import shutil
 import torch
 from safetensors.torch import save_file
 from peft import LoraConfig, get_peft_model
-from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+from PIL import Image
+from transformers import CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
 OUT = os.path.join("tests", "fixtures", "vlm")
 IMAGE_TOKEN = 79
@@ -89,6 +97,19 @@ def main():
     with torch.no_grad():
         logits = model(input_ids=input_ids, pixel_values=pixel_values).logits
         text_logits = model(input_ids=text_ids).logits
+    processor = CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16})
+    processor.save_pretrained(directory)
+    generator = torch.Generator().manual_seed(1)
+    images = []
+    for name, (width, height) in [("square.png", (16, 16)), ("wide.png", (24, 20))]:
+        pixels = torch.randint(0, 256, (height, width, 3), generator=generator, dtype=torch.uint8)
+        image = Image.fromarray(pixels.numpy(), "RGB")
+        image.save(os.path.join(OUT, name))
+        images.append(Image.open(os.path.join(OUT, name)))
+    processed = processor(images=images, return_tensors="pt")["pixel_values"].float()
+    with torch.no_grad():
+        file_logits = model(input_ids=input_ids, pixel_values=processed).logits
+
     lora = LoraConfig(
         r=4, lora_alpha=8,
         target_modules=r".*language_model.*\.(q_proj|v_proj|up_proj|down_proj)",
@@ -115,6 +136,8 @@ def main():
             "text_ids": text_ids.contiguous(),
             "text_logits": text_logits.contiguous(),
             "text_logits_lora": text_logits_lora.contiguous(),
+            "processed": processed.contiguous(),
+            "file_logits": file_logits.contiguous(),
         },
         os.path.join(OUT, "tiny-llava-logits.safetensors"),
     )

@@ -184,3 +184,51 @@ fn bad_configs_and_checkpoints_are_refused_by_name() {
     let err = attempt(&|_| {}, Some("multi_modal_projector.linear_2.bias"));
     assert!(err.contains("multi_modal_projector.linear_2.bias"), "{err}");
 }
+
+#[test]
+fn image_files_become_the_processors_pixels() {
+    let file =
+        SafetensorsFile::open(Path::new(FIXTURES).join("tiny-llava-logits.safetensors")).unwrap();
+    let dir = Path::new(FIXTURES);
+    let processor = mmx::train::model::vision::ImageProcessor::read(
+        &dir.join("tiny-llava/preprocessor_config.json"),
+    )
+    .unwrap();
+    let (square, wide) = (dir.join("square.png"), dir.join("wide.png"));
+    let pixels = processor
+        .pixel_values(&[&square, &wide], &Device::Cpu)
+        .unwrap();
+    let expected = fixture(&file, "processed");
+    assert_eq!(pixels.dims(), [2, 3, 16, 16]);
+    let diff = |a: &Tensor, b: &Tensor| -> f32 {
+        flat(a)
+            .iter()
+            .zip(flat(b))
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f32::max)
+    };
+    // The square image needs no resize: rescale and normalisation alone, to rounding.
+    let square_err = diff(&pixels.get(0).unwrap(), &expected.get(0).unwrap());
+    // The wide one is resized: the image crate's Catmull-Rom filter against torchvision's
+    // antialiased bicubic differs by up to 9/255 of intensity here (0.135 after the
+    // normalisation): close, not equal; a resampler that follows torchvision's is still to come.
+    let wide_err = diff(&pixels.get(1).unwrap(), &expected.get(1).unwrap());
+    println!("pixel values: square max |diff| {square_err:.1e}, resized {wide_err:.2e}");
+    assert!(square_err < 1e-5, "{square_err}");
+    assert!(wide_err < 0.2, "{wide_err}");
+    // From the files to the logits: the square image's row matches transformers'.
+    let model = model();
+    let logits = model
+        .forward(&fixture(&file, "input_ids"), Some(&pixels))
+        .unwrap();
+    let row = |t: &Tensor| flat(&t.get(0).unwrap());
+    let err = max_relative_error(&row(&logits), &row(&fixture(&file, "file_logits")));
+    println!("logits from square.png: max relative error {err:.1e}");
+    assert!(err < 1e-4, "{err}");
+    // A file that is not an image is refused by name.
+    let err = processor
+        .pixel_values(&[&dir.join("tiny-llava/config.json")], &Device::Cpu)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("config.json"), "{err}");
+}

@@ -3,6 +3,7 @@
 //! ([`Projector`]) that maps them into the language model's embedding space.
 
 mod clip;
+mod preprocess;
 mod projector;
 
 use candle_core::Tensor;
@@ -10,6 +11,7 @@ use serde::Deserialize;
 
 use super::lora::matmul_t;
 pub use clip::ClipVision;
+pub use preprocess::ImageProcessor;
 pub use projector::Projector;
 
 /// The `vision_config` of a LLaVA checkpoint: a CLIP vision tower.

@@ -1,0 +1,188 @@
+//! [`ImageProcessor`]: images to `pixel_values` as a Hugging Face `preprocessor_config.json`
+//! (a `CLIPImageProcessor`) says: RGB, the shortest edge resized (bicubic), a centre crop, a
+//! rescale to [0, 1] and a per-channel normalisation, channels first.
+
+use std::path::Path;
+
+use candle_core::{Device, Tensor};
+use image::imageops::FilterType;
+use image::RgbImage;
+use serde::Deserialize;
+
+use crate::error::{Error, Result};
+use crate::train::model::candle;
+
+/// A `{"height": H, "width": W}` or `{"shortest_edge": S}` size.
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+#[serde(untagged)]
+enum Size {
+    Box { height: u32, width: u32 },
+    Shortest { shortest_edge: u32 },
+}
+
+#[derive(Deserialize)]
+struct Wire {
+    #[serde(default = "yes")]
+    do_resize: bool,
+    size: Option<Size>,
+    #[serde(default)]
+    do_center_crop: bool,
+    crop_size: Option<Size>,
+    #[serde(default = "yes")]
+    do_rescale: bool,
+    #[serde(default = "unit")]
+    rescale_factor: f64,
+    #[serde(default = "yes")]
+    do_normalize: bool,
+    image_mean: Option<Vec<f64>>,
+    image_std: Option<Vec<f64>>,
+    resample: Option<u32>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn unit() -> f64 {
+    1.0 / 255.0
+}
+
+/// How images become pixel values.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ImageProcessor {
+    /// Resize the shortest edge to this (`None`: no resize), or to an exact box.
+    resize: Option<Size>,
+    /// Centre-crop to `(height, width)`.
+    crop: Option<(u32, u32)>,
+    rescale: Option<f64>,
+    normalize: Option<([f64; 3], [f64; 3])>,
+}
+
+impl ImageProcessor {
+    /// Reads and checks `preprocessor_config.json`.
+    pub fn read(path: &Path) -> Result<Self> {
+        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        let fail = |message: String| Error::Model {
+            path: path.to_path_buf(),
+            message,
+        };
+        let w: Wire = serde_json::from_slice(&bytes).map_err(|source| Error::Json {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        if let Some(r) = w.resample.filter(|&r| r != 3) {
+            return Err(fail(format!(
+                "`resample` {r}: only bicubic (3) resizing is implemented"
+            )));
+        }
+        let resize = match (w.do_resize, w.size) {
+            (false, _) => None,
+            (true, Some(size)) => Some(size),
+            (true, None) => return Err(fail("`do_resize` without a `size`".into())),
+        };
+        let crop = match (w.do_center_crop, w.crop_size) {
+            (false, _) => None,
+            (true, Some(Size::Box { height, width })) => Some((height, width)),
+            (true, Some(Size::Shortest { shortest_edge })) => Some((shortest_edge, shortest_edge)),
+            (true, None) => return Err(fail("`do_center_crop` without a `crop_size`".into())),
+        };
+        let channels = |v: Option<Vec<f64>>, what: &str| -> Result<[f64; 3]> {
+            let v = v.ok_or_else(|| fail(format!("`do_normalize` without `{what}`")))?;
+            <[f64; 3]>::try_from(v.as_slice())
+                .map_err(|_| fail(format!("`{what}` has {} values, not 3", v.len())))
+        };
+        let normalize = if w.do_normalize {
+            let (mean, std) = (
+                channels(w.image_mean, "image_mean")?,
+                channels(w.image_std, "image_std")?,
+            );
+            if std.iter().any(|&s| s <= 0.0 || !s.is_finite()) {
+                return Err(fail(format!("`image_std` {std:?} must be above 0")));
+            }
+            Some((mean, std))
+        } else {
+            None
+        };
+        Ok(ImageProcessor {
+            resize,
+            crop,
+            rescale: w.do_rescale.then_some(w.rescale_factor),
+            normalize,
+        })
+    }
+
+    /// One RGB image resized and cropped as configured.
+    fn shape(&self, image: RgbImage) -> RgbImage {
+        let (w, h) = image.dimensions();
+        let image = match self.resize {
+            None => image,
+            Some(Size::Box { height, width }) => {
+                image::imageops::resize(&image, width, height, FilterType::CatmullRom)
+            }
+            Some(Size::Shortest { shortest_edge: s }) => {
+                // transformers keeps the aspect ratio, the long side rounded down.
+                let (short, long) = (w.min(h), w.max(h));
+                let long = (u64::from(s) * u64::from(long) / u64::from(short)) as u32;
+                let (nw, nh) = if w <= h { (s, long) } else { (long, s) };
+                if (nw, nh) == (w, h) {
+                    image
+                } else {
+                    image::imageops::resize(&image, nw, nh, FilterType::CatmullRom)
+                }
+            }
+        };
+        match self.crop {
+            None => image,
+            Some((ch, cw)) => {
+                let (w, h) = image.dimensions();
+                // Offsets rounded down, as transformers crops (measured: a 19-wide image
+                // cropped to 16 starts at column 1).
+                let offset = |full: u32, part: u32| -> u32 { full.saturating_sub(part) / 2 };
+                let (top, left) = (offset(h, ch), offset(w, cw));
+                image::imageops::crop_imm(&image, left, top, cw.min(w), ch.min(h)).to_image()
+            }
+        }
+    }
+
+    /// `pixel_values [images, 3, height, width]` (f32) of the image files at `paths`; every
+    /// image must come out the same size (set a crop or a box size).
+    pub fn pixel_values(&self, paths: &[&Path], device: &Device) -> Result<Tensor> {
+        let mut values = Vec::new();
+        let mut size = None;
+        for path in paths {
+            let decoded = image::open(path).map_err(|e| Error::ModelInput {
+                message: format!("image `{}`: {e}", path.display()),
+            })?;
+            let image = self.shape(decoded.to_rgb8());
+            let (w, h) = image.dimensions();
+            if *size.get_or_insert((w, h)) != (w, h) {
+                return Err(Error::ModelInput {
+                    message: format!(
+                        "image `{}` comes out {w}x{h}, the first {:?}: the processor needs a crop or a fixed size",
+                        path.display(),
+                        size
+                    ),
+                });
+            }
+            for c in 0..3 {
+                for y in 0..h {
+                    for x in 0..w {
+                        let mut v = f64::from(image.get_pixel(x, y)[c]);
+                        if let Some(f) = self.rescale {
+                            v *= f;
+                        }
+                        if let Some((mean, std)) = &self.normalize {
+                            v = (v - mean[c]) / std[c];
+                        }
+                        values.push(v as f32);
+                    }
+                }
+            }
+        }
+        let (w, h) = size.ok_or_else(|| Error::ModelInput {
+            message: "no image to process".into(),
+        })?;
+        Tensor::from_vec(values, (paths.len(), 3, h as usize, w as usize), device)
+            .map_err(candle("pixel_values"))
+    }
+}
