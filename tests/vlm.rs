@@ -232,3 +232,43 @@ fn image_files_become_the_processors_pixels() {
         .to_string();
     assert!(err.contains("config.json"), "{err}");
 }
+
+#[test]
+fn precomputed_features_give_the_pixels_logits() {
+    let file =
+        SafetensorsFile::open(Path::new(FIXTURES).join("tiny-llava-logits.safetensors")).unwrap();
+    let model = model();
+    let ids = fixture(&file, "input_ids");
+    let pixels = fixture(&file, "pixel_values");
+    let from_pixels = model.forward(&ids, Some(&pixels)).unwrap();
+    // Each image's features through an `image_embeds` file, as `mmx data embed` writes them.
+    let dir = tempfile::tempdir().unwrap();
+    let features = model.vision_features(&pixels).unwrap();
+    assert_eq!(features.dims(), [2, 16, 32]);
+    let mut read = Vec::new();
+    for i in 0..2 {
+        let path = dir.path().join(format!("case-{i}.safetensors"));
+        Llava::write_image_embeds(&path, &features.get(i).unwrap()).unwrap();
+        read.push(model.read_image_embeds(&path).unwrap());
+    }
+    let stacked = Tensor::cat(&read, 0).unwrap();
+    let from_files = model.forward_features(&ids, Some(&stacked)).unwrap();
+    assert_eq!(
+        flat(&from_files),
+        flat(&from_pixels),
+        "the same logits, bit for bit"
+    );
+    // Features of the wrong shape are refused naming the file and the shapes.
+    let bad = dir.path().join("bad.safetensors");
+    Llava::write_image_embeds(&bad, &features.get(0).unwrap().narrow(0, 0, 15).unwrap()).unwrap();
+    let err = model.read_image_embeds(&bad).unwrap_err().to_string();
+    assert!(
+        err.contains("bad.safetensors") && err.contains("[15, 32]"),
+        "{err}"
+    );
+    let err = model
+        .forward_features(&ids, Some(&stacked.narrow(2, 0, 30).unwrap()))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("[images, 16, 32]"), "{err}");
+}

@@ -19,6 +19,9 @@ use super::weights::{Naming, Weights};
 use crate::checkpoint::Checkpoint;
 use crate::error::{Error, Result};
 
+/// The tensor an `image_embeds` file holds.
+pub const IMAGE_EMBEDS: &str = "image_embeds";
+
 /// Which hidden states of the tower become image features.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum FeatureSelect {
@@ -290,31 +293,114 @@ impl Llava {
         &mut self.language
     }
 
-    /// Each image's features in the language model's embedding space, `[images, tokens,
-    /// hidden]`, from `pixel_values [images, channels, size, size]`.
-    pub fn image_features(&self, pixel_values: &Tensor) -> Result<Tensor> {
+    /// Each image's vision features, `[images, tokens, vision hidden]`: the tower's hidden
+    /// states at `vision_feature_layer`, selected as `vision_feature_select_strategy` says,
+    /// before the projector. This is what an `image_embeds` file holds (the tower run once,
+    /// offline), for `pixel_values [images, channels, size, size]`.
+    pub fn vision_features(&self, pixel_values: &Tensor) -> Result<Tensor> {
         let hidden = self
             .vision
             .hidden_states(pixel_values, self.config.feature_depth())?;
-        let selected = match self.config.select {
-            FeatureSelect::Full => hidden,
+        match self.config.select {
+            FeatureSelect::Full => Ok(hidden),
             FeatureSelect::Patches => {
                 let n = hidden.dim(1).map_err(candle("vision features"))?;
                 hidden
                     .narrow(1, 1, n - 1)
-                    .map_err(candle("vision features"))?
+                    .map_err(candle("vision features"))
             }
-        };
-        self.projector.forward(&selected)
+        }
+    }
+
+    /// Each image's features in the language model's embedding space, `[images, tokens,
+    /// hidden]`, from `pixel_values [images, channels, size, size]`.
+    pub fn image_features(&self, pixel_values: &Tensor) -> Result<Tensor> {
+        self.projector.forward(&self.vision_features(pixel_values)?)
     }
 
     /// Logits `[b, s, vocab]` for `input_ids [b, s]` whose image tokens, in order, take the
     /// features of `pixel_values` (image i's tokens the i-th image's), or of none for a
     /// text-only prompt.
     pub fn forward(&self, input_ids: &Tensor, pixel_values: Option<&Tensor>) -> Result<Tensor> {
-        let features = pixel_values.map(|p| self.image_features(p)).transpose()?;
-        let embeds = self.merge(input_ids, features.as_ref())?;
+        let features = pixel_values.map(|p| self.vision_features(p)).transpose()?;
+        self.forward_features(input_ids, features.as_ref())
+    }
+
+    /// [`Llava::forward`] from precomputed vision features `[images, tokens, vision hidden]`
+    /// ([`Llava::vision_features`], or `image_embeds` files): the projector runs, the tower
+    /// does not.
+    pub fn forward_features(
+        &self,
+        input_ids: &Tensor,
+        features: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let projected = match features {
+            None => None,
+            Some(f) => {
+                let (tokens, width) = (self.config.image_tokens(), self.config.vision.hidden_size);
+                match f.dims() {
+                    &[_, t, w] if t == tokens && w == width => {}
+                    other => {
+                        return Err(Error::ModelInput {
+                            message: format!(
+                                "vision features must be [images, {tokens}, {width}], not {other:?}"
+                            ),
+                        })
+                    }
+                }
+                Some(self.projector.forward(f)?)
+            }
+        };
+        let embeds = self.merge(input_ids, projected.as_ref())?;
         self.language.forward_embeds(&embeds, None, None)
+    }
+
+    /// The vision features `[1, tokens, vision hidden]` stored in an `image_embeds` file: one
+    /// f32 (or f16/bf16) tensor named `image_embeds`, `[tokens, vision hidden]` or with a
+    /// leading 1; refused unless it has this model's shape.
+    pub fn read_image_embeds(&self, path: &Path) -> Result<Tensor> {
+        let file = crate::tensor::SafetensorsFile::open(path)?;
+        let info = file
+            .info(IMAGE_EMBEDS)
+            .ok_or_else(|| Error::MissingTensor {
+                path: path.to_path_buf(),
+                tensor: IMAGE_EMBEDS.into(),
+            })?;
+        let (tokens, width) = (self.config.image_tokens(), self.config.vision.hidden_size);
+        let shape = match info.shape.as_slice() {
+            [1, t, w] | [t, w] if *t == tokens && *w == width => vec![1, tokens, width],
+            _ => {
+                return Err(Error::ShapeMismatch {
+                    path: path.to_path_buf(),
+                    tensor: IMAGE_EMBEDS.into(),
+                    expected: vec![tokens, width],
+                    actual: info.shape.clone(),
+                })
+            }
+        };
+        let values = file.read_f32(IMAGE_EMBEDS)?;
+        Tensor::from_vec(values, shape, self.language.device())
+            .and_then(|t| t.to_dtype(self.language.dtype()))
+            .map_err(candle(format!("`{}`: `{IMAGE_EMBEDS}`", path.display())))
+    }
+
+    /// Writes one image's vision features (`[1, tokens, vision hidden]` or `[tokens, vision
+    /// hidden]`) as an `image_embeds` file, f32.
+    pub fn write_image_embeds(path: &Path, features: &Tensor) -> Result<()> {
+        let values = features
+            .to_dtype(DType::F32)
+            .and_then(|t| t.flatten_all())
+            .and_then(|t| t.to_vec1::<f32>())
+            .map_err(candle("image features"))?;
+        let dims = features.dims();
+        let shape = dims[dims.len().saturating_sub(2)..].to_vec();
+        let spec = crate::tensor::TensorSpec {
+            name: IMAGE_EMBEDS.into(),
+            dtype: crate::tensor::Dtype::F32,
+            shape,
+        };
+        let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        crate::tensor::write_safetensors(path, &[(spec, bytes)], &Default::default())
     }
 
     /// The prompt's embeddings with each image token's replaced by the next image feature;
