@@ -272,3 +272,82 @@ fn precomputed_features_give_the_pixels_logits() {
         .to_string();
     assert!(err.contains("[images, 16, 32]"), "{err}");
 }
+
+#[test]
+fn data_embed_writes_each_images_features_and_points_the_cases_at_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join(FIXTURES);
+    std::fs::create_dir_all(dir.path().join("img")).unwrap();
+    std::fs::copy(root.join("square.png"), dir.path().join("img/a.png")).unwrap();
+    let case = |id: &str, image: Option<&str>| {
+        let mut c = serde_json::json!({
+            "id": id, "specialty": "cardiology", "question": "q", "options": ["x", "y"],
+            "answer": "A", "reasoning": ["r"]
+        });
+        if let Some(i) = image {
+            c["image"] = i.into();
+        }
+        c.to_string()
+    };
+    let lines = [case("c1", Some("img/a.png")), case("c2", None)].join("\n") + "\n";
+    std::fs::write(dir.path().join("cases.jsonl"), lines).unwrap();
+    let model_dir = root.join("tiny-llava");
+    let model_arg = model_dir.to_str().unwrap();
+    let out = common::mmx(
+        &[
+            "data",
+            "embed",
+            model_arg,
+            "--data",
+            "cases.jsonl",
+            "-o",
+            "out",
+        ],
+        dir.path(),
+    );
+    common::assert_ok(&out);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("embedded 1 of 2"));
+    let written = std::fs::read_to_string(dir.path().join("out/cases.jsonl")).unwrap();
+    let rows: Vec<serde_json::Value> = written
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(rows[0]["image_embeds"], "c1.safetensors");
+    assert!(rows[1].get("image_embeds").is_none());
+    // The file holds what the tower makes of the processed image.
+    let model = model();
+    let processor = mmx::train::model::vision::ImageProcessor::read(
+        &model_dir.join("preprocessor_config.json"),
+    )
+    .unwrap();
+    let pixels = processor
+        .pixel_values(&[&root.join("square.png")], &Device::Cpu)
+        .unwrap();
+    let expected = model.vision_features(&pixels).unwrap();
+    let read = model
+        .read_image_embeds(&dir.path().join("out/c1.safetensors"))
+        .unwrap();
+    assert_eq!(flat(&read), flat(&expected));
+    // A case whose image is missing is refused naming the case and the file; nothing written.
+    let lines = case("c3", Some("img/missing.png")) + "\n";
+    std::fs::write(dir.path().join("bad.jsonl"), lines).unwrap();
+    let out = common::mmx(
+        &[
+            "data",
+            "embed",
+            model_arg,
+            "--data",
+            "bad.jsonl",
+            "-o",
+            "out2",
+        ],
+        dir.path(),
+    );
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("case `c3`") && err.contains("missing.png"),
+        "{err}"
+    );
+    assert!(!dir.path().join("out2").exists());
+}

@@ -1,5 +1,5 @@
-//! `mmx data generate` (synthetic cases for the trainers) and `mmx data check` (validate case
-//! files and count their cases).
+//! `mmx data generate` (synthetic cases for the trainers), `mmx data check` (validate case
+//! files and count their cases) and `mmx data embed` (vision features of the cases' images).
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write;
@@ -10,6 +10,9 @@ use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
 
 use crate::tensor::write_atomic;
+use crate::train::embed::embed_cases;
+use crate::train::model::vision::ImageProcessor;
+use crate::train::model::Llava;
 use crate::train::synth::{generate, Specialty, SynthSpec};
 use crate::train::{read_cases, write_cases, Case};
 
@@ -30,6 +33,23 @@ enum DataCommand {
     /// Validate case files (JSON Lines) and count their cases per specialty; questions found in
     /// more than one file exit 1.
     Check(CheckArgs),
+    /// Run a LLaVA model's vision tower once on every case's image: OUT/<id>.safetensors
+    /// (`image_embeds`) and OUT/<the case file's name> pointing at them.
+    Embed(EmbedArgs),
+}
+
+/// Arguments of `mmx data embed`.
+#[derive(Debug, Args)]
+pub struct EmbedArgs {
+    /// A LLaVA model directory (config.json, safetensors, preprocessor_config.json).
+    #[arg(value_name = "MODEL")]
+    model: PathBuf,
+    /// The case file (JSON Lines); each case's `image` is relative to it.
+    #[arg(long, value_name = "FILE")]
+    data: PathBuf,
+    /// The output directory.
+    #[arg(short, long, value_name = "DIR")]
+    output: PathBuf,
 }
 
 /// Arguments of `mmx data generate`.
@@ -79,7 +99,30 @@ pub fn run(args: DataArgs) -> anyhow::Result<ExitCode> {
     match args.command {
         DataCommand::Generate(args) => run_generate(args),
         DataCommand::Check(args) => run_check(args),
+        DataCommand::Embed(args) => run_embed(args),
     }
+}
+
+fn run_embed(args: EmbedArgs) -> anyhow::Result<ExitCode> {
+    let model = Llava::load(
+        &args.model,
+        None,
+        candle_core::DType::F32,
+        &candle_core::Device::Cpu,
+    )?;
+    let processor = ImageProcessor::read(&args.model.join("preprocessor_config.json"))?;
+    let bar = indicatif::ProgressBar::new(read_cases(&args.data)?.len() as u64);
+    let summary = embed_cases(&model, &processor, &args.data, &args.output, &mut |done| {
+        bar.set_position(done as u64)
+    })?;
+    bar.finish_and_clear();
+    println!(
+        "embedded {} of {} cases' images into {}",
+        summary.embedded,
+        summary.cases,
+        args.output.display()
+    );
+    Ok(ExitCode::SUCCESS)
 }
 
 fn run_generate(args: GenerateArgs) -> anyhow::Result<ExitCode> {

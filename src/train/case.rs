@@ -41,6 +41,9 @@ pub(crate) struct CaseLine {
     /// Empty (or absent) for an answer-only case.
     #[serde(default)]
     pub(crate) reasoning: Vec<String>,
+    /// An image file (PNG, JPEG), relative to the case file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) image: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) image_embeds: Option<String>,
     #[serde(default)]
@@ -61,6 +64,7 @@ pub struct Case {
     options: Vec<String>,
     answer: usize,
     reasoning: Vec<String>,
+    image: Option<String>,
     image_embeds: Option<String>,
     synthetic: bool,
     guideline: Option<String>,
@@ -109,6 +113,9 @@ impl Case {
             non_empty(&name, step)?;
             one_line(&name, step)?;
         }
+        if let Some(path) = &line.image {
+            non_empty("`image`", path)?;
+        }
         if let Some(path) = &line.image_embeds {
             non_empty("`image_embeds`", path)?;
         }
@@ -123,6 +130,7 @@ impl Case {
             options: line.options,
             answer,
             reasoning: line.reasoning,
+            image: line.image,
             image_embeds: line.image_embeds,
             synthetic: line.synthetic,
             guideline: line.guideline,
@@ -138,6 +146,7 @@ impl Case {
             options: self.options.clone(),
             answer: self.answer_letter().to_string(),
             reasoning: self.reasoning.clone(),
+            image: self.image.clone(),
             image_embeds: self.image_embeds.clone(),
             synthetic: self.synthetic,
             guideline: self.guideline.clone(),
@@ -184,9 +193,22 @@ impl Case {
         &self.reasoning
     }
 
+    /// The case's image file (relative to its case file), if it has one.
+    pub fn image(&self) -> Option<&Path> {
+        self.image.as_deref().map(Path::new)
+    }
+
     /// The safetensors file of precomputed vision features, if the case has an image.
     pub fn image_embeds(&self) -> Option<&Path> {
         self.image_embeds.as_deref().map(Path::new)
+    }
+
+    /// The same case with its vision features in `path` (relative to its case file).
+    pub fn with_image_embeds(&self, path: &str) -> Case {
+        Case {
+            image_embeds: Some(path.to_string()),
+            ..self.clone()
+        }
     }
 
     /// Whether the case was generated rather than taken from real records.

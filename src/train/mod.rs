@@ -21,6 +21,7 @@
 pub mod batch;
 pub mod case;
 pub mod checkpoint;
+pub mod embed;
 pub mod eval;
 pub mod fused;
 pub mod guideline;

@@ -434,6 +434,7 @@ fn draw_split(
             options: order.iter().map(|&d| diagnoses[d].to_string()).collect(),
             answer: answer.unwrap_or_default(),
             reasoning,
+            image: None,
             image_embeds: None,
             synthetic: true,
             guideline: style.map(|s| s.name().to_string()),
