@@ -255,6 +255,7 @@ mod tests {
             ],
             answer: "B".into(),
             reasoning,
+            image: None,
             image_embeds: None,
             synthetic: true,
             guideline: None,
