@@ -38,7 +38,8 @@ LLaVA model (`base_model.model.model.language_model.layers.…`).
 
 `processed` [2, 3, 16, 16] is what the CLIPImageProcessor makes of square.png and wide.png
 (wide.png is resized, bicubic with antialiasing, then centre-cropped), and `file_logits` the
-logits of `input_ids` with those pixels.
+logits of `input_ids` with those pixels. `generated` [2, 8] (I64) is `generate`'s greedy
+continuation of `input_ids` with `pixel_values` (no end-of-sequence token).
 
 The eager attention implementation is used so that the reference is plain matmul + softmax.
 Everything is seeded; the output depends on the library versions only.
@@ -97,6 +98,12 @@ def main():
     with torch.no_grad():
         logits = model(input_ids=input_ids, pixel_values=pixel_values).logits
         text_logits = model(input_ids=text_ids).logits
+    with torch.no_grad():
+        generated = model.generate(
+            input_ids=input_ids, pixel_values=pixel_values, max_new_tokens=8, do_sample=False,
+            eos_token_id=None, pad_token_id=0,
+        )[:, input_ids.shape[1]:]
+
     processor = CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16})
     processor.save_pretrained(directory)
     generator = torch.Generator().manual_seed(1)
@@ -138,6 +145,7 @@ def main():
             "text_logits_lora": text_logits_lora.contiguous(),
             "processed": processed.contiguous(),
             "file_logits": file_logits.contiguous(),
+            "generated": generated.contiguous(),
         },
         os.path.join(OUT, "tiny-llava-logits.safetensors"),
     )

@@ -351,3 +351,59 @@ fn data_embed_writes_each_images_features_and_points_the_cases_at_them() {
     );
     assert!(!dir.path().join("out2").exists());
 }
+
+#[test]
+fn greedy_generation_matches_transformers() {
+    let file =
+        SafetensorsFile::open(Path::new(FIXTURES).join("tiny-llava-logits.safetensors")).unwrap();
+    let model = model();
+    let ids: Vec<Vec<u32>> = fixture(&file, "input_ids")
+        .to_vec2::<i64>()
+        .unwrap()
+        .iter()
+        .map(|row| row.iter().map(|&t| t as u32).collect())
+        .collect();
+    let features = model
+        .vision_features(&fixture(&file, "pixel_values"))
+        .unwrap();
+    let mut options = mmx::train::model::GenerateOptions::greedy(model.language_model(), 8);
+    options.eos_token_ids = vec![];
+    options.pad_token_id = 0;
+    let got = model.generate(&ids, Some(&features), &options).unwrap();
+    let expected: Vec<Vec<u32>> = fixture(&file, "generated")
+        .to_vec2::<i64>()
+        .unwrap()
+        .iter()
+        .map(|row| row.iter().map(|&t| t as u32).collect())
+        .collect();
+    assert_eq!(got, expected);
+    // Rows of different lengths are left-padded; each row's continuation stays its own.
+    let short = vec![ids[1][..ids[1].len() - 2].to_vec(), ids[0].clone()];
+    let both = model
+        .generate(
+            &short,
+            Some(
+                &Tensor::cat(
+                    &[
+                        features.get(1).unwrap().unsqueeze(0).unwrap(),
+                        features.get(0).unwrap().unsqueeze(0).unwrap(),
+                    ],
+                    0,
+                )
+                .unwrap(),
+            ),
+            &options,
+        )
+        .unwrap();
+    assert_eq!(both[1], expected[0]);
+    let alone = model
+        .generate(
+            &short[..1],
+            Some(&features.get(1).unwrap().unsqueeze(0).unwrap()),
+            &options,
+        )
+        .unwrap();
+    assert_eq!(both[0], alone[0]);
+    options.pad_token_id = model.config().image_token_index;
+    assert!(model.generate(&ids, Some(&features), &options).is_err());
+}

@@ -4,6 +4,7 @@
 
 use candle_core::{DType, Tensor};
 
+use super::cache::KvCache;
 use super::candle;
 use super::causal_lm::CausalLm;
 use super::sampler::{Sampler, Sampling};
@@ -123,6 +124,20 @@ impl CausalLm {
         prompts: &[Vec<u32>],
         options: &GenerateOptions,
     ) -> Result<Vec<Vec<u32>>> {
+        self.generate_with(prompts, options, &|ids, mask, cache| {
+            self.forward(ids, Some(mask), Some(cache))
+        })
+    }
+
+    /// [`CausalLm::generate`] with the prefill (the left-padded prompts `[b, s]`, their mask,
+    /// the empty cache) done by `prefill`: a vision-language model puts image features among
+    /// the prompts' embeddings there.
+    pub(crate) fn generate_with(
+        &self,
+        prompts: &[Vec<u32>],
+        options: &GenerateOptions,
+        prefill: &dyn Fn(&Tensor, &Tensor, &mut KvCache) -> Result<Tensor>,
+    ) -> Result<Vec<Vec<u32>>> {
         let mut samplers = options.samplers(prompts.len())?;
         let mut out = vec![Vec::new(); prompts.len()];
         if prompts.is_empty() || options.max_new_tokens == 0 {
@@ -146,7 +161,7 @@ impl CausalLm {
         };
         let mut cache = self.new_cache();
         let (ids, mask) = batch(ids, mask, width)?;
-        let mut logits = self.forward(&ids, Some(&mask), Some(&mut cache))?;
+        let mut logits = prefill(&ids, &mask, &mut cache)?;
         let mut done = vec![false; b];
         for step in 0..options.max_new_tokens {
             let rows = last_logits(&logits)?;

@@ -13,6 +13,7 @@ use serde::Deserialize;
 use super::candle;
 use super::causal_lm::CausalLm;
 use super::config::ModelConfig;
+use super::generate::GenerateOptions;
 use super::lora::LoraSpec;
 use super::vision::{Activation, ClipVision, Projector, VisionConfig};
 use super::weights::{Naming, Weights};
@@ -334,25 +335,47 @@ impl Llava {
         input_ids: &Tensor,
         features: Option<&Tensor>,
     ) -> Result<Tensor> {
-        let projected = match features {
-            None => None,
-            Some(f) => {
-                let (tokens, width) = (self.config.image_tokens(), self.config.vision.hidden_size);
-                match f.dims() {
-                    &[_, t, w] if t == tokens && w == width => {}
-                    other => {
-                        return Err(Error::ModelInput {
-                            message: format!(
-                                "vision features must be [images, {tokens}, {width}], not {other:?}"
-                            ),
-                        })
-                    }
-                }
-                Some(self.projector.forward(f)?)
-            }
-        };
+        let projected = features.map(|f| self.project(f)).transpose()?;
         let embeds = self.merge(input_ids, projected.as_ref())?;
         self.language.forward_embeds(&embeds, None, None)
+    }
+
+    /// Continues every prompt as [`CausalLm::generate`] does, the image tokens of the prompts
+    /// (in order, row by row) taking the vision features `[images, tokens, vision hidden]`.
+    pub fn generate(
+        &self,
+        prompts: &[Vec<u32>],
+        features: Option<&Tensor>,
+        options: &GenerateOptions,
+    ) -> Result<Vec<Vec<u32>>> {
+        if options.pad_token_id == self.config.image_token_index {
+            return Err(Error::ModelInput {
+                message: format!(
+                    "the pad token {} is the image token: padding would take image features",
+                    options.pad_token_id
+                ),
+            });
+        }
+        let projected = features.map(|f| self.project(f)).transpose()?;
+        self.language
+            .generate_with(prompts, options, &|ids, mask, cache| {
+                let embeds = self.merge(ids, projected.as_ref())?;
+                self.language
+                    .forward_embeds(&embeds, Some(mask), Some(cache))
+            })
+    }
+
+    /// Vision features `[images, tokens, vision hidden]`, shape-checked, through the projector.
+    fn project(&self, features: &Tensor) -> Result<Tensor> {
+        let (tokens, width) = (self.config.image_tokens(), self.config.vision.hidden_size);
+        match features.dims() {
+            &[_, t, w] if t == tokens && w == width => self.projector.forward(features),
+            other => Err(Error::ModelInput {
+                message: format!(
+                    "vision features must be [images, {tokens}, {width}], not {other:?}"
+                ),
+            }),
+        }
     }
 
     /// The vision features `[1, tokens, vision hidden]` stored in an `image_embeds` file: one
