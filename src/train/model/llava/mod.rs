@@ -7,216 +7,24 @@
 
 use std::path::{Path, PathBuf};
 
+mod config;
+mod layout;
+
 use candle_core::{DType, Device, Tensor};
-use serde::Deserialize;
 
 use super::candle;
 use super::causal_lm::CausalLm;
-use super::config::ModelConfig;
 use super::generate::GenerateOptions;
 use super::lora::LoraSpec;
-use super::vision::{Activation, ClipVision, Projector, VisionConfig};
+use super::vision::{ClipVision, Projector};
 use super::weights::{Naming, Weights};
 use crate::checkpoint::Checkpoint;
 use crate::error::{Error, Result};
+pub use config::{FeatureSelect, LlavaConfig};
+use layout::Layout;
 
 /// The tensor an `image_embeds` file holds.
 pub const IMAGE_EMBEDS: &str = "image_embeds";
-
-/// Which hidden states of the tower become image features.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub enum FeatureSelect {
-    /// `default`: every patch, the class token dropped.
-    Patches,
-    /// `full`: the class token and every patch.
-    Full,
-}
-
-/// What a LLaVA `config.json` says beyond its text and vision configurations.
-#[derive(Debug, Clone, PartialEq)]
-pub struct LlavaConfig {
-    /// The language model's (`text_config`).
-    pub text: ModelConfig,
-    /// The vision tower's (`vision_config`).
-    pub vision: VisionConfig,
-    /// The id of the token that stands for one image feature.
-    pub image_token_index: u32,
-    /// The tower's layer whose hidden states are the features (negative: from the end).
-    pub vision_feature_layer: i64,
-    /// `vision_feature_select_strategy`.
-    pub select: FeatureSelect,
-    /// `projector_hidden_act`.
-    pub projector_act: Activation,
-    /// `multimodal_projector_bias`.
-    pub projector_bias: bool,
-}
-
-#[derive(Deserialize)]
-struct Wire {
-    model_type: Option<String>,
-    text_config: serde_json::Value,
-    vision_config: VisionConfig,
-    #[serde(alias = "image_token_id")]
-    image_token_index: Option<u32>,
-    vision_feature_layer: Option<serde_json::Value>,
-    vision_feature_select_strategy: Option<String>,
-    projector_hidden_act: Option<String>,
-    multimodal_projector_bias: Option<bool>,
-}
-
-impl LlavaConfig {
-    /// Reads and checks a LLaVA `config.json`.
-    pub fn read(path: &Path) -> Result<Self> {
-        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-        let fail = |message: String| Error::Model {
-            path: path.to_path_buf(),
-            message,
-        };
-        let w: Wire = serde_json::from_slice(&bytes).map_err(|source| Error::Json {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        if w.model_type.as_deref() != Some("llava") {
-            return Err(fail(format!(
-                "`model_type` is {:?}; a vision-language model here is `llava`",
-                w.model_type
-            )));
-        }
-        let text = ModelConfig::from_json(path, w.text_config.to_string().as_bytes())?;
-        if let Some(problem) = w.vision_config.problem() {
-            return Err(fail(format!("`vision_config`: {problem}")));
-        }
-        let layer = match w.vision_feature_layer {
-            None => -2,
-            Some(serde_json::Value::Number(n)) if n.as_i64().is_some() => n.as_i64().unwrap_or(-2),
-            Some(other) => {
-                return Err(fail(format!(
-                    "`vision_feature_layer` {other} is not one layer (lists of layers are not read yet)"
-                )))
-            }
-        };
-        let layers = w.vision_config.num_hidden_layers as i64;
-        if !(-layers - 1..=layers).contains(&layer) {
-            return Err(fail(format!(
-                "`vision_feature_layer` {layer} is outside a tower of {layers} layers"
-            )));
-        }
-        let select = match w.vision_feature_select_strategy.as_deref() {
-            None | Some("default") => FeatureSelect::Patches,
-            Some("full") => FeatureSelect::Full,
-            Some(other) => {
-                return Err(fail(format!(
-                    "`vision_feature_select_strategy` {other:?} is not `default` or `full`"
-                )))
-            }
-        };
-        let projector_act = Activation::parse(w.projector_hidden_act.as_deref().unwrap_or("gelu"))
-            .map_err(|m| fail(format!("`projector_hidden_act`: {m}")))?;
-        let image_token_index = w
-            .image_token_index
-            .ok_or_else(|| fail("no `image_token_index`".into()))?;
-        if image_token_index as usize >= text.vocab_size {
-            return Err(fail(format!(
-                "`image_token_index` {image_token_index} is outside the vocabulary ({})",
-                text.vocab_size
-            )));
-        }
-        Ok(LlavaConfig {
-            text,
-            vision: w.vision_config,
-            image_token_index,
-            vision_feature_layer: layer,
-            select,
-            projector_act,
-            projector_bias: w.multimodal_projector_bias.unwrap_or(true),
-        })
-    }
-
-    /// How many encoder layers run before the features are read.
-    pub fn feature_depth(&self) -> usize {
-        let layers = self.vision.num_hidden_layers as i64;
-        let at = if self.vision_feature_layer < 0 {
-            layers + 1 + self.vision_feature_layer
-        } else {
-            self.vision_feature_layer
-        };
-        at as usize
-    }
-
-    /// Image tokens per image.
-    pub fn image_tokens(&self) -> usize {
-        let patches = self.vision.grid() * self.vision.grid();
-        match self.select {
-            FeatureSelect::Patches => patches,
-            FeatureSelect::Full => patches + 1,
-        }
-    }
-}
-
-/// The key prefixes of one checkpoint's parts.
-struct Layout {
-    vision: String,
-    projector: String,
-    text: Naming,
-}
-
-/// The first of `candidates` under which the checkpoint holds `probe`.
-fn find_prefix<'c>(
-    checkpoint: &Checkpoint,
-    candidates: &[&'c str],
-    probe: &str,
-) -> Option<&'c str> {
-    candidates
-        .iter()
-        .copied()
-        .find(|p| checkpoint.info(&format!("{p}{probe}")).is_some())
-}
-
-impl Layout {
-    fn of(dir: &Path, checkpoint: &Checkpoint) -> Result<Self> {
-        let missing = |part: &str| Error::Model {
-            path: dir.to_path_buf(),
-            message: format!(
-                "holds no {part} under any key layout of a LLaVA checkpoint transformers writes"
-            ),
-        };
-        let vision = find_prefix(
-            checkpoint,
-            &[
-                "vision_tower.vision_model.",
-                "vision_tower.",
-                "model.vision_tower.",
-            ],
-            "embeddings.patch_embedding.weight",
-        )
-        .ok_or_else(|| missing("vision tower"))?;
-        let projector = find_prefix(
-            checkpoint,
-            &["multi_modal_projector.", "model.multi_modal_projector."],
-            "linear_1.weight",
-        )
-        .ok_or_else(|| missing("`multi_modal_projector`"))?;
-        let model = find_prefix(
-            checkpoint,
-            &["language_model.model.", "model.language_model."],
-            "embed_tokens.weight",
-        )
-        .ok_or_else(|| missing("language model"))?;
-        let head = if model == "language_model.model." {
-            "language_model.lm_head."
-        } else {
-            "lm_head."
-        };
-        Ok(Layout {
-            vision: vision.into(),
-            projector: projector.into(),
-            text: Naming {
-                model: model.into(),
-                head: head.into(),
-            },
-        })
-    }
-}
 
 /// A LLaVA model.
 #[derive(Debug)]
@@ -426,9 +234,10 @@ impl Llava {
         crate::tensor::write_safetensors(path, &[(spec, bytes)], &Default::default())
     }
 
-    /// The prompt's embeddings with each image token's replaced by the next image feature;
-    /// refused unless there are exactly as many image tokens as features.
-    pub fn merge(&self, input_ids: &Tensor, features: Option<&Tensor>) -> Result<Tensor> {
+    /// The prompt's embeddings with each image token's replaced by the next projected image
+    /// feature (`[images, tokens, hidden]`, in the language model's space); refused unless
+    /// there are exactly as many image tokens as features.
+    fn merge(&self, input_ids: &Tensor, features: Option<&Tensor>) -> Result<Tensor> {
         let embeds = self.language.embed_tokens(input_ids)?;
         let (b, s, h) = embeds.dims3().map_err(candle("embeddings"))?;
         let ids = input_ids
