@@ -8,6 +8,7 @@ use candle_core::{Tensor, D};
 use super::{Activation, Affine, LayerNorm, VisionConfig};
 use crate::error::{Error, Result};
 use crate::train::model::candle;
+use crate::train::model::lora::matmul_t;
 use crate::train::model::weights::Weights;
 
 /// One encoder layer.
@@ -130,7 +131,7 @@ impl ClipVision {
                 .reshape((b, c.num_channels, g, p, g, p))?
                 .permute((0, 2, 4, 1, 3, 5))?
                 .reshape((b, g * g, c.num_channels * p * p))?;
-            let embedded = super::super::lora::matmul_t(&patches, &self.patch)?;
+            let embedded = matmul_t(&patches, &self.patch)?;
             let class =
                 self.class
                     .reshape((1, 1, c.hidden_size))?
