@@ -5,7 +5,6 @@
 use std::path::Path;
 
 use candle_core::{Device, Tensor};
-use image::imageops::FilterType;
 use image::RgbImage;
 use serde::Deserialize;
 
@@ -45,6 +44,97 @@ fn yes() -> bool {
 
 fn unit() -> f64 {
     1.0 / 255.0
+}
+
+/// The bicubic kernel (a = −0.5) that PIL and torchvision resize with.
+fn cubic(x: f64) -> f64 {
+    const A: f64 = -0.5;
+    let x = x.abs();
+    if x < 1.0 {
+        ((A + 2.0) * x - (A + 3.0)) * x * x + 1.0
+    } else if x < 2.0 {
+        (((x - 5.0) * x + 8.0) * x - 4.0) * A
+    } else {
+        0.0
+    }
+}
+
+/// Fixed-point bits of the 8-bit resampling weights.
+const PRECISION: u32 = 22;
+
+/// For each output position along an axis of `size_in` → `size_out`: the first input index and
+/// the fixed-point weights of the inputs from there. Downscaling widens the kernel by the
+/// scale (antialiasing), as PIL does.
+fn weights(size_in: u32, size_out: u32) -> Vec<(usize, Vec<i64>)> {
+    let scale = f64::from(size_in) / f64::from(size_out);
+    let stretch = scale.max(1.0);
+    let support = 2.0 * stretch;
+    (0..size_out)
+        .map(|o| {
+            let centre = (f64::from(o) + 0.5) * scale;
+            let first = ((centre - support + 0.5) as i64).max(0) as usize;
+            let last = ((centre + support + 0.5) as i64).min(i64::from(size_in)) as usize;
+            let w: Vec<f64> = (first..last)
+                .map(|i| cubic((i as f64 - centre + 0.5) / stretch))
+                .collect();
+            let total: f64 = w.iter().sum();
+            let fixed = w
+                .iter()
+                .map(|&v| {
+                    let v = if total != 0.0 { v / total } else { v };
+                    let scaled = v * f64::from(1u32 << PRECISION);
+                    (if scaled < 0.0 {
+                        scaled - 0.5
+                    } else {
+                        scaled + 0.5
+                    }) as i64
+                })
+                .collect();
+            (first, fixed)
+        })
+        .collect()
+}
+
+/// One 8-bit value from a fixed-point sum (rounded, clamped).
+fn clip8(sum: i64) -> u8 {
+    (sum >> PRECISION).clamp(0, 255) as u8
+}
+
+/// Bicubic resize of an RGB image with the algorithm PIL uses (separable, horizontal pass
+/// first, 8-bit between the passes, antialiased when shrinking), which torchvision's
+/// antialiased bicubic follows to within one level.
+fn resize_bicubic(image: &RgbImage, width: u32, height: u32) -> RgbImage {
+    let (w_in, h_in) = image.dimensions();
+    let round = 1i64 << (PRECISION - 1);
+    let across = weights(w_in, width);
+    let mut wide = RgbImage::new(width, h_in);
+    for y in 0..h_in {
+        for (x, (first, k)) in across.iter().enumerate() {
+            let mut sums = [round; 3];
+            for (i, &k) in k.iter().enumerate() {
+                let p = image.get_pixel((first + i) as u32, y);
+                for c in 0..3 {
+                    sums[c] += i64::from(p[c]) * k;
+                }
+            }
+            wide.put_pixel(x as u32, y, image::Rgb(sums.map(clip8)));
+        }
+    }
+    let down = weights(h_in, height);
+    let mut out = RgbImage::new(width, height);
+    for (y, (first, k)) in down.iter().enumerate() {
+        for x in 0..width {
+            let mut sums = [round; 3];
+            for (i, &k) in k.iter().enumerate() {
+                let p = wide.get_pixel(x, (first + i) as u32);
+                for c in 0..3 {
+                    sums[c] += i64::from(p[c]) * k;
+                }
+            }
+            out.put_pixel(x, y as u32, image::Rgb(sums.map(clip8)));
+        }
+    }
+    out
 }
 
 /// How images become pixel values.
@@ -116,9 +206,7 @@ impl ImageProcessor {
         let (w, h) = image.dimensions();
         let image = match self.resize {
             None => image,
-            Some(Size::Box { height, width }) => {
-                image::imageops::resize(&image, width, height, FilterType::CatmullRom)
-            }
+            Some(Size::Box { height, width }) => resize_bicubic(&image, width, height),
             Some(Size::Shortest { shortest_edge: s }) => {
                 // transformers keeps the aspect ratio, the long side rounded down.
                 let (short, long) = (w.min(h), w.max(h));
@@ -127,7 +215,7 @@ impl ImageProcessor {
                 if (nw, nh) == (w, h) {
                     image
                 } else {
-                    image::imageops::resize(&image, nw, nh, FilterType::CatmullRom)
+                    resize_bicubic(&image, nw, nh)
                 }
             }
         };
@@ -184,5 +272,30 @@ impl ImageProcessor {
         })?;
         Tensor::from_vec(values, (paths.len(), 3, h as usize, w as usize), device)
             .map_err(candle("pixel_values"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn image(w: u32, h: u32, values: &[u8]) -> RgbImage {
+        RgbImage::from_fn(w, h, |x, y| {
+            let v = values[(y * w + x) as usize];
+            image::Rgb([v, v / 2, 255 - v])
+        })
+    }
+
+    #[test]
+    fn bicubic_keeps_a_same_size_image_and_averages_a_halved_pair() {
+        let original = image(3, 2, &[0, 50, 100, 150, 200, 250]);
+        assert_eq!(resize_bicubic(&original, 3, 2), original);
+        // Two pixels into one: the kernel, widened by 2, weighs both alike.
+        let pair = image(2, 1, &[10, 20]);
+        assert_eq!(resize_bicubic(&pair, 1, 1).get_pixel(0, 0).0, [15, 8, 240]);
+        // A constant image stays constant whatever the scale (the weights sum to one).
+        let flat = image(5, 7, &[77; 35]);
+        let out = resize_bicubic(&flat, 3, 4);
+        assert!(out.pixels().all(|p| p.0 == [77, 38, 178]));
     }
 }
