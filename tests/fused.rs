@@ -147,6 +147,13 @@ fn parity_on(model: &CausalLm, vars: &[(String, Var)], examples: Vec<Example>, l
     worst
 }
 
+/// The LLAMA shape (seed 5) in `dir`, loaded with a rank-4 LoRA on every projection.
+fn llama_with_lora(dir: &Path) -> CausalLm {
+    write_tiny(dir, &LLAMA, 5);
+    let spec = lora(4, 8.0, &["all-linear"], false);
+    CausalLm::load(dir, Some(&spec), DType::F32, &Device::Cpu).unwrap()
+}
+
 fn lora(r: usize, alpha: f64, targets: &[&str], rslora: bool) -> LoraSpec {
     let mut spec = LoraSpec::new(r, alpha, targets.iter().map(|s| s.to_string()).collect());
     spec.use_rslora = rslora;
@@ -263,14 +270,7 @@ fn every_weight_gradient_matches_candle() {
 #[test]
 fn refreshed_weights_follow_the_variables() {
     let dir = tempfile::tempdir().unwrap();
-    write_tiny(dir.path(), &LLAMA, 5);
-    let model = CausalLm::load(
-        dir.path(),
-        Some(&lora(4, 8.0, &["all-linear"], false)),
-        DType::F32,
-        &Device::Cpu,
-    )
-    .unwrap();
+    let model = llama_with_lora(dir.path());
     let vars = model.lora_vars();
     let mut engine = Engine::new(&model, &vars).unwrap();
     // Changed factors after the engine was made: stale until refreshed.
@@ -412,14 +412,7 @@ fn generation_refuses_what_candle_refuses() {
 #[test]
 fn shared_prompts_change_nothing_but_rounding() {
     let dir = tempfile::tempdir().unwrap();
-    write_tiny(dir.path(), &LLAMA, 5);
-    let model = CausalLm::load(
-        dir.path(),
-        Some(&lora(4, 8.0, &["all-linear"], false)),
-        DType::F32,
-        &Device::Cpu,
-    )
-    .unwrap();
+    let model = llama_with_lora(dir.path());
     randomise_b(&model, 3);
     parity_on(
         &model,

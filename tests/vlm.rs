@@ -23,6 +23,11 @@ fn fixture(file: &SafetensorsFile, name: &str) -> Tensor {
     Tensor::from_raw_buffer(file.bytes(name).unwrap(), dtype, &info.shape, &Device::Cpu).unwrap()
 }
 
+/// transformers' inputs and outputs (scripts/make_vlm_fixtures.py).
+fn references() -> SafetensorsFile {
+    SafetensorsFile::open(Path::new(FIXTURES).join("tiny-llava-logits.safetensors")).unwrap()
+}
+
 fn flat(t: &Tensor) -> Vec<f32> {
     t.flatten_all().unwrap().to_vec1::<f32>().unwrap()
 }
@@ -39,8 +44,7 @@ fn model() -> Llava {
 
 #[test]
 fn logits_match_transformers_with_and_without_images() {
-    let file =
-        SafetensorsFile::open(Path::new(FIXTURES).join("tiny-llava-logits.safetensors")).unwrap();
+    let file = references();
     let model = model();
     assert_eq!(model.config().image_tokens(), 16);
     assert_eq!(model.config().feature_depth(), 2);
@@ -63,8 +67,7 @@ fn logits_match_transformers_with_and_without_images() {
 
 #[test]
 fn a_peft_lora_on_the_language_model_matches_transformers() {
-    let file =
-        SafetensorsFile::open(Path::new(FIXTURES).join("tiny-llava-logits.safetensors")).unwrap();
+    let file = references();
     let mut model = model();
     model
         .language_model_mut()
@@ -95,8 +98,7 @@ fn a_peft_lora_on_the_language_model_matches_transformers() {
 
 #[test]
 fn image_tokens_must_match_the_images() {
-    let file =
-        SafetensorsFile::open(Path::new(FIXTURES).join("tiny-llava-logits.safetensors")).unwrap();
+    let file = references();
     let model = model();
     let ids = fixture(&file, "input_ids");
     let pixels = fixture(&file, "pixel_values");
@@ -187,8 +189,7 @@ fn bad_configs_and_checkpoints_are_refused_by_name() {
 
 #[test]
 fn image_files_become_the_processors_pixels() {
-    let file =
-        SafetensorsFile::open(Path::new(FIXTURES).join("tiny-llava-logits.safetensors")).unwrap();
+    let file = references();
     let dir = Path::new(FIXTURES);
     let processor = mmx::train::model::vision::ImageProcessor::read(
         &dir.join("tiny-llava/preprocessor_config.json"),
@@ -235,8 +236,7 @@ fn image_files_become_the_processors_pixels() {
 
 #[test]
 fn precomputed_features_give_the_pixels_logits() {
-    let file =
-        SafetensorsFile::open(Path::new(FIXTURES).join("tiny-llava-logits.safetensors")).unwrap();
+    let file = references();
     let model = model();
     let ids = fixture(&file, "input_ids");
     let pixels = fixture(&file, "pixel_values");
@@ -354,8 +354,7 @@ fn data_embed_writes_each_images_features_and_points_the_cases_at_them() {
 
 #[test]
 fn greedy_generation_matches_transformers() {
-    let file =
-        SafetensorsFile::open(Path::new(FIXTURES).join("tiny-llava-logits.safetensors")).unwrap();
+    let file = references();
     let model = model();
     let ids: Vec<Vec<u32>> = fixture(&file, "input_ids")
         .to_vec2::<i64>()

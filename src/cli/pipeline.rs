@@ -348,7 +348,8 @@ pub fn run(args: PipelineArgs) -> anyhow::Result<ExitCode> {
         let since = Instant::now();
         let stage = format!("merge-{}", m.name);
         let results = out.join("results.json");
-        if args.force || state.keys.get(&stage) != Some(&k) || !results.exists() {
+        let swept = args.force || state.keys.get(&stage) != Some(&k) || !results.exists();
+        if swept {
             let _ = std::fs::remove_dir_all(&out);
             mmx(&[
                 "sweep",
@@ -390,9 +391,9 @@ pub fn run(args: PipelineArgs) -> anyhow::Result<ExitCode> {
                 .as_str()
                 .unwrap_or_default()
                 .to_string();
-            // A forced run remakes the experts (the key of recipes alone cannot tell): its
-            // best merge replaces the published one.
-            let stale = args.force || state.keys.get(&format!("publish-{}", m.name)) != Some(&k);
+            // A sweep that ran again (forced, or its results gone) made merges the published
+            // one may not be: its best replaces it.
+            let stale = swept || state.keys.get(&format!("publish-{}", m.name)) != Some(&k);
             if recorded.is_some() && stale {
                 store.remove(&reference)?;
             }

@@ -109,6 +109,20 @@ fn blocks(t: usize, block: usize) -> impl Iterator<Item = (usize, usize)> {
         .map(move |r0| (r0, (r0 + block.max(1)).min(t)))
 }
 
+/// Scores to probabilities in place: `exp(s − max)` over their sum.
+pub(crate) fn softmax(scores: &mut [f32]) {
+    let max = scores.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+    let mut sum = 0f32;
+    for v in scores.iter_mut() {
+        *v = (*v - max).exp();
+        sum += *v;
+    }
+    let inv = 1.0 / sum;
+    for v in scores.iter_mut() {
+        *v *= inv;
+    }
+}
+
 /// A shared prefix's keys and values (`[prefix, kv_heads·d]`, rotated), seen by every query of
 /// the sequence before its own keys; empty when the sequence stands alone.
 #[derive(Clone, Copy)]
@@ -160,16 +174,7 @@ pub(crate) fn forward(
             );
             for (i, row) in (r0..).zip(ph[r0 * w..r1 * w].chunks_exact_mut(w)) {
                 let (seen, future) = row.split_at_mut(pre + i + 1);
-                let max = seen.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-                let mut sum = 0f32;
-                for v in seen.iter_mut() {
-                    *v = (*v - max).exp();
-                    sum += *v;
-                }
-                let inv = 1.0 / sum;
-                for v in seen.iter_mut() {
-                    *v *= inv;
-                }
+                softmax(seen);
                 future.fill(0.0);
             }
             let oh = &mut out[r0 * qw + h * d..];

@@ -8,12 +8,11 @@
 //!
 //! [`CausalLm::generate`]: crate::train::model::CausalLm::generate
 
-use super::attention::RopeTable;
+use super::attention::{softmax, RopeTable};
 use super::linear;
-use super::matmul::{gemm, View};
 use super::norm;
 use super::share::{clusters, Cluster};
-use super::step::take;
+use super::step::{output_head, take};
 use super::weights::Weights;
 use super::Dims;
 use crate::error::Result;
@@ -235,22 +234,8 @@ fn forward<'b>(
     for (row, &i) in last.chunks_exact_mut(hd).zip(heads) {
         row.copy_from_slice(&x[i * hd..(i + 1) * hd]);
     }
-    let (hl, rstd) = (&mut h[..m * hd], &mut rstd[..m]);
-    norm::forward(last, &w.final_norm.w, dims.eps, hl, rstd);
-    let vocab = dims.vocab;
-    let head = w.lm_head.as_deref().unwrap_or(&w.embed);
-    let logits = take(&mut b.logits, m * vocab);
-    gemm(
-        m,
-        hd,
-        vocab,
-        1.0,
-        View::rows(hl, hd),
-        View::cols(head, hd),
-        0.0,
-        logits,
-        vocab,
-    );
+    let logits = take(&mut b.logits, m * dims.vocab);
+    output_head(w, dims, m, last, &mut h[..m * hd], &mut rstd[..m], logits);
     logits
 }
 
@@ -275,17 +260,10 @@ fn attend(
         for (sj, key) in s.iter_mut().zip(keys.chunks_exact(kw)) {
             *sj = scale * dot(qh, &key[kv * d..(kv + 1) * d]);
         }
-        let max = s.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-        let mut sum = 0f32;
-        for v in s.iter_mut() {
-            *v = (*v - max).exp();
-            sum += *v;
-        }
-        let inv = 1.0 / sum;
+        softmax(s);
         let oh = &mut out[h * d..(h + 1) * d];
         oh.fill(0.0);
         for (&p, value) in s.iter().zip(values.chunks_exact(kw)) {
-            let p = p * inv;
             for (o, &x) in oh.iter_mut().zip(&value[kv * d..(kv + 1) * d]) {
                 *o += p * x;
             }

@@ -96,6 +96,32 @@ pub(crate) fn take<T: Copy + Default>(v: &mut Vec<T>, n: usize) -> &mut [T] {
     &mut v[..n]
 }
 
+/// The output head on `n` rows `x` of the last residual stream: the final norm into `normed`
+/// (each row's `rstd` kept) and the logits `[n, vocab]`.
+pub(crate) fn output_head(
+    w: &Weights,
+    dims: &Dims,
+    n: usize,
+    x: &[f32],
+    normed: &mut [f32],
+    rstd: &mut [f32],
+    logits: &mut [f32],
+) {
+    let hd = dims.hidden;
+    norm::forward(x, &w.final_norm.w, dims.eps, normed, rstd);
+    gemm(
+        n,
+        hd,
+        dims.vocab,
+        1.0,
+        View::rows(normed, hd),
+        View::cols(w.head(), hd),
+        0.0,
+        logits,
+        dims.vocab,
+    );
+}
+
 /// The length of the prefix `s` continues (0 if none).
 fn prefix_len(seqs: &[Seq<'_>], s: &Seq<'_>) -> usize {
     s.parent.map_or(0, |i| seqs[i].inputs.len())
@@ -253,23 +279,11 @@ pub(crate) fn pass(
         targets[g..g + b - a].copy_from_slice(seq.targets);
         g += b - a;
     }
-    let vocab = dims.vocab;
-    let head = w.lm_head.as_deref().unwrap_or(&w.embed);
+    let (vocab, head) = (dims.vocab, w.head());
     let hf = take(hf, npos * hd);
     let rstdf = take(rstdf, npos);
-    norm::forward(xl, &w.final_norm.w, dims.eps, hf, rstdf);
     let logits = take(logits, npos * vocab);
-    gemm(
-        npos,
-        hd,
-        vocab,
-        1.0,
-        View::rows(hf, hd),
-        View::cols(head, hd),
-        0.0,
-        logits,
-        vocab,
-    );
+    output_head(w, dims, npos, xl, hf, rstdf, logits);
     let nll = match objective {
         Head::CrossEntropy { scale } => cross_entropy(logits, vocab, targets, scale),
         Head::Policy {

@@ -210,6 +210,11 @@ fn linear(
 }
 
 impl Weights {
+    /// The output head `[vocab, hidden]`: its own, or the embedding it is tied to.
+    pub(crate) fn head(&self) -> &[f32] {
+        self.lm_head.as_deref().unwrap_or(&self.embed)
+    }
+
     /// A copy of `model`'s weights, with gradient slots for the tensors `slots` names; every
     /// name in `slots` must be one of the model's tensors.
     pub(crate) fn read(model: &CausalLm, slots: &Slots) -> Result<Weights> {

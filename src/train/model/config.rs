@@ -97,6 +97,16 @@ struct Wire {
     pad_token_id: Option<Value>,
 }
 
+/// A JSON file of a model directory (`config.json`, `preprocessor_config.json`) parsed as `T`;
+/// errors name the file.
+pub(crate) fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    serde_json::from_slice(&bytes).map_err(|source| Error::Json {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
 impl ModelConfig {
     /// Reads and validates `config.json` at `path`.
     pub fn read(path: &Path) -> Result<Self> {

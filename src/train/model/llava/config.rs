@@ -7,7 +7,7 @@ use std::path::Path;
 use serde::Deserialize;
 
 use crate::error::{Error, Result};
-use crate::train::model::config::ModelConfig;
+use crate::train::model::config::{read_json, ModelConfig};
 use crate::train::model::vision::{Activation, VisionConfig};
 
 /// Which hidden states of the tower become image features.
@@ -54,15 +54,11 @@ struct Wire {
 impl LlavaConfig {
     /// Reads and checks a LLaVA `config.json`.
     pub fn read(path: &Path) -> Result<Self> {
-        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        let w: Wire = read_json(path)?;
         let fail = |message: String| Error::Model {
             path: path.to_path_buf(),
             message,
         };
-        let w: Wire = serde_json::from_slice(&bytes).map_err(|source| Error::Json {
-            path: path.to_path_buf(),
-            source,
-        })?;
         if w.model_type.as_deref() != Some("llava") {
             return Err(fail(format!(
                 "`model_type` is {:?}; a vision-language model here is `llava`",

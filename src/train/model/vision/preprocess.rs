@@ -10,6 +10,7 @@ use serde::Deserialize;
 
 use crate::error::{Error, Result};
 use crate::train::model::candle;
+use crate::train::model::config::read_json;
 
 /// A `{"height": H, "width": W}` or `{"shortest_edge": S}` size.
 #[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
@@ -151,15 +152,11 @@ pub struct ImageProcessor {
 impl ImageProcessor {
     /// Reads and checks `preprocessor_config.json`.
     pub fn read(path: &Path) -> Result<Self> {
-        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        let w: Wire = read_json(path)?;
         let fail = |message: String| Error::Model {
             path: path.to_path_buf(),
             message,
         };
-        let w: Wire = serde_json::from_slice(&bytes).map_err(|source| Error::Json {
-            path: path.to_path_buf(),
-            source,
-        })?;
         if let Some(r) = w.resample.filter(|&r| r != 3) {
             return Err(fail(format!(
                 "`resample` {r}: only bicubic (3) resizing is implemented"
