@@ -1,11 +1,65 @@
 //! Supervised examples as token ids and their batches: `<bos> prompt completion <eos>`, with
 //! the loss on the completion and the end-of-sequence token only (labels elsewhere are
-//! masked out), right-padded into `[batch, seq]` tensors.
+//! masked out), right-padded into `[batch, seq]` tensors. An example of a vision-language
+//! model carries its image's rows ([`ImageRows`]), which its image tokens take in order.
+
+use std::sync::Arc;
 
 use candle_core::{Device, Tensor};
 
 use super::model::candle;
 use crate::error::Result;
+
+/// An image as a vision-language model's prompt holds it: one row per image token, `[tokens,
+/// width]` row-major f32 (the projected features, in the language model's embedding space, or
+/// the vision tower's features where the projector is trained). Shared, not copied, between
+/// the examples of one case (a group's rollouts), which is how they are known to show the same
+/// image.
+#[derive(Debug, Clone)]
+pub struct ImageRows {
+    /// `tokens × width` values.
+    pub values: Arc<[f32]>,
+    /// The width of a row.
+    pub width: usize,
+}
+
+impl ImageRows {
+    /// Rows of `width` values.
+    pub fn new(values: Vec<f32>, width: usize) -> ImageRows {
+        ImageRows {
+            values: values.into(),
+            width,
+        }
+    }
+
+    /// The number of rows (image tokens).
+    pub fn rows(&self) -> usize {
+        self.values.len() / self.width.max(1)
+    }
+
+    /// Whether both are the one image (the same rows, not a copy).
+    pub fn same(a: Option<&ImageRows>, b: Option<&ImageRows>) -> bool {
+        match (a, b) {
+            (None, None) => true,
+            (Some(a), Some(b)) => Arc::ptr_eq(&a.values, &b.values),
+            _ => false,
+        }
+    }
+}
+
+impl PartialEq for ImageRows {
+    fn eq(&self, other: &Self) -> bool {
+        self.width == other.width
+            && self.values.len() == other.values.len()
+            && self
+                .values
+                .iter()
+                .zip(other.values.iter())
+                .all(|(a, b)| a.to_bits() == b.to_bits())
+    }
+}
+
+impl Eq for ImageRows {}
 
 /// One example: its tokens and how many of them are prompt (`<bos>` included).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -14,6 +68,8 @@ pub struct Example {
     pub tokens: Vec<u32>,
     /// The prompt's length in tokens; the loss covers the tokens after it.
     pub prompt_len: usize,
+    /// The image its image tokens show, for a vision-language model.
+    pub image: Option<ImageRows>,
 }
 
 impl Example {
@@ -24,7 +80,16 @@ impl Example {
         let prompt_len = tokens.len();
         tokens.extend_from_slice(completion);
         tokens.push(eos);
-        Example { tokens, prompt_len }
+        Example {
+            tokens,
+            prompt_len,
+            image: None,
+        }
+    }
+
+    /// The same example showing `image`.
+    pub fn with_image(self, image: Option<ImageRows>) -> Example {
+        Example { image, ..self }
     }
 
     /// Tokens the loss is taken on.

@@ -68,6 +68,8 @@ pub struct Case {
     image_embeds: Option<String>,
     synthetic: bool,
     guideline: Option<String>,
+    /// The directory of the file the case was read from: its image paths are relative to it.
+    dir: Option<PathBuf>,
 }
 
 impl Case {
@@ -134,6 +136,7 @@ impl Case {
             image_embeds: line.image_embeds,
             synthetic: line.synthetic,
             guideline: line.guideline,
+            dir: None,
         })
     }
 
@@ -201,6 +204,24 @@ impl Case {
     /// The safetensors file of precomputed vision features, if the case has an image.
     pub fn image_embeds(&self) -> Option<&Path> {
         self.image_embeds.as_deref().map(Path::new)
+    }
+
+    /// The case's image file as the process can open it (resolved against the directory of
+    /// the case file it was read from).
+    pub fn image_file(&self) -> Option<PathBuf> {
+        self.image().map(|p| self.resolve(p))
+    }
+
+    /// The case's `image_embeds` file as the process can open it.
+    pub fn image_embeds_file(&self) -> Option<PathBuf> {
+        self.image_embeds().map(|p| self.resolve(p))
+    }
+
+    fn resolve(&self, path: &Path) -> PathBuf {
+        match &self.dir {
+            Some(dir) => dir.join(path),
+            None => path.to_path_buf(),
+        }
     }
 
     /// The same case with its vision features in `path` (relative to its case file).
@@ -285,7 +306,8 @@ fn parse_cases(path: &Path, bytes: &[u8]) -> Result<Vec<Case>> {
         }
         let line: CaseLine =
             serde_json::from_str(text).map_err(|e| fail(number, json_message(&e)))?;
-        let case = Case::from_line(line).map_err(|message| fail(number, message))?;
+        let mut case = Case::from_line(line).map_err(|message| fail(number, message))?;
+        case.dir = path.parent().map(Path::to_path_buf);
         if let Some(first) = first_line.insert(case.id.clone(), number) {
             return Err(fail(
                 number,

@@ -25,6 +25,7 @@ pub mod embed;
 pub mod eval;
 pub mod fused;
 pub mod guideline;
+pub mod images;
 pub mod init;
 pub mod model;
 pub mod optim;

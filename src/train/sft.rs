@@ -27,10 +27,11 @@ use std::time::Instant;
 use candle_core::{DType, Device, Tensor, Var};
 use serde::Serialize;
 
-use super::batch::{summed_nll, Batch, Example};
+use super::batch::{summed_nll, Batch, Example, ImageRows};
 use super::checkpoint::{latest_checkpoint, load_checkpoint, save_checkpoint, TrainerState};
 use super::fused::Engine;
-use super::model::{candle, CausalLm, LoraSpec, ModelConfig};
+use super::images::{language_config, refuse_images_without_tower, Images};
+use super::model::{candle, CausalLm, LoraSpec};
 use super::optim::{clip_gradients, AdamW, AdamWConfig};
 use super::prompt::RuleBook;
 use super::recipe::{CompletionKind, TrainMethod, TrainRecipe, TrainingCase};
@@ -101,7 +102,7 @@ pub fn train(
     let device = Device::Cpu;
     let tokenizer = Tokenizer::load(base_dir)?;
     // Before any weight is read: a tokenizer that does not fit the model is its own error.
-    tokenizer.check_vocab(&ModelConfig::read(&base_dir.join("config.json"))?)?;
+    tokenizer.check_vocab(&language_config(base_dir)?)?;
     let checkpoints = output.join("checkpoints");
     let recipe_digest = blake3::hash(recipe.text.as_bytes()).to_hex().to_string();
     let latest = if resume {
@@ -123,7 +124,7 @@ pub fn train(
         }
         restored = Some((state, moments));
     }
-    let mut model = match recipe.method {
+    let (images, mut model) = match recipe.method {
         TrainMethod::Dsa => {
             let lora = recipe.lora.as_ref().ok_or_else(|| Error::Recipe {
                 path: recipe.path.clone(),
@@ -137,19 +138,20 @@ pub fn train(
                 target_modules: lora.target_modules.clone(),
                 seed: recipe.seed,
             };
-            let mut model = CausalLm::load(base_dir, Some(&spec), DType::F32, &device)?;
+            let (images, mut model) = Images::load(base_dir, Some(&spec), DType::F32, &device)?;
             if let Some(dir) = latest.as_ref().filter(|_| restored.is_some()) {
                 model.load_adapter(dir)?;
             }
-            model
+            (images, model)
         }
         // A resumed base run continues from the checkpoint's own weights.
         TrainMethod::Base => {
-            CausalLm::load_trainable(latest.as_deref().unwrap_or(base_dir), DType::F32, &device)?
+            let dir = latest.as_deref().unwrap_or(base_dir);
+            (None, CausalLm::load_trainable(dir, DType::F32, &device)?)
         }
     };
     tokenizer.check_vocab(model.config())?;
-    let examples = encode(&tokenizer, &model, cases, recipe)?;
+    let examples = encode(&tokenizer, &model, images.as_ref(), cases, recipe)?;
     if examples.is_empty() {
         return Err(Error::Recipe {
             path: recipe.path.clone(),
@@ -197,6 +199,9 @@ pub fn train(
         .map(|(n, v)| (n.to_string(), v.clone()))
         .collect();
     let mut fused = fused_engine(&model, &named)?;
+    if let (Some(engine), Some(images)) = (fused.take(), &images) {
+        fused = Some(engine.with_image_token(images.image_token()));
+    }
 
     let metrics_path = output.join("metrics.jsonl");
     let mut metrics = std::fs::OpenOptions::new()
@@ -237,6 +242,7 @@ pub fn train(
                 for examples in &batches {
                     let (n, t) = candle_micro_batch(
                         &model,
+                        images.as_ref(),
                         &vars,
                         examples,
                         pad,
@@ -337,8 +343,10 @@ fn fused_engine(model: &CausalLm, trained: &[(String, Var)]) -> Result<Option<En
 
 /// Forward and backward of a micro-batch through candle's autograd, [`SHARD`] examples per
 /// thread: adds its gradients into `grads` and returns its summed NLL and input tokens.
+#[allow(clippy::too_many_arguments)]
 fn candle_micro_batch(
     model: &CausalLm,
+    images: Option<&Images>,
     vars: &[Var],
     examples: &[&Example],
     pad: u32,
@@ -352,7 +360,9 @@ fn candle_micro_batch(
         let handles: Vec<_> = examples
             .chunks(SHARD)
             .map(|shard| {
-                scope.spawn(move || shard_grads(model, vars, shard, pad, step_targets, device))
+                scope.spawn(move || {
+                    shard_grads(model, images, vars, shard, pad, step_targets, device)
+                })
             })
             .collect();
         handles
@@ -388,6 +398,7 @@ struct ShardGrads {
 /// count.
 fn shard_grads(
     model: &CausalLm,
+    images: Option<&Images>,
     vars: &[Var],
     examples: &[&Example],
     pad: u32,
@@ -395,7 +406,16 @@ fn shard_grads(
     device: &Device,
 ) -> Result<ShardGrads> {
     let batch = Batch::new(examples, pad, device)?;
-    let logits = model.forward(&batch.inputs, Some(&batch.attention), None)?;
+    let logits = match images {
+        None => model.forward(&batch.inputs, Some(&batch.attention), None)?,
+        Some(images) => {
+            let features = batch_images(examples, device)?;
+            let embeds = images
+                .encoder()
+                .merge(model, &batch.inputs, features.as_ref())?;
+            model.forward_embeds(&embeds, Some(&batch.attention), None)?
+        }
+    };
     let summed = summed_nll(&logits, &batch)?;
     let nll = f64::from(summed.to_scalar::<f32>().map_err(candle("loss"))?);
     let scaled = (summed / step_targets as f64).map_err(candle("loss"))?;
@@ -408,6 +428,21 @@ fn shard_grads(
             .map(|v| store.get(v.as_tensor()).cloned())
             .collect(),
     })
+}
+
+/// The images of `examples`, in order, as `[images, tokens, width]` (`None` if none has one).
+fn batch_images(examples: &[&Example], device: &Device) -> Result<Option<Tensor>> {
+    let shown: Vec<&ImageRows> = examples.iter().filter_map(|e| e.image.as_ref()).collect();
+    let Some(first) = shown.first() else {
+        return Ok(None);
+    };
+    let values: Vec<f32> = shown
+        .iter()
+        .flat_map(|i| i.values.iter().copied())
+        .collect();
+    Tensor::from_vec(values, (shown.len(), first.rows(), first.width), device)
+        .map(Some)
+        .map_err(candle("image rows"))
 }
 
 /// The examples of micro-batch `m` (counted over all epochs): epoch `m / per_epoch` in the
@@ -429,13 +464,19 @@ fn micro_batch<'a>(
         .collect()
 }
 
-/// Tokenizes each case as `<bos> prompt completion <eos>`.
+/// Tokenizes each case as `<bos> prompt completion <eos>`, a case's image tokens first in
+/// the prompt ([`Images::prompt_with_image`]) with its image's rows.
 fn encode(
     tokenizer: &Tokenizer,
     model: &CausalLm,
+    images: Option<&Images>,
     cases: &[TrainingCase],
     recipe: &TrainRecipe,
 ) -> Result<Vec<Example>> {
+    if images.is_none() {
+        let shown: Vec<&super::Case> = cases.iter().map(|c| &c.case).collect();
+        refuse_images_without_tower(&shown, model.dir())?;
+    }
     let config = model.config();
     let eos = *config.eos_token_ids.first().ok_or_else(|| Error::Model {
         path: model.dir().join("config.json"),
@@ -451,7 +492,12 @@ fn encode(
             };
             let prompt = tokenizer.encode(&case.prompt(), false)?;
             let completion = tokenizer.encode(&completion, false)?;
-            Ok(Example::new(config.bos_token_id, &prompt, &completion, eos))
+            let Some(images) = images else {
+                return Ok(Example::new(config.bos_token_id, &prompt, &completion, eos));
+            };
+            let rows = images.rows(case, model.device())?;
+            let prompt = images.prompt_with_image(config.bos_token_id, &prompt, rows.is_some());
+            Ok(Example::new(None, &prompt, &completion, eos).with_image(rows))
         })
         .collect()
 }

@@ -114,7 +114,7 @@ pub(crate) fn generate(
     let starts: Vec<&[u32]> = prompts.iter().map(|p| &p[..p.len() - 1]).collect();
     let mut tokens: Vec<Token> = Vec::with_capacity(prompts.iter().map(Vec::len).sum());
     let mut done_to = vec![0; prompts.len()];
-    let shared: Vec<Cluster> = clusters(&starts)
+    let shared: Vec<Cluster> = clusters(&starts, &vec![0; starts.len()])
         .into_iter()
         .filter(|c| c.members.len() > 1)
         .collect();

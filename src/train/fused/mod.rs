@@ -61,6 +61,8 @@ pub(crate) struct Dims {
     pub intermediate: usize,
     pub vocab: usize,
     pub eps: f32,
+    /// The token whose embedding an example's image rows replace (a vision-language model's).
+    pub image_token: Option<u32>,
 }
 
 /// The fused forward and backward pass of one model, with its gradient buffers.
@@ -137,6 +139,7 @@ impl Engine {
                 intermediate: c.intermediate_size,
                 vocab: c.vocab_size,
                 eps: c.rms_norm_eps as f32,
+                image_token: None,
             },
             rope: RopeTable::new(c.head_dim, c.max_position_embeddings, c.rope_theta),
             sum: vec![0.0; slots.len],
@@ -144,6 +147,14 @@ impl Engine {
             weights,
             shards: Vec::new(),
         })
+    }
+
+    /// The engine for the language model of a vision-language model whose prompts show images
+    /// as runs of `image_token`: each takes the next row of its example's
+    /// [`Example::image`] (projected features, the projector frozen).
+    pub fn with_image_token(mut self, image_token: u32) -> Engine {
+        self.dims.image_token = Some(image_token);
+        self
     }
 
     /// Copies the model's weights again (after an optimizer step changed them).
@@ -331,10 +342,26 @@ impl Engine {
         }
     }
 
-    /// Refuses an example candle's forward pass would refuse: a token outside the vocabulary
-    /// or a position beyond the rotary table.
+    /// Refuses an example candle's forward pass would refuse: a token outside the vocabulary,
+    /// a position beyond the rotary table, or image rows that do not fit its image tokens.
     fn check(&self, e: &Example) -> Result<()> {
         self.check_tokens(&e.tokens)?;
+        let tokens = self
+            .dims
+            .image_token
+            .map_or(0, |id| e.tokens.iter().filter(|&&t| t == id).count());
+        let (rows, width) = e
+            .image
+            .as_ref()
+            .map_or((0, self.dims.hidden), |i| (i.rows(), i.width));
+        if tokens != rows || width != self.dims.hidden {
+            return Err(Error::ModelInput {
+                message: format!(
+                    "an example holds {tokens} image tokens but its image has {rows} rows of {width} (the model's width is {})",
+                    self.dims.hidden
+                ),
+            });
+        }
         let max = self.rope.positions();
         if e.tokens.len() > max + 1 {
             return Err(Error::ModelInput {
@@ -383,7 +410,7 @@ fn run(
     scratch: &mut Scratch,
     grads: &mut [f32],
 ) -> f64 {
-    let seqs = share::sequences(examples);
+    let seqs = share::sequences(examples, dims.image_token);
     if seqs.is_empty() {
         return 0.0;
     }

@@ -2,10 +2,11 @@
 //! group's rollouts repeat their case's prompt, and only the guideline line near its end
 //! differs between them. The shared start becomes a prefix sequence with no loss of its own,
 //! which each member continues from where it ends; the arithmetic is the same as running
-//! every example alone, up to rounding.
+//! every example alone, up to rounding. Examples share only if they show the same image (or
+//! none): image tokens are one id whatever the image.
 
 use super::step::Seq;
-use crate::train::batch::Example;
+use crate::train::batch::{Example, ImageRows};
 
 /// The fewest tokens worth sharing: a shorter common start (`Question:` and little else) is
 /// two cases, not one.
@@ -29,15 +30,17 @@ pub(crate) struct Cluster {
     pub members: Vec<usize>,
 }
 
-/// Groups `starts` in order of their first member: each joins the cluster it shares most with,
-/// if that is at least [`MIN_SHARED`] tokens, and the cluster's shared part shrinks to what all
-/// its members share. A sequence alone is a cluster of one (its `shared` is then its length).
-pub(crate) fn clusters(starts: &[&[u32]]) -> Vec<Cluster> {
+/// Groups `starts` in order of their first member: each joins the cluster it shares most with
+/// among those of its own `kind` (the image it shows), if that is at least [`MIN_SHARED`]
+/// tokens, and the cluster's shared part shrinks to what all its members share. A sequence
+/// alone is a cluster of one (its `shared` is then its length).
+pub(crate) fn clusters(starts: &[&[u32]], kind: &[usize]) -> Vec<Cluster> {
     let mut clusters: Vec<Cluster> = Vec::new();
     for (i, own) in starts.iter().enumerate() {
         let best = clusters
             .iter()
             .enumerate()
+            .filter(|(_, cluster)| kind[cluster.members[0]] == kind[i])
             .map(|(c, cluster)| {
                 let first = starts[cluster.members[0]];
                 (common_len(&first[..cluster.shared], own), c)
@@ -58,11 +61,39 @@ pub(crate) fn clusters(starts: &[&[u32]]) -> Vec<Cluster> {
     clusters
 }
 
+/// For each example, the index of the first one that shows the same image (or none).
+fn image_kinds(examples: &[&Example]) -> Vec<usize> {
+    (0..examples.len())
+        .map(|i| {
+            (0..=i)
+                .find(|&j| ImageRows::same(examples[j].image.as_ref(), examples[i].image.as_ref()))
+                .unwrap_or(i)
+        })
+        .collect()
+}
+
+/// The rows of `image` that the image tokens (`image_token`) of `tokens[from..to]` take.
+fn image_rows<'a>(
+    image: Option<&'a ImageRows>,
+    image_token: Option<u32>,
+    tokens: &[u32],
+    from: usize,
+    to: usize,
+) -> &'a [f32] {
+    let (Some(image), Some(id)) = (image, image_token) else {
+        return &[];
+    };
+    let count = |range: &[u32]| range.iter().filter(|&&t| t == id).count() * image.width;
+    let before = count(&tokens[..from]);
+    &image.values[before..before + count(&tokens[from..to])]
+}
+
 /// The sequences [`super::step::pass`] runs for `examples`: the shared prefixes first, then
 /// every example with a target in order (so that the loss's rows keep the examples' order),
 /// each continuing its prefix if it has one. An example without a target has no loss and no
-/// gradient (candle's exact zeros) and is left out.
-pub(crate) fn sequences<'a>(examples: &[&'a Example]) -> Vec<Seq<'a>> {
+/// gradient (candle's exact zeros) and is left out. Each sequence carries the image rows its
+/// tokens equal to `image_token` take.
+pub(crate) fn sequences<'a>(examples: &[&'a Example], image_token: Option<u32>) -> Vec<Seq<'a>> {
     // Position i predicts token i + 1, in the loss when that token is past the prompt.
     let with_targets: Vec<&Example> = examples
         .iter()
@@ -70,7 +101,7 @@ pub(crate) fn sequences<'a>(examples: &[&'a Example]) -> Vec<Seq<'a>> {
         .filter(|e| e.prompt_len.saturating_sub(1) < e.tokens.len().saturating_sub(1))
         .collect();
     let starts: Vec<&[u32]> = with_targets.iter().map(|&e| shareable(e)).collect();
-    let clusters = clusters(&starts);
+    let clusters = clusters(&starts, &image_kinds(&with_targets));
     let mut cluster_of = vec![0; with_targets.len()];
     for (c, cluster) in clusters.iter().enumerate() {
         for &i in &cluster.members {
@@ -82,6 +113,7 @@ pub(crate) fn sequences<'a>(examples: &[&'a Example]) -> Vec<Seq<'a>> {
     let mut prefix_of = vec![None; clusters.len()];
     for (c, cluster) in clusters.iter().enumerate() {
         if cluster.members.len() > 1 {
+            let first = with_targets[cluster.members[0]];
             let prefix = &starts[cluster.members[0]][..cluster.shared];
             prefix_of[c] = Some((seqs.len(), prefix.len()));
             seqs.push(Seq {
@@ -89,6 +121,7 @@ pub(crate) fn sequences<'a>(examples: &[&'a Example]) -> Vec<Seq<'a>> {
                 first: prefix.len(),
                 targets: &[],
                 parent: None,
+                image: image_rows(first.image.as_ref(), image_token, prefix, 0, prefix.len()),
             });
         }
     }
@@ -104,6 +137,7 @@ pub(crate) fn sequences<'a>(examples: &[&'a Example]) -> Vec<Seq<'a>> {
             first: first - start,
             targets: &e.tokens[first + 1..],
             parent,
+            image: image_rows(e.image.as_ref(), image_token, &e.tokens, start, t),
         });
     }
     seqs
@@ -134,10 +168,11 @@ mod tests {
             Example {
                 tokens: vec![10, 11],
                 prompt_len: 2,
+                image: None,
             },
         ];
         let refs: Vec<&Example> = examples.iter().collect();
-        let seqs = sequences(&refs);
+        let seqs = sequences(&refs, None);
         // One prefix (the ten case tokens), then the four examples with targets in order (the
         // last has no target).
         assert_eq!(seqs.len(), 5);
@@ -164,7 +199,7 @@ mod tests {
             example(&[1], &[2]),
         ];
         let refs: Vec<&Example> = examples.iter().collect();
-        let seqs = sequences(&refs);
+        let seqs = sequences(&refs, None);
         assert_eq!(seqs.len(), 2);
         assert!(seqs.iter().all(|s| s.parent.is_none()));
         assert_eq!((seqs[0].inputs.len(), seqs[0].first), (13, 11));

@@ -25,6 +25,8 @@ pub(crate) struct Seq<'a> {
     /// The earlier sequence this one continues (a shared prompt): its inputs come first, at
     /// positions `0..`, and this one's from where it ends.
     pub parent: Option<usize>,
+    /// The embeddings its image tokens take instead of the token's, in order (`hidden` each).
+    pub image: &'a [f32],
 }
 
 /// What the head computes on the loss's positions.
@@ -202,9 +204,22 @@ pub(crate) fn pass(
     } = scratch;
     let xs = take(xs, (nl + 1) * nh);
     let ids = seqs.iter().flat_map(|s| s.inputs);
-    for (row, &id) in xs.chunks_exact_mut(hd).zip(ids.clone()) {
-        let id = id as usize;
-        row.copy_from_slice(&w.embed[id * hd..(id + 1) * hd]);
+    let mut rows = xs.chunks_exact_mut(hd);
+    for s in seqs {
+        let mut image = s.image.chunks_exact(hd);
+        // The sequence's tokens first: zip takes no row past its last token.
+        for (&id, row) in s.inputs.iter().zip(rows.by_ref()) {
+            match (Some(id) == dims.image_token)
+                .then(|| image.next())
+                .flatten()
+            {
+                Some(features) => row.copy_from_slice(features),
+                None => {
+                    let id = id as usize;
+                    row.copy_from_slice(&w.embed[id * hd..(id + 1) * hd]);
+                }
+            }
+        }
     }
 
     // Forward.
@@ -443,7 +458,9 @@ pub(crate) fn pass(
         }
     }
     if let Some(at) = w.grad_embed {
-        for (row, &id) in dx.chunks_exact(hd).zip(ids) {
+        // An image token's row came from the image, not the table.
+        let from_table = |&(_, &id): &(&[f32], &u32)| Some(id) != dims.image_token;
+        for (row, &id) in dx.chunks_exact(hd).zip(ids).filter(from_table) {
             let id = id as usize;
             for (g, d) in grads[at + id * hd..at + (id + 1) * hd].iter_mut().zip(row) {
                 *g += d;

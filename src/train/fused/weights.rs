@@ -147,9 +147,12 @@ fn norm(n: &RmsNorm, name: &str, slots: &Slots, used: &mut usize) -> Result<Norm
 
 /// A projection at module `path`; its tensors are named as [`CausalLm::weight_vars`] (Hugging
 /// Face names) and [`CausalLm::lora_vars`] (PEFT keys) name them.
+/// `path` names its weight and bias as the trained variables do, `module` its LoRA factors
+/// (the adapter's module path).
 fn linear(
     l: &LoraLinear,
     path: &str,
+    module: &str,
     lora_on: bool,
     slots: &Slots,
     used: &mut usize,
@@ -169,8 +172,8 @@ fn linear(
     let lora = match (l.lora_a(), l.lora_b(), l.scaling()) {
         (Some(a), Some(b), Some(s)) if lora_on => {
             let (a_name, b_name) = (
-                format!("{PEFT_PREFIX}{path}.lora_A.weight"),
-                format!("{PEFT_PREFIX}{path}.lora_B.weight"),
+                format!("{PEFT_PREFIX}{module}.lora_A.weight"),
+                format!("{PEFT_PREFIX}{module}.lora_B.weight"),
             );
             let a = values(a.as_tensor(), &a_name)?;
             let r = a.len() / inp;
@@ -250,7 +253,17 @@ impl Weights {
             )?;
             let proj = Projection::ALL
                 .iter()
-                .map(|&p| linear(block.projection(p), &p.path(i), lora_on, slots, &mut used))
+                .map(|&p| {
+                    let (path, module) = (p.path(i), model.module_path(i, p));
+                    linear(
+                        block.projection(p),
+                        &path,
+                        &module,
+                        lora_on,
+                        slots,
+                        &mut used,
+                    )
+                })
                 .collect::<Result<Vec<_>>>()?;
             layers.push(Layer {
                 input_norm,

@@ -159,6 +159,30 @@ impl CausalLm {
             }
         }
         targets.sort();
+        // In a model nested in a larger one (LLaVA's language model) a name would also select
+        // the other parts' modules of that name (the vision tower's `q_proj`): PEFT is given a
+        // regex that selects this model's modules only.
+        let nested = self.module_path(0, Projection::ALL[0]) != Projection::ALL[0].path(0);
+        let targets = if nested {
+            let full_layers = |p: Projection| {
+                regex::escape(&self.module_path(0, p)).replacen(r"layers\.0\.", r"layers\.\d+\.", 1)
+            };
+            let mut alternatives = Vec::new();
+            for (p, layers) in &by_projection {
+                if layers.len() == num_layers {
+                    alternatives.push(full_layers(*p));
+                } else {
+                    alternatives.extend(
+                        layers
+                            .iter()
+                            .map(|&i| regex::escape(&self.module_path(i, *p))),
+                    );
+                }
+            }
+            json!(alternatives.join("|"))
+        } else {
+            json!(targets)
+        };
         let alpha = if spec.alpha.fract() == 0.0 && spec.alpha.abs() < 1e15 {
             json!(spec.alpha as i64)
         } else {
@@ -185,7 +209,7 @@ impl CausalLm {
             ("r", json!(spec.r)),
             ("rank_pattern", Value::Object(rank_pattern)),
             ("revision", Value::Null),
-            ("target_modules", json!(targets)),
+            ("target_modules", targets),
             ("task_type", json!("CAUSAL_LM")),
             ("use_dora", json!(false)),
             ("use_rslora", json!(spec.use_rslora)),

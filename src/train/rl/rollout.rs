@@ -188,7 +188,11 @@ impl<'a> Rollouts<'a> {
                 group,
                 guideline: g,
                 completion_len: out.len(),
-                example: Example { tokens, prompt_len },
+                example: Example {
+                    tokens,
+                    prompt_len,
+                    image: None,
+                },
                 truncated,
                 rewards: scores,
                 reward,

@@ -52,6 +52,16 @@ struct Wire {
 }
 
 impl LlavaConfig {
+    /// Whether the `config.json` at `path` is a LLaVA model's (`model_type` `llava`).
+    pub fn is_llava(path: &Path) -> Result<bool> {
+        #[derive(Deserialize)]
+        struct Kind {
+            model_type: Option<String>,
+        }
+        let kind: Kind = read_json(path)?;
+        Ok(kind.model_type.as_deref() == Some("llava"))
+    }
+
     /// Reads and checks a LLaVA `config.json`.
     pub fn read(path: &Path) -> Result<Self> {
         let w: Wire = read_json(path)?;

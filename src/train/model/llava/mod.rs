@@ -8,11 +8,11 @@
 use std::path::{Path, PathBuf};
 
 mod config;
+mod encoder;
 mod layout;
 
 use candle_core::{DType, Device, Tensor};
 
-use super::candle;
 use super::causal_lm::CausalLm;
 use super::generate::GenerateOptions;
 use super::lora::LoraSpec;
@@ -21,18 +21,14 @@ use super::weights::{Naming, Weights};
 use crate::checkpoint::Checkpoint;
 use crate::error::{Error, Result};
 pub use config::{FeatureSelect, LlavaConfig};
+pub use encoder::{ImageEncoder, IMAGE_EMBEDS};
 use layout::Layout;
-
-/// The tensor an `image_embeds` file holds.
-pub const IMAGE_EMBEDS: &str = "image_embeds";
 
 /// A LLaVA model.
 #[derive(Debug)]
 pub struct Llava {
     dir: PathBuf,
-    config: LlavaConfig,
-    vision: ClipVision,
-    projector: Projector,
+    encoder: ImageEncoder,
     language: CausalLm,
 }
 
@@ -75,9 +71,11 @@ impl Llava {
         )?;
         Ok(Llava {
             dir: dir.to_path_buf(),
-            config,
-            vision,
-            projector,
+            encoder: ImageEncoder {
+                config,
+                vision,
+                projector,
+            },
             language,
         })
     }
@@ -89,7 +87,7 @@ impl Llava {
 
     /// Its configuration.
     pub fn config(&self) -> &LlavaConfig {
-        &self.config
+        &self.encoder.config
     }
 
     /// The language model (its LoRA, its KV cache, its generation).
@@ -102,29 +100,26 @@ impl Llava {
         &mut self.language
     }
 
-    /// Each image's vision features, `[images, tokens, vision hidden]`: the tower's hidden
-    /// states at `vision_feature_layer`, selected as `vision_feature_select_strategy` says,
-    /// before the projector. This is what an `image_embeds` file holds (the tower run once,
-    /// offline), for `pixel_values [images, channels, size, size]`.
+    /// The vision tower and the projector.
+    pub fn encoder(&self) -> &ImageEncoder {
+        &self.encoder
+    }
+
+    /// The image side and the language model, apart (a trainer trains the one beside the
+    /// other).
+    pub fn into_parts(self) -> (ImageEncoder, CausalLm) {
+        (self.encoder, self.language)
+    }
+
+    /// [`ImageEncoder::vision_features`].
     pub fn vision_features(&self, pixel_values: &Tensor) -> Result<Tensor> {
-        let hidden = self
-            .vision
-            .hidden_states(pixel_values, self.config.feature_depth())?;
-        match self.config.select {
-            FeatureSelect::Full => Ok(hidden),
-            FeatureSelect::Patches => {
-                let n = hidden.dim(1).map_err(candle("vision features"))?;
-                hidden
-                    .narrow(1, 1, n - 1)
-                    .map_err(candle("vision features"))
-            }
-        }
+        self.encoder.vision_features(pixel_values)
     }
 
     /// Each image's features in the language model's embedding space, `[images, tokens,
     /// hidden]`, from `pixel_values [images, channels, size, size]`.
     pub fn image_features(&self, pixel_values: &Tensor) -> Result<Tensor> {
-        self.projector.forward(&self.vision_features(pixel_values)?)
+        self.encoder.project(&self.vision_features(pixel_values)?)
     }
 
     /// Logits `[b, s, vocab]` for `input_ids [b, s]` whose image tokens, in order, take the
@@ -156,7 +151,7 @@ impl Llava {
         features: Option<&Tensor>,
         options: &GenerateOptions,
     ) -> Result<Vec<Vec<u32>>> {
-        if options.pad_token_id == self.config.image_token_index {
+        if options.pad_token_id == self.config().image_token_index {
             return Err(Error::ModelInput {
                 message: format!(
                     "the pad token {} is the image token: padding would take image features",
@@ -173,124 +168,23 @@ impl Llava {
             })
     }
 
-    /// Vision features `[images, tokens, vision hidden]`, shape-checked, through the projector.
-    fn project(&self, features: &Tensor) -> Result<Tensor> {
-        let (tokens, width) = (self.config.image_tokens(), self.config.vision.hidden_size);
-        match features.dims() {
-            &[_, t, w] if t == tokens && w == width => self.projector.forward(features),
-            other => Err(Error::ModelInput {
-                message: format!(
-                    "vision features must be [images, {tokens}, {width}], not {other:?}"
-                ),
-            }),
-        }
-    }
-
-    /// The vision features `[1, tokens, vision hidden]` stored in an `image_embeds` file: one
-    /// f32 (or f16/bf16) tensor named `image_embeds`, `[tokens, vision hidden]` or with a
-    /// leading 1; refused unless it has this model's shape.
+    /// The vision features of an `image_embeds` file ([`ImageEncoder::read_image_embeds`]),
+    /// in the language model's dtype and device.
     pub fn read_image_embeds(&self, path: &Path) -> Result<Tensor> {
-        let file = crate::tensor::SafetensorsFile::open(path)?;
-        let info = file
-            .info(IMAGE_EMBEDS)
-            .ok_or_else(|| Error::MissingTensor {
-                path: path.to_path_buf(),
-                tensor: IMAGE_EMBEDS.into(),
-            })?;
-        let (tokens, width) = (self.config.image_tokens(), self.config.vision.hidden_size);
-        let shape = match info.shape.as_slice() {
-            [1, t, w] | [t, w] if *t == tokens && *w == width => vec![1, tokens, width],
-            _ => {
-                return Err(Error::ShapeMismatch {
-                    path: path.to_path_buf(),
-                    tensor: IMAGE_EMBEDS.into(),
-                    expected: vec![tokens, width],
-                    actual: info.shape.clone(),
-                })
-            }
-        };
-        let values = file.read_f32(IMAGE_EMBEDS)?;
-        Tensor::from_vec(values, shape, self.language.device())
-            .and_then(|t| t.to_dtype(self.language.dtype()))
-            .map_err(candle(format!("`{}`: `{IMAGE_EMBEDS}`", path.display())))
+        self.encoder
+            .read_image_embeds(path, self.language.dtype(), self.language.device())
     }
 
-    /// Writes one image's vision features (`[1, tokens, vision hidden]` or `[tokens, vision
-    /// hidden]`) as an `image_embeds` file, f32.
+    /// [`ImageEncoder::write_image_embeds`].
     pub fn write_image_embeds(path: &Path, features: &Tensor) -> Result<()> {
-        let values = features
-            .to_dtype(DType::F32)
-            .and_then(|t| t.flatten_all())
-            .and_then(|t| t.to_vec1::<f32>())
-            .map_err(candle("image features"))?;
-        let dims = features.dims();
-        let shape = dims[dims.len().saturating_sub(2)..].to_vec();
-        let spec = crate::tensor::TensorSpec {
-            name: IMAGE_EMBEDS.into(),
-            dtype: crate::tensor::Dtype::F32,
-            shape,
-        };
-        let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
-        crate::tensor::write_safetensors(path, &[(spec, bytes)], &Default::default())
+        ImageEncoder::write_image_embeds(path, features)
     }
 
-    /// The prompt's embeddings with each image token's replaced by the next projected image
-    /// feature (`[images, tokens, hidden]`, in the language model's space); refused unless
-    /// there are exactly as many image tokens as features.
+    fn project(&self, features: &Tensor) -> Result<Tensor> {
+        self.encoder.project(features)
+    }
+
     fn merge(&self, input_ids: &Tensor, features: Option<&Tensor>) -> Result<Tensor> {
-        let embeds = self.language.embed_tokens(input_ids)?;
-        let (b, s, h) = embeds.dims3().map_err(candle("embeddings"))?;
-        let ids = input_ids
-            .to_dtype(DType::I64)
-            .and_then(|t| t.flatten_all())
-            .and_then(|t| t.to_vec1::<i64>())
-            .map_err(candle("input_ids"))?;
-        let image = i64::from(self.config.image_token_index);
-        let tokens = ids.iter().filter(|&&id| id == image).count();
-        let (images, per_image) = (
-            features
-                .map_or(Ok(0), |f| f.dim(0))
-                .map_err(candle("image features"))?,
-            self.config.image_tokens(),
-        );
-        if tokens != images * per_image {
-            return Err(Error::ModelInput {
-                message: format!(
-                    "the prompt holds {tokens} image tokens (id {image}); {images} image(s) of {per_image} features each need {}",
-                    images * per_image
-                ),
-            });
-        }
-        let Some(features) = features else {
-            return Ok(embeds);
-        };
-        // Row i of the stacked table [text rows; feature rows] for each position.
-        let mut next = b * s;
-        let index: Vec<u32> = ids
-            .iter()
-            .enumerate()
-            .map(|(i, &id)| {
-                if id == image {
-                    next += 1;
-                    (next - 1) as u32
-                } else {
-                    i as u32
-                }
-            })
-            .collect();
-        (|| -> candle_core::Result<Tensor> {
-            let table = Tensor::cat(
-                &[
-                    &embeds.reshape((b * s, h))?,
-                    &features
-                        .to_dtype(embeds.dtype())?
-                        .reshape((images * per_image, h))?,
-                ],
-                0,
-            )?;
-            let index = Tensor::from_vec(index, b * s, embeds.device())?;
-            table.index_select(&index, 0)?.reshape((b, s, h))
-        })()
-        .map_err(candle("merging image features"))
+        self.encoder.merge(&self.language, input_ids, features)
     }
 }

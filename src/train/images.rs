@@ -1,0 +1,162 @@
+//! The images of a vision-language base as the trainers and evaluation feed them: each
+//! case's image (its `image_embeds` file if it has one, else its image file through the image
+//! processor and the tower) as the rows its image tokens take, and where those tokens go in
+//! the prompt: right after `<bos>`, one per image feature, before the text (LLaVA's
+//! `<image>\n` first).
+
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor};
+
+use super::batch::ImageRows;
+use super::case::Case;
+use super::model::vision::ImageProcessor;
+use super::model::{candle, CausalLm, ImageEncoder, Llava, LlavaConfig, LoraSpec, ModelConfig};
+use crate::error::{Error, Result};
+
+/// The language model's configuration of the model in `dir` (a LLaVA model's `text_config`).
+pub fn language_config(dir: &Path) -> Result<ModelConfig> {
+    let path = dir.join("config.json");
+    if LlavaConfig::is_llava(&path)? {
+        Ok(LlavaConfig::read(&path)?.text)
+    } else {
+        ModelConfig::read(&path)
+    }
+}
+
+/// Whether the model in `dir` is a vision-language model (`model_type` `llava`).
+pub fn is_vision_language(dir: &Path) -> Result<bool> {
+    LlavaConfig::is_llava(&dir.join("config.json"))
+}
+
+/// The image side of a vision-language model: its encoder, and its image processor where the
+/// model directory has one.
+#[derive(Debug)]
+pub struct Images {
+    encoder: ImageEncoder,
+    processor: Option<ImageProcessor>,
+    dir: std::path::PathBuf,
+}
+
+impl Images {
+    /// Loads the model in `dir`: for a LLaVA model, its image side and its language model
+    /// (with fresh LoRA updates where `lora` says); for a text model, `None` and the model.
+    pub fn load(
+        dir: &Path,
+        lora: Option<&LoraSpec>,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<(Option<Images>, CausalLm)> {
+        if !is_vision_language(dir)? {
+            return Ok((None, CausalLm::load(dir, lora, dtype, device)?));
+        }
+        let (encoder, language) = Llava::load(dir, lora, dtype, device)?.into_parts();
+        let processor_path = dir.join("preprocessor_config.json");
+        let processor = processor_path
+            .is_file()
+            .then(|| ImageProcessor::read(&processor_path))
+            .transpose()?;
+        let images = Images {
+            encoder,
+            processor,
+            dir: dir.to_path_buf(),
+        };
+        Ok((Some(images), language))
+    }
+
+    /// The encoder.
+    pub fn encoder(&self) -> &ImageEncoder {
+        &self.encoder
+    }
+
+    /// The token that stands for one image feature.
+    pub fn image_token(&self) -> u32 {
+        self.encoder.config().image_token_index
+    }
+
+    /// Image tokens per image.
+    pub fn tokens_per_image(&self) -> usize {
+        self.encoder.config().image_tokens()
+    }
+
+    /// The vision features `[1, tokens, vision hidden]` of `case`'s image, `None` for a case
+    /// without one; an unreadable image or features of the wrong shape are errors naming the
+    /// case and the file.
+    pub fn vision_features(&self, case: &Case, device: &Device) -> Result<Option<Tensor>> {
+        let in_case = |e: Error| Error::ModelInput {
+            message: format!("case `{}`: {e}", case.id()),
+        };
+        if let Some(path) = case.image_embeds_file() {
+            return self
+                .encoder
+                .read_image_embeds(&path, DType::F32, device)
+                .map(Some)
+                .map_err(in_case);
+        }
+        let Some(path) = case.image_file() else {
+            return Ok(None);
+        };
+        if !path.is_file() {
+            return Err(in_case(Error::ModelInput {
+                message: format!("image `{}` does not exist", path.display()),
+            }));
+        }
+        let processor = self.processor.as_ref().ok_or_else(|| {
+            in_case(Error::ModelInput {
+                message: format!(
+                    "image `{}` needs the model's `preprocessor_config.json`, which `{}` lacks (or give the case `image_embeds` from `mmx data embed`)",
+                    path.display(),
+                    self.dir.display()
+                ),
+            })
+        })?;
+        let pixels = processor
+            .pixel_values(&[path.as_path()], device)
+            .map_err(in_case)?;
+        self.encoder.vision_features(&pixels).map(Some)
+    }
+
+    /// `case`'s image through the tower (or its `image_embeds`) and the projector: one row per
+    /// image token, in the language model's embedding space; `None` without an image.
+    pub fn rows(&self, case: &Case, device: &Device) -> Result<Option<ImageRows>> {
+        let Some(features) = self.vision_features(case, device)? else {
+            return Ok(None);
+        };
+        let projected = self.encoder.project(&features)?;
+        let width = projected.dim(2).map_err(candle("image features"))?;
+        let values = projected
+            .to_dtype(DType::F32)
+            .and_then(|t| t.flatten_all())
+            .and_then(|t| t.to_vec1::<f32>())
+            .map_err(candle("image features"))?;
+        Ok(Some(ImageRows::new(values, width)))
+    }
+
+    /// The prompt ids with the image's tokens first (after `<bos>` if there is one).
+    pub fn prompt_with_image(&self, bos: Option<u32>, text: &[u32], image: bool) -> Vec<u32> {
+        let mut ids: Vec<u32> = bos.into_iter().collect();
+        if image {
+            ids.extend(std::iter::repeat_n(
+                self.image_token(),
+                self.tokens_per_image(),
+            ));
+        }
+        ids.extend_from_slice(text);
+        ids
+    }
+}
+
+/// Refuses a case with an image for a text-only model (it would be trained or scored without
+/// what its image shows).
+pub fn refuse_images_without_tower(cases: &[&Case], model_dir: &Path) -> Result<()> {
+    match cases.iter().find(|c| c.image().is_some() || c.image_embeds().is_some()) {
+        Some(case) => Err(Error::ModelInput {
+            message: format!(
+                "case `{}` has an image, but `{}` is a text-only model (a LLaVA model reads images)",
+                case.id(),
+                model_dir.display()
+            ),
+        }),
+        None => Ok(()),
+    }
+}
