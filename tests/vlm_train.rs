@@ -5,123 +5,51 @@
 
 use std::path::Path;
 
+use candle_core::{DType, Device, Tensor};
+use mmx::tensor::SafetensorsFile;
+use mmx::train::model::Llava;
+
 mod common;
 use common::{assert_ok, max_relative_error, mmx_with_env};
 
 const FIXTURES: &str = "tests/fixtures/vlm";
 
-/// The fixture LLaVA with a word-level tokenizer of its 79 text ids (79 is the image token).
-fn llava_base(dir: &Path) {
-    std::fs::create_dir_all(dir).unwrap();
+/// A copy of tests/fixtures/vlm/train (the recipe, its cases and tokenizer) in `train/`, the
+/// fixture LLaVA with that tokenizer in `train/llava/`, and the cases' images beside `train/`.
+fn work() -> tempfile::TempDir {
+    let work = tempfile::tempdir().unwrap();
+    let (fixtures, train) = (Path::new(FIXTURES), work.path().join("train"));
+    std::fs::create_dir_all(train.join("llava")).unwrap();
     for file in [
         "config.json",
         "model.safetensors",
         "preprocessor_config.json",
     ] {
         std::fs::copy(
-            Path::new(FIXTURES).join("tiny-llava").join(file),
-            dir.join(file),
+            fixtures.join("tiny-llava").join(file),
+            train.join("llava").join(file),
         )
         .unwrap();
     }
-    let mut words: Vec<String> = ["<pad>", "<s>", "</s>", "<unk>"].map(String::from).to_vec();
-    words.extend(
-        [
-            "Question",
-            ":",
-            "Options",
-            "A",
-            "B",
-            ".",
-            "Answer",
-            "Reasoning",
-            "is",
-            "the",
-            "ST",
-            "segment",
-            "raised",
-            "?",
-            "yes",
-            "no",
-            "so",
-            "lesion",
-            "border",
-            "irregular",
-        ]
-        .map(String::from),
-    );
-    let vocab: serde_json::Map<String, serde_json::Value> = words
-        .iter()
-        .enumerate()
-        .map(|(i, w)| (w.clone(), serde_json::json!(i)))
-        .collect();
-    let tokenizer = serde_json::json!({
-        "version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
-        "normalizer": null, "pre_tokenizer": {"type": "Whitespace"}, "post_processor": null,
-        "decoder": null, "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "<unk>"}
-    });
-    std::fs::write(dir.join("tokenizer.json"), tokenizer.to_string()).unwrap();
-}
-
-/// Six cases, four with an image (the two fixture images, each twice) and two text-only.
-fn cases(dir: &Path) {
-    for image in ["square.png", "wide.png"] {
-        std::fs::copy(Path::new(FIXTURES).join(image), dir.join(image)).unwrap();
+    for file in ["dsa.toml", "cases.jsonl", "tokenizer.json"] {
+        std::fs::copy(fixtures.join("train").join(file), train.join(file)).unwrap();
     }
-    let case = |id: usize, image: Option<&str>, answer: &str| {
-        let mut line = serde_json::json!({
-            "id": format!("c{id}"), "specialty": "cardiology",
-            "question": "is the ST segment raised ?", "options": ["yes", "no"],
-            "answer": answer, "reasoning": ["the ST segment is raised", "so yes"],
-        });
-        if let Some(image) = image {
-            line["image"] = serde_json::json!(image);
-        }
-        line.to_string()
-    };
-    let lines = [
-        case(0, Some("square.png"), "A"),
-        case(1, Some("wide.png"), "B"),
-        case(2, None, "A"),
-        case(3, Some("wide.png"), "B"),
-        case(4, Some("square.png"), "A"),
-        case(5, None, "B"),
-    ];
-    std::fs::write(dir.join("cases.jsonl"), lines.join("\n") + "\n").unwrap();
-}
-
-const RECIPE: &str = r#"[train]
-method = "dsa"
-base = "llava"
-seed = 2
-epochs = 2
-batch_size = 3
-
-[train.data]
-files = ["cases.jsonl"]
-
-[train.lora]
-r = 4
-alpha = 8
-target_modules = ["q_proj", "v_proj", "down_proj"]
-
-[train.optim]
-lr = 1e-2
-warmup_steps = 0
-"#;
-
-fn work() -> tempfile::TempDir {
-    let work = tempfile::tempdir().unwrap();
-    llava_base(&work.path().join("llava"));
-    cases(work.path());
-    std::fs::write(work.path().join("dsa.toml"), RECIPE).unwrap();
+    std::fs::copy(
+        fixtures.join("train/tokenizer.json"),
+        train.join("llava/tokenizer.json"),
+    )
+    .unwrap();
+    for image in ["square.png", "wide.png"] {
+        std::fs::copy(fixtures.join(image), work.path().join(image)).unwrap();
+    }
     work
 }
 
+/// Trains tests/fixtures/vlm/train/dsa.toml into `train/<out>` with `engine`.
 fn train(dir: &Path, out: &str, engine: &str) {
     assert_ok(&mmx_with_env(
         &["train", "dsa", "dsa.toml", "-o", out, "--quiet"],
-        dir,
+        &dir.join("train"),
         &[("MMX_TRAIN_ENGINE", Some(engine))],
     ));
 }
@@ -155,9 +83,13 @@ fn factors(dir: &Path) -> Vec<(String, Vec<f32>)> {
 fn the_fused_engine_and_candle_train_image_cases_alike() {
     let work = work();
     let dir = work.path();
+    let train_dir = dir.join("train");
     train(dir, "fused", "fused");
     train(dir, "candle", "candle");
-    let (fused, candle) = (losses(&dir.join("fused")), losses(&dir.join("candle")));
+    let (fused, candle) = (
+        losses(&train_dir.join("fused")),
+        losses(&train_dir.join("candle")),
+    );
     assert_eq!(fused.len(), 4);
     for (f, c) in fused.iter().zip(&candle) {
         assert!(
@@ -166,7 +98,10 @@ fn the_fused_engine_and_candle_train_image_cases_alike() {
         );
     }
     assert!(fused[3] < fused[0], "the loss falls: {fused:?}");
-    let (a, b) = (factors(&dir.join("fused")), factors(&dir.join("candle")));
+    let (a, b) = (
+        factors(&train_dir.join("fused")),
+        factors(&train_dir.join("candle")),
+    );
     // A and B of three modules in two layers.
     assert_eq!(a.len(), 12);
     for ((name, x), (_, y)) in a.iter().zip(&b) {
@@ -179,7 +114,7 @@ fn the_fused_engine_and_candle_train_image_cases_alike() {
         .iter()
         .all(|(n, _)| n.starts_with("base_model.model.model.language_model.layers.")));
     let config: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(dir.join("fused/adapter_config.json")).unwrap(),
+        &std::fs::read_to_string(train_dir.join("fused/adapter_config.json")).unwrap(),
     )
     .unwrap();
     let targets = config["target_modules"].as_str().unwrap();
@@ -194,15 +129,110 @@ fn the_fused_engine_and_candle_train_image_cases_alike() {
 fn the_image_decides_the_loss() {
     let work = work();
     let dir = work.path();
+    let train_dir = dir.join("train");
     train(dir, "seen", "auto");
     // The same cases with blank images: the first step's loss (before any update) moves.
     let blank = image::RgbImage::new(16, 16);
     blank.save(dir.join("square.png")).unwrap();
     blank.save(dir.join("wide.png")).unwrap();
     train(dir, "blank", "auto");
-    let (seen, blank) = (losses(&dir.join("seen")), losses(&dir.join("blank")));
+    let (seen, blank) = (
+        losses(&train_dir.join("seen")),
+        losses(&train_dir.join("blank")),
+    );
     assert!(
         (seen[0] - blank[0]).abs() > 1e-4,
         "{seen:?} against {blank:?}"
+    );
+}
+
+#[test]
+fn peft_reads_the_adapter_as_mmx_does() {
+    // The adapter this recipe trains is the committed one (up to the rounding of another
+    // machine), and PEFT on transformers' LLaVA gives it mmx's logits
+    // (scripts/make_vlm_trained_fixture.sh).
+    let work = work();
+    let train_dir = work.path().join("train");
+    train(work.path(), "out", "fused");
+    let committed = Path::new(FIXTURES).join("trained-lora");
+    for ((name, ours), (_, theirs)) in factors(&train_dir.join("out"))
+        .iter()
+        .zip(factors(&committed))
+    {
+        let err = max_relative_error(ours, &theirs);
+        assert!(
+            err < 1e-4,
+            "`{name}` differs from the committed adapter by {err:e}"
+        );
+    }
+    let mut model = Llava::load(
+        &Path::new(FIXTURES).join("tiny-llava"),
+        None,
+        DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap();
+    model.language_model_mut().load_adapter(&committed).unwrap();
+    let inputs =
+        SafetensorsFile::open(Path::new(FIXTURES).join("tiny-llava-logits.safetensors")).unwrap();
+    let peft =
+        SafetensorsFile::open(Path::new(FIXTURES).join("trained-lora-logits.safetensors")).unwrap();
+    let tensor = |file: &SafetensorsFile, name: &str, dtype: DType| {
+        let info = file.info(name).unwrap();
+        Tensor::from_raw_buffer(file.bytes(name).unwrap(), dtype, &info.shape, &Device::Cpu)
+            .unwrap()
+    };
+    let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let logits = model
+        .forward(
+            &tensor(&inputs, "input_ids", DType::I64),
+            Some(&tensor(&inputs, "pixel_values", DType::F32)),
+        )
+        .unwrap();
+    let err = max_relative_error(&flat(&logits), &peft.read_f32("logits").unwrap());
+    println!("trained adapter, image+text logits against PEFT: {err:.1e}");
+    assert!(
+        err < 1e-4,
+        "image+text logits differ from PEFT's by {err:e}"
+    );
+    let text = model
+        .forward(&tensor(&inputs, "text_ids", DType::I64), None)
+        .unwrap();
+    let err = max_relative_error(&flat(&text), &peft.read_f32("text_logits").unwrap());
+    println!("trained adapter, text-only logits against PEFT: {err:.1e}");
+    assert!(err < 1e-4, "text-only logits differ from PEFT's by {err:e}");
+}
+
+#[test]
+fn bad_image_cases_are_refused_before_training() {
+    let work = work();
+    let train_dir = work.path().join("train");
+    let cases = std::fs::read_to_string(train_dir.join("cases.jsonl")).unwrap();
+    let refused = |cases: String, wanted: &[&str]| {
+        std::fs::write(train_dir.join("cases.jsonl"), cases).unwrap();
+        let out = common::mmx(
+            &["train", "dsa", "dsa.toml", "-o", "out", "--quiet"],
+            &train_dir,
+        );
+        let err = String::from_utf8_lossy(&out.stderr).to_string();
+        assert!(!out.status.success());
+        for w in wanted {
+            assert!(err.contains(w), "`{w}` not in: {err}");
+        }
+        assert!(!train_dir.join("out/adapter_model.safetensors").exists());
+    };
+    refused(
+        cases.replace("../wide.png", "../gone.png"),
+        &["case `c1`", "gone.png", "does not exist"],
+    );
+    // Features of 15 tokens where the model's images have 16.
+    let features = Tensor::zeros((15, 32), DType::F32, &Device::Cpu).unwrap();
+    Llava::write_image_embeds(&train_dir.join("c1.safetensors"), &features).unwrap();
+    refused(
+        cases.replace(
+            r#""image": "../wide.png""#,
+            r#""image": "../wide.png", "image_embeds": "c1.safetensors""#,
+        ),
+        &["case `c1`", "c1.safetensors", "[16, 32]", "[15, 32]"],
     );
 }
