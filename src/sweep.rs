@@ -24,8 +24,8 @@ use crate::recipe::sweep::EvalSpec;
 use crate::recipe::sweep::{accepted_parameters, Sweep, Template, Trial};
 use crate::recipe::{native, Recipe};
 use crate::tensor::write_atomic;
-use crate::train::eval::evaluate;
-use crate::train::model::CausalLm;
+use crate::train::eval::{evaluate, Shown};
+use crate::train::images::Images;
 use crate::train::read_cases;
 use crate::train::source::Materialized;
 use crate::train::tokenizer::Tokenizer;
@@ -321,7 +321,7 @@ fn accuracy(template: &Recipe, spec: &EvalSpec, target: &Path) -> Result<(Vec<f6
     };
     let model_dir = base.as_ref().map_or(target, |b| b.dir());
     let tokenizer = Tokenizer::load(model_dir)?;
-    let mut model = CausalLm::load(model_dir, None, DType::F32, &Device::Cpu)?;
+    let (images, mut model) = Images::load(model_dir, None, DType::F32, &Device::Cpu)?;
     if is_adapter {
         model.load_adapter(target)?;
     }
@@ -333,7 +333,15 @@ fn accuracy(template: &Recipe, spec: &EvalSpec, target: &Path) -> Result<(Vec<f6
         for f in files {
             cases.extend(read_cases(f)?);
         }
-        let report = evaluate(&model, &tokenizer, &cases, spec.batch, spec.max_new_tokens)?;
+        let shown = images.as_ref().map(|i| (i, Shown::Image));
+        let report = evaluate(
+            &model,
+            shown,
+            &tokenizer,
+            &cases,
+            spec.batch,
+            spec.max_new_tokens,
+        )?;
         Ok(in_file_order(
             cases.iter().map(|c| c.specialty()),
             &report.accuracy,

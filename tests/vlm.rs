@@ -406,3 +406,59 @@ fn greedy_generation_matches_transformers() {
     options.pad_token_id = model.config().image_token_index;
     assert!(model.generate(&ids, Some(&features), &options).is_err());
 }
+
+#[test]
+fn the_fused_engine_generates_from_images_as_transformers() {
+    let file = references();
+    let model = model();
+    let ids: Vec<Vec<u32>> = fixture(&file, "input_ids")
+        .to_vec2::<i64>()
+        .unwrap()
+        .iter()
+        .map(|row| row.iter().map(|&t| t as u32).collect())
+        .collect();
+    let projected = model
+        .image_features(&fixture(&file, "pixel_values"))
+        .unwrap();
+    let rows = |i: usize| {
+        let values = flat(&projected.get(i).unwrap());
+        Some(mmx::train::batch::ImageRows::new(values, 48))
+    };
+    let engine = mmx::train::fused::Engine::new(model.language_model(), &[])
+        .unwrap()
+        .with_image_token(model.config().image_token_index);
+    let mut options = mmx::train::model::GenerateOptions::greedy(model.language_model(), 8);
+    options.eos_token_ids = vec![];
+    let images = [rows(0), rows(1)];
+    let got = engine
+        .generate_with_images(&ids, &images, 1, |_| options.clone())
+        .unwrap();
+    let expected: Vec<Vec<u32>> = fixture(&file, "generated")
+        .to_vec2::<i64>()
+        .unwrap()
+        .iter()
+        .map(|row| row.iter().map(|&t| t as u32).collect())
+        .collect();
+    assert_eq!(got, expected);
+    // One prompt shown each image in one shard: their common start is the same tokens but
+    // not the same image, so nothing is shared between them.
+    let same_prompt = vec![ids[0].clone(), ids[0].clone()];
+    let both = engine
+        .generate_with_images(&same_prompt, &images, 2, |_| options.clone())
+        .unwrap();
+    assert_eq!(both[0], expected[0]);
+    let alone = engine
+        .generate_with_images(&same_prompt[1..], &images[1..], 1, |_| options.clone())
+        .unwrap();
+    assert_eq!(both[1], alone[0]);
+    assert_ne!(both[0], both[1], "the image changes the answer");
+    // An image's rows must fit its image tokens.
+    let err = engine
+        .generate_with_images(&ids[..1], &[None], 1, |_| options.clone())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("16 image tokens") && err.contains("0 rows"),
+        "{err}"
+    );
+}

@@ -236,3 +236,64 @@ fn bad_image_cases_are_refused_before_training() {
         &["case `c1`", "c1.safetensors", "[16, 32]", "[15, 32]"],
     );
 }
+
+#[test]
+fn eval_scores_image_cases_and_records_what_was_shown() {
+    let work = work();
+    let train_dir = work.path().join("train");
+    train(work.path(), "out", "auto");
+    let samples = |blank: bool| -> Vec<serde_json::Value> {
+        let mut args = vec![
+            "eval",
+            "llava",
+            "--adapter",
+            "out",
+            "--data",
+            "cases.jsonl",
+            "--json",
+            "--samples",
+            "s.jsonl",
+            "--max-new-tokens",
+            "12",
+        ];
+        if blank {
+            args.push("--blank-images");
+        }
+        let out = common::mmx(&args, &train_dir);
+        assert_ok(&out);
+        let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(report["n"]["cardiology"], 6);
+        std::fs::read_to_string(train_dir.join("s.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    };
+    let (seen, blank) = (samples(false), samples(true));
+    let shown: Vec<Option<&str>> = seen.iter().map(|s| s["image"].as_str()).collect();
+    assert_eq!(
+        shown,
+        [
+            Some("../square.png"),
+            Some("../wide.png"),
+            None,
+            Some("../wide.png"),
+            Some("../square.png"),
+            None
+        ]
+    );
+    let shown: Vec<Option<&str>> = blank.iter().map(|s| s["image"].as_str()).collect();
+    assert_eq!(
+        shown,
+        [
+            Some("blank"),
+            Some("blank"),
+            None,
+            Some("blank"),
+            Some("blank"),
+            None
+        ]
+    );
+    // A text-only case is the same prompt either way, so the same answer.
+    assert_eq!(seen[2]["output"], blank[2]["output"]);
+}

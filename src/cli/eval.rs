@@ -1,5 +1,5 @@
-//! `mmx eval MODEL [--adapter A] --data FILE... [--json]`: per-specialty accuracy of greedy
-//! answers.
+//! `mmx eval MODEL [--adapter A] --data FILE... [--json] [--blank-images]`: per-specialty
+//! accuracy of greedy answers (a LLaVA model's with each case's image, or a blank one).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -7,8 +7,8 @@ use std::process::ExitCode;
 use clap::Args;
 use serde_json::json;
 
-use crate::train::eval::evaluate;
-use crate::train::model::CausalLm;
+use crate::train::eval::{evaluate, Shown};
+use crate::train::images::Images;
 use crate::train::read_case_files;
 use crate::train::source::Materialized;
 use crate::train::tokenizer::Tokenizer;
@@ -22,10 +22,11 @@ fn report(
     registry: &std::path::Path,
     batch: usize,
     max_new_tokens: usize,
+    shown: Shown,
 ) -> anyhow::Result<crate::train::eval::EvalReport> {
     let model_dir = Materialized::open(model, registry)?;
     let tokenizer = Tokenizer::load(model_dir.dir())?;
-    let mut lm = CausalLm::load(
+    let (images, mut lm) = Images::load(
         model_dir.dir(),
         None,
         candle_core::DType::F32,
@@ -37,7 +38,15 @@ fn report(
         lm.load_adapter(adapter.dir())?;
     }
     let cases = read_case_files(data)?;
-    Ok(evaluate(&lm, &tokenizer, &cases, batch, max_new_tokens)?)
+    let images = images.as_ref().map(|i| (i, shown));
+    Ok(evaluate(
+        &lm,
+        images,
+        &tokenizer,
+        &cases,
+        batch,
+        max_new_tokens,
+    )?)
 }
 
 /// Per-specialty accuracy of `model` (with `adapter`) on `data`, as `mmx eval` measures it.
@@ -47,7 +56,7 @@ pub(super) fn accuracy(
     data: &[PathBuf],
     registry: &std::path::Path,
 ) -> anyhow::Result<std::collections::BTreeMap<String, f64>> {
-    Ok(report(model, adapter, data, registry, 32, 96)?.accuracy)
+    Ok(report(model, adapter, data, registry, 32, 96, Shown::Image)?.accuracy)
 }
 
 #[derive(Debug, Args)]
@@ -69,11 +78,15 @@ pub struct EvalArgs {
     /// The registry for registry references (default: $MMX_REGISTRY, else ./registry).
     #[arg(long, value_name = "DIR")]
     registry: Option<PathBuf>,
+    /// Show a vision-language model a blank image in place of each case's image (the gap to
+    /// the accuracy with images is what the model reads from them).
+    #[arg(long)]
+    blank_images: bool,
     /// Print {"accuracy": {...}, "n": {...}} as JSON.
     #[arg(long)]
     json: bool,
     /// Also write every case's answer to FILE, one JSON object a line (id, specialty,
-    /// expected, answer, correct, output).
+    /// expected, answer, correct, output, and the image shown: its file or `blank`).
     #[arg(long, value_name = "FILE")]
     samples: Option<PathBuf>,
 }
@@ -88,6 +101,11 @@ pub fn run(args: EvalArgs) -> anyhow::Result<ExitCode> {
         &registry,
         args.batch,
         args.max_new_tokens,
+        if args.blank_images {
+            Shown::Blank
+        } else {
+            Shown::Image
+        },
     )?;
     if let Some(path) = &args.samples {
         let mut text = String::new();

@@ -119,17 +119,34 @@ impl Images {
     /// `case`'s image through the tower (or its `image_embeds`) and the projector: one row per
     /// image token, in the language model's embedding space; `None` without an image.
     pub fn rows(&self, case: &Case, device: &Device) -> Result<Option<ImageRows>> {
-        let Some(features) = self.vision_features(case, device)? else {
-            return Ok(None);
-        };
-        let projected = self.encoder.project(&features)?;
+        self.vision_features(case, device)?
+            .map(|features| self.project_rows(&features))
+            .transpose()
+    }
+
+    /// A blank image (every pixel the processor's mean, so zeros after normalisation)
+    /// through the tower and the projector: what a case shows when its image is blanked.
+    pub fn blank_rows(&self, device: &Device) -> Result<ImageRows> {
+        let v = &self.encoder.config().vision;
+        let pixels = Tensor::zeros(
+            (1, v.num_channels, v.image_size, v.image_size),
+            DType::F32,
+            device,
+        )
+        .map_err(candle("blank image"))?;
+        let features = self.encoder.vision_features(&pixels)?;
+        self.project_rows(&features)
+    }
+
+    fn project_rows(&self, features: &Tensor) -> Result<ImageRows> {
+        let projected = self.encoder.project(features)?;
         let width = projected.dim(2).map_err(candle("image features"))?;
         let values = projected
             .to_dtype(DType::F32)
             .and_then(|t| t.flatten_all())
             .and_then(|t| t.to_vec1::<f32>())
             .map_err(candle("image features"))?;
-        Ok(Some(ImageRows::new(values, width)))
+        Ok(ImageRows::new(values, width))
     }
 
     /// The prompt ids with the image's tokens first (after `<bos>` if there is one).

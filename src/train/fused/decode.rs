@@ -11,11 +11,12 @@
 use super::attention::{softmax, RopeTable};
 use super::linear;
 use super::norm;
-use super::share::{clusters, Cluster};
+use super::share::{clusters, image_kinds, Cluster};
 use super::step::{output_head, take};
 use super::weights::Weights;
 use super::Dims;
 use crate::error::Result;
+use crate::train::batch::ImageRows;
 use crate::train::model::GenerateOptions;
 
 /// Every layer's keys and values, `[rows, capacity, kv_width]` per layer; row r's position p
@@ -56,12 +57,31 @@ impl Cache {
     }
 }
 
-/// A token fed to the model: its row, its position in the row, its id.
+/// A token fed to the model: its row, its position in the row, its id, and the image row it
+/// takes instead of its embedding (an image token's).
 #[derive(Debug, Clone, Copy)]
-struct Token {
+struct Token<'a> {
     row: usize,
     pos: usize,
     id: u32,
+    image: Option<&'a [f32]>,
+}
+
+/// Each prompt token's image row, if it is an image token and the prompt shows an image: the
+/// k-th image token takes the image's k-th row.
+fn image_rows<'a>(
+    prompt: &[u32],
+    image: Option<&'a ImageRows>,
+    image_token: Option<u32>,
+) -> Vec<Option<&'a [f32]>> {
+    let mut rows = image.map(|i| i.values.chunks_exact(i.width));
+    prompt
+        .iter()
+        .map(|&id| match &mut rows {
+            Some(rows) if Some(id) == image_token => rows.next(),
+            _ => None,
+        })
+        .collect()
 }
 
 /// Working memory, reused from step to step.
@@ -82,8 +102,8 @@ struct Buffers {
 }
 
 /// Continues every prompt as [`CausalLm::generate`] does (the prompts' tokens already checked
-/// against the vocabulary): each row's new tokens, its end-of-sequence token included when it
-/// produced one.
+/// against the vocabulary, and their image tokens against `images`, one per prompt or none):
+/// each row's new tokens, its end-of-sequence token included when it produced one.
 ///
 /// [`CausalLm::generate`]: crate::train::model::CausalLm::generate
 pub(crate) fn generate(
@@ -91,8 +111,10 @@ pub(crate) fn generate(
     dims: &Dims,
     rope: &RopeTable,
     prompts: &[Vec<u32>],
+    images: &[Option<&ImageRows>],
     options: &GenerateOptions,
 ) -> Result<Vec<Vec<u32>>> {
+    let image_of = |row: usize| images.get(row).copied().flatten();
     let mut samplers = options.samplers(prompts.len())?;
     let mut out = vec![Vec::new(); prompts.len()];
     if prompts.is_empty() || options.max_new_tokens == 0 {
@@ -112,16 +134,27 @@ pub(crate) fn generate(
     // once, in their first row, whose keys and values the others copy; then every row runs the
     // rest of its prompt, with logits at its last token.
     let starts: Vec<&[u32]> = prompts.iter().map(|p| &p[..p.len() - 1]).collect();
+    let shown: Vec<Vec<Option<&[f32]>>> = prompts
+        .iter()
+        .enumerate()
+        .map(|(row, p)| image_rows(p, image_of(row), dims.image_token))
+        .collect();
+    let token = |row: usize, pos: usize| Token {
+        row,
+        pos,
+        id: prompts[row][pos],
+        image: shown[row][pos],
+    };
     let mut tokens: Vec<Token> = Vec::with_capacity(prompts.iter().map(Vec::len).sum());
     let mut done_to = vec![0; prompts.len()];
-    let shared: Vec<Cluster> = clusters(&starts, &vec![0; starts.len()])
+    let kinds = image_kinds(&(0..prompts.len()).map(image_of).collect::<Vec<_>>());
+    let shared: Vec<Cluster> = clusters(&starts, &kinds)
         .into_iter()
         .filter(|c| c.members.len() > 1)
         .collect();
     for c in &shared {
         let row = c.members[0];
-        let ids = prompts[row][..c.shared].iter().enumerate();
-        tokens.extend(ids.map(|(pos, &id)| Token { row, pos, id }));
+        tokens.extend((0..c.shared).map(|pos| token(row, pos)));
     }
     if !tokens.is_empty() {
         forward(w, dims, rope, &mut cache, &tokens, &[], &mut buffers);
@@ -135,8 +168,7 @@ pub(crate) fn generate(
     tokens.clear();
     let mut heads = Vec::with_capacity(prompts.len());
     for (row, p) in prompts.iter().enumerate() {
-        let rest = p.iter().enumerate().skip(done_to[row]);
-        tokens.extend(rest.map(|(pos, &id)| Token { row, pos, id }));
+        tokens.extend((done_to[row]..p.len()).map(|pos| token(row, pos)));
         heads.push(tokens.len() - 1);
     }
     let mut live: Vec<usize> = (0..prompts.len()).collect();
@@ -159,6 +191,7 @@ pub(crate) fn generate(
             row,
             pos: prompts[row].len() + out[row].len() - 1,
             id: *out[row].last().expect("a live row has a token"),
+            image: None,
         }));
         heads.clear();
         heads.extend(0..next.len());
@@ -184,7 +217,7 @@ fn forward<'b>(
     let x = take(&mut b.x, n * hd);
     for (row, t) in x.chunks_exact_mut(hd).zip(tokens) {
         let id = t.id as usize;
-        row.copy_from_slice(&w.embed[id * hd..(id + 1) * hd]);
+        row.copy_from_slice(t.image.unwrap_or(&w.embed[id * hd..(id + 1) * hd]));
     }
     let (h, rstd) = (take(&mut b.h, n * hd), take(&mut b.rstd, n));
     let (q, k, v) = (

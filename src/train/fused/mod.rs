@@ -43,7 +43,7 @@ mod weights;
 
 use candle_core::{DType, Device, Tensor, Var};
 
-use super::batch::Example;
+use super::batch::{Example, ImageRows};
 use super::model::{candle, sharded, CausalLm, GenerateOptions, Projection};
 use crate::error::{Error, Result};
 use attention::RopeTable;
@@ -301,12 +301,35 @@ impl Engine {
         shard_rows: usize,
         options: impl Fn(usize) -> GenerateOptions + Sync,
     ) -> Result<Vec<Vec<u32>>> {
-        for p in prompts {
-            self.check_tokens(p)?;
+        self.generate_with_images(prompts, &[], shard_rows, options)
+    }
+
+    /// [`Engine::generate_sharded`] of prompts that show images (one per prompt, or none for
+    /// all): each prompt's image tokens take its image's rows in order, as in training
+    /// ([`Engine::with_image_token`]).
+    pub fn generate_with_images(
+        &self,
+        prompts: &[Vec<u32>],
+        images: &[Option<ImageRows>],
+        shard_rows: usize,
+        options: impl Fn(usize) -> GenerateOptions + Sync,
+    ) -> Result<Vec<Vec<u32>>> {
+        if !images.is_empty() && images.len() != prompts.len() {
+            return Err(Error::ModelInput {
+                message: format!("{} prompts but {} images", prompts.len(), images.len()),
+            });
         }
+        for (row, p) in prompts.iter().enumerate() {
+            self.check_tokens(p)?;
+            self.check_image(p, images.get(row).and_then(Option::as_ref))?;
+        }
+        let images: Vec<Option<&ImageRows>> = images.iter().map(Option::as_ref).collect();
         let (weights, dims, rope) = (&self.weights, &self.dims, &self.rope);
+        let shard_rows = shard_rows.max(1);
         sharded(prompts, shard_rows, |i, rows| {
-            decode::generate(weights, dims, rope, rows, &options(i))
+            let from = (i * shard_rows).min(images.len());
+            let shown = &images[from..(from + rows.len()).min(images.len())];
+            decode::generate(weights, dims, rope, rows, shown, &options(i))
         })
     }
 
@@ -329,6 +352,24 @@ impl Engine {
             .collect::<Result<Vec<_>>>()?;
         self.sum.fill(0.0);
         Ok(grads)
+    }
+
+    /// Refuses image rows that do not fit the image tokens of `tokens`.
+    fn check_image(&self, tokens: &[u32], image: Option<&ImageRows>) -> Result<()> {
+        let count = self
+            .dims
+            .image_token
+            .map_or(0, |id| tokens.iter().filter(|&&t| t == id).count());
+        let (rows, width) = image.map_or((0, self.dims.hidden), |i| (i.rows(), i.width));
+        if count != rows || width != self.dims.hidden {
+            return Err(Error::ModelInput {
+                message: format!(
+                    "a sequence holds {count} image tokens but its image has {rows} rows of {width} (the model's width is {})",
+                    self.dims.hidden
+                ),
+            });
+        }
+        Ok(())
     }
 
     /// Refuses a token outside the vocabulary.

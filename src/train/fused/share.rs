@@ -61,12 +61,12 @@ pub(crate) fn clusters(starts: &[&[u32]], kind: &[usize]) -> Vec<Cluster> {
     clusters
 }
 
-/// For each example, the index of the first one that shows the same image (or none).
-fn image_kinds(examples: &[&Example]) -> Vec<usize> {
-    (0..examples.len())
+/// For each image, the index of the first one that is the same image (or none).
+pub(crate) fn image_kinds(images: &[Option<&ImageRows>]) -> Vec<usize> {
+    (0..images.len())
         .map(|i| {
             (0..=i)
-                .find(|&j| ImageRows::same(examples[j].image.as_ref(), examples[i].image.as_ref()))
+                .find(|&j| ImageRows::same(images[j], images[i]))
                 .unwrap_or(i)
         })
         .collect()
@@ -101,7 +101,8 @@ pub(crate) fn sequences<'a>(examples: &[&'a Example], image_token: Option<u32>) 
         .filter(|e| e.prompt_len.saturating_sub(1) < e.tokens.len().saturating_sub(1))
         .collect();
     let starts: Vec<&[u32]> = with_targets.iter().map(|&e| shareable(e)).collect();
-    let clusters = clusters(&starts, &image_kinds(&with_targets));
+    let images: Vec<Option<&ImageRows>> = with_targets.iter().map(|e| e.image.as_ref()).collect();
+    let clusters = clusters(&starts, &image_kinds(&images));
     let mut cluster_of = vec![0; with_targets.len()];
     for (c, cluster) in clusters.iter().enumerate() {
         for &i in &cluster.members {
