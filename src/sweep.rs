@@ -321,9 +321,12 @@ fn accuracy(template: &Recipe, spec: &EvalSpec, target: &Path) -> Result<(Vec<f6
     };
     let model_dir = base.as_ref().map_or(target, |b| b.dir());
     let tokenizer = Tokenizer::load(model_dir)?;
-    let (images, mut model) = Images::load(model_dir, None, DType::F32, &Device::Cpu)?;
+    let (mut images, mut model) = Images::load(model_dir, None, DType::F32, &Device::Cpu)?;
     if is_adapter {
-        model.load_adapter(target)?;
+        match images.as_mut() {
+            Some(images) => images.load_adapter(&mut model, target)?,
+            None => model.load_adapter(target)?,
+        }
     }
     let score = |files: &[PathBuf]| -> Result<Vec<f64>> {
         if files.is_empty() {

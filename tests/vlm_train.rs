@@ -47,8 +47,17 @@ fn work() -> tempfile::TempDir {
 
 /// Trains tests/fixtures/vlm/train/dsa.toml into `train/<out>` with `engine`.
 fn train(dir: &Path, out: &str, engine: &str) {
+    train_recipe(dir, "dsa.toml", out, engine, false);
+}
+
+/// Trains tests/fixtures/vlm/train/`recipe` into `train/<out>` with `engine`.
+fn train_recipe(dir: &Path, recipe: &str, out: &str, engine: &str, resume: bool) {
+    let mut args = vec!["train", "dsa", recipe, "-o", out, "--quiet"];
+    if resume {
+        args.push("--resume");
+    }
     assert_ok(&mmx_with_env(
-        &["train", "dsa", "dsa.toml", "-o", out, "--quiet"],
+        &args,
         &dir.join("train"),
         &[("MMX_TRAIN_ENGINE", Some(engine))],
     ));
@@ -147,60 +156,162 @@ fn the_image_decides_the_loss() {
 }
 
 #[test]
-fn peft_reads_the_adapter_as_mmx_does() {
-    // The adapter this recipe trains is the committed one (up to the rounding of another
-    // machine), and PEFT on transformers' LLaVA gives it mmx's logits
-    // (scripts/make_vlm_trained_fixture.sh).
+fn peft_reads_the_adapters_as_mmx_does() {
+    // The adapters these recipes train are the committed ones (up to the rounding of another
+    // machine), and PEFT on transformers' LLaVA gives them mmx's logits
+    // (scripts/make_vlm_trained_fixture.sh): a LoRA (the fused engine), and a LoRA with the
+    // projector as `modules_to_save` (candle's autograd).
     let work = work();
     let train_dir = work.path().join("train");
-    train(work.path(), "out", "fused");
-    let committed = Path::new(FIXTURES).join("trained-lora");
-    for ((name, ours), (_, theirs)) in factors(&train_dir.join("out"))
-        .iter()
-        .zip(factors(&committed))
-    {
-        let err = max_relative_error(ours, &theirs);
-        assert!(
-            err < 1e-4,
-            "`{name}` differs from the committed adapter by {err:e}"
-        );
-    }
-    let mut model = Llava::load(
-        &Path::new(FIXTURES).join("tiny-llava"),
-        None,
-        DType::F32,
-        &Device::Cpu,
+    std::fs::copy(
+        Path::new(FIXTURES).join("train/dsa-projector.toml"),
+        train_dir.join("dsa-projector.toml"),
     )
     .unwrap();
-    model.language_model_mut().load_adapter(&committed).unwrap();
     let inputs =
         SafetensorsFile::open(Path::new(FIXTURES).join("tiny-llava-logits.safetensors")).unwrap();
-    let peft =
-        SafetensorsFile::open(Path::new(FIXTURES).join("trained-lora-logits.safetensors")).unwrap();
-    let tensor = |file: &SafetensorsFile, name: &str, dtype: DType| {
-        let info = file.info(name).unwrap();
-        Tensor::from_raw_buffer(file.bytes(name).unwrap(), dtype, &info.shape, &Device::Cpu)
-            .unwrap()
+    let tensor = |name: &str, dtype: DType| {
+        let info = inputs.info(name).unwrap();
+        Tensor::from_raw_buffer(
+            inputs.bytes(name).unwrap(),
+            dtype,
+            &info.shape,
+            &Device::Cpu,
+        )
+        .unwrap()
     };
     let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-    let logits = model
-        .forward(
-            &tensor(&inputs, "input_ids", DType::I64),
-            Some(&tensor(&inputs, "pixel_values", DType::F32)),
+    for (recipe, name) in [
+        ("dsa.toml", "trained-lora"),
+        ("dsa-projector.toml", "trained-projector"),
+    ] {
+        train_recipe(work.path(), recipe, name, "auto", false);
+        let committed = Path::new(FIXTURES).join(name);
+        let (ours, theirs) = (factors(&train_dir.join(name)), factors(&committed));
+        assert_eq!(
+            ours.iter().map(|(n, _)| n).collect::<Vec<_>>(),
+            theirs.iter().map(|(n, _)| n).collect::<Vec<_>>()
+        );
+        for ((tensor, ours), (_, theirs)) in ours.iter().zip(&theirs) {
+            let err = max_relative_error(ours, theirs);
+            assert!(
+                err < 1e-4,
+                "{name}: `{tensor}` differs from the committed one by {err:e}"
+            );
+        }
+        let mut model = Llava::load(
+            &Path::new(FIXTURES).join("tiny-llava"),
+            None,
+            DType::F32,
+            &Device::Cpu,
         )
         .unwrap();
-    let err = max_relative_error(&flat(&logits), &peft.read_f32("logits").unwrap());
-    println!("trained adapter, image+text logits against PEFT: {err:.1e}");
-    assert!(
-        err < 1e-4,
-        "image+text logits differ from PEFT's by {err:e}"
+        model.load_adapter(&committed).unwrap();
+        let peft =
+            SafetensorsFile::open(Path::new(FIXTURES).join(format!("{name}-logits.safetensors")))
+                .unwrap();
+        let logits = model
+            .forward(
+                &tensor("input_ids", DType::I64),
+                Some(&tensor("pixel_values", DType::F32)),
+            )
+            .unwrap();
+        let err = max_relative_error(&flat(&logits), &peft.read_f32("logits").unwrap());
+        println!("{name}: image+text logits against PEFT: {err:.1e}");
+        assert!(
+            err < 1e-4,
+            "{name}: image+text logits differ from PEFT's by {err:e}"
+        );
+        let text = model
+            .forward(&tensor("text_ids", DType::I64), None)
+            .unwrap();
+        let err = max_relative_error(&flat(&text), &peft.read_f32("text_logits").unwrap());
+        println!("{name}: text-only logits against PEFT: {err:.1e}");
+        assert!(
+            err < 1e-4,
+            "{name}: text-only logits differ from PEFT's by {err:e}"
+        );
+    }
+    let config: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(train_dir.join("trained-projector/adapter_config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        config["modules_to_save"],
+        serde_json::json!(["multi_modal_projector"])
     );
-    let text = model
-        .forward(&tensor(&inputs, "text_ids", DType::I64), None)
-        .unwrap();
-    let err = max_relative_error(&flat(&text), &peft.read_f32("text_logits").unwrap());
-    println!("trained adapter, text-only logits against PEFT: {err:.1e}");
-    assert!(err < 1e-4, "text-only logits differ from PEFT's by {err:e}");
+}
+
+#[test]
+fn a_trained_projector_is_candles_and_resumes() {
+    let work = work();
+    let dir = work.path();
+    let train_dir = dir.join("train");
+    std::fs::copy(
+        Path::new(FIXTURES).join("train/dsa-projector.toml"),
+        train_dir.join("dsa-projector.toml"),
+    )
+    .unwrap();
+    let out = mmx_with_env(
+        &[
+            "train",
+            "dsa",
+            "dsa-projector.toml",
+            "-o",
+            "fused",
+            "--quiet",
+        ],
+        &train_dir,
+        &[("MMX_TRAIN_ENGINE", Some("fused"))],
+    );
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("does not train the projector"));
+    train_recipe(dir, "dsa-projector.toml", "out", "auto", false);
+    let whole = factors(&train_dir.join("out"));
+    let projector: Vec<&(String, Vec<f32>)> = whole
+        .iter()
+        .filter(|(n, _)| n.contains("multi_modal_projector"))
+        .collect();
+    assert_eq!(projector.len(), 4, "both layers' weights and biases");
+    // Resumed from its step-2 checkpoint (projector and moments), the run ends where it did.
+    assert!(train_dir.join("out/checkpoints/step-000002").is_dir());
+    train_recipe(dir, "dsa-projector.toml", "out", "auto", true);
+    for ((name, a), (_, b)) in whole.iter().zip(factors(&train_dir.join("out"))) {
+        let err = max_relative_error(a, &b);
+        assert!(err < 1e-6, "`{name}` after resuming differs by {err:e}");
+    }
+    // A text-only base has no projector to train.
+    let recipe = std::fs::read_to_string(train_dir.join("dsa-projector.toml")).unwrap();
+    std::fs::write(
+        train_dir.join("text.toml"),
+        recipe.replace("base = \"llava\"", "base = \"text\""),
+    )
+    .unwrap();
+    std::fs::create_dir_all(train_dir.join("text")).unwrap();
+    let config: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(train_dir.join("llava/config.json")).unwrap(),
+    )
+    .unwrap();
+    std::fs::write(
+        train_dir.join("text/config.json"),
+        config["text_config"].to_string(),
+    )
+    .unwrap();
+    std::fs::copy(
+        train_dir.join("tokenizer.json"),
+        train_dir.join("text/tokenizer.json"),
+    )
+    .unwrap();
+    let out = common::mmx(
+        &["train", "dsa", "text.toml", "-o", "t", "--quiet"],
+        &train_dir,
+    );
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(!out.status.success());
+    assert!(
+        err.contains("trains a LLaVA model's projector") || err.contains("text"),
+        "{err}"
+    );
 }
 
 #[test]

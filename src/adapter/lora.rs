@@ -339,11 +339,13 @@ fn index_modules(file: &SafetensorsFile, config: &LoraConfig) -> Result<ModuleIn
             saved.insert(format!("{module}.weight"), key.to_string());
             continue;
         }
-        let saved_module = config.modules_to_save.iter().any(|m| {
-            inner
-                .rsplit_once('.')
-                .is_some_and(|(module, _)| module == m || module.ends_with(&format!(".{m}")))
-        });
+        // A tensor anywhere inside a module whose path ends with a listed name (PEFT matches
+        // module names by their last components): `model.multi_modal_projector.linear_1.bias`
+        // belongs to `multi_modal_projector`.
+        let saved_module = config
+            .modules_to_save
+            .iter()
+            .any(|m| format!(".{inner}").contains(&format!(".{m}.")));
         if saved_module {
             saved.insert(inner.to_string(), key.to_string());
             continue;

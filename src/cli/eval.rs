@@ -26,7 +26,7 @@ fn report(
 ) -> anyhow::Result<crate::train::eval::EvalReport> {
     let model_dir = Materialized::open(model, registry)?;
     let tokenizer = Tokenizer::load(model_dir.dir())?;
-    let (images, mut lm) = Images::load(
+    let (mut images, mut lm) = Images::load(
         model_dir.dir(),
         None,
         candle_core::DType::F32,
@@ -35,7 +35,10 @@ fn report(
     tokenizer.check_vocab(lm.config())?;
     if let Some(adapter) = adapter {
         let adapter = Materialized::open(adapter, registry)?;
-        lm.load_adapter(adapter.dir())?;
+        match images.as_mut() {
+            Some(images) => images.load_adapter(&mut lm, adapter.dir())?,
+            None => lm.load_adapter(adapter.dir())?,
+        }
     }
     let cases = read_case_files(data)?;
     let images = images.as_ref().map(|i| (i, shown));

@@ -10,9 +10,8 @@ use std::path::{Path, PathBuf};
 use candle_core::Device;
 use serde::{Deserialize, Serialize};
 
-use super::model::{candle, CausalLm};
+use super::model::candle;
 use super::optim::AdamW;
-use super::recipe::TrainMethod;
 use crate::error::{Error, Result};
 use crate::tensor::{sync_dir, write_atomic};
 
@@ -34,12 +33,11 @@ pub struct TrainerState {
 const STATE: &str = "trainer_state.json";
 const OPTIMIZER: &str = "optimizer.safetensors";
 
-/// Saves a checkpoint under `dir` (`checkpoints/`).
+/// Saves a checkpoint under `dir` (`checkpoints/`), the trained weights written by
+/// `write_weights` into the directory it is given (the adapter, or the whole model).
 pub fn save_checkpoint(
     dir: &Path,
-    model: &CausalLm,
-    method: TrainMethod,
-    base_name: &str,
+    write_weights: &dyn Fn(&Path) -> Result<()>,
     optimizer: &AdamW,
     state: &TrainerState,
 ) -> Result<PathBuf> {
@@ -49,10 +47,7 @@ pub fn save_checkpoint(
     if tmp.exists() {
         std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
     }
-    match method {
-        TrainMethod::Dsa => model.save_adapter(&tmp, base_name)?,
-        TrainMethod::Base => model.save_model(&tmp)?,
-    }
+    write_weights(&tmp)?;
     let moments: std::collections::HashMap<String, candle_core::Tensor> =
         optimizer.state().into_iter().collect();
     let path = tmp.join(OPTIMIZER);

@@ -6,12 +6,14 @@
 
 use std::path::Path;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device, Tensor, Var};
 
 use super::batch::ImageRows;
 use super::case::Case;
 use super::model::vision::ImageProcessor;
-use super::model::{candle, CausalLm, ImageEncoder, Llava, LlavaConfig, LoraSpec, ModelConfig};
+use super::model::{
+    candle, CausalLm, ImageEncoder, Llava, LlavaConfig, LoraSpec, ModelConfig, PROJECTOR_MODULE,
+};
 use crate::error::{Error, Result};
 
 /// The language model's configuration of the model in `dir` (a LLaVA model's `text_config`).
@@ -36,6 +38,8 @@ pub struct Images {
     encoder: ImageEncoder,
     processor: Option<ImageProcessor>,
     dir: std::path::PathBuf,
+    /// Whether the projector is trained ([`Images::train_projector`]).
+    projector_trained: bool,
 }
 
 impl Images {
@@ -60,6 +64,7 @@ impl Images {
             encoder,
             processor,
             dir: dir.to_path_buf(),
+            projector_trained: false,
         };
         Ok((Some(images), language))
     }
@@ -67,6 +72,54 @@ impl Images {
     /// The encoder.
     pub fn encoder(&self) -> &ImageEncoder {
         &self.encoder
+    }
+
+    /// Loads the PEFT adapter in `dir` into `language` and, if it saves one, its projector
+    /// (`modules_to_save = ["multi_modal_projector"]`) into the encoder.
+    pub fn load_adapter(&mut self, language: &mut CausalLm, dir: &Path) -> Result<()> {
+        self.encoder.load_projector(dir)?;
+        language.load_adapter_with(dir, &[PROJECTOR_MODULE])
+    }
+
+    /// Makes the projector trainable (its variables under their adapter keys): training
+    /// examples then carry vision features, which the projector turns into rows at every
+    /// step ([`Images::training_rows`]).
+    pub fn train_projector(&mut self) -> Result<Vec<(String, Var)>> {
+        self.projector_trained = true;
+        self.encoder.train_projector()
+    }
+
+    /// Whether the projector is trained.
+    pub fn projector_trained(&self) -> bool {
+        self.projector_trained
+    }
+
+    /// Writes `language`'s LoRA as a PEFT adapter in `dir`, with the projector as
+    /// `modules_to_save` if it is trained.
+    pub fn save_adapter(&self, language: &CausalLm, dir: &Path, base_name: &str) -> Result<()> {
+        if !self.projector_trained {
+            return language.save_adapter(dir, base_name);
+        }
+        let saved = self.encoder.projector_tensors();
+        language.save_adapter_with(dir, base_name, &saved, &[PROJECTOR_MODULE])
+    }
+
+    /// What a training example of `case` carries: its image's rows in the language model's
+    /// space ([`Images::rows`]), or its vision features where the projector is trained.
+    pub fn training_rows(&self, case: &Case, device: &Device) -> Result<Option<ImageRows>> {
+        if !self.projector_trained {
+            return self.rows(case, device);
+        }
+        self.vision_features(case, device)?
+            .map(|f| {
+                let width = f.dim(2).map_err(candle("vision features"))?;
+                let values = f
+                    .flatten_all()
+                    .and_then(|t| t.to_vec1::<f32>())
+                    .map_err(candle("vision features"))?;
+                Ok(ImageRows::new(values, width))
+            })
+            .transpose()
     }
 
     /// The token that stands for one image feature.

@@ -26,6 +26,7 @@
 //! dropout = 0.0
 //! target_modules = ["q_proj", "v_proj"]
 //! use_rslora = false
+//! modules_to_save = ["multi_modal_projector"]   # a LLaVA base: train its projector in full
 //!
 //! [train.optim]
 //! lr = 2e-3
@@ -44,6 +45,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use super::init::InitSpec;
+use super::model::PROJECTOR_MODULE as PROJECTOR;
 use super::schedule::Decay;
 use super::{read_case_files, synth, Case};
 use crate::error::{Error, Result};
@@ -146,6 +148,9 @@ pub struct LoraRecipe {
     pub target_modules: Vec<String>,
     /// Scale by α/√r.
     pub use_rslora: bool,
+    /// Train a LLaVA model's projector in full, saved as PEFT's `modules_to_save`
+    /// (`modules_to_save = ["multi_modal_projector"]`).
+    pub train_projector: bool,
 }
 
 /// Optimizer and schedule settings.
@@ -300,6 +305,8 @@ struct WireLora {
     target_modules: Vec<String>,
     #[serde(default)]
     use_rslora: bool,
+    #[serde(default)]
+    modules_to_save: Vec<String>,
 }
 
 /// `[train.optim]` (and `[gba.optim]`) as written.
@@ -425,12 +432,23 @@ impl TrainRecipe {
                 "`[train.data]` needs either `files` or `synthetic`, not both".into(),
             ));
         }
+        if let Some(other) = t
+            .lora
+            .iter()
+            .flat_map(|l| &l.modules_to_save)
+            .find(|m| m.as_str() != PROJECTOR)
+        {
+            return Err(fail(format!(
+                "`[train.lora] modules_to_save` names `{other}`: the trainers train `{PROJECTOR}` (a LLaVA model's projector) in full, nothing else"
+            )));
+        }
         let lora = t.lora.map(|l| LoraRecipe {
             r: l.r,
             alpha: l.alpha,
             dropout: l.dropout,
             target_modules: l.target_modules,
             use_rslora: l.use_rslora,
+            train_projector: !l.modules_to_save.is_empty(),
         });
         match (t.method, &lora) {
             (TrainMethod::Dsa, None) => {

@@ -31,7 +31,7 @@ use super::batch::{summed_nll, Batch, Example, ImageRows};
 use super::checkpoint::{latest_checkpoint, load_checkpoint, save_checkpoint, TrainerState};
 use super::fused::Engine;
 use super::images::{language_config, refuse_images_without_tower, Images};
-use super::model::{candle, CausalLm, LoraSpec};
+use super::model::{candle, CausalLm, LoraSpec, PROJECTOR_MODULE};
 use super::optim::{clip_gradients, AdamW, AdamWConfig};
 use super::prompt::RuleBook;
 use super::recipe::{CompletionKind, TrainMethod, TrainRecipe, TrainingCase};
@@ -124,6 +124,7 @@ pub fn train(
         }
         restored = Some((state, moments));
     }
+    let mut projector_vars = Vec::new();
     let (images, mut model) = match recipe.method {
         TrainMethod::Dsa => {
             let lora = recipe.lora.as_ref().ok_or_else(|| Error::Recipe {
@@ -138,9 +139,27 @@ pub fn train(
                 target_modules: lora.target_modules.clone(),
                 seed: recipe.seed,
             };
-            let (images, mut model) = Images::load(base_dir, Some(&spec), DType::F32, &device)?;
+            let (mut images, mut model) = Images::load(base_dir, Some(&spec), DType::F32, &device)?;
             if let Some(dir) = latest.as_ref().filter(|_| restored.is_some()) {
-                model.load_adapter(dir)?;
+                match images.as_mut() {
+                    Some(images) => images.load_adapter(&mut model, dir)?,
+                    None => model.load_adapter(dir)?,
+                }
+            }
+            match images.as_mut() {
+                Some(images) if lora.train_projector => {
+                    projector_vars = images.train_projector()?;
+                }
+                None if lora.train_projector => {
+                    return Err(Error::Recipe {
+                        path: recipe.path.clone(),
+                        message: format!(
+                            "`modules_to_save = [\"{PROJECTOR_MODULE}\"]` trains a LLaVA model's projector; `{}` is a text-only model",
+                            base_dir.display()
+                        ),
+                    });
+                }
+                _ => {}
             }
             (images, model)
         }
@@ -184,7 +203,7 @@ pub fn train(
         weight_decay: recipe.optim.weight_decay,
     };
     let trained = match recipe.method {
-        TrainMethod::Dsa => model.lora_vars(),
+        TrainMethod::Dsa => [model.lora_vars(), projector_vars].concat(),
         TrainMethod::Base => model.weight_vars().to_vec(),
     };
     let mut optimizer = AdamW::new(trained, config)?;
@@ -198,11 +217,19 @@ pub fn train(
         .vars()
         .map(|(n, v)| (n.to_string(), v.clone()))
         .collect();
-    let mut fused = fused_engine(&model, &named)?;
+    let projector_trained = images.as_ref().is_some_and(Images::projector_trained);
+    let mut fused = fused_engine(&model, &named, projector_trained)?;
     if let (Some(engine), Some(images)) = (fused.take(), &images) {
         fused = Some(engine.with_image_token(images.image_token()));
     }
 
+    // What a checkpoint and the output hold: the adapter (with a trained projector), or the
+    // whole model.
+    let write_weights = |model: &CausalLm, dir: &Path| match (recipe.method, &images) {
+        (TrainMethod::Dsa, Some(images)) => images.save_adapter(model, dir, base_name),
+        (TrainMethod::Dsa, None) => model.save_adapter(dir, base_name),
+        (TrainMethod::Base, _) => model.save_model(dir),
+    };
     let metrics_path = output.join("metrics.jsonl");
     let mut metrics = std::fs::OpenOptions::new()
         .create(true)
@@ -295,24 +322,15 @@ pub fn train(
                 recipe_digest: recipe_digest.clone(),
                 loss: last_loss,
             };
-            save_checkpoint(
-                &checkpoints,
-                &model,
-                recipe.method,
-                base_name,
-                &optimizer,
-                &state,
-            )?;
+            let write = |dir: &Path| write_weights(&model, dir);
+            save_checkpoint(&checkpoints, &write, &optimizer, &state)?;
         }
     }
     metrics
         .sync_all()
         .map_err(|e| Error::io(&metrics_path, e))?;
     model.set_training(false);
-    match recipe.method {
-        TrainMethod::Dsa => model.save_adapter(output, base_name)?,
-        TrainMethod::Base => model.save_model(output)?,
-    }
+    write_weights(&model, output)?;
     let elapsed = started.elapsed().as_secs_f64();
     Ok(TrainSummary {
         output: output.to_path_buf(),
@@ -327,9 +345,18 @@ pub fn train(
 /// The engine [`ENGINE_VAR`] asks for: unset or `auto`, the fused engine where it applies
 /// (see [`Engine::unsupported`]) and candle's autograd (`None`) elsewhere; `candle` or `fused`,
 /// that one (`fused` refused where it does not apply).
-fn fused_engine(model: &CausalLm, trained: &[(String, Var)]) -> Result<Option<Engine>> {
+/// A trained projector is candle's: the fused engine runs the language model only.
+fn fused_engine(
+    model: &CausalLm,
+    trained: &[(String, Var)],
+    projector_trained: bool,
+) -> Result<Option<Engine>> {
     let choice = std::env::var(ENGINE_VAR).unwrap_or_default();
-    match (choice.as_str(), Engine::unsupported(model)) {
+    let unsupported = match projector_trained {
+        true => Some("the fused engine does not train the projector (`modules_to_save`)".into()),
+        false => Engine::unsupported(model),
+    };
+    match (choice.as_str(), unsupported) {
         ("candle", _) | ("" | "auto", Some(_)) => Ok(None),
         ("fused", Some(reason)) => Err(Error::ModelInput {
             message: format!("`{ENGINE_VAR}=fused`: {reason}"),
@@ -409,7 +436,10 @@ fn shard_grads(
     let logits = match images {
         None => model.forward(&batch.inputs, Some(&batch.attention), None)?,
         Some(images) => {
-            let features = batch_images(examples, device)?;
+            let mut features = batch_images(examples, device)?;
+            if images.projector_trained() {
+                features = features.map(|f| images.encoder().project(&f)).transpose()?;
+            }
             let embeds = images
                 .encoder()
                 .merge(model, &batch.inputs, features.as_ref())?;
@@ -495,7 +525,7 @@ fn encode(
             let Some(images) = images else {
                 return Ok(Example::new(config.bos_token_id, &prompt, &completion, eos));
             };
-            let rows = images.rows(case, model.device())?;
+            let rows = images.training_rows(case, model.device())?;
             let prompt = images.prompt_with_image(config.bos_token_id, &prompt, rows.is_some());
             Ok(Example::new(None, &prompt, &completion, eos).with_image(rows))
         })

@@ -108,6 +108,19 @@ impl CausalLm {
     /// `base_name`, targets, rank and alpha, with `rank_pattern` / `alpha_pattern` for modules
     /// that differ) and `adapter_model.safetensors` (f32 factors under PEFT's keys).
     pub fn save_adapter(&self, dir: &Path, base_name: &str) -> Result<()> {
+        self.save_adapter_with(dir, base_name, &[], &[])
+    }
+
+    /// [`CausalLm::save_adapter`] with whole modules beside the factors: `saved` tensors
+    /// under their PEFT keys, the modules they belong to listed as `modules_to_save` (a
+    /// LLaVA model's trained projector).
+    pub fn save_adapter_with(
+        &self,
+        dir: &Path,
+        base_name: &str,
+        saved: &[(String, Tensor)],
+        modules_to_save: &[&str],
+    ) -> Result<()> {
         let spec = match (&self.lora_spec(), self.lora_vars().is_empty()) {
             (Some(spec), false) => (*spec).clone(),
             _ => {
@@ -204,7 +217,14 @@ impl CausalLm {
             ("lora_alpha", alpha),
             ("lora_bias", json!(false)),
             ("lora_dropout", json!(spec.dropout)),
-            ("modules_to_save", Value::Null),
+            (
+                "modules_to_save",
+                if modules_to_save.is_empty() {
+                    Value::Null
+                } else {
+                    json!(modules_to_save)
+                },
+            ),
             ("peft_type", json!("LORA")),
             ("r", json!(spec.r)),
             ("rank_pattern", Value::Object(rank_pattern)),
@@ -216,6 +236,9 @@ impl CausalLm {
         ] {
             config.insert(key.to_string(), value);
         }
+        for (key, t) in saved {
+            tensors.push(factor_bytes(key.clone(), t)?);
+        }
         Adapter::save(dir, &config, &tensors)
     }
 
@@ -224,6 +247,12 @@ impl CausalLm {
     /// config targets without factors in the file, a factor of the wrong shape, or a module
     /// that is not one of this model's projections is an error naming it.
     pub fn load_adapter(&mut self, dir: &Path) -> Result<()> {
+        self.load_adapter_with(dir, &[])
+    }
+
+    /// [`CausalLm::load_adapter`] of an adapter that may save the whole modules `handled`
+    /// (`modules_to_save`), which the caller loads (a LLaVA model's projector).
+    pub fn load_adapter_with(&mut self, dir: &Path, handled: &[&str]) -> Result<()> {
         let adapter = Adapter::open(dir)?;
         let config = adapter.config();
         let config_path = dir.join("adapter_config.json");
@@ -231,9 +260,19 @@ impl CausalLm {
             path: config_path.clone(),
             message,
         };
-        if !config.modules_to_save.is_empty() || !adapter.saved_tensors().is_empty() {
+        let unhandled = config
+            .modules_to_save
+            .iter()
+            .find(|m| !handled.contains(&m.as_str()));
+        if let Some(module) = unhandled {
+            return Err(fail(format!(
+                "`modules_to_save` module `{module}` is not supported by the trainers' model"
+            )));
+        }
+        if config.modules_to_save.is_empty() && !adapter.saved_tensors().is_empty() {
             return Err(fail(
-                "`modules_to_save` is not supported by the trainers' model".into(),
+                "the adapter saves whole base tensors, which the trainers' model does not read"
+                    .into(),
             ));
         }
         if config.fan_in_fan_out {

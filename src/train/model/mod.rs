@@ -52,7 +52,7 @@ pub use causal_lm::CausalLm;
 pub use config::{Architecture, ModelConfig};
 pub(crate) use generate::sharded;
 pub use generate::GenerateOptions;
-pub use llava::{FeatureSelect, ImageEncoder, Llava, LlavaConfig, IMAGE_EMBEDS};
+pub use llava::{FeatureSelect, ImageEncoder, Llava, LlavaConfig, IMAGE_EMBEDS, PROJECTOR_MODULE};
 pub use lora::{LoraLinear, LoraSpec, ALL_LINEAR};
 pub use mlp::Mlp;
 pub use norm::RmsNorm;

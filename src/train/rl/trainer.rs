@@ -28,7 +28,6 @@ use crate::train::fused::{Engine, TokenStat};
 use crate::train::guideline::config::Guidelines;
 use crate::train::model::CausalLm;
 use crate::train::optim::{clip_gradients, AdamW, AdamWConfig};
-use crate::train::recipe::TrainMethod;
 use crate::train::rng::SplitMix;
 use crate::train::schedule::Schedule;
 use crate::train::sft::SHARD;
@@ -365,14 +364,8 @@ pub fn train_gba(
                 recipe_digest: recipe_digest.clone(),
                 loss: final_reward,
             };
-            save_checkpoint(
-                &checkpoints,
-                &model,
-                TrainMethod::Dsa,
-                base_name,
-                &optimizer,
-                &state,
-            )?;
+            let write = |dir: &Path| model.save_adapter(dir, base_name);
+            save_checkpoint(&checkpoints, &write, &optimizer, &state)?;
         }
     }
     metrics_file

@@ -4,16 +4,25 @@
 
 use std::path::Path;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device, Tensor, Var};
 
 use super::config::{FeatureSelect, LlavaConfig};
+use crate::adapter::{Adapter, PEFT_PREFIX};
 use crate::error::{Error, Result};
 use crate::train::model::candle;
 use crate::train::model::causal_lm::CausalLm;
 use crate::train::model::vision::{ClipVision, Projector};
+use crate::train::model::weights::load_file_tensor;
 
 /// The tensor an `image_embeds` file holds.
 pub const IMAGE_EMBEDS: &str = "image_embeds";
+
+/// The projector's module name, as PEFT's `modules_to_save` names it.
+pub const PROJECTOR_MODULE: &str = "multi_modal_projector";
+
+/// Where PEFT's adapter keys put the projector (`base_model.model.` and this): the module's
+/// path in transformers' LLaVA in memory.
+const PROJECTOR_PATH: &str = "model.multi_modal_projector.";
 
 /// The vision tower and the projector of a LLaVA model, with its configuration.
 #[derive(Debug)]
@@ -27,6 +36,54 @@ impl ImageEncoder {
     /// The model's configuration.
     pub fn config(&self) -> &LlavaConfig {
         &self.config
+    }
+
+    /// Makes the projector trainable: its tensors become variables, returned under their keys
+    /// in a PEFT adapter (`base_model.model.model.multi_modal_projector.linear_1.weight`, …).
+    pub fn train_projector(&mut self) -> Result<Vec<(String, Var)>> {
+        Ok(self
+            .projector
+            .make_trainable()?
+            .into_iter()
+            .map(|(name, var)| (format!("{PEFT_PREFIX}{PROJECTOR_PATH}{name}"), var))
+            .collect())
+    }
+
+    /// The projector's tensors under their PEFT adapter keys, to save as `modules_to_save`.
+    pub fn projector_tensors(&self) -> Vec<(String, Tensor)> {
+        self.projector
+            .tensors()
+            .into_iter()
+            .map(|(name, t)| (format!("{PEFT_PREFIX}{PROJECTOR_PATH}{name}"), t))
+            .collect()
+    }
+
+    /// Replaces the projector by the one the PEFT adapter in `dir` saves (`modules_to_save =
+    /// ["multi_modal_projector"]`), if it saves one: every projector tensor, of its shape.
+    /// Returns whether it did.
+    pub fn load_projector(&mut self, dir: &Path) -> Result<bool> {
+        let adapter = Adapter::open(dir)?;
+        let saved = adapter.saved_tensors();
+        if !saved.keys().any(|k| k.starts_with(PROJECTOR_PATH)) {
+            return Ok(false);
+        }
+        let file = adapter.file();
+        for (name, current) in self.projector.tensors() {
+            let base = format!("{PROJECTOR_PATH}{name}");
+            let key = saved.get(&base).ok_or_else(|| Error::MissingTensor {
+                path: file.path().to_path_buf(),
+                tensor: format!("{PEFT_PREFIX}{base}"),
+            })?;
+            let value =
+                load_file_tensor(file, key, current.dims(), current.dtype(), current.device())?;
+            self.projector
+                .set(&name, value)
+                .map_err(|message| Error::Adapter {
+                    path: file.path().to_path_buf(),
+                    message,
+                })?;
+        }
+        Ok(true)
     }
 
     /// Each image's vision features, `[images, tokens, vision hidden]`: the tower's hidden

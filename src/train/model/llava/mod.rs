@@ -21,7 +21,7 @@ use super::weights::{Naming, Weights};
 use crate::checkpoint::Checkpoint;
 use crate::error::{Error, Result};
 pub use config::{FeatureSelect, LlavaConfig};
-pub use encoder::{ImageEncoder, IMAGE_EMBEDS};
+pub use encoder::{ImageEncoder, IMAGE_EMBEDS, PROJECTOR_MODULE};
 use layout::Layout;
 
 /// A LLaVA model.
@@ -98,6 +98,13 @@ impl Llava {
     /// The language model, to attach or load adapters.
     pub fn language_model_mut(&mut self) -> &mut CausalLm {
         &mut self.language
+    }
+
+    /// Loads the PEFT adapter in `dir`: its LoRA on the language model and, if it saves
+    /// one (`modules_to_save = ["multi_modal_projector"]`), its projector.
+    pub fn load_adapter(&mut self, dir: &Path) -> Result<()> {
+        self.encoder.load_projector(dir)?;
+        self.language.load_adapter_with(dir, &[PROJECTOR_MODULE])
     }
 
     /// The vision tower and the projector.

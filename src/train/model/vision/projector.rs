@@ -1,7 +1,7 @@
 //! [`Projector`]: LLaVA's `multi_modal_projector`, two linear layers with an activation
 //! between them, from the vision tower's width to the language model's.
 
-use candle_core::Tensor;
+use candle_core::{Tensor, Var};
 
 use super::{Activation, Affine};
 use crate::error::Result;
@@ -40,6 +40,53 @@ impl Projector {
             act,
             linear_2: affine("linear_2", text, text)?,
         })
+    }
+
+    /// Its tensors by their names within the module (`linear_1.weight`, `linear_1.bias`, …).
+    pub(crate) fn tensors(&self) -> Vec<(String, Tensor)> {
+        let mut out = Vec::new();
+        for (name, affine) in [("linear_1", &self.linear_1), ("linear_2", &self.linear_2)] {
+            out.push((format!("{name}.weight"), affine.w.clone()));
+            if let Some(b) = &affine.b {
+                out.push((format!("{name}.bias"), b.clone()));
+            }
+        }
+        out
+    }
+
+    /// Replaces the tensor named `name` (as [`Projector::tensors`] names it) by `value`, of
+    /// its shape.
+    pub(crate) fn set(&mut self, name: &str, value: Tensor) -> std::result::Result<(), String> {
+        let slot = match name {
+            "linear_1.weight" => Some(&mut self.linear_1.w),
+            "linear_2.weight" => Some(&mut self.linear_2.w),
+            "linear_1.bias" => self.linear_1.b.as_mut(),
+            "linear_2.bias" => self.linear_2.b.as_mut(),
+            _ => None,
+        }
+        .ok_or_else(|| format!("the projector has no tensor `{name}`"))?;
+        if slot.dims() != value.dims() {
+            return Err(format!(
+                "`{name}` is {:?}; the projector's is {:?}",
+                value.dims(),
+                slot.dims()
+            ));
+        }
+        *slot = value;
+        Ok(())
+    }
+
+    /// Turns its tensors into variables, which it reads from then on (so that an optimizer's
+    /// updates reach it): returned with [`Projector::tensors`]' names.
+    pub(crate) fn make_trainable(&mut self) -> Result<Vec<(String, Var)>> {
+        let mut vars = Vec::new();
+        for (name, tensor) in self.tensors() {
+            let var = Var::from_tensor(&tensor).map_err(candle(format!("projector `{name}`")))?;
+            self.set(&name, var.as_tensor().clone())
+                .expect("a tensor of its own shape");
+            vars.push((name, var));
+        }
+        Ok(vars)
     }
 
     /// Vision features `[…, vision]` as embeddings `[…, text]`.
