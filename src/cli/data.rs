@@ -13,7 +13,7 @@ use crate::tensor::write_atomic;
 use crate::train::embed::embed_cases;
 use crate::train::model::vision::ImageProcessor;
 use crate::train::model::Llava;
-use crate::train::synth::{generate, Specialty, SynthSpec};
+use crate::train::synth::{generate, generate_with_images, image_path, Specialty, SynthSpec};
 use crate::train::{read_cases, write_cases, Case};
 
 /// How many questions shared between files `check` lists before it only counts them.
@@ -81,6 +81,11 @@ pub struct GenerateArgs {
     /// Answer-only training cases per specialty (no reasoning), in `answers.jsonl`.
     #[arg(long, value_name = "N", default_value_t = 0)]
     answer_only: usize,
+    /// Image cases: one finding of each case (the ECG, the mass's margin, the lesion's
+    /// asymmetry, border and colours, the nuclei's pleomorphism) drawn in a 32×32 PNG beside
+    /// its case file (`<specialty>/images/<id>.png`) instead of written in its question.
+    #[arg(long)]
+    images: bool,
     /// Overwrite case files and a README already in DIR.
     #[arg(long)]
     force: bool,
@@ -135,7 +140,11 @@ fn run_generate(args: GenerateArgs) -> anyhow::Result<ExitCode> {
         guidelines: args.guidelines,
         answer_only: args.answer_only,
     };
-    let splits = generate(&spec)?;
+    let (splits, pictures) = if args.images {
+        generate_with_images(&spec)?
+    } else {
+        (generate(&spec)?, Default::default())
+    };
     let readme = args.output.join("README.md");
     let mut files = Vec::new();
     for specialty in Specialty::ALL {
@@ -175,6 +184,12 @@ fn run_generate(args: GenerateArgs) -> anyhow::Result<ExitCode> {
                 .with_context(|| format!("cannot create `{}`", dir.display()))?;
         }
         write_cases(path, cases)?;
+        for case in cases {
+            if let (Some(image), Some(dir)) = (pictures.get(case.id()), path.parent()) {
+                let file = dir.join(image_path(case.id()));
+                write_png(&file, image)?;
+            }
+        }
     }
     write_atomic(&readme, readme_text(&args).as_bytes())?;
     println!(
@@ -193,7 +208,7 @@ fn run_generate(args: GenerateArgs) -> anyhow::Result<ExitCode> {
 /// The command that makes these files, as a person would type it.
 fn command_line(args: &GenerateArgs) -> String {
     format!(
-        "mmx data generate -o {} --seed {} --train {} --validation {} --test {}{}{}{}",
+        "mmx data generate -o {} --seed {} --train {} --validation {} --test {}{}{}{}{}",
         shell_word(&args.output.display().to_string()),
         args.seed,
         args.train,
@@ -205,6 +220,7 @@ fn command_line(args: &GenerateArgs) -> String {
             ""
         },
         if args.guidelines { " --guidelines" } else { "" },
+        if args.images { " --images" } else { "" },
         if args.answer_only > 0 {
             format!(" --answer-only {}", args.answer_only)
         } else {
@@ -244,7 +260,7 @@ fn readme_text(args: &GenerateArgs) -> String {
          (`id`, `specialty`, `question`, `options`, `answer`, `reasoning`, `synthetic`); per \
          specialty {} train, {} validation and {} test cases, the four diagnoses equally \
          frequent (to within one case). No question appears twice, in one file or across \
-         files. `mmx data check FILE...` validates them. {}{}\n",
+         files. `mmx data check FILE...` validates them. {}{}{}\n",
         env!("CARGO_PKG_VERSION"),
         args.seed,
         command_line(args),
@@ -262,6 +278,19 @@ fn readme_text(args: &GenerateArgs) -> String {
              `answers.jsonl` holds answer-only training cases (no reasoning)."
         } else {
             ""
+        },
+        if args.images {
+            "\n\n## Images\n\nThese are image cases: one finding of each case is drawn, not \
+             written, in `<specialty>/images/<id>.png` (32 x 32 pixels, RGB; the case's `image` \
+             field), and its question leaves that finding out (its reasoning still states it). \
+             The images are synthetic cartoons drawn by mmx from the seed, not medical images: \
+             cardiology an ECG of three strips (leads II/III/aVF, V1 to V4, V4 to V6) whose ST \
+             segment is raised, lowered or level; radiology a bright mass whose margin is smooth \
+             (circumscribed), wavy (irregular) or spiculated; dermatology a brown lesion, round \
+             or lobed (asymmetric), its border smooth or jagged (irregular), one colour or three; \
+             pathology nine nuclei alike in size (mild pleomorphism) or not (moderate, marked)."
+        } else {
+            ""
         }
     );
     text.push_str("\n## Rules\n");
@@ -276,6 +305,20 @@ fn readme_text(args: &GenerateArgs) -> String {
         }
     }
     text
+}
+
+/// Writes `image` as a PNG file at `path` (its directory made), atomically.
+fn write_png(path: &std::path::Path, image: &image::RgbImage) -> anyhow::Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("cannot create `{}`", dir.display()))?;
+    }
+    let mut bytes = std::io::Cursor::new(Vec::new());
+    image
+        .write_to(&mut bytes, image::ImageFormat::Png)
+        .with_context(|| format!("cannot encode `{}`", path.display()))?;
+    write_atomic(path, bytes.get_ref())?;
+    Ok(())
 }
 
 fn run_check(args: CheckArgs) -> anyhow::Result<ExitCode> {

@@ -26,16 +26,20 @@
 mod cardiology;
 mod dermatology;
 mod pathology;
+pub mod picture;
 mod radiology;
 
-use std::collections::{BTreeSet, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::fmt;
 use std::ops::RangeInclusive;
+
+use image::RgbImage;
 
 use super::case::{option_letter, Case, CaseLine};
 use super::guideline::{self, Facts, Style};
 use super::rng::SplitMix;
 use crate::error::{Error, Result};
+use picture::Picture;
 
 /// The most cases of one specialty, all splits together. The smallest diagnosis (benign nevus)
 /// has a few thousand distinct questions; staying well under that keeps every draw quick.
@@ -45,6 +49,9 @@ pub const MAX_PER_SPECIALTY: usize = 8000;
 const MAX_DRAWS: usize = 100_000;
 /// How every question ends.
 const CLOSING: &str = "Choose the most likely diagnosis.";
+
+/// The tag of the image jitter's random stream ("img").
+const IMAGE_STREAM: u64 = 0x696d67;
 /// Words of the question openings, the conclusions and the prompt around them, and the
 /// symbols split from words, separated by spaces.
 const COMMON_WORDS: &str = "\
@@ -230,6 +237,10 @@ impl Split {
 /// A drawn case before its options are shuffled.
 struct Vignette {
     question: String,
+    /// The question without the finding that [`Vignette::picture`] shows.
+    image_question: String,
+    /// One finding, drawn.
+    picture: Picture,
     /// Index into the specialty's diagnoses.
     diagnosis: usize,
     /// The plain reasoning: the findings restated, the rule, the conclusion.
@@ -275,9 +286,13 @@ fn vignette<F, D: Copy>(
     question: impl Fn(&F) -> String,
     reasoning: impl Fn(&F, D) -> Vec<String>,
     runner_up: impl Fn(&F, D) -> (usize, usize),
+    picture: impl Fn(&F) -> (String, Picture),
 ) -> Vignette {
     let decided = decide(&findings);
+    let (image_question, picture) = picture(&findings);
     Vignette {
+        image_question,
+        picture,
         question: question(&findings),
         diagnosis: index(decided),
         reasoning: reasoning(&findings, decided),
@@ -350,6 +365,24 @@ fn conclusion(diagnosis: &str) -> String {
 /// Generates the cases of every specialty. Fails if a specialty would have more than
 /// [`MAX_PER_SPECIALTY`] cases.
 pub fn generate(spec: &SynthSpec) -> Result<Splits> {
+    Ok(generate_cases(spec, false)?.0)
+}
+
+/// [`generate`] with one finding of each case drawn instead of written
+/// ([`picture`]): each case's question leaves it out and its `image` is
+/// `images/<id>.png`, relative to its case file; the images, by case id, come beside the
+/// cases (to be written as PNG files there). The same seed gives the same cases as
+/// [`generate`] but for that.
+pub fn generate_with_images(spec: &SynthSpec) -> Result<(Splits, BTreeMap<String, RgbImage>)> {
+    generate_cases(spec, true)
+}
+
+/// The image file of case `id`, relative to its case file.
+pub fn image_path(id: &str) -> String {
+    format!("images/{id}.png")
+}
+
+fn generate_cases(spec: &SynthSpec, images: bool) -> Result<(Splits, BTreeMap<String, RgbImage>)> {
     let total = spec
         .per_specialty
         .checked_add(spec.validation)
@@ -368,9 +401,11 @@ pub fn generate(spec: &SynthSpec) -> Result<Splits> {
         test: Vec::with_capacity(spec.test * Specialty::ALL.len()),
         answer_only: Vec::with_capacity(spec.answer_only * Specialty::ALL.len()),
     };
+    let mut pictures = images.then(BTreeMap::new);
     for specialty in Specialty::ALL {
         let mut seen = HashSet::with_capacity(total);
-        let mut draw = |split, count| draw_split(spec, specialty, split, count, &mut seen);
+        let mut draw =
+            |split, count| draw_split(spec, specialty, split, count, &mut seen, pictures.as_mut());
         splits.test.extend(draw(Split::Test, spec.test)?);
         splits
             .validation
@@ -380,17 +415,19 @@ pub fn generate(spec: &SynthSpec) -> Result<Splits> {
             .answer_only
             .extend(draw(Split::AnswerOnly, spec.answer_only)?);
     }
-    Ok(splits)
+    Ok((splits, pictures.unwrap_or_default()))
 }
 
 /// Draws one split of one specialty: as many cases of each diagnosis (to within one), in an
-/// order shuffled by the seed, none with a question in `seen`.
+/// order shuffled by the seed, none with a question in `seen`; with `pictures`, as image
+/// cases, their images added to it.
 fn draw_split(
     spec: &SynthSpec,
     specialty: Specialty,
     split: Split,
     count: usize,
     seen: &mut HashSet<String>,
+    mut pictures: Option<&mut BTreeMap<String, RgbImage>>,
 ) -> Result<Vec<Case>> {
     let mut rng = SplitMix::derive(spec.seed, &[specialty as u64, split as u64]);
     let diagnoses = specialty.diagnoses();
@@ -427,14 +464,26 @@ fn draw_split(
             .position(|&d| d == target)
             .and_then(option_letter)
             .map(String::from);
+        // The image's jitter has a stream of its own: the cases are those of `generate`.
+        let (question, image) = match pictures.as_deref_mut() {
+            None => (vignette.question, None),
+            Some(pictures) => {
+                let mut jitter = SplitMix::derive(
+                    spec.seed,
+                    &[specialty as u64, split as u64, index as u64, IMAGE_STREAM],
+                );
+                pictures.insert(id.clone(), picture::render(vignette.picture, &mut jitter));
+                (vignette.image_question, Some(image_path(&id)))
+            }
+        };
         let line = CaseLine {
             id: id.clone(),
             specialty: specialty.name().to_string(),
-            question: vignette.question,
+            question,
             options: order.iter().map(|&d| diagnoses[d].to_string()).collect(),
             answer: answer.unwrap_or_default(),
             reasoning,
-            image: None,
+            image,
             image_embeds: None,
             synthetic: true,
             guideline: style.map(|s| s.name().to_string()),
@@ -469,6 +518,7 @@ pub fn vocabulary() -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::Path;
 
     fn spec(seed: u64, per_specialty: usize, validation: usize, test: usize) -> SynthSpec {
         SynthSpec::new(seed, per_specialty, validation, test)
@@ -707,6 +757,58 @@ mod tests {
             assert!(!seen.contains(case.question()), "{}", case.id());
         }
         assert_eq!(styled.answer_only[0].id(), "cardiology-answers-000000");
+    }
+
+    #[test]
+    fn image_cases_draw_one_finding_and_write_the_rest() {
+        let spec = spec(4, 12, 4, 4);
+        let (splits, images) = generate_with_images(&spec).unwrap();
+        let plain = generate(&spec).unwrap();
+        let vocabulary: BTreeSet<String> = vocabulary().into_iter().collect();
+        // What each specialty's image shows, absent from every image question.
+        let drawn = [
+            ("cardiology", &["ECG", "ST"][..]),
+            (
+                "radiology",
+                &["margin", "circumscribed", "spiculated", "irregular"][..],
+            ),
+            (
+                "dermatology",
+                &["asymmetric", "symmetric", "border", "color", "colors"][..],
+            ),
+            ("pathology", &["pleomorphism"][..]),
+        ];
+        for (case, text) in all(&splits).zip(all(&plain)) {
+            // The same cases (answer, options, reasoning), the question shorter.
+            assert_eq!(case.answer(), text.answer());
+            assert_eq!(case.options(), text.options());
+            assert_eq!(case.reasoning(), text.reasoning());
+            assert!(case.question().len() < text.question().len());
+            let shown = drawn
+                .iter()
+                .find(|(s, _)| *s == case.specialty())
+                .unwrap()
+                .1;
+            let question = words(case.question());
+            for w in shown {
+                assert!(
+                    !question.contains(&w.to_string()),
+                    "`{w}` in {}",
+                    case.question()
+                );
+            }
+            for w in &question {
+                assert!(vocabulary.contains(w), "`{w}` is not in the vocabulary");
+            }
+            assert_eq!(case.image(), Some(Path::new(&image_path(case.id()))));
+            let image = &images[case.id()];
+            assert_eq!(image.dimensions(), (picture::SIDE, picture::SIDE));
+        }
+        assert_eq!(images.len(), all(&splits).count());
+        // The same seed draws the same cases and images.
+        let (again, again_images) = generate_with_images(&spec).unwrap();
+        assert_eq!(again, splits);
+        assert_eq!(again_images, images);
     }
 
     #[test]

@@ -10,6 +10,7 @@
 
 use std::ops::RangeInclusive;
 
+use super::picture::{Picture, St};
 use super::{around, compare, conclusion, Patient, Vignette, CLOSING};
 use crate::train::rng::SplitMix;
 
@@ -141,6 +142,24 @@ fn question(f: &Findings) -> String {
     )
 }
 
+/// The question of an image case and its image: the ECG drawn, not written.
+fn picture(f: &Findings) -> (String, Picture) {
+    let strips = match f.ecg {
+        Ecg::InferiorElevation => [St::Raised, St::Level, St::Level],
+        Ecg::AnteriorElevation => [St::Level, St::Raised, St::Level],
+        Ecg::LateralDepression => [St::Level, St::Level, St::Lowered],
+        Ecg::NoChange => [St::Level; 3],
+    };
+    let question = format!(
+        "{} has chest pain {} and a heart rate of {} per minute. Troponin is {} ng/L. {CLOSING}",
+        f.patient,
+        f.pain.text(),
+        f.heart_rate,
+        f.troponin
+    );
+    (question, Picture::Ecg(strips))
+}
+
 fn reasoning(f: &Findings, diagnosis: Diagnosis) -> Vec<String> {
     vec![
         format!(
@@ -175,6 +194,7 @@ pub(super) fn draw(rng: &mut SplitMix) -> Vignette {
         question,
         reasoning,
         runner_up,
+        picture,
     )
 }
 

@@ -12,6 +12,7 @@
 
 use std::ops::RangeInclusive;
 
+use super::picture::Picture;
 use super::{around, compare, conclusion, Patient, Vignette, CLOSING};
 use crate::train::rng::SplitMix;
 
@@ -140,6 +141,26 @@ fn question(f: &Findings) -> String {
     )
 }
 
+/// The question of an image case and its image: asymmetry, border and colours drawn, not
+/// written.
+fn picture(f: &Findings) -> (String, Picture) {
+    let pick = |yes: bool, a: &'static str, b: &'static str| if yes { a } else { b };
+    let question = format!(
+        "{} has a pigmented lesion on the {}. It has a diameter of {} mm. It is {} and its surface is {}. {CLOSING}",
+        f.patient,
+        f.site,
+        f.diameter,
+        pick(f.changing, "changing", "stable"),
+        pick(f.waxy, "waxy", "smooth"),
+    );
+    let picture = Picture::Lesion {
+        asymmetric: f.asymmetric,
+        jagged: f.irregular_border,
+        several_colors: f.several_colors,
+    };
+    (question, picture)
+}
+
 fn reasoning(f: &Findings, diagnosis: Diagnosis) -> Vec<String> {
     let features = f.features();
     let listed = if features.is_empty() {
@@ -189,6 +210,7 @@ pub(super) fn draw(rng: &mut SplitMix) -> Vignette {
         question,
         reasoning,
         runner_up,
+        picture,
     )
 }
 

@@ -12,6 +12,7 @@
 
 use std::ops::RangeInclusive;
 
+use super::picture::Picture;
 use super::{compare, conclusion, Patient, Vignette, CLOSING};
 use crate::train::rng::SplitMix;
 
@@ -158,6 +159,27 @@ fn question(f: &Findings) -> String {
     )
 }
 
+/// The question of an image case and its image: the nuclear pleomorphism drawn, not written.
+fn picture(f: &Findings) -> (String, Picture) {
+    let question = format!(
+        "{} has a {} tumor biopsy. It shows {} and {} mitoses per 10 HPF. {CLOSING}",
+        f.patient,
+        f.site,
+        if f.invasion {
+            "stromal invasion"
+        } else {
+            "no stromal invasion"
+        },
+        f.mitoses,
+    );
+    let variation = match f.pleomorphism {
+        Pleomorphism::Mild => 0,
+        Pleomorphism::Moderate => 1,
+        Pleomorphism::Marked => 2,
+    };
+    (question, Picture::Nuclei(variation))
+}
+
 fn reasoning(f: &Findings, diagnosis: Diagnosis) -> Vec<String> {
     let answer = conclusion(DIAGNOSES[diagnosis as usize]);
     if !f.invasion {
@@ -210,6 +232,7 @@ pub(super) fn draw(rng: &mut SplitMix) -> Vignette {
         question,
         reasoning,
         runner_up,
+        picture,
     )
 }
 

@@ -12,6 +12,7 @@
 
 use std::ops::RangeInclusive;
 
+use super::picture::{Outline, Picture};
 use super::{compare, conclusion, Patient, Vignette, CLOSING};
 use crate::train::rng::SplitMix;
 
@@ -161,6 +162,24 @@ fn question(f: &Findings) -> String {
     )
 }
 
+/// The question of an image case and its image: the margin drawn, not written.
+fn picture(f: &Findings) -> (String, Picture) {
+    let outline = match f.margin {
+        Margin::Circumscribed => Outline::Smooth,
+        Margin::Irregular => Outline::Wavy,
+        Margin::Spiculated => Outline::Spiculated,
+    };
+    let question = format!(
+        "{} has a lesion in the {} breast at {} o'clock on MRI. It measures {} mm, with {}. {CLOSING}",
+        f.patient,
+        if f.left { "left" } else { "right" },
+        f.clock,
+        f.size,
+        f.enhancement.text()
+    );
+    (question, Picture::Mass(outline))
+}
+
 fn reasoning(f: &Findings, rule: Rule) -> Vec<String> {
     let size = if f.size > SMALL && f.size <= LARGE {
         format!(
@@ -206,6 +225,7 @@ pub(super) fn draw(rng: &mut SplitMix) -> Vignette {
         question,
         reasoning,
         runner_up,
+        picture,
     )
 }
 
