@@ -408,3 +408,182 @@ fn eval_scores_image_cases_and_records_what_was_shown() {
     // A text-only case is the same prompt either way, so the same answer.
     assert_eq!(seen[2]["output"], blank[2]["output"]);
 }
+
+const TEXT_BASE: &str = r#"[train]
+method = "base"
+seed = 3
+max_steps = 4
+batch_size = 8
+
+[train.init]
+hidden_size = 32
+num_hidden_layers = 2
+num_attention_heads = 4
+num_key_value_heads = 2
+intermediate_size = 64
+max_position_embeddings = 256
+
+[train.data]
+synthetic = { seed = 0, train = 8 }
+
+[train.optim]
+lr = 3e-3
+"#;
+
+const VISION_BASE: &str = r#"[train]
+method = "base"
+base = "text"
+seed = 4
+epochs = 2
+batch_size = 8
+
+[train.vision]
+image_size = 32
+patch_size = 8
+hidden_size = 16
+num_hidden_layers = 2
+num_attention_heads = 2
+intermediate_size = 32
+
+[train.data]
+files = ["data/cardiology/train.jsonl", "data/radiology/train.jsonl"]
+
+[train.optim]
+lr = 1e-2
+"#;
+
+const IMAGE_EXPERT: &str = r#"[train]
+method = "dsa"
+base = "vlm"
+seed = 5
+epochs = 2
+batch_size = 4
+
+[train.data]
+files = ["data/cardiology/train.jsonl"]
+
+[train.lora]
+r = 4
+alpha = 8
+target_modules = ["q_proj", "v_proj"]
+modules_to_save = ["multi_modal_projector"]
+
+[train.optim]
+lr = 5e-3
+"#;
+
+#[test]
+fn a_text_base_becomes_a_llava_whose_projector_learns_the_images() {
+    let work = tempfile::tempdir().unwrap();
+    let dir = work.path();
+    let run = |args: &[&str]| assert_ok(&common::mmx(args, dir));
+    std::fs::write(dir.join("text.toml"), TEXT_BASE).unwrap();
+    run(&["train", "base", "text.toml", "-o", "text", "--quiet"]);
+    run(&[
+        "data",
+        "generate",
+        "-o",
+        "data",
+        "--images",
+        "--train",
+        "8",
+        "--validation",
+        "2",
+        "--test",
+        "4",
+    ]);
+    assert!(dir
+        .join("data/cardiology/images/cardiology-train-000000.png")
+        .is_file());
+    let readme = std::fs::read_to_string(dir.join("data/README.md")).unwrap();
+    assert!(readme.contains("synthetic cartoons"), "{readme}");
+    std::fs::write(dir.join("vlm.toml"), VISION_BASE).unwrap();
+    run(&["train", "base", "vlm.toml", "-o", "vlm", "--quiet"]);
+
+    // A LLaVA model: the text model's weights under LLaVA's names, a tower drawn from the
+    // seed (what the builder alone draws), a projector that training moved.
+    let model = Llava::load(&dir.join("vlm"), None, DType::F32, &Device::Cpu).unwrap();
+    assert_eq!(model.config().image_tokens(), 16);
+    let tokenizer = mmx::train::tokenizer::Tokenizer::load(&dir.join("vlm")).unwrap();
+    assert_eq!(
+        tokenizer.encode("<image>", false).unwrap(),
+        [model.config().image_token_index]
+    );
+    let open = |p: &str| SafetensorsFile::open(dir.join(p)).unwrap();
+    let (text, vlm) = (
+        open("text/model.safetensors"),
+        open("vlm/model.safetensors"),
+    );
+    assert_eq!(
+        text.read_f32("model.layers.1.mlp.down_proj.weight")
+            .unwrap(),
+        vlm.read_f32("language_model.model.layers.1.mlp.down_proj.weight")
+            .unwrap()
+    );
+    let fresh = dir.join("fresh");
+    let spec = mmx::train::vlm_init::VisionInit {
+        image_size: 32,
+        patch_size: 8,
+        hidden_size: 16,
+        num_hidden_layers: 2,
+        num_attention_heads: 2,
+        intermediate_size: 32,
+    };
+    mmx::train::vlm_init::init_llava(&dir.join("text"), &fresh, &spec, 4).unwrap();
+    let fresh = SafetensorsFile::open(fresh.join("model.safetensors")).unwrap();
+    let tower = "vision_tower.encoder.layers.0.self_attn.q_proj.weight";
+    assert_eq!(fresh.read_f32(tower).unwrap(), vlm.read_f32(tower).unwrap());
+    let projector = "multi_modal_projector.linear_1.weight";
+    assert!(
+        max_relative_error(
+            &vlm.read_f32(projector).unwrap(),
+            &fresh.read_f32(projector).unwrap()
+        ) > 1e-3
+    );
+    let steps = std::fs::read_to_string(dir.join("vlm/metrics.jsonl")).unwrap();
+    let loss = |line: &str| {
+        serde_json::from_str::<serde_json::Value>(line).unwrap()["loss"]
+            .as_f64()
+            .unwrap()
+    };
+    let lines: Vec<&str> = steps.lines().collect();
+    assert!(loss(lines[lines.len() - 1]) < loss(lines[0]), "{steps}");
+
+    // An image expert on it, evaluated with its images.
+    std::fs::write(dir.join("card.toml"), IMAGE_EXPERT).unwrap();
+    run(&["train", "dsa", "card.toml", "-o", "card", "--quiet"]);
+    let out = common::mmx(
+        &[
+            "eval",
+            "vlm",
+            "--adapter",
+            "card",
+            "--data",
+            "data/cardiology/test.jsonl",
+            "--json",
+            "--samples",
+            "s.jsonl",
+        ],
+        dir,
+    );
+    assert_ok(&out);
+    let samples = std::fs::read_to_string(dir.join("s.jsonl")).unwrap();
+    assert!(
+        samples.contains("\"image\":\"images/cardiology-test-000000.png\""),
+        "{samples}"
+    );
+
+    // A vision tower needs a base to extend.
+    std::fs::write(
+        dir.join("bad.toml"),
+        VISION_BASE.replace("base = \"text\"\n", ""),
+    )
+    .unwrap();
+    let out = common::mmx(&["train", "base", "bad.toml", "-o", "bad", "--quiet"], dir);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(
+        err.contains("starts from either `base` or `[train.init]`"),
+        "{err}"
+    );
+}

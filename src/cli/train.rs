@@ -18,6 +18,7 @@ use crate::train::rl::reward::{builtin, WeightedReward};
 use crate::train::rl::trainer::train_gba;
 use crate::train::sft::train;
 use crate::train::source::Materialized;
+use crate::train::vlm_init::init_llava;
 
 /// Arguments of `mmx train`.
 #[derive(Debug, Args)]
@@ -88,6 +89,14 @@ pub fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
     let (publish, registry, output) = destination(&args, recipe.registry.as_ref())?;
     // The starting model: the recipe's base, or a new one drawn from its seed.
     let (base, base_name, _scratch) = match (&recipe.base, &recipe.init) {
+        (Some(source), _) if recipe.vision.is_some() => {
+            let text = Materialized::open(source, &registry)?;
+            let scratch = output.join(".init");
+            let spec = recipe.vision.as_ref().expect("checked");
+            init_llava(text.dir(), &scratch, spec, recipe.seed)?;
+            let base = Materialized::open(&scratch.display().to_string(), &registry)?;
+            (base, source.clone(), Some(RemoveOnDrop(scratch)))
+        }
         (Some(source), _) => (Materialized::open(source, &registry)?, source.clone(), None),
         (None, Some(spec)) => {
             let scratch = output.join(".init");

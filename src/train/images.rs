@@ -104,6 +104,70 @@ impl Images {
         language.save_adapter_with(dir, base_name, &saved, &[PROJECTOR_MODULE])
     }
 
+    /// Writes the whole LLaVA model into `dir` as it was loaded, but for the projector, which
+    /// is written as it stands (trained): the loaded directory's configuration, processor
+    /// and tokenizer files copied, every tensor of its checkpoint under its own name.
+    pub fn save_model(&self, dir: &Path) -> Result<()> {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        for file in [
+            "config.json",
+            "preprocessor_config.json",
+            "tokenizer.json",
+            "tokenizer_config.json",
+        ] {
+            let from = self.dir.join(file);
+            if from.is_file() {
+                let bytes = std::fs::read(&from).map_err(|e| Error::io(&from, e))?;
+                crate::tensor::write_atomic(&dir.join(file), &bytes)?;
+            }
+        }
+        let checkpoint = crate::checkpoint::Checkpoint::open(&self.dir)?;
+        let projector: std::collections::BTreeMap<String, Tensor> = self
+            .encoder
+            .projector_tensors()
+            .into_iter()
+            .filter_map(|(key, t)| {
+                let name = key.strip_prefix(crate::adapter::PEFT_PREFIX)?;
+                Some((name.strip_prefix("model.")?.to_string(), t))
+            })
+            .collect();
+        let mut tensors = Vec::new();
+        let mut replaced = 0;
+        for name in checkpoint.names() {
+            let info = checkpoint.info(name).expect("a listed tensor");
+            // `multi_modal_projector.…` as saved, `model.multi_modal_projector.…` as in memory.
+            let own = projector
+                .get(name)
+                .or_else(|| projector.get(name.strip_prefix("model.").unwrap_or(name)));
+            replaced += usize::from(own.is_some());
+            let values = match own {
+                Some(t) => t
+                    .to_dtype(DType::F32)
+                    .and_then(|t| t.flatten_all())
+                    .and_then(|t| t.to_vec1::<f32>())
+                    .map_err(candle(format!("`{name}`")))?,
+                None => checkpoint.read_f32(name)?,
+            };
+            let spec = crate::tensor::TensorSpec {
+                name: name.to_string(),
+                dtype: crate::tensor::Dtype::F32,
+                shape: info.shape.clone(),
+            };
+            tensors.push((spec, values.iter().flat_map(|v| v.to_le_bytes()).collect()));
+        }
+        if replaced != projector.len() {
+            return Err(Error::Model {
+                path: self.dir.clone(),
+                message: format!(
+                    "found {replaced} of the projector's {} tensors in the checkpoint",
+                    projector.len()
+                ),
+            });
+        }
+        let metadata = std::collections::BTreeMap::from([("format".to_string(), "pt".to_string())]);
+        crate::tensor::write_safetensors(&dir.join("model.safetensors"), &tensors, &metadata)
+    }
+
     /// What a training example of `case` carries: its image's rows in the language model's
     /// space ([`Images::rows`]), or its vision features where the projector is trained.
     pub fn training_rows(&self, case: &Case, device: &Device) -> Result<Option<ImageRows>> {

@@ -200,7 +200,7 @@ pub fn init_model(dir: &Path, spec: &InitSpec, seed: u64) -> Result<()> {
 }
 
 /// A standard normal draw (Box–Muller on two uniforms in (0, 1]).
-fn normal(rng: &mut SplitMix) -> f32 {
+pub(crate) fn normal(rng: &mut SplitMix) -> f32 {
     let uniform = |rng: &mut SplitMix| ((rng.next_u64() >> 11) as f64 + 1.0) / (1u64 << 53) as f64;
     let (u, v) = (uniform(rng), uniform(rng));
     ((-2.0 * u.ln()).sqrt() * (std::f64::consts::TAU * v).cos()) as f32

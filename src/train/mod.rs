@@ -38,6 +38,7 @@ pub mod sft;
 pub mod source;
 pub mod synth;
 pub mod tokenizer;
+pub mod vlm_init;
 
 pub use case::{option_letter, read_case_files, read_cases, write_cases, Case};
 pub use prompt::parse_answer;

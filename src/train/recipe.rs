@@ -28,6 +28,14 @@
 //! use_rslora = false
 //! modules_to_save = ["multi_modal_projector"]   # a LLaVA base: train its projector in full
 //!
+//! [train.vision]                     # a `base` recipe only: `base` (a text model) becomes a
+//! image_size = 32                     # LLaVA model with this tower, drawn from `seed`, and
+//! patch_size = 8                      # the run trains its projector (LLaVA's first stage)
+//! hidden_size = 32
+//! num_hidden_layers = 2
+//! num_attention_heads = 4
+//! intermediate_size = 64
+//!
 //! [train.optim]
 //! lr = 2e-3
 //! betas = [0.9, 0.999]
@@ -47,6 +55,7 @@ use serde::Deserialize;
 use super::init::InitSpec;
 use super::model::PROJECTOR_MODULE as PROJECTOR;
 use super::schedule::Decay;
+use super::vlm_init::VisionInit;
 use super::{read_case_files, synth, Case};
 use crate::error::{Error, Result};
 
@@ -64,6 +73,10 @@ pub struct TrainRecipe {
     pub base: Option<String>,
     /// A `base` recipe's new model, drawn from `seed` ([`crate::train::init`]).
     pub init: Option<InitSpec>,
+    /// A `base` recipe's vision tower, drawn from `seed`: the base (a text model) becomes a
+    /// LLaVA model ([`crate::train::vlm_init`]) whose projector the run trains (LLaVA's
+    /// first stage: the tower and the language model frozen).
+    pub vision: Option<VisionInit>,
     /// The registry for registry refs and `--publish`, resolved against the recipe.
     pub registry: Option<PathBuf>,
     /// The specialty the adapter learns.
@@ -231,6 +244,7 @@ struct WireTrain {
     method: TrainMethod,
     base: Option<String>,
     init: Option<InitSpec>,
+    vision: Option<VisionInit>,
     registry: Option<String>,
     specialty: Option<String>,
     #[serde(default)]
@@ -454,6 +468,14 @@ impl TrainRecipe {
             (TrainMethod::Dsa, None) => {
                 return Err(fail("method `dsa` needs a `[train.lora]` table".into()))
             }
+            _ if t.vision.is_some() && (t.base.is_none() || t.init.is_some()) => return Err(fail(
+                "`[train.vision]` needs a `base` (the text model it extends) and no `[train.init]`"
+                    .into(),
+            )),
+            (TrainMethod::Dsa, Some(_)) if t.vision.is_some() => return Err(fail(
+                "`[train.vision]` makes a LLaVA base (method `base`); a `dsa` recipe trains on one"
+                    .into(),
+            )),
             (TrainMethod::Base, Some(_)) => {
                 return Err(fail(
                     "method `base` trains the model's own weights: remove `[train.lora]`".into(),
@@ -471,6 +493,7 @@ impl TrainRecipe {
             method: t.method,
             base,
             init: t.init,
+            vision: t.vision,
             registry: t.registry.map(|r| relative(&r)),
             specialty: t.specialty,
             seed: t.seed,

@@ -30,7 +30,7 @@ use serde::Serialize;
 use super::batch::{summed_nll, Batch, Example, ImageRows};
 use super::checkpoint::{latest_checkpoint, load_checkpoint, save_checkpoint, TrainerState};
 use super::fused::Engine;
-use super::images::{language_config, refuse_images_without_tower, Images};
+use super::images::{is_vision_language, language_config, refuse_images_without_tower, Images};
 use super::model::{candle, CausalLm, LoraSpec, PROJECTOR_MODULE};
 use super::optim::{clip_gradients, AdamW, AdamWConfig};
 use super::prompt::RuleBook;
@@ -163,10 +163,19 @@ pub fn train(
             }
             (images, model)
         }
-        // A resumed base run continues from the checkpoint's own weights.
+        // A resumed base run continues from the checkpoint's own weights. A LLaVA base trains
+        // its projector only (the tower and the language model frozen).
         TrainMethod::Base => {
             let dir = latest.as_deref().unwrap_or(base_dir);
-            (None, CausalLm::load_trainable(dir, DType::F32, &device)?)
+            if is_vision_language(dir)? {
+                let (mut images, model) = Images::load(dir, None, DType::F32, &device)?;
+                if let Some(images) = images.as_mut() {
+                    projector_vars = images.train_projector()?;
+                }
+                (images, model)
+            } else {
+                (None, CausalLm::load_trainable(dir, DType::F32, &device)?)
+            }
         }
     };
     tokenizer.check_vocab(model.config())?;
@@ -202,9 +211,10 @@ pub fn train(
         eps: recipe.optim.eps,
         weight_decay: recipe.optim.weight_decay,
     };
-    let trained = match recipe.method {
-        TrainMethod::Dsa => [model.lora_vars(), projector_vars].concat(),
-        TrainMethod::Base => model.weight_vars().to_vec(),
+    let trained = match (recipe.method, &images) {
+        (TrainMethod::Dsa, _) => [model.lora_vars(), projector_vars].concat(),
+        (TrainMethod::Base, Some(_)) => projector_vars,
+        (TrainMethod::Base, None) => model.weight_vars().to_vec(),
     };
     let mut optimizer = AdamW::new(trained, config)?;
     let mut start_step = 0;
@@ -228,7 +238,8 @@ pub fn train(
     let write_weights = |model: &CausalLm, dir: &Path| match (recipe.method, &images) {
         (TrainMethod::Dsa, Some(images)) => images.save_adapter(model, dir, base_name),
         (TrainMethod::Dsa, None) => model.save_adapter(dir, base_name),
-        (TrainMethod::Base, _) => model.save_model(dir),
+        (TrainMethod::Base, Some(images)) => images.save_model(dir),
+        (TrainMethod::Base, None) => model.save_model(dir),
     };
     let metrics_path = output.join("metrics.jsonl");
     let mut metrics = std::fs::OpenOptions::new()
