@@ -28,6 +28,16 @@ fn references() -> SafetensorsFile {
     SafetensorsFile::open(Path::new(FIXTURES).join("tiny-llava-logits.safetensors")).unwrap()
 }
 
+/// The rows of an I64 fixture of token ids.
+fn token_rows(file: &SafetensorsFile, name: &str) -> Vec<Vec<u32>> {
+    fixture(file, name)
+        .to_vec2::<i64>()
+        .unwrap()
+        .iter()
+        .map(|row| row.iter().map(|&t| t as u32).collect())
+        .collect()
+}
+
 fn flat(t: &Tensor) -> Vec<f32> {
     t.flatten_all().unwrap().to_vec1::<f32>().unwrap()
 }
@@ -356,12 +366,7 @@ fn data_embed_writes_each_images_features_and_points_the_cases_at_them() {
 fn greedy_generation_matches_transformers() {
     let file = references();
     let model = model();
-    let ids: Vec<Vec<u32>> = fixture(&file, "input_ids")
-        .to_vec2::<i64>()
-        .unwrap()
-        .iter()
-        .map(|row| row.iter().map(|&t| t as u32).collect())
-        .collect();
+    let ids = token_rows(&file, "input_ids");
     let features = model
         .vision_features(&fixture(&file, "pixel_values"))
         .unwrap();
@@ -369,12 +374,7 @@ fn greedy_generation_matches_transformers() {
     options.eos_token_ids = vec![];
     options.pad_token_id = 0;
     let got = model.generate(&ids, Some(&features), &options).unwrap();
-    let expected: Vec<Vec<u32>> = fixture(&file, "generated")
-        .to_vec2::<i64>()
-        .unwrap()
-        .iter()
-        .map(|row| row.iter().map(|&t| t as u32).collect())
-        .collect();
+    let expected = token_rows(&file, "generated");
     assert_eq!(got, expected);
     // Rows of different lengths are left-padded; each row's continuation stays its own.
     let short = vec![ids[1][..ids[1].len() - 2].to_vec(), ids[0].clone()];
@@ -411,12 +411,7 @@ fn greedy_generation_matches_transformers() {
 fn the_fused_engine_generates_from_images_as_transformers() {
     let file = references();
     let model = model();
-    let ids: Vec<Vec<u32>> = fixture(&file, "input_ids")
-        .to_vec2::<i64>()
-        .unwrap()
-        .iter()
-        .map(|row| row.iter().map(|&t| t as u32).collect())
-        .collect();
+    let ids = token_rows(&file, "input_ids");
     let projected = model
         .image_features(&fixture(&file, "pixel_values"))
         .unwrap();
@@ -433,12 +428,7 @@ fn the_fused_engine_generates_from_images_as_transformers() {
     let got = engine
         .generate_with_images(&ids, &images, 1, |_| options.clone())
         .unwrap();
-    let expected: Vec<Vec<u32>> = fixture(&file, "generated")
-        .to_vec2::<i64>()
-        .unwrap()
-        .iter()
-        .map(|row| row.iter().map(|&t| t as u32).collect())
-        .collect();
+    let expected = token_rows(&file, "generated");
     assert_eq!(got, expected);
     // One prompt shown each image in one shard: their common start is the same tokens but
     // not the same image, so nothing is shared between them.

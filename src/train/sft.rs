@@ -124,60 +124,8 @@ pub fn train(
         }
         restored = Some((state, moments));
     }
-    let mut projector_vars = Vec::new();
-    let (images, mut model) = match recipe.method {
-        TrainMethod::Dsa => {
-            let lora = recipe.lora.as_ref().ok_or_else(|| Error::Recipe {
-                path: recipe.path.clone(),
-                message: "method `dsa` needs a `[train.lora]` table".into(),
-            })?;
-            let spec = LoraSpec {
-                r: lora.r,
-                alpha: lora.alpha,
-                dropout: lora.dropout,
-                use_rslora: lora.use_rslora,
-                target_modules: lora.target_modules.clone(),
-                seed: recipe.seed,
-            };
-            let (mut images, mut model) = Images::load(base_dir, Some(&spec), DType::F32, &device)?;
-            if let Some(dir) = latest.as_ref().filter(|_| restored.is_some()) {
-                match images.as_mut() {
-                    Some(images) => images.load_adapter(&mut model, dir)?,
-                    None => model.load_adapter(dir)?,
-                }
-            }
-            match images.as_mut() {
-                Some(images) if lora.train_projector => {
-                    projector_vars = images.train_projector()?;
-                }
-                None if lora.train_projector => {
-                    return Err(Error::Recipe {
-                        path: recipe.path.clone(),
-                        message: format!(
-                            "`modules_to_save = [\"{PROJECTOR_MODULE}\"]` trains a LLaVA model's projector; `{}` is a text-only model",
-                            base_dir.display()
-                        ),
-                    });
-                }
-                _ => {}
-            }
-            (images, model)
-        }
-        // A resumed base run continues from the checkpoint's own weights. A LLaVA base trains
-        // its projector only (the tower and the language model frozen).
-        TrainMethod::Base => {
-            let dir = latest.as_deref().unwrap_or(base_dir);
-            if is_vision_language(dir)? {
-                let (mut images, model) = Images::load(dir, None, DType::F32, &device)?;
-                if let Some(images) = images.as_mut() {
-                    projector_vars = images.train_projector()?;
-                }
-                (images, model)
-            } else {
-                (None, CausalLm::load_trainable(dir, DType::F32, &device)?)
-            }
-        }
-    };
+    let resumed = latest.as_deref().filter(|_| restored.is_some());
+    let (images, mut model, projector_vars) = load_model(recipe, base_dir, resumed, &device)?;
     tokenizer.check_vocab(model.config())?;
     let examples = encode(&tokenizer, &model, images.as_ref(), cases, recipe)?;
     if examples.is_empty() {
@@ -351,6 +299,77 @@ pub fn train(
         tokens_per_second: seen_tokens as f64 / elapsed.max(1e-9),
         examples: examples.len(),
     })
+}
+
+/// A run's model: its image side (a LLaVA base), its language model, the projector's
+/// variables where the projector is trained.
+type Loaded = (Option<Images>, CausalLm, Vec<(String, Var)>);
+
+/// The model a run trains and what it trains besides the model's own variables: the base in
+/// `base_dir` (a LLaVA base with its image side), with fresh LoRA updates for `dsa`, then the
+/// checkpoint `resumed` from if any (for `base`, its weights instead of the base's), and the
+/// projector's variables where it is trained (`modules_to_save`, or a LLaVA `base` run).
+fn load_model(
+    recipe: &TrainRecipe,
+    base_dir: &Path,
+    resumed: Option<&Path>,
+    device: &Device,
+) -> Result<Loaded> {
+    let mut projector_vars = Vec::new();
+    let (images, model) = match recipe.method {
+        TrainMethod::Dsa => {
+            let lora = recipe.lora.as_ref().ok_or_else(|| Error::Recipe {
+                path: recipe.path.clone(),
+                message: "method `dsa` needs a `[train.lora]` table".into(),
+            })?;
+            let spec = LoraSpec {
+                r: lora.r,
+                alpha: lora.alpha,
+                dropout: lora.dropout,
+                use_rslora: lora.use_rslora,
+                target_modules: lora.target_modules.clone(),
+                seed: recipe.seed,
+            };
+            let (mut images, mut model) = Images::load(base_dir, Some(&spec), DType::F32, device)?;
+            if let Some(dir) = resumed {
+                match images.as_mut() {
+                    Some(images) => images.load_adapter(&mut model, dir)?,
+                    None => model.load_adapter(dir)?,
+                }
+            }
+            match images.as_mut() {
+                Some(images) if lora.train_projector => {
+                    projector_vars = images.train_projector()?;
+                }
+                None if lora.train_projector => {
+                    return Err(Error::Recipe {
+                        path: recipe.path.clone(),
+                        message: format!(
+                            "`modules_to_save = [\"{PROJECTOR_MODULE}\"]` trains a LLaVA model's projector; `{}` is a text-only model",
+                            base_dir.display()
+                        ),
+                    });
+                }
+                _ => {}
+            }
+            (images, model)
+        }
+        // A resumed base run continues from the checkpoint's own weights. A LLaVA base trains
+        // its projector only (the tower and the language model frozen).
+        TrainMethod::Base => {
+            let dir = resumed.unwrap_or(base_dir);
+            if is_vision_language(dir)? {
+                let (mut images, model) = Images::load(dir, None, DType::F32, device)?;
+                if let Some(images) = images.as_mut() {
+                    projector_vars = images.train_projector()?;
+                }
+                (images, model)
+            } else {
+                (None, CausalLm::load_trainable(dir, DType::F32, device)?)
+            }
+        }
+    };
+    Ok((images, model, projector_vars))
 }
 
 /// The engine [`ENGINE_VAR`] asks for: unset or `auto`, the fused engine where it applies

@@ -144,16 +144,21 @@ fn draw_findings(rng: &mut SplitMix) -> Findings {
     }
 }
 
+/// The biopsy's invasion, as the question states it.
+fn invasion(f: &Findings) -> &'static str {
+    if f.invasion {
+        "stromal invasion"
+    } else {
+        "no stromal invasion"
+    }
+}
+
 fn question(f: &Findings) -> String {
     format!(
         "{} has a {} tumor biopsy. It shows {}, {} mitoses per 10 HPF and {} nuclear pleomorphism. {CLOSING}",
         f.patient,
         f.site,
-        if f.invasion {
-            "stromal invasion"
-        } else {
-            "no stromal invasion"
-        },
+        invasion(f),
         f.mitoses,
         f.pleomorphism.text()
     )
@@ -165,11 +170,7 @@ fn picture(f: &Findings) -> (String, Picture) {
         "{} has a {} tumor biopsy. It shows {} and {} mitoses per 10 HPF. {CLOSING}",
         f.patient,
         f.site,
-        if f.invasion {
-            "stromal invasion"
-        } else {
-            "no stromal invasion"
-        },
+        invasion(f),
         f.mitoses,
     );
     let variation = match f.pleomorphism {
