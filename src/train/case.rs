@@ -55,8 +55,9 @@ pub(crate) struct CaseLine {
 
 /// A validated case: a question, 2 to 8 options, the letter of the right one, and the
 /// reasoning that leads to it (none for an answer-only case), optionally written under a
-/// named guideline.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// named guideline. Two cases are equal when their contents are, wherever they were read
+/// from.
+#[derive(Debug, Clone)]
 pub struct Case {
     id: String,
     specialty: String,
@@ -71,6 +72,44 @@ pub struct Case {
     /// The directory of the file the case was read from: its image paths are relative to it.
     dir: Option<PathBuf>,
 }
+
+impl PartialEq for Case {
+    fn eq(&self, other: &Self) -> bool {
+        // Every field but `dir`, which says where the case was read, not what it is (written
+        // out, so that a new field cannot be left out unnoticed).
+        let Case {
+            id,
+            specialty,
+            question,
+            options,
+            answer,
+            reasoning,
+            image,
+            image_embeds,
+            synthetic,
+            guideline,
+            dir: _,
+        } = self;
+        (id, specialty, question, options, answer, reasoning)
+            == (
+                &other.id,
+                &other.specialty,
+                &other.question,
+                &other.options,
+                &other.answer,
+                &other.reasoning,
+            )
+            && (image, image_embeds, synthetic, guideline)
+                == (
+                    &other.image,
+                    &other.image_embeds,
+                    &other.synthetic,
+                    &other.guideline,
+                )
+    }
+}
+
+impl Eq for Case {}
 
 impl Case {
     /// Validates a wire line; the error is the message of an [`Error::Data`].
@@ -552,5 +591,19 @@ mod tests {
         let err = read_cases(Path::new("/nonexistent/cases.jsonl")).unwrap_err();
         assert!(matches!(err, Error::Io { .. }));
         assert!(err.to_string().contains("/nonexistent/cases.jsonl"));
+    }
+
+    #[test]
+    fn image_paths_resolve_against_the_case_file_and_equality_ignores_where_it_was() {
+        let line = with("image", Some(r#""img/c1.png""#));
+        let cases = parse_cases(Path::new("data/cardiology/train.jsonl"), line.as_bytes()).unwrap();
+        assert_eq!(
+            cases[0].image_file(),
+            Some(PathBuf::from("data/cardiology/img/c1.png"))
+        );
+        assert_eq!(cases[0].image(), Some(Path::new("img/c1.png")));
+        let elsewhere = parse_cases(Path::new("other.jsonl"), line.as_bytes()).unwrap();
+        assert_eq!(elsewhere[0].image_file(), Some(PathBuf::from("img/c1.png")));
+        assert_eq!(cases, elsewhere);
     }
 }
