@@ -587,3 +587,54 @@ fn a_text_base_becomes_a_llava_whose_projector_learns_the_images() {
         "{err}"
     );
 }
+
+#[test]
+fn a_llava_adapter_merges_into_the_checkpoint_it_was_trained_on() {
+    // PEFT names LLaVA's tensors as transformers holds them (`model.language_model.…`,
+    // `model.multi_modal_projector.…`); the checkpoint saves `language_model.model.…`. A
+    // one-expert linear merge of the LoRA + projector adapter into the full model is the
+    // adapter applied: the merged checkpoint's logits are those of the base with the adapter.
+    let work = tempfile::tempdir().unwrap();
+    let fixtures = std::fs::canonicalize(FIXTURES).unwrap();
+    let recipe = format!(
+        "[merge]\nmethod = \"linear\"\nbase = \"{}\"\noutput = \"full\"\n\n[[merge.experts]]\nsource = \"{}\"\nparameters = {{ weight = 1.0 }}\n",
+        fixtures.join("tiny-llava").display(),
+        fixtures.join("trained-projector").display()
+    );
+    std::fs::write(work.path().join("merge.toml"), recipe).unwrap();
+    assert_ok(&common::mmx(
+        &["merge", "merge.toml", "-o", "merged"],
+        work.path(),
+    ));
+    let merged_dir = work.path().join("merged");
+    assert!(merged_dir.join("preprocessor_config.json").is_file());
+    let merged = Llava::load(&merged_dir, None, DType::F32, &Device::Cpu).unwrap();
+    let mut adapted =
+        Llava::load(&fixtures.join("tiny-llava"), None, DType::F32, &Device::Cpu).unwrap();
+    adapted
+        .load_adapter(&fixtures.join("trained-projector"))
+        .unwrap();
+    let inputs = SafetensorsFile::open(fixtures.join("tiny-llava-logits.safetensors")).unwrap();
+    let tensor = |name: &str, dtype: DType| {
+        let info = inputs.info(name).unwrap();
+        Tensor::from_raw_buffer(
+            inputs.bytes(name).unwrap(),
+            dtype,
+            &info.shape,
+            &Device::Cpu,
+        )
+        .unwrap()
+    };
+    let (ids, pixels) = (
+        tensor("input_ids", DType::I64),
+        tensor("pixel_values", DType::F32),
+    );
+    let flat = |t: Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let ours = flat(merged.forward(&ids, Some(&pixels)).unwrap());
+    let theirs = flat(adapted.forward(&ids, Some(&pixels)).unwrap());
+    let err = max_relative_error(&ours, &theirs);
+    assert!(
+        err < 1e-5,
+        "merged logits differ from the adapter's by {err:e}"
+    );
+}

@@ -55,7 +55,46 @@ pub struct Adapter {
     origin: Option<String>,
 }
 
+/// The name a LLaVA checkpoint saves tensor `name` under, where PEFT names it as transformers
+/// holds the model in memory (`model.language_model.…` saved as `language_model.model.…`,
+/// `model.vision_tower.…` and `model.multi_modal_projector.…` without the `model.`,
+/// `lm_head.…` as `language_model.lm_head.…`).
+fn saved_llava_name(name: &str) -> Option<String> {
+    if let Some(rest) = name.strip_prefix("model.language_model.") {
+        return Some(format!("language_model.model.{rest}"));
+    }
+    for part in ["vision_tower.", "multi_modal_projector."] {
+        if let Some(rest) = name.strip_prefix(&format!("model.{part}")) {
+            return Some(format!("{part}{rest}"));
+        }
+    }
+    name.strip_prefix("lm_head.")
+        .map(|rest| format!("language_model.lm_head.{rest}"))
+}
+
 impl Adapter {
+    /// Renames the base tensors this adapter updates or replaces to the names a base
+    /// checkpoint has (`has`), where they differ only by its key layout: a LLaVA adapter's
+    /// in-memory names against a checkpoint in the saved layout. A name the checkpoint has
+    /// already, or whose other spelling it lacks, is left as it is (and so still refused,
+    /// naming it, by the caller's check).
+    pub fn name_tensors_as(&mut self, has: impl Fn(&str) -> bool) {
+        let rename = |name: &String| -> String {
+            match saved_llava_name(name) {
+                Some(saved) if !has(name) && has(&saved) => saved,
+                _ => name.clone(),
+            }
+        };
+        self.modules = std::mem::take(&mut self.modules)
+            .into_iter()
+            .map(|(name, module)| (rename(&name), module))
+            .collect();
+        self.saved = std::mem::take(&mut self.saved)
+            .into_iter()
+            .map(|(name, key)| (rename(&name), key))
+            .collect();
+    }
+
     /// Whether `dir` looks like a PEFT adapter directory.
     pub fn is_adapter_dir(dir: &Path) -> bool {
         dir.join("adapter_config.json").is_file()

@@ -21,6 +21,9 @@ pub const COPIED_FILES: &[&str] = &[
     "chat_template.jinja",
     "chat_template.json",
     "generation_config.json",
+    // A vision-language model's image processing.
+    "preprocessor_config.json",
+    "processor_config.json",
 ];
 
 /// An open model directory. Shards are memory-mapped; nothing is read until asked for.

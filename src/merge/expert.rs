@@ -72,6 +72,15 @@ impl Expert {
         }
     }
 
+    /// The adapter, if the expert has one, to rename its tensors
+    /// ([`Adapter::name_tensors_as`]).
+    pub fn adapter_mut(&mut self) -> Option<&mut Adapter> {
+        match &mut self.input {
+            ExpertInput::Adapter(a) | ExpertInput::ModelWithLora(_, a) => Some(a),
+            ExpertInput::Model(_) => None,
+        }
+    }
+
     /// The model, if the expert has its own.
     pub fn model(&self) -> Option<&Checkpoint> {
         match &self.input {

@@ -110,7 +110,7 @@ impl Plan {
                 "delta output needs a base model".to_string(),
             ));
         }
-        let experts = recipe
+        let mut experts = recipe
             .experts
             .iter()
             .enumerate()
@@ -129,6 +129,15 @@ impl Plan {
                 Ok(expert)
             })
             .collect::<Result<Vec<_>>>()?;
+        // Adapters of a LLaVA model name its tensors as transformers holds it in memory; a
+        // checkpoint saves them under other names.
+        if let Some(b) = &base {
+            for e in experts.iter_mut().filter(|e| e.model().is_none()) {
+                if let Some(a) = e.adapter_mut() {
+                    a.name_tensors_as(|n| b.info(n).is_some());
+                }
+            }
+        }
 
         let reference = match &base {
             Some(b) => b,
