@@ -323,6 +323,12 @@ fn data_embed_writes_each_images_features_and_points_the_cases_at_them() {
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
     assert_eq!(rows[0]["image_embeds"], "c1.safetensors");
+    // The copy's image still names the image, wherever the copy is.
+    let image = std::path::PathBuf::from(rows[0]["image"].as_str().unwrap());
+    assert_eq!(
+        std::fs::read(&image).unwrap(),
+        std::fs::read(dir.path().join("img/a.png")).unwrap()
+    );
     assert!(rows[1].get("image_embeds").is_none());
     // The file holds what the tower makes of the processed image.
     let model = model();

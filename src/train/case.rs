@@ -271,6 +271,14 @@ impl Case {
         }
     }
 
+    /// The same case with its image at `path` (relative to the case file it will be in).
+    pub fn with_image(&self, path: &str) -> Case {
+        Case {
+            image: Some(path.to_string()),
+            ..self.clone()
+        }
+    }
+
     /// Whether the case was generated rather than taken from real records.
     pub fn is_synthetic(&self) -> bool {
         self.synthetic

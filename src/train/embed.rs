@@ -1,6 +1,7 @@
 //! `mmx data embed`: each case's image through a LLaVA model's vision tower, once, offline,
 //! into an `image_embeds` file beside a copy of the case file that points at it, so that
-//! training and evaluation read features instead of running the tower again.
+//! training and evaluation read features instead of running the tower again. The copy names
+//! each image by its absolute path, as it no longer sits beside it.
 
 use std::path::Path;
 
@@ -47,10 +48,9 @@ pub fn embed_cases(
     on_case: &mut dyn FnMut(usize),
 ) -> Result<EmbedSummary> {
     let cases = read_cases(data)?;
-    let base = data.parent().unwrap_or(Path::new("."));
     let missing: Vec<String> = cases
         .iter()
-        .filter_map(|c| c.image().map(|p| (c, base.join(p))))
+        .filter_map(|c| c.image_file().map(|p| (c, p)))
         .filter(|(_, p)| !p.is_file())
         .map(|(c, p)| format!("case `{}`: image `{}` does not exist", c.id(), p.display()))
         .collect();
@@ -63,10 +63,9 @@ pub fn embed_cases(
     let mut out = Vec::with_capacity(cases.len());
     let mut embedded = 0;
     for (i, case) in cases.iter().enumerate() {
-        match case.image() {
+        match case.image_file() {
             None => out.push(case.clone()),
-            Some(image) => {
-                let path = base.join(image);
+            Some(path) => {
                 let pixels = processor
                     .pixel_values(&[path.as_path()], model.language_model().device())
                     .map_err(|e| Error::ModelInput {
@@ -75,7 +74,10 @@ pub fn embed_cases(
                 let features: Tensor = model.vision_features(&pixels)?;
                 let name = file_name(case, i);
                 Llava::write_image_embeds(&out_dir.join(&name), &features)?;
-                out.push(case.with_image_embeds(&name));
+                // The copy lives elsewhere: its image is named by where it is.
+                let image = std::fs::canonicalize(&path).map_err(|e| Error::io(&path, e))?;
+                let moved = case.with_image(&image.display().to_string());
+                out.push(moved.with_image_embeds(&name));
                 embedded += 1;
             }
         }
