@@ -235,6 +235,11 @@ impl Case {
         &self.reasoning
     }
 
+    /// Whether the case shows an image (a file, or its vision features).
+    pub fn has_image(&self) -> bool {
+        self.image.is_some() || self.image_embeds.is_some()
+    }
+
     /// The case's image file (relative to its case file), if it has one.
     pub fn image(&self) -> Option<&Path> {
         self.image.as_deref().map(Path::new)

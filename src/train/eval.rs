@@ -109,11 +109,12 @@ pub fn evaluate(
     for chunk in cases.chunks(batch * threads) {
         let shown: Vec<Option<ImageRows>> = match images {
             None => vec![None; chunk.len()],
+            // A blanked image is not read: the one blank image stands in for every one.
             Some((images, _)) => chunk
                 .iter()
-                .map(|c| match (images.rows(c, model.device())?, &blank) {
-                    (Some(_), Some(blank)) => Ok(Some(blank.clone())),
-                    (rows, _) => Ok(rows),
+                .map(|c| match &blank {
+                    Some(blank) => Ok(c.has_image().then(|| blank.clone())),
+                    None => images.rows(c, model.device()),
                 })
                 .collect::<Result<_>>()?,
         };

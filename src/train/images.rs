@@ -12,7 +12,8 @@ use super::batch::ImageRows;
 use super::case::Case;
 use super::model::vision::ImageProcessor;
 use super::model::{
-    candle, CausalLm, ImageEncoder, Llava, LlavaConfig, LoraSpec, ModelConfig, PROJECTOR_MODULE,
+    candle, f32_entry, f32_values, CausalLm, ImageEncoder, Llava, LlavaConfig, LoraSpec,
+    ModelConfig, PROJECTOR_MODULE,
 };
 use crate::error::{Error, Result};
 
@@ -109,12 +110,7 @@ impl Images {
     /// and tokenizer files copied, every tensor of its checkpoint under its own name.
     pub fn save_model(&self, dir: &Path) -> Result<()> {
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-        for file in [
-            "config.json",
-            "preprocessor_config.json",
-            "tokenizer.json",
-            "tokenizer_config.json",
-        ] {
+        for file in std::iter::once(&"config.json").chain(crate::checkpoint::COPIED_FILES) {
             let from = self.dir.join(file);
             if from.is_file() {
                 let bytes = std::fs::read(&from).map_err(|e| Error::io(&from, e))?;
@@ -140,20 +136,18 @@ impl Images {
                 .get(name)
                 .or_else(|| projector.get(name.strip_prefix("model.").unwrap_or(name)));
             replaced += usize::from(own.is_some());
-            let values = match own {
-                Some(t) => t
-                    .to_dtype(DType::F32)
-                    .and_then(|t| t.flatten_all())
-                    .and_then(|t| t.to_vec1::<f32>())
-                    .map_err(candle(format!("`{name}`")))?,
-                None => checkpoint.read_f32(name)?,
-            };
-            let spec = crate::tensor::TensorSpec {
-                name: name.to_string(),
-                dtype: crate::tensor::Dtype::F32,
-                shape: info.shape.clone(),
-            };
-            tensors.push((spec, values.iter().flat_map(|v| v.to_le_bytes()).collect()));
+            match own {
+                Some(t) => tensors.push(f32_entry(name.to_string(), t)?),
+                None => {
+                    let bytes = checkpoint.read_f32(name)?;
+                    let spec = crate::tensor::TensorSpec {
+                        name: name.to_string(),
+                        dtype: crate::tensor::Dtype::F32,
+                        shape: info.shape.clone(),
+                    };
+                    tensors.push((spec, bytes.iter().flat_map(|v| v.to_le_bytes()).collect()));
+                }
+            }
         }
         if replaced != projector.len() {
             return Err(Error::Model {
@@ -175,14 +169,7 @@ impl Images {
             return self.rows(case, device);
         }
         self.vision_features(case, device)?
-            .map(|f| {
-                let width = f.dim(2).map_err(candle("vision features"))?;
-                let values = f
-                    .flatten_all()
-                    .and_then(|t| t.to_vec1::<f32>())
-                    .map_err(candle("vision features"))?;
-                Ok(ImageRows::new(values, width))
-            })
+            .map(|f| image_rows(&f, "vision features"))
             .transpose()
     }
 
@@ -256,14 +243,7 @@ impl Images {
     }
 
     fn project_rows(&self, features: &Tensor) -> Result<ImageRows> {
-        let projected = self.encoder.project(features)?;
-        let width = projected.dim(2).map_err(candle("image features"))?;
-        let values = projected
-            .to_dtype(DType::F32)
-            .and_then(|t| t.flatten_all())
-            .and_then(|t| t.to_vec1::<f32>())
-            .map_err(candle("image features"))?;
-        Ok(ImageRows::new(values, width))
+        image_rows(&self.encoder.project(features)?, "image features")
     }
 
     /// The prompt ids with the image's tokens first (after `<bos>` if there is one).
@@ -280,10 +260,16 @@ impl Images {
     }
 }
 
+/// One image's `[1, tokens, width]` as rows.
+fn image_rows(t: &Tensor, what: &str) -> Result<ImageRows> {
+    let width = t.dim(2).map_err(candle(what))?;
+    Ok(ImageRows::new(f32_values(t, what)?, width))
+}
+
 /// Refuses a case with an image for a text-only model (it would be trained or scored without
 /// what its image shows).
 pub fn refuse_images_without_tower(cases: &[&Case], model_dir: &Path) -> Result<()> {
-    match cases.iter().find(|c| c.image().is_some() || c.image_embeds().is_some()) {
+    match cases.iter().find(|c| c.has_image()) {
         Some(case) => Err(Error::ModelInput {
             message: format!(
                 "case `{}` has an image, but `{}` is a text-only model (a LLaVA model reads images)",

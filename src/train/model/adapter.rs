@@ -5,18 +5,17 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
-use candle_core::{DType, Tensor};
+use candle_core::Tensor;
 use regex::Regex;
 use serde_json::{json, Map, Value};
 
-use super::candle;
 use super::causal_lm::CausalLm;
 use super::lora::{lora_dtype, LoraSpec, ALL_LINEAR};
 use super::projection::Projection;
 use super::weights::load_file_tensor;
+use super::{candle, f32_entry};
 use crate::adapter::{Adapter, LoraKind, PEFT_PREFIX};
 use crate::error::{Error, Result};
-use crate::tensor::{Dtype, TensorSpec};
 
 /// One module's factors read from an adapter, before they replace the model's.
 struct Loaded {
@@ -85,24 +84,6 @@ fn layers_kept(path: &Path, value: Option<&Value>) -> Result<Option<BTreeSet<usi
     }
 }
 
-/// A factor as f32 little-endian bytes with its PEFT key.
-fn factor_bytes(key: String, t: &Tensor) -> Result<(TensorSpec, Vec<u8>)> {
-    let values = t
-        .to_dtype(DType::F32)
-        .and_then(|t| t.flatten_all())
-        .and_then(|t| t.to_vec1::<f32>())
-        .map_err(candle(format!("tensor `{key}`")))?;
-    let bytes = values.iter().flat_map(|v| v.to_le_bytes()).collect();
-    Ok((
-        TensorSpec {
-            name: key,
-            dtype: Dtype::F32,
-            shape: t.dims().to_vec(),
-        },
-        bytes,
-    ))
-}
-
 impl CausalLm {
     /// Writes the LoRA factors as a PEFT adapter in `dir`: `adapter_config.json` (base model
     /// `base_name`, targets, rank and alpha, with `rank_pattern` / `alpha_pattern` for modules
@@ -151,11 +132,11 @@ impl CausalLm {
                 if alpha != spec.alpha {
                     alpha_pattern.insert(path.clone(), json!(alpha));
                 }
-                tensors.push(factor_bytes(
+                tensors.push(f32_entry(
                     format!("{PEFT_PREFIX}{path}.lora_A.weight"),
                     a.as_tensor(),
                 )?);
-                tensors.push(factor_bytes(
+                tensors.push(f32_entry(
                     format!("{PEFT_PREFIX}{path}.lora_B.weight"),
                     b.as_tensor(),
                 )?);
@@ -237,7 +218,7 @@ impl CausalLm {
             config.insert(key.to_string(), value);
         }
         for (key, t) in saved {
-            tensors.push(factor_bytes(key.clone(), t)?);
+            tensors.push(f32_entry(key.clone(), t)?);
         }
         Adapter::save(dir, &config, &tensors)
     }

@@ -387,21 +387,7 @@ impl CausalLm {
         }
         let mut tensors = Vec::with_capacity(self.weights.len());
         for (name, var) in &self.weights {
-            let t = var
-                .as_tensor()
-                .to_dtype(DType::F32)
-                .and_then(|t| t.flatten_all())
-                .and_then(|t| t.to_vec1::<f32>())
-                .map_err(candle(format!("saving `{name}`")))?;
-            let bytes: Vec<u8> = t.iter().flat_map(|v| v.to_le_bytes()).collect();
-            tensors.push((
-                crate::tensor::TensorSpec {
-                    name: name.clone(),
-                    dtype: crate::tensor::Dtype::F32,
-                    shape: var.dims().to_vec(),
-                },
-                bytes,
-            ));
+            tensors.push(super::f32_entry(name.clone(), var.as_tensor())?);
         }
         let metadata = std::collections::BTreeMap::from([("format".to_string(), "pt".to_string())]);
         crate::tensor::write_safetensors(&dir.join("model.safetensors"), &tensors, &metadata)

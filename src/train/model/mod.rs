@@ -62,6 +62,31 @@ pub use sampler::{Sampler, Sampling};
 
 use crate::error::Error;
 
+/// A tensor's values as f32, row-major; `what` names it in the error.
+pub(crate) fn f32_values(t: &candle_core::Tensor, what: &str) -> crate::error::Result<Vec<f32>> {
+    t.to_dtype(candle_core::DType::F32)
+        .and_then(|t| t.flatten_all())
+        .and_then(|t| t.to_vec1::<f32>())
+        .map_err(candle(format!("tensor `{what}`")))
+}
+
+/// A tensor as a safetensors entry named `name`: f32 little-endian bytes, its shape.
+pub(crate) fn f32_entry(
+    name: String,
+    t: &candle_core::Tensor,
+) -> crate::error::Result<(crate::tensor::TensorSpec, Vec<u8>)> {
+    let bytes = f32_values(t, &name)?
+        .iter()
+        .flat_map(|v| v.to_le_bytes())
+        .collect();
+    let spec = crate::tensor::TensorSpec {
+        name,
+        dtype: crate::tensor::Dtype::F32,
+        shape: t.dims().to_vec(),
+    };
+    Ok((spec, bytes))
+}
+
 /// Wraps a candle error with what was being computed, for `map_err`.
 pub fn candle(context: impl Into<String>) -> impl FnOnce(candle_core::Error) -> Error {
     let context = context.into();

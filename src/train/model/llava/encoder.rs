@@ -9,10 +9,10 @@ use candle_core::{DType, Device, Tensor, Var};
 use super::config::{FeatureSelect, LlavaConfig};
 use crate::adapter::{Adapter, PEFT_PREFIX};
 use crate::error::{Error, Result};
-use crate::train::model::candle;
 use crate::train::model::causal_lm::CausalLm;
 use crate::train::model::vision::{ClipVision, Projector};
 use crate::train::model::weights::load_file_tensor;
+use crate::train::model::{candle, f32_entry};
 
 /// The tensor an `image_embeds` file holds.
 pub const IMAGE_EMBEDS: &str = "image_embeds";
@@ -151,20 +151,11 @@ impl ImageEncoder {
     /// Writes one image's vision features (`[1, tokens, vision hidden]` or `[tokens, vision
     /// hidden]`) as an `image_embeds` file, f32.
     pub fn write_image_embeds(path: &Path, features: &Tensor) -> Result<()> {
-        let values = features
-            .to_dtype(DType::F32)
-            .and_then(|t| t.flatten_all())
-            .and_then(|t| t.to_vec1::<f32>())
-            .map_err(candle("image features"))?;
         let dims = features.dims();
-        let shape = dims[dims.len().saturating_sub(2)..].to_vec();
-        let spec = crate::tensor::TensorSpec {
-            name: IMAGE_EMBEDS.into(),
-            dtype: crate::tensor::Dtype::F32,
-            shape,
-        };
-        let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
-        crate::tensor::write_safetensors(path, &[(spec, bytes)], &Default::default())
+        let shape = &dims[dims.len().saturating_sub(2)..];
+        let features = features.reshape(shape).map_err(candle("image features"))?;
+        let entry = f32_entry(IMAGE_EMBEDS.into(), &features)?;
+        crate::tensor::write_safetensors(path, &[entry], &Default::default())
     }
 
     /// The embeddings of `input_ids [b, s]` in `language`, each image token's replaced by the
