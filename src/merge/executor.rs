@@ -5,10 +5,11 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Condvar, Mutex};
 
+use super::chunking::is_streamed;
 use super::device::{compute_on_device, runs_on_device};
 use super::method::{merge_tensor, Method, TensorJob, TensorStats};
 use super::plan::{Plan, TensorPlan};
-use super::stream::{is_streamed, merge_streamed};
+use super::stream::merge_streamed;
 use crate::backend::device::Gpu;
 use crate::error::{Error, Result};
 use crate::recipe::OutputKind;

@@ -18,6 +18,7 @@
 //! ```
 
 mod caci;
+mod chunking;
 pub mod consensus;
 pub mod core;
 mod device;

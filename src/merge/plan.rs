@@ -4,12 +4,12 @@
 use std::collections::BTreeSet;
 use std::path::Path;
 
+use super::chunking::{is_streamed, working_bytes};
 use super::expert::Expert;
 use super::method::{
     Confidence, DisjointMean, ExpertParams, GlobalParams, Method, RescaleMode, SignElection,
 };
 use super::sparsify::check_della;
-use super::stream::{is_streamed, working_bytes};
 use crate::checkpoint::Checkpoint;
 use crate::error::{Error, Result};
 use crate::recipe::{layer_position, OutputKind, Parameters, Recipe, Scalar, Source, Space};

@@ -13,6 +13,7 @@ use std::path::Path;
 
 use rayon::prelude::*;
 
+use super::chunking::CHUNK_ELEMENTS;
 use super::consensus;
 use super::method::{
     check_params, fraction, linear, squared_distance, weighted_sum, ExpertParams, Method,
@@ -24,22 +25,6 @@ use super::sparsify::{self, Cut, RadixSearch};
 use crate::error::Result;
 use crate::recipe::OutputKind;
 use crate::tensor::{check_finite, from_f32, ShardedWriter};
-
-/// Elements per chunk (rounded to whole rows).
-const CHUNK_ELEMENTS: usize = 1 << 18;
-
-/// Tensors at least this large (and 2-D) are streamed.
-const STREAM_MIN_ELEMENTS: usize = 1 << 21;
-
-/// Whether a tensor of this shape is merged chunk by chunk.
-pub(crate) fn is_streamed(shape: &[usize]) -> bool {
-    shape.len() == 2 && shape[0].saturating_mul(shape[1]) >= STREAM_MIN_ELEMENTS
-}
-
-/// Peak memory of one streamed tensor: a few chunk buffers per expert on every worker.
-pub(crate) fn working_bytes(experts: usize) -> u64 {
-    (rayon::current_num_threads() * (experts + 4) * CHUNK_ELEMENTS * 4) as u64
-}
 
 /// What one expert's trim keeps, decided from the whole tensor before the last pass.
 enum Keep {
