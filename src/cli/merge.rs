@@ -209,7 +209,7 @@ fn run_lora_native(
             .iter()
             .map(|(label, share)| (label.clone(), json!(share)))
             .collect();
-        let out = json!({"output": output.display().to_string(), "method": method, "modules": summary.modules, "max_rank": summary.max_rank, "max_discarded_energy": summary.max_discarded, "mean_sign_conflict": summary.mean_sign_conflict, "retained_energy": retained, "seconds": seconds, "files": summary.files});
+        let out = json!({"output": output.display().to_string(), "method": method, "modules": summary.modules, "whole_tensors": summary.whole_tensors, "max_rank": summary.max_rank, "max_discarded_energy": summary.max_discarded, "mean_sign_conflict": summary.mean_sign_conflict, "retained_energy": retained, "seconds": seconds, "files": summary.files});
         println!("{}", serde_json::to_string_pretty(&out)?);
     } else {
         println!(
@@ -219,6 +219,12 @@ fn run_lora_native(
             100.0 * summary.max_discarded,
             output.display()
         );
+        if summary.whole_tensors > 0 {
+            println!(
+                "merged {} tensors the experts store whole (`modules_to_save`) as full tensors",
+                summary.whole_tensors
+            );
+        }
         if let Some(conflict) = summary.mean_sign_conflict {
             println!(
                 "conflicts: {:.1}% of core coordinates had kept entries of both signs (mean over modules)",

@@ -22,6 +22,7 @@ use super::device::GpuProducts;
 use super::method::Method;
 use super::output::{file_digest, input_record, write_dir_atomically, MERGE_RECORD};
 use super::plan::{check_parameter_names, recipe_error, resolve};
+use super::saved_tensors::{self, SavedTensor};
 use crate::adapter::{Adapter, LoraKind, PEFT_PREFIX};
 use crate::backend::device::Gpu;
 use crate::checkpoint::Checkpoint;
@@ -63,6 +64,8 @@ pub struct LoraMerge {
     adapters: Vec<(String, Adapter)>,
     /// For each adapted base tensor, the experts that adapt it, in recipe order.
     modules: BTreeMap<String, Vec<usize>>,
+    /// The tensors some experts store whole (`modules_to_save`), merged as full tensors.
+    saved: Vec<SavedTensor>,
     /// Where core-space products run: a GPU, or the CPU.
     gpu: Option<Mutex<Gpu>>,
 }
@@ -72,6 +75,8 @@ pub struct LoraMerge {
 pub struct LoraSummary {
     /// Modules in the merged adapter.
     pub modules: usize,
+    /// Tensors it stores whole (`modules_to_save`), merged as full tensors.
+    pub whole_tensors: usize,
     /// The largest rank of a module.
     pub max_rank: usize,
     /// The largest fraction of a module's squared norm the factoring discarded (0 for `cat`).
@@ -155,7 +160,7 @@ impl LoraMerge {
                     format!("expert {i} (`{}`): unknown parameter `{name}` for method `{}` (it takes: weight)", expert.source, recipe.method),
                 ));
             }
-            let adapter = match &expert.source {
+            let mut adapter = match &expert.source {
                 Source::Dir(dir) if Adapter::is_adapter_dir(dir) => Adapter::open(dir)?,
                 Source::Registry(reference) => {
                     super::stored::open_adapter(recipe.registry.as_deref(), reference)?
@@ -169,6 +174,9 @@ impl LoraMerge {
                     ))
                 }
             };
+            // A LLaVA adapter names tensors as transformers holds the model in memory; the
+            // base checkpoint saves them under other names.
+            adapter.name_tensors_as(|n| base.info(n).is_some());
             adapters.push((expert.source.to_string(), adapter));
         }
         let fifo: BTreeSet<bool> = adapters
@@ -184,14 +192,6 @@ impl LoraMerge {
         }
         let mut modules: BTreeMap<String, Vec<usize>> = BTreeMap::new();
         for (e, (_, adapter)) in adapters.iter().enumerate() {
-            if let Some(name) = adapter.saved_tensors().keys().next() {
-                return Err(Error::Adapter {
-                    path: adapter.dir().to_path_buf(),
-                    message: format!(
-                        "stores `{name}` whole (`modules_to_save` or a saved base layer), which LoRA-native merging cannot merge"
-                    ),
-                });
-            }
             for (name, module) in adapter.modules() {
                 let info = base.info(name).ok_or_else(|| Error::Adapter {
                     path: adapter.dir().to_path_buf(),
@@ -220,6 +220,7 @@ impl LoraMerge {
                 ));
             }
         }
+        let saved = saved_tensors::collect(&base, &adapters)?;
         let largest_rank = adapters
             .iter()
             .flat_map(|(_, a)| a.modules().values().map(|m| m.rank))
@@ -247,6 +248,7 @@ impl LoraMerge {
             base,
             adapters,
             modules,
+            saved,
             gpu: None,
         })
     }
@@ -390,7 +392,9 @@ impl LoraMerge {
                 (truncated.a, truncated.b, truncated.rank)
             }
         };
-        let module_path = name.strip_suffix(".weight").unwrap_or(name);
+        // The module as the experts' keys name it (for a LLaVA model, as transformers holds
+        // it in memory, which is what PEFT matches), not as the base checkpoint saves it.
+        let module_path = module_path(&first.a_key, first.kind).unwrap_or(name);
         let (a_key, b_key) = match first.kind {
             LoraKind::Linear => (
                 format!("{PEFT_PREFIX}{module_path}.lora_A.weight"),
@@ -443,16 +447,26 @@ impl LoraMerge {
         };
         // Modules are independent: merged in parallel, gathered in order, while the inputs
         // are hashed for the record.
-        let (outputs, inputs) = rayon::join(
+        let ((outputs, saved), inputs) = rayon::join(
             || {
-                self.modules
-                    .par_iter()
-                    .map(|(name, experts)| self.merge_module(name, experts, dtype))
-                    .collect::<Result<Vec<ModuleOutput>>>()
+                rayon::join(
+                    || {
+                        self.modules
+                            .par_iter()
+                            .map(|(name, experts)| self.merge_module(name, experts, dtype))
+                            .collect::<Result<Vec<ModuleOutput>>>()
+                    },
+                    || {
+                        self.saved
+                            .par_iter()
+                            .map(|saved| self.merge_saved(saved))
+                            .collect::<Result<Vec<_>>>()
+                    },
+                )
             },
             || self.digests(),
         );
-        let (outputs, inputs) = (outputs?, inputs?);
+        let (outputs, saved, inputs) = (outputs?, saved?, inputs?);
         let mut tensors = Vec::with_capacity(outputs.len() * 2);
         let mut ranks = BTreeMap::new();
         let mut discarded = BTreeMap::new();
@@ -478,6 +492,21 @@ impl LoraMerge {
             );
             ranks.insert(output.path, output.rank);
             tensors.extend(output.tensors);
+        }
+        let mut whole = Vec::with_capacity(saved.len());
+        for (output, tensor) in saved.into_iter().zip(&self.saved) {
+            let experts: Vec<&str> = tensor
+                .experts
+                .iter()
+                .map(|&e| self.adapters[e].0.as_str())
+                .collect();
+            whole.push(json!({
+                "tensor": tensor.name,
+                "key": tensor.key,
+                "experts": experts,
+                "base_blake3": output.base_blake3,
+            }));
+            tensors.push(output.tensor);
         }
         let retained_by_expert: Vec<(String, f64)> = kept_by_expert
             .iter()
@@ -517,6 +546,7 @@ impl LoraMerge {
                         "retained_energy": conflicts.get(&module).map(|c| c["retained_energy"].clone()),
                     })
                 }).collect::<Vec<_>>(),
+                "modules_to_save": whole,
             });
             let bytes = serde_json::to_vec_pretty(&record).expect("JSON serialises");
             write_atomic(&tmp.join(MERGE_RECORD), &bytes)?;
@@ -528,12 +558,30 @@ impl LoraMerge {
         })?;
         Ok(LoraSummary {
             modules: ranks.len(),
+            whole_tensors: self.saved.len(),
             max_rank: ranks.values().copied().max().unwrap_or(0),
             max_discarded: discarded.values().copied().fold(0.0, f64::max),
             retained_by_expert,
             mean_sign_conflict,
             files,
         })
+    }
+
+    /// Merges one tensor the experts store whole, by the recipe's method in full space (`cat`
+    /// and `svd`: the exact weighted sum).
+    fn merge_saved(&self, saved: &SavedTensor) -> Result<saved_tensors::SavedOutput> {
+        let method = match self.method {
+            LoraMethod::Core(method, _) => method,
+            LoraMethod::Cat | LoraMethod::Svd(_) => Method::TaskArithmetic,
+        };
+        saved_tensors::merge(
+            &self.recipe,
+            method,
+            &self.base,
+            &self.adapters,
+            saved,
+            self.recipe.dtype,
+        )
     }
 
     /// Runs a standard method on the core-space matrices of one module and factors the result
@@ -597,7 +645,9 @@ impl LoraMerge {
     }
 
     /// The merged adapter's config: the first adapter's, with the ranks of the merge, every
-    /// scaling 1 (alpha = rank) and the union of the target modules.
+    /// scaling 1 (alpha = rank), the experts' own `target_modules` where they all give the same
+    /// (a LLaVA adapter's regex keeps LoRA off the vision tower's projections of the same
+    /// names), else the union of the module types, and the union of `modules_to_save`.
     fn config(&self, ranks: &BTreeMap<String, usize>) -> Map<String, Value> {
         let mut config = self.adapters[0].1.config().raw.clone();
         let r = ranks.values().copied().max().unwrap_or(1);
@@ -620,15 +670,35 @@ impl LoraMerge {
             Value::Object(pattern(&|k| json!(k))),
         );
         config.insert("use_rslora".into(), json!(false));
-        config.insert("target_modules".into(), json!(targets));
-        config.insert("modules_to_save".into(), Value::Null);
+        let first_targets = &self.adapters[0].1.config().raw.get("target_modules");
+        let shared = self
+            .adapters
+            .iter()
+            .all(|(_, a)| &a.config().raw.get("target_modules") == first_targets);
+        match first_targets {
+            Some(targets) if shared => config.insert("target_modules".into(), (*targets).clone()),
+            _ => config.insert("target_modules".into(), json!(targets)),
+        };
+        let saved: BTreeSet<&String> = self
+            .adapters
+            .iter()
+            .flat_map(|(_, a)| &a.config().modules_to_save)
+            .collect();
+        config.insert(
+            "modules_to_save".into(),
+            if self.saved.is_empty() {
+                Value::Null
+            } else {
+                json!(saved)
+            },
+        );
         config
     }
 
     /// Digests of the inputs for `mmx-merge.json`: every file the merge reads whole. The base's
-    /// weights are never read by an adapter-to-adapter merge (only its config and its tensors'
-    /// names and shapes), so its safetensors files are recorded by size and by the digest of
-    /// their header, rather than hashed whole.
+    /// weights are read only where experts store a tensor whole (recorded by that tensor's
+    /// digest under `modules_to_save`), so its safetensors files are recorded by size and by
+    /// the digest of their header, rather than hashed whole.
     fn digests(&self) -> Result<Vec<Value>> {
         let role = format!("base:{}", self.base.dir().display());
         let mut inputs = Vec::new();
@@ -683,4 +753,13 @@ struct ModuleOutput {
     /// (expert index, share of its update kept) for core-space merges.
     retained: Vec<(usize, f64)>,
     sign_conflict: Option<f32>,
+}
+
+/// The module path a LoRA factor's key names (`base_model.model.<path>.lora_A.weight`).
+fn module_path(a_key: &str, kind: LoraKind) -> Option<&str> {
+    let suffix = match kind {
+        LoraKind::Linear => ".lora_A.weight",
+        LoraKind::Embedding => ".lora_embedding_A",
+    };
+    a_key.strip_prefix(PEFT_PREFIX)?.strip_suffix(suffix)
 }

@@ -31,6 +31,7 @@ mod plan;
 mod restore;
 pub mod rng;
 mod run;
+mod saved_tensors;
 pub mod sparsify;
 mod stored;
 mod stream;
