@@ -110,7 +110,7 @@ fn cat_refuses_what_it_cannot_merge() {
     // An adapter of another base model, and an adapter with a whole module saved.
     for (adapter, needle) in [
         ("lora_gpt2", "different base model"),
-        ("lora_embed", "cannot merge"),
+        ("lora_embed", "cannot hold both"),
     ] {
         let recipe = dir.path().join("bad.toml");
         std::fs::write(
