@@ -34,8 +34,10 @@ enum Command {
     Sweep(sweep::SweepArgs),
     /// Publish an adapter, a model or a merge output to the registry as NAME:TAG.
     Publish(registry::PublishArgs),
-    /// Write a published directory back out, byte for byte.
+    /// Write a published directory back out, byte for byte (`--from` a remote registry first).
     Pull(registry::PullArgs),
+    /// Copy a published manifest and what it needs to a remote registry (S3), then tag it there.
+    Push(registry::PushArgs),
     /// List the registry's tags.
     Ls(registry::LsArgs),
     /// Show a manifest.
@@ -80,6 +82,7 @@ fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Sweep(args) => sweep::run(args),
         Command::Publish(args) => registry::publish(args),
         Command::Pull(args) => registry::pull(args),
+        Command::Push(args) => registry::push(args),
         Command::Ls(args) => registry::ls(args),
         Command::Show(args) => registry::show(args),
         Command::Tag(args) => registry::tag(args),

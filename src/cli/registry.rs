@@ -1,4 +1,4 @@
-//! The registry commands: `publish`, `pull`, `ls`, `show`, `tag`, `rm`, `log`, `verify`, `gc`.
+//! The registry commands: `publish`, `pull`, `push`, `ls`, `show`, `tag`, `rm`, `log`, `verify`, `gc`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -6,15 +6,20 @@ use std::time::Duration;
 
 use anyhow::bail;
 use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
 
 use super::human_bytes;
-use crate::registry::{parse_duration, registry_path, Kind, PublishOptions, Reference, Registry};
+use crate::registry::{
+    parse_duration, registry_path, Kind, PublishOptions, Reference, Registry, Transfer,
+    TransferOptions,
+};
 
 /// Where the registry is.
 #[derive(Debug, Args)]
 pub struct RegistryArg {
-    /// The registry directory (default: $MMX_REGISTRY, else ./registry).
-    #[arg(long, value_name = "DIR", global = true)]
+    /// The registry: a directory or `s3://bucket/prefix` (default: $MMX_REGISTRY, else
+    /// ./registry).
+    #[arg(long, value_name = "DIR|URL", global = true)]
     registry: Option<PathBuf>,
 }
 
@@ -96,28 +101,154 @@ pub fn publish(args: PublishArgs) -> anyhow::Result<ExitCode> {
 pub struct PullArgs {
     /// `NAME:TAG` or `blake3:…` of a manifest.
     source: String,
-    /// Where to write it.
+    /// Where to write it (with `--from`, optional: the registry then only caches it).
     #[arg(short, long, value_name = "DIR")]
-    output: PathBuf,
+    output: Option<PathBuf>,
+    /// Copy it from this remote into the registry first: `s3://bucket/prefix` or the name of
+    /// a `[remotes.NAME]` entry in the registry's mmx-registry.toml.
+    #[arg(long, value_name = "REMOTE")]
+    from: Option<String>,
     /// Replace an existing directory that is not an earlier mmx output.
     #[arg(long)]
     force: bool,
+    #[command(flatten)]
+    transfer: TransferArgs,
     #[command(flatten)]
     registry: RegistryArg,
 }
 
 /// Runs `mmx pull`.
 pub fn pull(args: PullArgs) -> anyhow::Result<ExitCode> {
-    let registry = args.registry.open()?;
+    let registry = match &args.from {
+        Some(remote) => {
+            let registry = args.registry.create()?;
+            let spec = registry.remote_spec(remote)?;
+            let source = Registry::remote(&spec, false)?;
+            let copied = args.transfer.copy(&source, &registry, &args.source)?;
+            args.transfer
+                .report("pulled", &args.source, &spec.url, &copied)?;
+            registry
+        }
+        None => args.registry.open()?,
+    };
+    let Some(output) = &args.output else {
+        if args.from.is_none() {
+            bail!("mmx pull needs -o DIR (or --from REMOTE to fill the registry from a remote)");
+        }
+        return Ok(ExitCode::SUCCESS);
+    };
     let digest = registry.resolve(&args.source)?;
-    let files = registry.pull(&digest, &args.output, args.force)?;
-    println!(
-        "pulled {} ({digest}) into {}: {}",
-        args.source,
-        args.output.display(),
-        files.join(", ")
-    );
+    let files = registry.pull(&digest, output, args.force)?;
+    if !args.transfer.json {
+        println!(
+            "pulled {} ({digest}) into {}: {}",
+            args.source,
+            output.display(),
+            files.join(", ")
+        );
+    }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Arguments of `mmx push`.
+#[derive(Debug, Args)]
+pub struct PushArgs {
+    /// `NAME:TAG` or `blake3:…` of a manifest in the registry.
+    source: String,
+    /// The remote: `s3://bucket/prefix` or the name of a `[remotes.NAME]` entry in the
+    /// registry's mmx-registry.toml.
+    #[arg(long, value_name = "REMOTE")]
+    to: String,
+    /// Move the remote's tag if it points elsewhere.
+    #[arg(long)]
+    force: bool,
+    #[command(flatten)]
+    transfer: TransferArgs,
+    #[command(flatten)]
+    registry: RegistryArg,
+}
+
+/// Runs `mmx push`.
+pub fn push(args: PushArgs) -> anyhow::Result<ExitCode> {
+    let registry = args.registry.open()?;
+    let spec = registry.remote_spec(&args.to)?;
+    let remote = Registry::remote(&spec, true)?;
+    let transfer = TransferArgs {
+        force: args.force,
+        ..args.transfer
+    };
+    let copied = transfer.copy(&registry, &remote, &args.source)?;
+    transfer.report("pushed", &args.source, &spec.url, &copied)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// How `push` and `pull --from` copy.
+#[derive(Debug, Args)]
+pub struct TransferArgs {
+    /// Blobs in flight at once.
+    #[arg(long, default_value_t = 8, value_name = "N")]
+    parallel: usize,
+    /// Print what was copied as JSON.
+    #[arg(long)]
+    json: bool,
+    /// No progress bar.
+    #[arg(short, long)]
+    quiet: bool,
+    #[arg(skip)]
+    force: bool,
+}
+
+impl TransferArgs {
+    fn copy(&self, from: &Registry, to: &Registry, reference: &str) -> anyhow::Result<Transfer> {
+        let bar = if self.quiet || self.json {
+            ProgressBar::hidden()
+        } else {
+            ProgressBar::new(0)
+        };
+        bar.set_style(
+            ProgressStyle::with_template("{bar:30} {bytes}/{total_bytes} {bytes_per_sec} {eta}")
+                .expect("a valid template"),
+        );
+        let progress = |done: u64, total: u64| {
+            bar.set_length(total);
+            bar.set_position(done);
+        };
+        let options = TransferOptions {
+            parallel: self.parallel,
+            force: self.force,
+            progress: Some(&progress),
+        };
+        let copied = from.copy_to(to, reference, &options);
+        bar.finish_and_clear();
+        Ok(copied?)
+    }
+
+    fn report(
+        &self,
+        verb: &str,
+        reference: &str,
+        remote: &str,
+        t: &Transfer,
+    ) -> anyhow::Result<()> {
+        if self.json {
+            println!("{}", serde_json::to_string_pretty(t)?);
+            return Ok(());
+        }
+        let direction = if verb == "pushed" { "to" } else { "from" };
+        println!(
+            "{verb} {reference} {direction} {remote}: {} manifests, {} blobs, {} sent ({} of {})",
+            t.manifests,
+            t.blobs,
+            t.sent,
+            human_bytes(t.bytes_sent),
+            human_bytes(t.bytes)
+        );
+        if !t.tags.is_empty() {
+            println!("tagged {}", t.tags.join(", "));
+        }
+        println!("manifest {}", t.manifest);
+        Ok(())
+    }
 }
 
 /// Arguments of `mmx ls`.

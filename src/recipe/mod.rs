@@ -175,6 +175,16 @@ fn parameters(path: &Path, at: &str, value: Option<&serde_json::Value>) -> Resul
     Ok(out)
 }
 
+/// Where a recipe's `registry` is: a remote URL (`s3://bucket/prefix`) as written, a
+/// directory relative to the recipe.
+fn registry_location(root: &Path, text: &str) -> PathBuf {
+    if text.contains("://") {
+        PathBuf::from(text)
+    } else {
+        lexically_normal(&root.join(text))
+    }
+}
+
 /// Removes `.` and `name/..` pairs from a path without touching the file system, so that
 /// recipes name their inputs as people would (`examples/x`, not `recipes/../examples/x`).
 fn lexically_normal(path: &Path) -> PathBuf {

@@ -189,7 +189,7 @@ pub fn parse(path: &Path, text: String) -> Result<Recipe> {
         seed,
         space,
         rank,
-        registry: string("registry")?.map(|r| super::lexically_normal(&root.join(r))),
+        registry: string("registry")?.map(|r| super::registry_location(root, r)),
     })
 }
 

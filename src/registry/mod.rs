@@ -26,7 +26,9 @@ pub mod manifest;
 pub mod name;
 pub mod open;
 pub mod publish;
+pub mod remote;
 pub mod store;
+pub mod transfer;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -37,14 +39,17 @@ pub use manifest::{FileEntry, Kind, Lineage, Manifest};
 pub use name::Reference;
 pub use open::Opened;
 pub use publish::{PublishOptions, Published};
+pub use remote::{RemoteSpec, RemoteStore};
 pub use store::{LocalStore, Store};
+pub use transfer::{Transfer, TransferOptions};
 
 use crate::error::{Error, Result};
 
 /// The environment variable naming the registry when `--registry` does not.
 pub const REGISTRY_ENV: &str = "MMX_REGISTRY";
 
-/// Where the registry is: `--registry`, else `$MMX_REGISTRY`, else `./registry`.
+/// Where the registry is: `--registry`, else `$MMX_REGISTRY`, else `./registry`; a directory
+/// or `s3://bucket/prefix`.
 pub fn registry_path(flag: Option<&Path>) -> PathBuf {
     flag.map(Path::to_path_buf)
         .or_else(|| std::env::var_os(REGISTRY_ENV).map(PathBuf::from))
@@ -72,18 +77,81 @@ pub struct Registry {
 }
 
 impl Registry {
-    /// Opens the local registry at `path` (an error if there is none).
+    /// Opens the registry at `path`, a directory or `s3://bucket/prefix` (an error if there is
+    /// none).
     pub fn open(path: &Path) -> Result<Registry> {
+        Registry::at(path, false)
+    }
+
+    /// Opens the registry at `path`, creating it if absent (for writers: `publish`).
+    pub fn create(path: &Path) -> Result<Registry> {
+        Registry::at(path, true)
+    }
+
+    fn at(path: &Path, create: bool) -> Result<Registry> {
+        if remote::is_remote(path) {
+            let url = path.to_string_lossy();
+            let spec = RemoteSpec::parse(&url).map_err(|message| Error::Registry {
+                path: path.to_path_buf(),
+                message,
+            })?;
+            return Registry::remote(&spec, create);
+        }
         Ok(Registry {
-            store: Box::new(LocalStore::open(path, false)?),
+            store: Box::new(LocalStore::open(path, create)?),
         })
     }
 
-    /// Opens the local registry at `path`, creating it if absent (for writers: `publish`).
-    pub fn create(path: &Path) -> Result<Registry> {
+    /// Opens a remote registry; with `create`, makes it if absent (for `push`).
+    pub fn remote(spec: &RemoteSpec, create: bool) -> Result<Registry> {
         Ok(Registry {
-            store: Box::new(LocalStore::open(path, true)?),
+            store: Box::new(RemoteStore::open(spec, create)?),
         })
+    }
+
+    /// The remote `text` names: `s3://bucket/prefix`, or a `[remotes.NAME]` entry of this
+    /// registry's `mmx-registry.toml` (`url`, and optionally `endpoint` and `region`).
+    pub fn remote_spec(&self, text: &str) -> Result<RemoteSpec> {
+        if text.contains("://") {
+            return RemoteSpec::parse(text).map_err(|m| self.fail(m));
+        }
+        let marker = self.store.location().join("mmx-registry.toml");
+        let table: toml::Table = std::fs::read_to_string(&marker)
+            .ok()
+            .and_then(|t| t.parse().ok())
+            .unwrap_or_default();
+        let entry = table
+            .get("remotes")
+            .and_then(|r| r.get(text))
+            .ok_or_else(|| {
+                self.fail(format!(
+                    "no remote `{text}`: give `s3://bucket/prefix` or add `[remotes.{text}]` with a `url` to {}",
+                    marker.display()
+                ))
+            })?;
+        let field = |key: &str| entry.get(key).and_then(|v| v.as_str()).map(String::from);
+        let url =
+            field("url").ok_or_else(|| self.fail(format!("`[remotes.{text}]` has no `url`")))?;
+        let mut spec = RemoteSpec::parse(&url).map_err(|m| self.fail(m))?;
+        spec.endpoint = field("endpoint");
+        spec.region = field("region");
+        Ok(spec)
+    }
+
+    /// Copies what `reference` names from this registry into `to` (see [`transfer::copy`]).
+    pub fn copy_to(
+        &self,
+        to: &Registry,
+        reference: &str,
+        options: &TransferOptions,
+    ) -> Result<Transfer> {
+        let digest = self.resolve(reference)?;
+        let tag = if reference.starts_with("blake3:") {
+            None
+        } else {
+            Some(Reference::parse(reference).map_err(|m| self.fail(m))?)
+        };
+        transfer::copy(self, to, &digest, tag.as_ref(), options)
     }
 
     /// The store underneath.

@@ -69,8 +69,39 @@ impl std::ops::Deref for Blob {
     }
 }
 
-/// Held while a writer (shared) or gc (exclusive) works; released on drop or process death.
-pub struct LockGuard(#[allow(dead_code)] File);
+impl Blob {
+    /// A blob held in memory (read from a remote store), in an anonymous mapping so that it
+    /// serves wherever a mapped file does.
+    pub fn from_bytes(bytes: &[u8]) -> std::io::Result<Blob> {
+        if bytes.is_empty() {
+            return Ok(Blob(BlobBytes::Empty));
+        }
+        let mut map = memmap2::MmapMut::map_anon(bytes.len())?;
+        map.copy_from_slice(bytes);
+        Ok(Blob(BlobBytes::Mapped(map.make_read_only()?)))
+    }
+}
+
+/// Held while a writer (shared) or gc (exclusive) works; released on drop (a local store's
+/// file lock also on process death, a remote's lock object once stale).
+pub struct LockGuard(#[allow(dead_code)] Box<dyn Send>);
+
+impl LockGuard {
+    /// Holds `held` until the guard is dropped.
+    pub fn new(held: impl Send + 'static) -> LockGuard {
+        LockGuard(Box::new(held))
+    }
+}
+
+/// The format a registry marker (`mmx-registry.toml`) states, if it is one. The marker may
+/// also hold a `[remotes]` table.
+pub fn parse_marker(text: &str) -> Option<u32> {
+    let table: toml::Table = text.parse().ok()?;
+    table
+        .get("format")?
+        .as_integer()
+        .and_then(|f| u32::try_from(f).ok())
+}
 
 /// Blob and tag storage.
 pub trait Store: Send + Sync {
@@ -160,11 +191,7 @@ impl LocalStore {
             crate::tensor::write_atomic(&marker, format!("format = {FORMAT}\n").as_bytes())?;
         }
         let text = std::fs::read_to_string(&marker).map_err(|e| Error::io(&marker, e))?;
-        let format = text
-            .trim()
-            .strip_prefix("format = ")
-            .and_then(|v| v.parse::<u32>().ok());
-        match format {
+        match parse_marker(&text) {
             Some(FORMAT) => {}
             Some(other) => {
                 return Err(fail(
@@ -228,7 +255,7 @@ impl LocalStore {
             .map_err(|e| Error::io(&path, e))?;
         let locked = if exclusive { f.lock() } else { f.lock_shared() };
         locked.map_err(|e| Error::io(&path, e))?;
-        Ok(LockGuard(f))
+        Ok(LockGuard::new(f))
     }
 }
 
