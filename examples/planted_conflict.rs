@@ -157,6 +157,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 methods: labels.iter().map(|(_, e)| e.clone()).collect(),
                 keep_outputs: false,
                 eval: None,
+                publish: None,
+                registry: None,
             };
             let options = SweepOptions {
                 shard: Shard::ALL,

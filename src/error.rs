@@ -189,6 +189,14 @@ pub enum Error {
         /// What is wrong.
         message: String,
     },
+    /// A job scheduler (Slurm) refused or failed a submission.
+    #[error("`{}`: {message}", path.display())]
+    Scheduler {
+        /// The job script.
+        path: PathBuf,
+        /// What the scheduler said.
+        message: String,
+    },
 }
 
 /// The library's result type.

@@ -218,3 +218,211 @@ parameters = {{ density = {{ min = 0.2, max = 0.8 }} }}
         );
     }
 }
+
+#[test]
+fn gather_names_the_missing_trials_until_every_shard_has_run() {
+    let work = tempfile::tempdir().unwrap();
+    write_sweep(work.path(), PLANTED);
+    let gather = |dir: &Path| mmx(&["sweep", "sweep.toml", "-o", "out", "--gather"], dir);
+    let none = gather(work.path());
+    assert_eq!(none.status.code(), Some(2), "nothing has run in `out`");
+    assert!(String::from_utf8_lossy(&none.stderr).contains("no shard"));
+
+    assert_ok(&mmx(
+        &["sweep", "sweep.toml", "-o", "out", "--shard", "0/2"],
+        work.path(),
+    ));
+    let partial = gather(work.path());
+    assert_eq!(partial.status.code(), Some(1));
+    let stdout = String::from_utf8_lossy(&partial.stdout);
+    assert!(
+        stdout.contains("3 trials recorded") && stdout.contains("2 missing"),
+        "{stdout}"
+    );
+    // Shard 0 of 2 holds trials 0, 2 and 4: 1 and 3 are missing.
+    assert!(stdout.contains("missing: trial 1 (") && stdout.contains("missing: trial 3 ("));
+    assert!(String::from_utf8_lossy(&partial.stderr).contains("hint:"));
+    assert_eq!(
+        results(&work.path().join("out"))["trials"]
+            .as_array()
+            .unwrap()
+            .len(),
+        3
+    );
+
+    assert_ok(&mmx(
+        &["sweep", "sweep.toml", "-o", "out", "--shard", "1/2"],
+        work.path(),
+    ));
+    let whole = gather(work.path());
+    assert_ok(&whole);
+    assert!(String::from_utf8_lossy(&whole.stdout).contains("5 trials recorded"));
+    assert!(work.path().join("out/scores.svg").is_file());
+}
+
+#[test]
+fn slurm_print_script_writes_an_array_of_shards_and_a_gather_job() {
+    let work = tempfile::tempdir().unwrap();
+    write_sweep(work.path(), PLANTED);
+    let args = [
+        "sweep",
+        "sweep.toml",
+        "-o",
+        "out",
+        "--slurm",
+        "--shards",
+        "4",
+        "--array-parallel",
+        "2",
+        "--partition",
+        "gpu a",
+        "--sbatch-option=--time=01:00:00",
+        "--print-script",
+    ];
+    let out = mmx(&args, work.path());
+    assert_ok(&out);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("sbatch --dependency=afterany:$array"),
+        "{stdout}"
+    );
+    let dir = std::fs::canonicalize(work.path().join("out")).unwrap();
+    let array = std::fs::read_to_string(dir.join("slurm/sweep.sbatch")).unwrap();
+    for line in [
+        "#SBATCH --array=0-3%2",
+        "#SBATCH --partition='gpu a'",
+        "#SBATCH --time=01:00:00",
+        "#SBATCH --cpus-per-task=1",
+        "export RAYON_NUM_THREADS=\"${SLURM_CPUS_PER_TASK:-1}\"",
+    ] {
+        assert!(array.lines().any(|l| l == line), "{line} in\n{array}");
+    }
+    assert!(
+        array.contains(&format!(
+            "-o {} --shard \"$SLURM_ARRAY_TASK_ID/4\" --resume",
+            dir.display()
+        )),
+        "{array}"
+    );
+    assert!(array.contains(&format!("--output={}/slurm/shard-%a.log", dir.display())));
+    let gather = std::fs::read_to_string(dir.join("slurm/gather.sbatch")).unwrap();
+    assert!(gather.trim_end().ends_with("--gather"), "{gather}");
+    assert!(!gather.contains("--array"));
+
+    // Shard 2 runs by hand: resubmitting leaves it out; without --resume it is refused.
+    assert_ok(&mmx(
+        &["sweep", "sweep.toml", "-o", "out", "--shard", "2/4"],
+        work.path(),
+    ));
+    let refused = mmx(&args, work.path());
+    assert_eq!(refused.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("--resume"));
+    let mut resume = args.to_vec();
+    resume.push("--resume");
+    assert_ok(&mmx(&resume, work.path()));
+    let array = std::fs::read_to_string(dir.join("slurm/sweep.sbatch")).unwrap();
+    assert!(
+        array.lines().any(|l| l == "#SBATCH --array=0,1,3%2"),
+        "{array}"
+    );
+}
+
+#[test]
+fn slurm_without_sbatch_is_a_clear_error() {
+    let work = tempfile::tempdir().unwrap();
+    write_sweep(work.path(), PLANTED);
+    let out = common::mmx_with_env(
+        &[
+            "sweep",
+            "sweep.toml",
+            "-o",
+            "out",
+            "--slurm",
+            "--shards",
+            "2",
+        ],
+        work.path(),
+        &[("PATH", Some("/nonexistent"))],
+    );
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("sbatch") && stderr.contains("--print-script"),
+        "{stderr}"
+    );
+    assert!(
+        !work.path().join("out/trials-0-of-2.jsonl").exists(),
+        "nothing ran"
+    );
+}
+
+#[test]
+fn a_sweep_with_publish_publishes_each_trial_under_its_id() {
+    let work = tempfile::tempdir().unwrap();
+    let text = PLANTED.replace(
+        "[sweep]\n",
+        "[sweep]\npublish = \"planted-merges\"\nregistry = \"shared-registry\"\n",
+    );
+    write_sweep(work.path(), &text);
+    let out = mmx(&["sweep", "sweep.toml", "-o", "out"], work.path());
+    assert_ok(&out);
+    let trials = results(&work.path().join("out"))["trials"]
+        .as_array()
+        .unwrap()
+        .clone();
+    let listed = mmx(
+        &["ls", "--registry", "shared-registry", "--json"],
+        work.path(),
+    );
+    assert_ok(&listed);
+    let listing: Vec<serde_json::Value> = serde_json::from_slice(&listed.stdout).unwrap();
+    assert_eq!(listing.len(), trials.len());
+    for t in &trials {
+        let id = t["id"].as_str().unwrap();
+        let entry = listing
+            .iter()
+            .find(|e| e["reference"] == format!("planted-merges:{id}"))
+            .unwrap_or_else(|| panic!("trial {id} is not published: {listing:?}"));
+        assert_eq!(entry["manifest"], t["published"]);
+        assert_eq!(entry["kind"], "merged");
+        let shown = mmx(
+            &[
+                "show",
+                &format!("planted-merges:{id}"),
+                "--registry",
+                "shared-registry",
+                "--json",
+            ],
+            work.path(),
+        );
+        assert_ok(&shown);
+        let manifest: serde_json::Value = serde_json::from_slice(&shown.stdout).unwrap();
+        assert!(
+            manifest["lineage"]["recipe"]
+                .as_str()
+                .is_some_and(|r| r.starts_with("blake3:")),
+            "the trial's recipe is kept: {manifest}"
+        );
+    }
+    assert_ok(&mmx(
+        &["verify", "--registry", "shared-registry"],
+        work.path(),
+    ));
+
+    // `registry` without `publish` is refused, naming the key.
+    write_sweep(
+        work.path(),
+        &PLANTED.replace("[sweep]\n", "[sweep]\nregistry = \"shared-registry\"\n"),
+    );
+    let refused = mmx(&["sweep", "sweep.toml", "-o", "other"], work.path());
+    assert_eq!(refused.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("sweep.publish"));
+    // A name the registry would refuse is refused before anything runs.
+    write_sweep(
+        work.path(),
+        &PLANTED.replace("[sweep]\n", "[sweep]\npublish = \"Bad Name\"\n"),
+    );
+    let refused = mmx(&["sweep", "sweep.toml", "-o", "third"], work.path());
+    assert_eq!(refused.status.code(), Some(2));
+    assert!(!work.path().join("third/trials-0-of-1.jsonl").exists());
+}

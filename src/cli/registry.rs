@@ -522,23 +522,7 @@ pub fn publish_merge(
     recipe_text: &str,
 ) -> anyhow::Result<()> {
     let registry = Registry::create(&registry_path(registry_flag))?;
-    // The lineage names the registry manifests the merge read, as its record lists them.
-    let record_path = output.join(crate::merge::MERGE_RECORD);
-    let record: serde_json::Value = serde_json::from_slice(&std::fs::read(&record_path)?)?;
-    let inputs = record["inputs"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|i| i["manifests"].as_array())
-        .flatten()
-        .filter_map(|m| m.as_str().and_then(crate::registry::Digest::parse))
-        .collect();
-    let options = PublishOptions {
-        kind: Some(Kind::Merged),
-        recipe: Some(recipe_text.to_string()),
-        inputs,
-        ..PublishOptions::default()
-    };
+    let options = PublishOptions::merged(output, recipe_text)?;
     let published = registry.publish(output, reference, &options)?;
     eprintln!(
         "published {} as {reference}: {} blobs, {} written ({} of {})",

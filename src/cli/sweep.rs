@@ -7,7 +7,10 @@ use clap::Args;
 
 use super::{default_max_memory, parse_size};
 use crate::recipe::sweep::Sweep;
-use crate::sweep::{best_by_method, describe, run_sweep, Shard, SweepOptions, TrialResult};
+use crate::sweep::{
+    best_by_method, describe, gather, run_sweep, submit, write_scripts, Shard, SlurmOptions,
+    SweepOptions, TrialResult,
+};
 
 /// Arguments of `mmx sweep`.
 #[derive(Debug, Args)]
@@ -26,6 +29,36 @@ pub struct SweepArgs {
     /// Memory budget of each merge, e.g. 8G (default: half of the machine's memory).
     #[arg(long, value_name = "BYTES", value_parser = parse_size)]
     max_memory: Option<u64>,
+    /// Run nothing: gather every shard's recorded trials into results.csv, results.json and
+    /// scores.svg, list the trials none recorded, and fail if any is missing or failed.
+    #[arg(long, conflicts_with_all = ["shard", "slurm"])]
+    gather: bool,
+    /// Submit the sweep to Slurm: an array job, one task per shard, and a gather job after it.
+    #[arg(long, conflicts_with = "shard")]
+    slurm: bool,
+    /// Shards of a Slurm sweep (default: one per trial, at most 1000).
+    #[arg(long, value_name = "N", requires = "slurm")]
+    shards: Option<usize>,
+    /// Slurm partition (default: the cluster's default).
+    #[arg(long, value_name = "P", requires = "slurm")]
+    partition: Option<String>,
+    /// At most K array tasks at once.
+    #[arg(long, value_name = "K", requires = "slurm")]
+    array_parallel: Option<usize>,
+    /// CPUs of each array task; its merges use as many threads.
+    #[arg(long, value_name = "C", default_value_t = 1, requires = "slurm")]
+    cpus_per_task: usize,
+    /// One more `#SBATCH` option for both jobs, e.g. `--sbatch-option=--time=02:00:00`.
+    #[arg(
+        long,
+        value_name = "OPTION",
+        requires = "slurm",
+        allow_hyphen_values = true
+    )]
+    sbatch_option: Vec<String>,
+    /// Write the Slurm scripts to OUT/slurm/ and print how to submit them; submit nothing.
+    #[arg(long, requires = "slurm")]
+    print_script: bool,
 }
 
 fn line(result: &TrialResult) -> String {
@@ -45,10 +78,106 @@ fn line(result: &TrialResult) -> String {
     text
 }
 
+/// Prints the summaries written and what is still missing; fails if anything is.
+fn run_gather(sweep: &Sweep, output: &std::path::Path) -> anyhow::Result<ExitCode> {
+    let gathered = gather(sweep, output)?;
+    let failed = gathered.failed();
+    println!(
+        "{} trials recorded in {}, {} failed, {} missing",
+        gathered.results.len(),
+        output.display(),
+        failed,
+        gathered.missing.len()
+    );
+    for m in &gathered.missing {
+        println!("  missing: trial {} ({})", m.index, m.id);
+    }
+    for file in &gathered.files {
+        println!("wrote {}", file.display());
+    }
+    if !gathered.missing.is_empty() {
+        eprintln!(
+            "hint: `mmx sweep {} -o {} --resume` runs the missing trials (add `--slurm` to submit them)",
+            sweep.path.display(),
+            output.display()
+        );
+    }
+    Ok(if gathered.missing.is_empty() && failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+/// Writes the Slurm scripts and submits them (or, with `--print-script`, says how to).
+fn run_slurm(
+    args: &SweepArgs,
+    sweep: &Sweep,
+    output: &std::path::Path,
+) -> anyhow::Result<ExitCode> {
+    let options = SlurmOptions {
+        shards: args
+            .shards
+            .unwrap_or_else(|| sweep.trials().len().clamp(1, 1000)),
+        array_parallel: args.array_parallel,
+        partition: args.partition.clone(),
+        cpus_per_task: args.cpus_per_task,
+        sbatch_options: args.sbatch_option.clone(),
+        max_memory: args.max_memory,
+        resume: args.resume,
+        mmx: std::env::current_exe()?,
+    };
+    let scripts = write_scripts(sweep, output, &options)?;
+    println!(
+        "wrote {} and {}",
+        scripts.array.display(),
+        scripts.gather.display()
+    );
+    if scripts.shards.is_empty() {
+        println!("every trial is recorded: nothing to submit");
+        return run_gather(sweep, output);
+    }
+    let shards = scripts
+        .shards
+        .iter()
+        .map(|s| s.to_string())
+        .collect::<Vec<_>>()
+        .join(",");
+    if args.print_script {
+        println!("to submit (shards {shards} of {}):", options.shards);
+        println!("  array=$(sbatch --parsable {})", scripts.array.display());
+        println!(
+            "  sbatch --dependency=afterany:$array {}",
+            scripts.gather.display()
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    let submission = submit(&scripts)?;
+    println!(
+        "submitted array job {} ({} tasks: shards {shards} of {}, {} trials to run)",
+        submission.array_job,
+        scripts.shards.len(),
+        options.shards,
+        scripts.missing.len()
+    );
+    println!(
+        "submitted gather job {} (after the array; writes results.csv, results.json, scores.svg)",
+        submission.gather_job
+    );
+    println!("logs: {}", output.join("slurm").display());
+    Ok(ExitCode::SUCCESS)
+}
+
 /// Runs `mmx sweep`.
 pub fn run(args: SweepArgs) -> anyhow::Result<ExitCode> {
     let sweep = Sweep::load(&args.sweep)?;
     let output = super::output_dir(args.output.as_deref(), &args.sweep, "sweep");
+    if args.gather {
+        return run_gather(&sweep, &output);
+    }
+    if args.slurm {
+        return run_slurm(&args, &sweep, &output);
+    }
     let options = SweepOptions {
         shard: args.shard.unwrap_or(Shard::ALL),
         resume: args.resume,

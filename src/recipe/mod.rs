@@ -177,7 +177,7 @@ fn parameters(path: &Path, at: &str, value: Option<&serde_json::Value>) -> Resul
 
 /// Where a recipe's `registry` is: a remote URL (`s3://bucket/prefix`) as written, a
 /// directory relative to the recipe.
-fn registry_location(root: &Path, text: &str) -> PathBuf {
+pub(crate) fn registry_location(root: &Path, text: &str) -> PathBuf {
     if text.contains("://") {
         PathBuf::from(text)
     } else {

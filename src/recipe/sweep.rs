@@ -105,6 +105,12 @@ pub struct Sweep {
     pub keep_outputs: bool,
     /// Score every merge by task accuracy (`[sweep.eval]`).
     pub eval: Option<EvalSpec>,
+    /// Publish each successful trial's output as `NAME:<trial id>` (`publish = "NAME"`).
+    pub publish: Option<String>,
+    /// The registry `publish` goes to (`registry = "..."`, relative to the sweep file, or
+    /// `s3://bucket/prefix`); `None`: the template recipe's, else `$MMX_REGISTRY`, else
+    /// `./registry`.
+    pub registry: Option<PathBuf>,
 }
 
 /// `[sweep.eval]`: each merge is scored by the accuracy of its greedy answers on case files
@@ -206,7 +212,7 @@ pub fn accepted_parameters(method: &str) -> Option<Vec<&'static str>> {
     Some(names)
 }
 
-const SWEEP_KEYS: [&str; 9] = [
+const SWEEP_KEYS: [&str; 11] = [
     "eval",
     "recipe",
     "planted",
@@ -216,6 +222,8 @@ const SWEEP_KEYS: [&str; 9] = [
     "parameters",
     "methods",
     "keep_outputs",
+    "publish",
+    "registry",
 ];
 const METHOD_KEYS: [&str; 5] = ["method", "output", "space", "rank", "parameters"];
 
@@ -356,6 +364,23 @@ impl Sweep {
                 Some(spec)
             }
         };
+        let text_key = |key: &str| -> Result<Option<String>> {
+            match sweep.get(key) {
+                None => Ok(None),
+                Some(Value::String(s)) if !s.is_empty() => Ok(Some(s.clone())),
+                Some(other) => Err(fail(format!(
+                    "`sweep.{key}` must be a non-empty string, found {other}"
+                ))),
+            }
+        };
+        let publish = text_key("publish")?;
+        let registry = text_key("registry")?.map(|r| super::registry_location(root, &r));
+        if registry.is_some() && publish.is_none() {
+            return Err(fail(
+                "`sweep.registry` is where `sweep.publish` goes: set `publish = \"NAME\"` too"
+                    .to_string(),
+            ));
+        }
         let parsed = Sweep {
             path: path.to_path_buf(),
             template,
@@ -364,6 +389,8 @@ impl Sweep {
             methods,
             keep_outputs,
             eval,
+            publish,
+            registry,
         };
         parsed.check()?;
         Ok(parsed)

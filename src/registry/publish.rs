@@ -32,6 +32,31 @@ pub struct PublishOptions {
     pub force: bool,
 }
 
+impl PublishOptions {
+    /// The options of a merge output in `output` made from `recipe_text`: a merged expert whose
+    /// lineage names the registry manifests its `mmx-merge.json` says the merge read.
+    pub fn merged(output: &Path, recipe_text: &str) -> Result<PublishOptions> {
+        let record_path = output.join(MERGE_RECORD);
+        let text = std::fs::read(&record_path).map_err(|e| Error::io(&record_path, e))?;
+        let record: serde_json::Value =
+            serde_json::from_slice(&text).map_err(|e| refuse(&record_path, e.to_string()))?;
+        let inputs = record["inputs"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|i| i["manifests"].as_array())
+            .flatten()
+            .filter_map(|m| m.as_str().and_then(Digest::parse))
+            .collect();
+        Ok(PublishOptions {
+            kind: Some(Kind::Merged),
+            recipe: Some(recipe_text.to_string()),
+            inputs,
+            ..PublishOptions::default()
+        })
+    }
+}
+
 /// What a publish did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Published {

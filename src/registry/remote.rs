@@ -485,13 +485,18 @@ impl Store for RemoteStore {
         if self.contains(digest)? {
             return Ok(false);
         }
+        self.put_absent(digest, bytes)?;
+        Ok(true)
+    }
+
+    fn put_absent(&self, digest: &Digest, bytes: &[u8]) -> Result<()> {
         let key = self.blob_key(digest);
         if bytes.len() > MULTIPART_THRESHOLD {
-            self.put_multipart(&key, bytes)?;
+            self.put_multipart(&key, bytes)
         } else {
-            self.put_object(&key, bytes.to_vec(), PutMode::Overwrite)?;
+            self.put_object(&key, bytes.to_vec(), PutMode::Overwrite)
+                .map(|_| ())
         }
-        Ok(true)
     }
 
     fn get(&self, digest: &Digest) -> Result<Blob> {

@@ -112,6 +112,12 @@ pub trait Store: Send + Sync {
     /// Stores `bytes` under `digest` (the caller's blake3 of them). Returns whether anything
     /// was written: a present blob is not rewritten, only marked as just used.
     fn put(&self, digest: &Digest, bytes: &[u8]) -> Result<bool>;
+    /// [`Store::put`] of a blob the caller has just found absent: a store where looking costs
+    /// a request (a bucket) need not look again. A blob that arrived meanwhile is rewritten
+    /// with the same bytes.
+    fn put_absent(&self, digest: &Digest, bytes: &[u8]) -> Result<()> {
+        self.put(digest, bytes).map(|_| ())
+    }
     /// A blob's bytes, checked against its digest: corruption is an error, never wrong bytes.
     fn get(&self, digest: &Digest) -> Result<Blob>;
     /// Every blob.

@@ -114,7 +114,7 @@ fn copy_blob(from: &dyn Store, to: &dyn Store, digest: &Digest) -> Result<Option
             message: format!("blob {digest} is corrupt: its content hashes to {actual}"),
         });
     }
-    to.put(digest, &blob)?;
+    to.put_absent(digest, &blob)?;
     Ok(Some(blob.len() as u64))
 }
 

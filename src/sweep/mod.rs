@@ -5,15 +5,24 @@
 //! as each trial ends, so that a killed sweep loses at most the trial in flight and `--resume`
 //! skips every trial already recorded (by id, in any shard's file). After the run,
 //! `results.json` and `results.csv` gather every shard's trials found in `OUT`, and
-//! `scores.svg` plots score against each swept parameter, per method.
+//! `scores.svg` plots score against each swept parameter, per method ([`summary`]); [`gather`]
+//! does that alone and names the trials no shard recorded. Shards run anywhere that sees `OUT`:
+//! by hand, or as a Slurm array job ([`slurm`]). With `publish`, each trial's output is
+//! published to the shared registry as `NAME:<trial id>` before the trial is recorded.
 
-use std::collections::{BTreeMap, BTreeSet};
+mod slurm;
+mod summary;
+
+pub use slurm::{submit, write_scripts, SlurmOptions, Submission};
+pub use summary::results_csv;
+
+use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
-use serde_json::{json, Value};
+use serde_json::Value;
 
 use crate::error::{Error, Result};
 use crate::merge::{merge_recipe, OutputOptions};
@@ -23,6 +32,7 @@ use crate::planted::{Planted, Split, SPEC_FILE};
 use crate::recipe::sweep::EvalSpec;
 use crate::recipe::sweep::{accepted_parameters, Sweep, Template, Trial};
 use crate::recipe::{native, Recipe};
+use crate::registry::{Reference, Registry};
 use crate::tensor::write_atomic;
 use crate::train::eval::{evaluate, Shown};
 use crate::train::images::Images;
@@ -97,6 +107,9 @@ pub struct TrialResult {
     pub by_task: Option<(Vec<f64>, Vec<f64>)>,
     /// Seconds the merge and its evaluation took.
     pub seconds: f64,
+    /// Sweeps with `publish`: the manifest the trial's output was published as.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub published: Option<String>,
     /// Why the trial failed, if it did.
     pub error: Option<String>,
 }
@@ -243,11 +256,10 @@ pub fn trial_recipe(template: &Recipe, trial: &Trial, id: &str) -> Result<Recipe
     native::parse(&template.path, text)
 }
 
-/// Reads every `trials-*.jsonl` in `out`; lines cut short by a crash are skipped.
-fn read_results(out: &Path) -> Result<BTreeMap<String, TrialResult>> {
-    let mut results = BTreeMap::new();
+/// The `trials-*.jsonl` files in `out`, sorted.
+fn shard_files(out: &Path) -> Result<Vec<PathBuf>> {
     let Ok(entries) = std::fs::read_dir(out) else {
-        return Ok(results);
+        return Ok(Vec::new());
     };
     let mut files: Vec<PathBuf> = entries
         .filter_map(|e| e.ok().map(|e| e.path()))
@@ -258,7 +270,13 @@ fn read_results(out: &Path) -> Result<BTreeMap<String, TrialResult>> {
         })
         .collect();
     files.sort();
-    for file in files {
+    Ok(files)
+}
+
+/// Reads every `trials-*.jsonl` in `out`; lines cut short by a crash are skipped.
+fn read_results(out: &Path) -> Result<BTreeMap<String, TrialResult>> {
+    let mut results = BTreeMap::new();
+    for file in shard_files(out)? {
         let text = std::fs::read_to_string(&file).map_err(|e| Error::io(&file, e))?;
         for line in text.lines() {
             if let Ok(result) = serde_json::from_str::<TrialResult>(line) {
@@ -371,6 +389,12 @@ fn in_file_order<'a>(
         .collect()
 }
 
+/// Where a sweep with `publish` puts each trial's output: `NAME:<trial id>` in `registry`.
+struct Publish<'a> {
+    name: &'a str,
+    registry: Registry,
+}
+
 /// Runs one trial: merge, metrics, evaluation. Errors of the trial itself are recorded in the
 /// result rather than returned.
 fn run_trial(
@@ -379,6 +403,7 @@ fn run_trial(
     id: &str,
     target: &Path,
     scoring: Scoring<'_>,
+    publish: Option<&Publish<'_>>,
     options: &SweepOptions,
 ) -> TrialResult {
     let start = Instant::now();
@@ -393,10 +418,12 @@ fn run_trial(
         test: None,
         by_task: None,
         seconds: 0.0,
+        published: None,
         error: None,
     };
     let outcome = (|| -> Result<()> {
         let recipe = trial_recipe(template, trial, id)?;
+        let recipe_text = recipe.text.clone();
         let merge_options = OutputOptions {
             max_memory: options.max_memory,
             shard_bytes: 5 << 30,
@@ -423,11 +450,43 @@ fn run_trial(
             result.test = (!test.is_empty()).then(|| mean(&test));
             result.by_task = Some((validation, test));
         }
+        if let Some(publish) = publish {
+            let reference = Reference {
+                name: publish.name.to_string(),
+                tag: id.to_string(),
+            };
+            let options = crate::registry::PublishOptions::merged(target, &recipe_text)?;
+            let published = publish.registry.publish(target, &reference, &options)?;
+            result.published = Some(published.manifest.to_string());
+        }
         Ok(())
     })();
     result.error = outcome.err().map(|e| e.to_string());
     result.seconds = start.elapsed().as_secs_f64();
     result
+}
+
+/// The registry a sweep with `publish` publishes to: the sweep's `registry`, else the
+/// template recipe's, else `$MMX_REGISTRY`, else `./registry`.
+fn publish_target<'a>(sweep: &'a Sweep, template: &Recipe) -> Result<Option<Publish<'a>>> {
+    let Some(name) = &sweep.publish else {
+        return Ok(None);
+    };
+    if let Some(problem) = crate::registry::name::component_problem(name) {
+        return Err(Error::Recipe {
+            path: sweep.path.clone(),
+            message: format!("`sweep.publish` = {name:?} {problem}"),
+        });
+    }
+    let path = sweep
+        .registry
+        .clone()
+        .or_else(|| template.registry.clone())
+        .unwrap_or_else(|| crate::registry::registry_path(None));
+    Ok(Some(Publish {
+        name,
+        registry: Registry::create(&path)?,
+    }))
 }
 
 /// Runs this shard's trials of `sweep` into `out`, then rewrites the gathered results.
@@ -448,6 +507,7 @@ pub fn run_sweep(
         ));
     }
     let (template, key, problem) = prepare_template(sweep, out)?;
+    let publish = publish_target(sweep, &template)?;
     let trials: Vec<Trial> = sweep
         .trials()
         .into_iter()
@@ -462,12 +522,24 @@ pub fn run_sweep(
             continue;
         }
         let target = outputs.join(&id);
+        if target.exists() {
+            // Left by a run killed between its merge and its record: the trial runs again.
+            std::fs::remove_dir_all(&target).map_err(|e| Error::io(&target, e))?;
+        }
         let scoring = match (&problem, &sweep.eval) {
             (Some(p), _) => Scoring::Planted(p),
             (None, Some(spec)) => Scoring::Accuracy(spec),
             (None, None) => Scoring::None,
         };
-        let result = run_trial(&template, trial, &id, &target, scoring, options);
+        let result = run_trial(
+            &template,
+            trial,
+            &id,
+            &target,
+            scoring,
+            publish.as_ref(),
+            options,
+        );
         if !sweep.keep_outputs && target.exists() {
             std::fs::remove_dir_all(&target).map_err(|e| Error::io(&target, e))?;
         }
@@ -476,13 +548,13 @@ pub fn run_sweep(
         failed += usize::from(result.error.is_some());
         progress(&result, trials.len());
     }
-    if !sweep.keep_outputs {
-        // Only empty: the folder may hold outputs a `keep_outputs` run kept.
+    if !sweep.keep_outputs && options.shard.count == 1 {
+        // Only empty: the folder may hold outputs a `keep_outputs` run kept. Shards leave it,
+        // as another shard running beside them may be writing into it.
         let _ = std::fs::remove_dir(&outputs);
     }
-    let mut results: Vec<TrialResult> = read_results(out)?.into_values().collect();
-    results.sort_by_key(|r| r.index);
-    let files = write_summaries(sweep, out, &results)?;
+    let results = sorted(read_results(out)?);
+    let files = summary::write_summaries(sweep, out, &results)?;
     Ok(SweepReport {
         ran,
         skipped,
@@ -492,151 +564,79 @@ pub fn run_sweep(
     })
 }
 
-fn csv_field(text: &str) -> String {
-    if text.contains([',', '"', '\n']) {
-        format!("\"{}\"", text.replace('"', "\"\""))
-    } else {
-        text.to_string()
+fn sorted(recorded: BTreeMap<String, TrialResult>) -> Vec<TrialResult> {
+    let mut results: Vec<TrialResult> = recorded.into_values().collect();
+    results.sort_by_key(|r| r.index);
+    results
+}
+
+/// A trial of the sweep that no shard has recorded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Missing {
+    /// Its position in the sweep.
+    pub index: usize,
+    /// Its id.
+    pub id: String,
+}
+
+/// What [`gather`] found in the output directory.
+#[derive(Debug, Clone)]
+pub struct Gathered {
+    /// Every trial recorded, by index.
+    pub results: Vec<TrialResult>,
+    /// Trials of the sweep recorded by no shard (a task that was killed or never ran).
+    pub missing: Vec<Missing>,
+    /// The files written.
+    pub files: Vec<PathBuf>,
+}
+
+impl Gathered {
+    /// Recorded trials that failed.
+    pub fn failed(&self) -> usize {
+        self.results.iter().filter(|r| r.error.is_some()).count()
+    }
+
+    /// The shards of `count` that hold a missing trial, in order.
+    pub fn pending_shards(&self, count: usize) -> Vec<usize> {
+        let mut shards: Vec<usize> = self.missing.iter().map(|m| m.index % count).collect();
+        shards.sort_unstable();
+        shards.dedup();
+        shards
     }
 }
 
-fn number(v: Option<f64>) -> String {
-    v.map_or(String::new(), |x| format!("{x}"))
-}
-
-fn json_text(v: &Value) -> String {
-    match v {
-        Value::Null => String::new(),
-        Value::String(s) => s.clone(),
-        other => other.to_string(),
-    }
-}
-
-/// The results as CSV: one row per trial, one column per swept parameter.
-pub fn results_csv(results: &[TrialResult]) -> String {
-    let params: BTreeSet<String> = results
+/// The sweep's trials with their ids, and which of them no shard has recorded in `out`.
+fn missing_trials(sweep: &Sweep, out: &Path) -> Result<(Recipe, Vec<TrialResult>, Vec<Missing>)> {
+    let (template, key, _) = prepare_template(sweep, out)?;
+    let recorded = read_results(out)?;
+    let missing = sweep
+        .trials()
         .iter()
-        .filter_map(|r| r.settings["parameters"].as_object())
-        .flat_map(|p| p.keys().cloned())
-        .collect();
-    let mut header = vec!["index", "id", "method", "output", "space", "rank"]
-        .into_iter()
-        .map(String::from)
-        .collect::<Vec<_>>();
-    header.extend(params.iter().cloned());
-    header.extend(
-        [
-            "sign_conflict",
-            "retained_energy",
-            "validation",
-            "test",
-            "seconds",
-            "error",
-        ]
-        .map(String::from),
-    );
-    let mut out = header
-        .iter()
-        .map(|h| csv_field(h))
-        .collect::<Vec<_>>()
-        .join(",");
-    out.push('\n');
-    for r in results {
-        let mut row = vec![
-            r.index.to_string(),
-            r.id.clone(),
-            r.method.clone(),
-            json_text(&r.settings["output"]),
-            json_text(&r.settings["space"]),
-            json_text(&r.settings["rank"]),
-        ];
-        row.extend(
-            params
-                .iter()
-                .map(|p| json_text(&r.settings["parameters"][p])),
-        );
-        row.extend([
-            number(r.sign_conflict),
-            number(r.retained_mean()),
-            number(r.validation),
-            number(r.test),
-            format!("{:.4}", r.seconds),
-            r.error.clone().unwrap_or_default(),
-        ]);
-        out.push_str(
-            &row.iter()
-                .map(|f| csv_field(f))
-                .collect::<Vec<_>>()
-                .join(","),
-        );
-        out.push('\n');
-    }
-    out
-}
-
-fn write_summaries(sweep: &Sweep, out: &Path, results: &[TrialResult]) -> Result<Vec<PathBuf>> {
-    let json_path = out.join("results.json");
-    let document = json!({
-        "sweep": sweep.path.display().to_string(),
-        "tool": {"name": "mmx", "version": env!("CARGO_PKG_VERSION")},
-        "trials": results,
-    });
-    write_atomic(
-        &json_path,
-        &serde_json::to_vec_pretty(&document).expect("JSON serialises"),
-    )?;
-    let csv_path = out.join("results.csv");
-    write_atomic(&csv_path, results_csv(results).as_bytes())?;
-    let mut files = vec![json_path, csv_path];
-    if let Some(plot) = plot_scores(out, results)? {
-        files.push(plot);
-    }
-    Ok(files)
-}
-
-/// `scores.svg`: validation score against each numeric swept parameter, one series per method.
-fn plot_scores(out: &Path, results: &[TrialResult]) -> Result<Option<PathBuf>> {
-    let scored: Vec<&TrialResult> = results.iter().filter(|r| r.validation.is_some()).collect();
-    let names: BTreeSet<String> = scored
-        .iter()
-        .filter_map(|r| r.settings["parameters"].as_object())
-        .flat_map(|p| {
-            p.iter()
-                .filter(|(_, v)| v.is_number())
-                .map(|(k, _)| k.clone())
+        .map(|t| Missing {
+            index: t.index,
+            id: t.id(&key),
         })
+        .filter(|m| !recorded.contains_key(&m.id))
         .collect();
-    if scored.is_empty() || names.is_empty() {
-        return Ok(None);
+    Ok((template, sorted(recorded), missing))
+}
+
+/// Gathers what every shard recorded in `out` into the summaries (as the end of a run does)
+/// and names the trials still missing: the gather step of a sweep run as separate shards.
+pub fn gather(sweep: &Sweep, out: &Path) -> Result<Gathered> {
+    if !out.is_dir() {
+        return Err(fail(
+            out,
+            "does not exist: no shard of this sweep has run here".to_string(),
+        ));
     }
-    let panels: Vec<crate::plot::Panel> = names
-        .iter()
-        .map(|name| {
-            let mut by_method: BTreeMap<&str, Vec<(f64, f64)>> = BTreeMap::new();
-            for r in &scored {
-                if let (Some(x), Some(y)) = (r.parameter(name), r.validation) {
-                    by_method.entry(&r.method).or_default().push((x, y));
-                }
-            }
-            crate::plot::Panel {
-                x_label: name.clone(),
-                y_label: "validation score".to_string(),
-                series: by_method
-                    .into_iter()
-                    .map(|(method, mut points)| {
-                        points.sort_by(|a, b| a.0.total_cmp(&b.0));
-                        crate::plot::Series {
-                            name: method.to_string(),
-                            points,
-                        }
-                    })
-                    .collect(),
-            }
-        })
-        .collect();
-    let path = out.join("scores.svg");
-    crate::plot::scatter_panels(&path, "sweep: score against each parameter", &panels)?;
-    Ok(Some(path))
+    let (_, results, missing) = missing_trials(sweep, out)?;
+    let files = summary::write_summaries(sweep, out, &results)?;
+    Ok(Gathered {
+        results,
+        missing,
+        files,
+    })
 }
 
 /// Best trial of each method by validation score (trials without a score are left out).
@@ -656,11 +656,17 @@ pub fn describe(result: &TrialResult) -> String {
     let mut parts: Vec<String> = Vec::new();
     for key in ["output", "space", "rank"] {
         if !result.settings[key].is_null() {
-            parts.push(format!("{key}={}", json_text(&result.settings[key])));
+            parts.push(format!(
+                "{key}={}",
+                summary::json_text(&result.settings[key])
+            ));
         }
     }
     if let Some(p) = result.settings["parameters"].as_object() {
-        parts.extend(p.iter().map(|(k, v)| format!("{k}={}", json_text(v))));
+        parts.extend(
+            p.iter()
+                .map(|(k, v)| format!("{k}={}", summary::json_text(v))),
+        );
     }
     parts.join(" ")
 }
@@ -686,12 +692,5 @@ mod tests {
         assert!(Shard::parse("4/4").unwrap_err().contains("0 ≤ I < N"));
         assert!(Shard::parse("x").is_err());
         assert!(Shard::parse("0/0").is_err());
-    }
-
-    #[test]
-    fn csv_quotes_what_needs_it() {
-        assert_eq!(csv_field("a,b"), "\"a,b\"");
-        assert_eq!(csv_field("say \"hi\""), "\"say \"\"hi\"\"\"");
-        assert_eq!(csv_field("plain"), "plain");
     }
 }
