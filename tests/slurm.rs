@@ -158,6 +158,17 @@ fn scores(dir: &Path) -> Vec<(String, f64, f64)> {
         .collect()
 }
 
+/// The sweep into `split` as a 4-task array.
+const SUBMIT: [&str; 7] = [
+    "sweep",
+    "sweep.toml",
+    "-o",
+    "split",
+    "--slurm",
+    "--shards",
+    "4",
+];
+
 fn lines(path: &Path) -> usize {
     std::fs::read_to_string(path).map_or(0, |t| t.lines().count())
 }
@@ -173,18 +184,7 @@ fn a_four_task_array_and_its_gather_job_give_the_one_process_results() {
     let one_process = start.elapsed();
 
     let start = Instant::now();
-    let out = mmx(
-        &[
-            "sweep",
-            "sweep.toml",
-            "-o",
-            "split",
-            "--slurm",
-            "--shards",
-            "4",
-        ],
-        work.path(),
-    );
+    let out = mmx(&SUBMIT, work.path());
     assert_ok(&out);
     let (array, gather) = job_ids(&out);
     let dir = work.path().join("split");
@@ -213,22 +213,13 @@ fn a_task_killed_mid_way_is_resumed_by_resubmitting_only_its_shard() {
     write_sweep(work.path(), "0.2, 0.4, 0.6, 0.8, 1.0, 1.2", 768);
     assert_ok(&mmx(&["sweep", "sweep.toml", "-o", "whole"], work.path()));
 
-    let submit = [
-        "sweep",
-        "sweep.toml",
-        "-o",
-        "split",
-        "--slurm",
-        "--shards",
-        "4",
-        "--array-parallel",
-        "1",
-    ];
+    // Task 0 runs alone (`%1`).
+    let submit = [&SUBMIT[..], &["--array-parallel", "1"]].concat();
     let out = mmx(&submit, work.path());
     assert_ok(&out);
     let (array, gather) = job_ids(&out);
     let dir = work.path().join("split");
-    // Task 0 runs alone (`%1`); it is killed once it has recorded its first of three trials.
+    // It is killed once it has recorded the first of its three trials.
     let first = dir.join("trials-0-of-4.jsonl");
     let deadline = Instant::now() + Duration::from_secs(300);
     while lines(&first) == 0 {
@@ -250,8 +241,7 @@ fn a_task_killed_mid_way_is_resumed_by_resubmitting_only_its_shard() {
         assert!(log.contains(&format!("missing: trial {trial} (")), "{log}");
     }
 
-    let mut resume = submit.to_vec();
-    resume.push("--resume");
+    let resume = [&submit[..], &["--resume"]].concat();
     let out = mmx(&resume, work.path());
     assert_ok(&out);
     let stdout = String::from_utf8_lossy(&out.stdout);

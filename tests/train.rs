@@ -289,6 +289,23 @@ fn bad_inputs_are_refused_before_training() {
     // A base recipe run as dsa.
     let o = mmx(&["train", "dsa", "base.toml", "--quiet"], dir);
     assert!(String::from_utf8_lossy(&o.stderr).contains("mmx train base"));
+    // A GPU asked of a build without candle's CUDA backend: the error says how to get one.
+    if !cfg!(feature = "cuda") {
+        std::fs::write(dir.join("r.toml"), dsa("q_proj")).unwrap();
+        let o = mmx(
+            &[
+                "train", "dsa", "r.toml", "-o", "e", "--quiet", "--device", "cuda",
+            ],
+            dir,
+        );
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{err}");
+        assert!(
+            err.contains("--device cuda") && err.contains("--features cuda"),
+            "{err}"
+        );
+        assert!(!dir.join("e").exists(), "nothing written");
+    }
 }
 
 fn vocab(config: &str) -> u64 {

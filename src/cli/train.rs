@@ -16,7 +16,7 @@ use crate::train::recipe::{TrainMethod, TrainRecipe};
 use crate::train::rl::recipe::GbaRecipe;
 use crate::train::rl::reward::{builtin, WeightedReward};
 use crate::train::rl::trainer::train_gba;
-use crate::train::sft::train;
+use crate::train::sft::{train, RunOptions};
 use crate::train::source::Materialized;
 use crate::train::vlm_init::init_llava;
 
@@ -63,6 +63,31 @@ pub struct RunArgs {
     /// Print no progress bar.
     #[arg(long)]
     quiet: bool,
+    /// Where to train: `cpu`, `cuda` (the first GPU; needs a build with `--features cuda`), or
+    /// `auto` (the GPU when this build can use one, else the CPU). `mmx train gba` runs on the
+    /// CPU.
+    #[arg(long, value_enum, default_value = "cpu")]
+    device: super::Device,
+}
+
+/// The candle device `--device` names for training.
+fn training_device(device: super::Device) -> anyhow::Result<candle_core::Device> {
+    let cuda = || candle_core::Device::new_cuda(0);
+    match device {
+        super::Device::Cpu => Ok(candle_core::Device::Cpu),
+        super::Device::Cuda => cuda().map_err(|e| {
+            anyhow::anyhow!(
+                "--device cuda: {e}\nhint: training on a GPU needs candle's CUDA backend: `cargo build --release --features cuda` (with a CUDA toolkit; scripts/cuda-toolkit.sh fetches one from PyPI)"
+            )
+        }),
+        super::Device::Auto => Ok(match cuda() {
+            Ok(device) => device,
+            Err(e) => {
+                eprintln!("--device auto: training on the CPU: {e}");
+                candle_core::Device::Cpu
+            }
+        }),
+    }
 }
 
 /// Runs `mmx train`.
@@ -110,6 +135,10 @@ pub fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
         ),
     };
     let cases = recipe.data.training_cases()?;
+    let options = RunOptions {
+        resume: args.resume,
+        device: training_device(args.device)?,
+    };
     let bar = progress(args.quiet, "training");
     let summary = train(
         &recipe,
@@ -117,7 +146,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
         &base_name,
         &cases,
         &output,
-        args.resume,
+        &options,
         &mut |m| {
             bar.set_length(m.total_steps as u64);
             bar.set_position(m.step as u64);
@@ -132,12 +161,17 @@ pub fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
         eprintln!("resumed from step {}", summary.resumed_from);
     }
     println!(
-        "trained {} steps on {} cases into {}: final loss {:.4}, {:.0} tokens/s",
+        "trained {} steps on {} cases into {}: final loss {:.4}, {:.0} tokens/s on the {}",
         summary.steps,
         summary.examples,
         output.display(),
         summary.final_loss,
-        summary.tokens_per_second
+        summary.tokens_per_second,
+        if options.device.is_cuda() {
+            "GPU"
+        } else {
+            "CPU"
+        }
     );
     if let Some(reference) = publish {
         let store = Registry::create(&registry)?;
@@ -158,6 +192,9 @@ pub fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
 
 /// `mmx train gba`.
 fn run_gba(args: RunArgs) -> anyhow::Result<ExitCode> {
+    if matches!(args.device, super::Device::Cuda) {
+        bail!("--device cuda: `mmx train gba` runs on the CPU only (its rollouts use the fused engine)");
+    }
     let recipe = GbaRecipe::load(&args.recipe)?;
     let guidelines = Guidelines::load(&recipe.guidelines)?;
     let mut rewards = Vec::new();

@@ -11,7 +11,8 @@
 //!
 //! Two engines run the shards: the fused engine ([`super::fused`], a hand-written forward and
 //! backward pass, about four times faster on small models) wherever it applies (f32 on the CPU
-//! without LoRA dropout), candle's autograd (the reference) otherwise. `MMX_TRAIN_ENGINE=candle`
+//! without LoRA dropout), candle's autograd (the reference) otherwise, on a CUDA device too
+//! ([`RunOptions::device`], with the `cuda` feature). `MMX_TRAIN_ENGINE=candle`
 //! forces candle's, for parity tests and benchmarks, and `MMX_TRAIN_ENGINE=fused` insists on the
 //! fused one; both give the same training to rounding.
 //!
@@ -86,20 +87,40 @@ pub struct TrainSummary {
     pub examples: usize,
 }
 
+/// How a training run goes.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    /// Continue from the latest checkpoint in the output directory.
+    pub resume: bool,
+    /// Where the model trains: the CPU (the fused engine), or a CUDA device (candle's
+    /// autograd; needs a build with the `cuda` feature).
+    pub device: Device,
+}
+
+impl Default for RunOptions {
+    fn default() -> RunOptions {
+        RunOptions {
+            resume: false,
+            device: Device::Cpu,
+        }
+    }
+}
+
 /// Trains what the recipe says on `cases` from the model in `base_dir`, writing the result
 /// (a PEFT adapter for `dsa`, the whole model for `base`), `metrics.jsonl` and
-/// `checkpoints/` into `output`. With `resume`, continues from the latest checkpoint in
-/// `output`. `on_step` sees every step.
+/// `checkpoints/` into `output`. With `options.resume`, continues from the latest checkpoint
+/// in `output`. `on_step` sees every step.
 pub fn train(
     recipe: &TrainRecipe,
     base_dir: &Path,
     base_name: &str,
     cases: &[TrainingCase],
     output: &Path,
-    resume: bool,
+    options: &RunOptions,
     on_step: &mut dyn FnMut(&StepMetrics),
 ) -> Result<TrainSummary> {
-    let device = Device::Cpu;
+    let device = options.device.clone();
+    let resume = options.resume;
     let tokenizer = Tokenizer::load(base_dir)?;
     // Before any weight is read: a tokenizer that does not fit the model is its own error.
     tokenizer.check_vocab(&language_config(base_dir)?)?;
