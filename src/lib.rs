@@ -36,6 +36,7 @@ pub mod planted;
 pub mod plot;
 pub mod recipe;
 pub mod registry;
+pub mod rng;
 pub mod sweep;
 pub mod tensor;
 pub mod train;

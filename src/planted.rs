@@ -29,8 +29,8 @@ use serde_json::{json, Map, Value};
 use crate::adapter::{Adapter, PEFT_PREFIX};
 use crate::checkpoint::Checkpoint;
 use crate::error::{Error, Result};
-use crate::merge::rng::{fnv1a, mix64, Sequence};
 use crate::merge::MERGE_RECORD;
+use crate::rng::{fnv1a, mix64, SplitMix};
 use crate::tensor::{
     from_f32, write_atomic, write_safetensors, Dtype, SafetensorsFile, TensorSpec,
 };
@@ -110,11 +110,11 @@ pub struct Planted {
 }
 
 /// A sequential SplitMix64 stream with normal deviates (Box–Muller).
-struct Stream(Sequence);
+struct Stream(SplitMix);
 
 impl Stream {
     fn new(seed: u64, purpose: &str) -> Stream {
-        Stream(Sequence::new(mix64(seed ^ fnv1a(purpose.as_bytes()))))
+        Stream(SplitMix::new(mix64(seed ^ fnv1a(purpose.as_bytes()))))
     }
 
     /// Uniform in (0, 1] (the logarithm below needs it above 0).

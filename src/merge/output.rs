@@ -16,7 +16,7 @@ use crate::backend::Backend;
 use crate::checkpoint::COPIED_FILES;
 use crate::error::{Error, Result};
 use crate::recipe::{OutputKind, RecipeFormat};
-use crate::tensor::{sync_dir, temp_sibling, write_atomic, ShardedWriter, TensorSpec};
+use crate::tensor::{replace_dir_atomically, write_atomic, ShardedWriter, TensorSpec};
 
 /// The record every merge leaves beside its output.
 pub const MERGE_RECORD: &str = "mmx-merge.json";
@@ -54,17 +54,6 @@ pub struct MergeSummary {
     pub mean_sign_conflict: Option<f64>,
 }
 
-/// Removes the temporary directory unless the merge completed.
-struct TempDir(Option<PathBuf>);
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        if let Some(p) = self.0.take() {
-            let _ = std::fs::remove_dir_all(p);
-        }
-    }
-}
-
 /// Checks the target can be written before any work starts.
 pub fn check_target(target: &Path, force: bool) -> Result<()> {
     if !target.exists() {
@@ -98,43 +87,15 @@ pub fn file_digest(path: &Path) -> Result<String> {
     Ok(hasher.finalize().to_hex().to_string())
 }
 
-/// Writes a directory atomically: `fill` writes the files into a fresh temporary directory
-/// beside `target` and returns their names; the directory is then synced and renamed into
-/// place (an earlier output there moves aside first and is removed last). On any error the
-/// temporary directory is removed and `target` is left as it was.
+/// Writes a merge output directory atomically ([`replace_dir_atomically`]) once
+/// [`check_target`] allows it; `fill` returns the names of the files it wrote.
 pub(crate) fn write_dir_atomically(
     target: &Path,
     force: bool,
     fill: impl FnOnce(&Path) -> Result<Vec<String>>,
 ) -> Result<Vec<String>> {
     check_target(target, force)?;
-    let parent = match target.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    std::fs::create_dir_all(&parent).map_err(|e| Error::io(&parent, e))?;
-    let tmp = temp_sibling(target);
-    std::fs::create_dir(&tmp).map_err(|e| Error::io(&tmp, e))?;
-    let mut guard = TempDir(Some(tmp.clone()));
-    let files = fill(&tmp)?;
-    sync_dir(&tmp)?;
-
-    let old = target.exists().then(|| temp_sibling(target));
-    if let Some(old) = &old {
-        std::fs::rename(target, old).map_err(|e| Error::io(target, e))?;
-    }
-    if let Err(e) = std::fs::rename(&tmp, target) {
-        if let Some(old) = &old {
-            let _ = std::fs::rename(old, target);
-        }
-        return Err(Error::io(target, e));
-    }
-    guard.0 = None;
-    if let Some(old) = old {
-        std::fs::remove_dir_all(&old).map_err(|e| Error::io(&old, e))?;
-    }
-    sync_dir(&parent)?;
-    Ok(files)
+    replace_dir_atomically(target, fill)
 }
 
 /// Runs the plan and writes its output to `target`. `progress` receives the bytes of each

@@ -17,10 +17,8 @@
 //! `mix64` is the SplitMix64 output finaliser (Stafford's variant 13). It is a bijection,
 //! so distinct inputs at each step give distinct keys.
 
-/// The golden-ratio increment of SplitMix64.
-const GOLDEN: u64 = 0x9E37_79B9_7F4A_7C15;
-const FNV_OFFSET: u64 = 0xCBF2_9CE4_8422_2325;
-const FNV_PRIME: u64 = 0x0000_0100_0000_01B3;
+use crate::rng::{fnv1a, mix64, GOLDEN};
+
 /// 2^-24: scales a 24-bit integer into `[0, 1)` exactly.
 const INV_2_POW_24: f32 = 1.0 / 16_777_216.0;
 
@@ -64,56 +62,10 @@ impl MaskRng {
     }
 }
 
-/// A sequential SplitMix64 stream, for draws made one after another in a fixed order
-/// (planted problems, random search) rather than per element as [`MaskRng`] draws.
-#[derive(Debug, Clone)]
-pub struct Sequence(u64);
-
-impl Sequence {
-    /// The stream starting from `state`.
-    pub fn new(state: u64) -> Sequence {
-        Sequence(state)
-    }
-
-    /// The next 64 bits.
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(GOLDEN);
-        mix64(self.0)
-    }
-
-    /// The next number in `[0, 1)`, from the top 53 bits.
-    pub fn unit(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
-    }
-}
-
-/// The SplitMix64 finaliser.
-#[inline]
-pub(crate) fn mix64(mut z: u64) -> u64 {
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
-
-/// FNV-1a, 64-bit.
-pub(crate) fn fnv1a(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(FNV_OFFSET, |hash, &byte| {
-        (hash ^ u64::from(byte)).wrapping_mul(FNV_PRIME)
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use proptest::prelude::*;
-
-    #[test]
-    fn fnv1a_matches_published_vectors() {
-        // Test vectors from the FNV reference (isthe.com/chongo/tech/comp/fnv).
-        assert_eq!(fnv1a(b""), 0xCBF2_9CE4_8422_2325);
-        assert_eq!(fnv1a(b"a"), 0xAF63_DC4C_8601_EC8C);
-        assert_eq!(fnv1a(b"foobar"), 0x8594_4171_F739_67E8);
-    }
 
     #[test]
     fn bits_is_the_splitmix64_stream_of_the_key() {

@@ -511,11 +511,11 @@ impl Sweep {
 }
 
 /// Seeded draws for random search.
-struct Draws(crate::merge::rng::Sequence);
+struct Draws(crate::rng::SplitMix);
 
 impl Draws {
     fn new(seed: u64) -> Draws {
-        Draws(crate::merge::rng::Sequence::new(seed))
+        Draws(crate::rng::SplitMix::new(seed))
     }
 
     fn uniform(&mut self) -> f64 {

@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use super::model::candle;
 use super::optim::AdamW;
 use crate::error::{Error, Result};
-use crate::tensor::{sync_dir, write_atomic};
+use crate::tensor::{replace_dir_atomically, write_atomic};
 
 /// What a checkpoint records besides the adapter and the moments.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -41,24 +41,17 @@ pub fn save_checkpoint(
     optimizer: &AdamW,
     state: &TrainerState,
 ) -> Result<PathBuf> {
-    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     let target = dir.join(format!("step-{:06}", state.step));
-    let tmp = dir.join(format!(".step-{:06}.tmp", state.step));
-    if tmp.exists() {
-        std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
-    }
-    write_weights(&tmp)?;
-    let moments: std::collections::HashMap<String, candle_core::Tensor> =
-        optimizer.state().into_iter().collect();
-    let path = tmp.join(OPTIMIZER);
-    candle_core::safetensors::save(&moments, &path).map_err(candle(path.display().to_string()))?;
-    let json = serde_json::to_vec_pretty(state).expect("state serialises");
-    write_atomic(&tmp.join(STATE), &json)?;
-    if target.exists() {
-        std::fs::remove_dir_all(&target).map_err(|e| Error::io(&target, e))?;
-    }
-    std::fs::rename(&tmp, &target).map_err(|e| Error::io(&target, e))?;
-    sync_dir(dir)?;
+    replace_dir_atomically(&target, |tmp| {
+        write_weights(tmp)?;
+        let moments: std::collections::HashMap<String, candle_core::Tensor> =
+            optimizer.state().into_iter().collect();
+        let path = tmp.join(OPTIMIZER);
+        candle_core::safetensors::save(&moments, &path)
+            .map_err(candle(path.display().to_string()))?;
+        let json = serde_json::to_vec_pretty(state).expect("state serialises");
+        write_atomic(&tmp.join(STATE), &json)
+    })?;
     Ok(target)
 }
 

@@ -9,9 +9,9 @@ use std::path::Path;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::rng::SplitMix;
 use super::synth;
 use crate::error::{Error, Result};
+use crate::rng::SplitMix;
 use crate::tensor::{write_atomic, write_safetensors, Dtype, TensorSpec};
 
 /// The special tokens, with ids 0 to 3.

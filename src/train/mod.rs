@@ -32,7 +32,6 @@ pub mod optim;
 pub mod prompt;
 pub mod recipe;
 pub mod rl;
-mod rng;
 pub mod schedule;
 pub mod sft;
 pub mod source;

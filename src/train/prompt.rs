@@ -119,7 +119,7 @@ impl Case {
         }
         let id = blake3::hash(self.id().as_bytes());
         let key = u64::from_le_bytes(id.as_bytes()[..8].try_into().expect("8 bytes"));
-        let mut rng = crate::train::rng::SplitMix::derive(seed, &[key]);
+        let mut rng = crate::rng::SplitMix::derive(seed, &[key]);
         let pick = rng.below(self.options().len() as u64) as usize;
         let option = &self.options()[pick];
         let known = rules.rules(self.specialty(), option);
@@ -136,7 +136,7 @@ impl Case {
         let findings = known_findings(self).unwrap_or_default();
         let id = blake3::hash(self.id().as_bytes());
         let key = u64::from_le_bytes(id.as_bytes()[..8].try_into().expect("8 bytes"));
-        let mut rng = crate::train::rng::SplitMix::derive(seed, &[key]);
+        let mut rng = crate::rng::SplitMix::derive(seed, &[key]);
         let n = self.options().len() as u64;
         let pick = rng.below(n) as usize;
         let other = (pick + 1 + rng.below(n - 1) as usize) % n as usize;

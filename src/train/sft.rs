@@ -36,10 +36,10 @@ use super::model::{candle, CausalLm, LoraSpec, PROJECTOR_MODULE};
 use super::optim::{clip_gradients, AdamW, AdamWConfig};
 use super::prompt::RuleBook;
 use super::recipe::{CompletionKind, TrainMethod, TrainRecipe, TrainingCase};
-use super::rng::SplitMix;
 use super::schedule::Schedule;
 use super::tokenizer::Tokenizer;
 use crate::error::{Error, Result};
+use crate::rng::SplitMix;
 
 /// Examples per shard of a micro-batch.
 pub const SHARD: usize = 8;

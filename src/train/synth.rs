@@ -37,8 +37,8 @@ use image::RgbImage;
 
 use super::case::{option_letter, Case, CaseLine};
 use super::guideline::{self, Facts, Style};
-use super::rng::SplitMix;
 use crate::error::{Error, Result};
+use crate::rng::SplitMix;
 use picture::Picture;
 
 /// The most cases of one specialty, all splits together. The smallest diagnosis (benign nevus)

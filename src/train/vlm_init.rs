@@ -15,10 +15,10 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::init::normal;
-use super::rng::SplitMix;
 use super::tokenizer::Tokenizer;
 use crate::checkpoint::Checkpoint;
 use crate::error::{Error, Result};
+use crate::rng::SplitMix;
 use crate::tensor::{write_atomic, write_safetensors, Dtype, TensorSpec};
 
 /// The image token's text in the tokenizer.

@@ -21,7 +21,7 @@ use super::weights::{Naming, Weights};
 use crate::adapter::PEFT_PREFIX;
 use crate::checkpoint::Checkpoint;
 use crate::error::{Error, Result};
-use crate::train::rng::SplitMix;
+use crate::rng::SplitMix;
 
 /// A causal language model with optional LoRA adapters. Not `Clone`: a copy would share the
 /// LoRA variables, and training one would silently train the other.

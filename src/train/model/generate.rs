@@ -9,7 +9,7 @@ use super::candle;
 use super::causal_lm::CausalLm;
 use super::sampler::{Sampler, Sampling};
 use crate::error::{Error, Result};
-use crate::train::rng::SplitMix;
+use crate::rng::SplitMix;
 
 /// What [`CausalLm::generate`] does.
 #[derive(Debug, Clone, PartialEq)]

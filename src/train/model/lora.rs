@@ -8,7 +8,7 @@
 
 use candle_core::{DType, Tensor, Var};
 
-use crate::train::rng::SplitMix;
+use crate::rng::SplitMix;
 
 /// The target name that selects every projection of every layer (PEFT's `all-linear`, which
 /// leaves the output head out).

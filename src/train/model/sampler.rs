@@ -3,7 +3,7 @@
 
 use super::lora::unit;
 use crate::error::{Error, Result};
-use crate::train::rng::SplitMix;
+use crate::rng::SplitMix;
 
 /// How the next token is chosen.
 #[derive(Debug, Clone, Copy, PartialEq)]

@@ -12,7 +12,7 @@ use std::ops::RangeInclusive;
 
 use super::picture::{Picture, St};
 use super::{around, compare, conclusion, Patient, Vignette, CLOSING};
-use crate::train::rng::SplitMix;
+use crate::rng::SplitMix;
 
 /// The options, indexed by [`Diagnosis`].
 pub(super) const DIAGNOSES: [&str; 4] = ["STEMI", "NSTEMI", "unstable angina", "stable angina"];

@@ -14,7 +14,7 @@ use std::ops::RangeInclusive;
 
 use super::picture::Picture;
 use super::{around, compare, conclusion, Patient, Vignette, CLOSING};
-use crate::train::rng::SplitMix;
+use crate::rng::SplitMix;
 
 /// The options, indexed by [`Diagnosis`].
 pub(super) const DIAGNOSES: [&str; 4] = [

@@ -11,7 +11,7 @@
 
 use image::{Rgb, RgbImage};
 
-use crate::train::rng::SplitMix;
+use crate::rng::SplitMix;
 
 /// The canvas's side, in pixels.
 pub const SIDE: u32 = 32;
