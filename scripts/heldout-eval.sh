@@ -20,24 +20,17 @@ mkdir -p "$OUT"
 
 # The cases: 600 test cases per specialty from seed 0, less every question the base's corpus
 # (2000 training cases per specialty) or the experts' (1000) holds in training or validation.
-"$MMX" data generate -o "$OUT/drawn" --seed 0 --train 2000 --validation 100 --test 600 --force >/dev/null
 "$MMX" data generate -o "$OUT/seen-base" --seed 0 --train 2000 --validation 100 --test 100 --force >/dev/null
 "$MMX" data generate -o "$OUT/seen-experts" --seed 0 --train 1000 --validation 100 --test 100 --force >/dev/null
-python3 - "$OUT" $SPECIALTIES <<'EOF'
-import json, sys
-out, specialties = sys.argv[1], sys.argv[2:]
-for s in specialties:
-    seen = set()
-    for corpus in ("seen-base", "seen-experts"):
-        for split in ("train", "validation"):
-            with open(f"{out}/{corpus}/{s}/{split}.jsonl") as f:
-                seen.update(json.loads(line)["question"] for line in f)
-    with open(f"{out}/drawn/{s}/test.jsonl") as f:
-        cases = [line for line in f if json.loads(line)["question"] not in seen]
-    with open(f"{out}/{s}.jsonl", "w") as f:
-        f.writelines(cases)
-    print(f"{s}: {len(cases)} held-out cases", file=sys.stderr)
-EOF
+seen=()
+for corpus in seen-base seen-experts; do
+    for s in $SPECIALTIES; do
+        seen+=(--held-out-from "$OUT/$corpus/$s/train.jsonl" --held-out-from "$OUT/$corpus/$s/validation.jsonl")
+    done
+done
+"$MMX" data generate -o "$OUT/drawn" --seed 0 --train 2000 --validation 100 --test 600 "${seen[@]}" --force |
+    grep '^held' >&2
+for s in $SPECIALTIES; do cp "$OUT/drawn/$s/test.jsonl" "$OUT/$s.jsonl"; done
 data=()
 for s in $SPECIALTIES; do data+=("$OUT/$s.jsonl"); done
 

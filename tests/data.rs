@@ -254,3 +254,91 @@ fn too_many_cases_is_refused() {
     assert!(stderr(&out).contains("synthetic data:"), "{}", stderr(&out));
     assert!(!dir.path().join("out").exists());
 }
+
+/// The questions of a case file.
+fn questions(path: &Path) -> Vec<String> {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["question"].to_string())
+        .collect()
+}
+
+#[test]
+fn a_test_split_held_out_from_another_corpus_drops_exactly_the_questions_it_saw() {
+    let work = tempfile::tempdir().unwrap();
+    let dir = work.path();
+    // Another corpus of the same seed: a few of its training questions come up again among
+    // the test cases drawn below (36 of 2,400).
+    assert_ok(&mmx(
+        &[
+            "data", "generate", "-o", "seen", "--train", "2000", "--test", "10",
+        ],
+        dir,
+    ));
+    assert_ok(&generate(dir, &["--train", "20", "--test", "600"]));
+    let seen_files: Vec<String> = SPECIALTIES
+        .iter()
+        .map(|s| format!("seen/{s}/train.jsonl"))
+        .collect();
+    let seen: Vec<String> = seen_files
+        .iter()
+        .flat_map(|f| questions(&dir.join(f)))
+        .collect();
+    let mut args = vec![
+        "data", "generate", "-o", "held", "--train", "20", "--test", "600",
+    ];
+    for f in &seen_files {
+        args.extend(["--held-out-from", f]);
+    }
+    let out = mmx(&args, dir);
+    assert_ok(&out);
+    let mut overlap = 0;
+    for s in SPECIALTIES {
+        let drawn = questions(&dir.join(format!("out/{s}/test.jsonl")));
+        let expected: Vec<&String> = drawn.iter().filter(|q| !seen.contains(q)).collect();
+        overlap += drawn.len() - expected.len();
+        let kept = questions(&dir.join(format!("held/{s}/test.jsonl")));
+        assert_eq!(
+            kept.iter().collect::<Vec<_>>(),
+            expected,
+            "{s}: the rest, in order"
+        );
+        // The other splits are as drawn.
+        assert_eq!(
+            std::fs::read(dir.join(format!("out/{s}/train.jsonl"))).unwrap(),
+            std::fs::read(dir.join(format!("held/{s}/train.jsonl"))).unwrap()
+        );
+    }
+    assert!(overlap > 0, "the test needs an overlap to drop");
+    assert!(
+        stdout(&out).contains(&format!("{overlap} test cases dropped")),
+        "{}",
+        stdout(&out)
+    );
+    let readme = std::fs::read_to_string(dir.join("held/README.md")).unwrap();
+    assert!(
+        readme.contains("--held-out-from seen/cardiology/train.jsonl")
+            && readme.contains("## Held out")
+    );
+
+    // A file that is not there is an error naming it, and nothing is written.
+    let missing = mmx(
+        &[
+            "data",
+            "generate",
+            "-o",
+            "none",
+            "--held-out-from",
+            "seen/nope.jsonl",
+        ],
+        dir,
+    );
+    assert_eq!(missing.status.code(), Some(2));
+    assert!(
+        stderr(&missing).contains("seen/nope.jsonl"),
+        "{}",
+        stderr(&missing)
+    );
+    assert!(!dir.join("none").exists());
+}

@@ -86,6 +86,10 @@ pub struct GenerateArgs {
     /// its case file (`<specialty>/images/<id>.png`) instead of written in its question.
     #[arg(long)]
     images: bool,
+    /// Hold the test split out from these case files: drop every test case whose question
+    /// one of them holds (e.g. another corpus's train.jsonl and validation.jsonl). Repeatable.
+    #[arg(long, value_name = "FILE")]
+    held_out_from: Vec<PathBuf>,
     /// Overwrite case files and a README already in DIR.
     #[arg(long)]
     force: bool,
@@ -140,11 +144,16 @@ fn run_generate(args: GenerateArgs) -> anyhow::Result<ExitCode> {
         guidelines: args.guidelines,
         answer_only: args.answer_only,
     };
-    let (splits, pictures) = if args.images {
+    let (mut splits, pictures) = if args.images {
         generate_with_images(&spec)?
     } else {
         (generate(&spec)?, Default::default())
     };
+    let mut seen = Vec::new();
+    for path in &args.held_out_from {
+        seen.extend(read_cases(path)?);
+    }
+    let dropped = splits.hold_out_test(&seen);
     let readme = args.output.join("README.md");
     let mut files = Vec::new();
     for specialty in Specialty::ALL {
@@ -202,6 +211,14 @@ fn run_generate(args: GenerateArgs) -> anyhow::Result<ExitCode> {
         args.test,
         args.answer_only
     );
+    if !args.held_out_from.is_empty() {
+        println!(
+            "held the test split out from {} files ({} cases): {dropped} test cases dropped, {} kept",
+            args.held_out_from.len(),
+            seen.len(),
+            splits.test.len()
+        );
+    }
     Ok(ExitCode::SUCCESS)
 }
 
@@ -226,7 +243,11 @@ fn command_line(args: &GenerateArgs) -> String {
         } else {
             String::new()
         }
-    )
+    ) + &args
+        .held_out_from
+        .iter()
+        .map(|f| format!(" --held-out-from {}", shell_word(&f.display().to_string())))
+        .collect::<String>()
 }
 
 /// `text` quoted for a POSIX shell where it needs it.
@@ -293,6 +314,14 @@ fn readme_text(args: &GenerateArgs) -> String {
             ""
         }
     );
+    if !args.held_out_from.is_empty() {
+        text.push_str(
+            "\n\n## Held out\n\nThe test split is held out from the case files named by \
+             `--held-out-from` above: every test case whose question one of them holds was \
+             dropped, so `test.jsonl` holds at most the number of cases given, and its diagnoses \
+             are no longer exactly balanced.\n",
+        );
+    }
     text.push_str("\n## Rules\n");
     for specialty in Specialty::ALL {
         let _ = write!(

@@ -214,6 +214,18 @@ pub struct Splits {
     pub answer_only: Vec<Case>,
 }
 
+impl Splits {
+    /// Makes the test split held out from other data: drops every test case whose question
+    /// is among `seen`'s (another corpus's training or validation cases, say), and returns how
+    /// many it dropped. The other splits are left as they are.
+    pub fn hold_out_test(&mut self, seen: &[Case]) -> usize {
+        let questions: std::collections::HashSet<&str> = seen.iter().map(Case::question).collect();
+        let before = self.test.len();
+        self.test.retain(|c| !questions.contains(c.question()));
+        before - self.test.len()
+    }
+}
+
 /// One split, in the order it is drawn.
 #[derive(Debug, Clone, Copy)]
 enum Split {
