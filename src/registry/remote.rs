@@ -24,6 +24,7 @@
 //! `AWS_SESSION_TOKEN`, `AWS_REGION`, `AWS_ENDPOINT_URL`, `AWS_ALLOW_HTTP`) or from a
 //! `[remotes.NAME]` entry's endpoint and region; they are never written anywhere.
 
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Once};
@@ -463,6 +464,12 @@ impl Drop for HeldLock {
     }
 }
 
+/// The digest a blob key names (`.../blobs/blake3/ab/cdef...`), if it is one.
+fn blob_digest(key: &Key) -> Option<Digest> {
+    let parts: Vec<&str> = key.as_ref().rsplitn(3, '/').collect();
+    Digest::parse(&format!("{}{}", parts.get(1)?, parts.first()?))
+}
+
 impl Store for RemoteStore {
     fn location(&self) -> &Path {
         &self.location
@@ -514,15 +521,40 @@ impl Store for RemoteStore {
         Blob::from_bytes(&bytes).map_err(|e| Error::io(&self.location, e))
     }
 
+    fn holding(&self, wanted: &[Digest]) -> Result<Option<BTreeSet<Digest>>> {
+        // A listing page names 1,000 blobs, a HEAD one: listing is cheaper while the bucket
+        // holds fewer than 100 blobs per wanted one (a tenth of the HEADs at most); past
+        // that, ask one by one.
+        let budget = wanted.len().saturating_mul(100);
+        let wanted: BTreeSet<Digest> = wanted.iter().copied().collect();
+        let prefix = self.key("blobs/blake3");
+        self.block_on(async {
+            let mut listing = self.store.list(Some(&prefix));
+            let (mut held, mut listed) = (BTreeSet::new(), 0usize);
+            while let Some(meta) = listing
+                .try_next()
+                .await
+                .map_err(|e| self.request_failed("listing", &prefix, e))?
+            {
+                listed += 1;
+                if listed > budget {
+                    return Ok(None);
+                }
+                if let Some(digest) = blob_digest(&meta.location).filter(|d| wanted.contains(d)) {
+                    held.insert(digest);
+                }
+            }
+            Ok(Some(held))
+        })
+    }
+
     fn blobs(&self) -> Result<Vec<BlobInfo>> {
         let mut out: Vec<BlobInfo> = self
             .list("blobs/blake3")?
             .into_iter()
             .filter_map(|m| {
-                let parts: Vec<&str> = m.location.as_ref().rsplitn(3, '/').collect();
-                let digest = Digest::parse(&format!("{}{}", parts.get(1)?, parts.first()?))?;
                 Some(BlobInfo {
-                    digest,
+                    digest: blob_digest(&m.location)?,
                     bytes: m.size,
                     modified: SystemTime::from(m.last_modified),
                 })

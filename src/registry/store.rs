@@ -109,6 +109,13 @@ pub trait Store: Send + Sync {
     fn location(&self) -> &Path;
     /// Whether a blob is present.
     fn contains(&self, digest: &Digest) -> Result<bool>;
+    /// Which of `wanted` are present, where the store can say that for all of them more
+    /// cheaply than [`Store::contains`] for each (a bucket: one listing instead of a request
+    /// per blob); `None`: ask one by one.
+    fn holding(&self, wanted: &[Digest]) -> Result<Option<std::collections::BTreeSet<Digest>>> {
+        let _ = wanted;
+        Ok(None)
+    }
     /// Stores `bytes` under `digest` (the caller's blake3 of them). Returns whether anything
     /// was written: a present blob is not rewritten, only marked as just used.
     fn put(&self, digest: &Digest, bytes: &[u8]) -> Result<bool>;

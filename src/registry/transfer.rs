@@ -100,10 +100,20 @@ fn closure(from: &dyn Store, root: &Digest) -> Result<(Vec<Digest>, Vec<BlobSize
     Ok((order, blobs))
 }
 
-/// Copies one blob unless the destination holds it; returns the bytes sent (0 if present).
-/// The bytes are re-hashed on the way, so a corrupt source blob stops the copy.
-fn copy_blob(from: &dyn Store, to: &dyn Store, digest: &Digest) -> Result<Option<u64>> {
-    if to.contains(digest)? {
+/// Copies one blob unless the destination holds it (as `held` says, where the destination
+/// answered for all blobs at once); returns the bytes sent (`None` if present). The bytes are
+/// re-hashed on the way, so a corrupt source blob stops the copy.
+fn copy_blob(
+    from: &dyn Store,
+    to: &dyn Store,
+    held: Option<&BTreeSet<Digest>>,
+    digest: &Digest,
+) -> Result<Option<u64>> {
+    let present = match held {
+        Some(held) => held.contains(digest),
+        None => to.contains(digest)?,
+    };
+    if present {
         return Ok(None);
     }
     let blob = from.get(digest)?;
@@ -122,6 +132,7 @@ fn copy_blob(from: &dyn Store, to: &dyn Store, digest: &Digest) -> Result<Option
 fn copy_blobs(
     from: &dyn Store,
     to: &dyn Store,
+    held: Option<&BTreeSet<Digest>>,
     blobs: &[BlobSize],
     total: u64,
     options: &TransferOptions,
@@ -142,7 +153,7 @@ fn copy_blobs(
                     let Some((digest, size)) = blobs.get(i) else {
                         break;
                     };
-                    match copy_blob(from, to, digest) {
+                    match copy_blob(from, to, held, digest) {
                         Ok(written) => {
                             if let Some(n) = written {
                                 sent.fetch_add(1, Ordering::Relaxed);
@@ -200,7 +211,22 @@ pub fn copy(
     blobs.retain(|(d, _)| !manifest_set.contains(d));
 
     let _guard = destination.lock_shared()?;
-    copy_blobs(source, destination, &blobs, total, options, &mut transfer)?;
+    let wanted: Vec<Digest> = blobs
+        .iter()
+        .chain(&manifest_sizes)
+        .map(|(d, _)| *d)
+        .collect();
+    let held = destination.holding(&wanted)?;
+    let held = held.as_ref();
+    copy_blobs(
+        source,
+        destination,
+        held,
+        &blobs,
+        total,
+        options,
+        &mut transfer,
+    )?;
     // One at a time, in order: a manifest lands only after what it applies to.
     let sequential = TransferOptions {
         parallel: 1,
@@ -211,6 +237,7 @@ pub fn copy(
         copy_blobs(
             source,
             destination,
+            held,
             std::slice::from_ref(m),
             total,
             &sequential,
