@@ -595,14 +595,14 @@ impl Gathered {
     pub fn failed(&self) -> usize {
         self.results.iter().filter(|r| r.error.is_some()).count()
     }
+}
 
-    /// The shards of `count` that hold a missing trial, in order.
-    pub fn pending_shards(&self, count: usize) -> Vec<usize> {
-        let mut shards: Vec<usize> = self.missing.iter().map(|m| m.index % count).collect();
-        shards.sort_unstable();
-        shards.dedup();
-        shards
-    }
+/// The shards of `count` that hold one of the `missing` trials, in order.
+fn pending_shards(missing: &[Missing], count: usize) -> Vec<usize> {
+    let mut shards: Vec<usize> = missing.iter().map(|m| m.index % count).collect();
+    shards.sort_unstable();
+    shards.dedup();
+    shards
 }
 
 /// The sweep's trials with their ids, and which of them no shard has recorded in `out`.

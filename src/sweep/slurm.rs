@@ -12,7 +12,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use super::{fail, missing_trials, shard_files, Missing};
+use super::{fail, missing_trials, pending_shards, shard_files, Missing};
 use crate::error::{Error, Result};
 use crate::recipe::sweep::Sweep;
 use crate::tensor::write_atomic;
@@ -148,10 +148,7 @@ pub fn write_scripts(sweep: &Sweep, out: &Path, options: &SlurmOptions) -> Resul
     let (template, _, missing) = missing_trials(sweep, &out)?;
     super::publish_target(sweep, &template)?;
     let shards: Vec<usize> = if options.resume {
-        let mut pending: Vec<usize> = missing.iter().map(|m| m.index % options.shards).collect();
-        pending.sort_unstable();
-        pending.dedup();
-        pending
+        pending_shards(&missing, options.shards)
     } else {
         (0..options.shards.min(sweep.trials().len().max(1))).collect()
     };
