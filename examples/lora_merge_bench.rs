@@ -12,9 +12,9 @@ use std::time::Instant;
 
 use mmx::adapter::{lora_delta, LoraKind, LoraModule};
 use mmx::backend::device::{ConsensusRule, Gpu, LoraFactors, MergeExpert};
-use mmx::merge::method::{merge_tensor, ExpertParams, Method, TensorJob};
 use mmx::merge::rng::MaskRng;
 use mmx::merge::sparsify::keep_count;
+use mmx::merge::{merge_tensor, ExpertParams, Method, TensorJob};
 
 const EXPERTS: usize = 4;
 const RANK: usize = 64;

@@ -1,7 +1,7 @@
 //! The planted-conflict benchmark, scripted through the library API as merge sweeps.
 //!
 //! For each overlap level and seed, a sweep generates a planted-conflict problem (synthetic
-//! linear tasks, see `mmx::planted`), merges its experts with every method over a grid of λ
+//! linear tasks, see `mmx::sweep::planted`), merges its experts with every method over a grid of λ
 //! (for `svd`, of the expert weight, which plays λ's part), picks each method's λ on the
 //! validation inputs and reports its score on the test inputs: mean ± std over the seeds.
 //!
@@ -19,9 +19,9 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-use mmx::planted::PlantedSpec;
-use mmx::recipe::sweep::{MethodEntry, Search, Sweep, Template, Values};
 use mmx::recipe::Scalar;
+use mmx::sweep::file::{MethodEntry, Search, Sweep, Template, Values};
+use mmx::sweep::planted::PlantedSpec;
 use mmx::sweep::{run_sweep, Shard, SweepOptions, TrialResult};
 
 const LEVELS: [f64; 5] = [0.0, 0.25, 0.5, 0.75, 1.0];
@@ -81,7 +81,7 @@ fn methods(rank: usize, densities: &[f64]) -> Vec<(&'static str, MethodEntry)> {
                 true,
                 vec![
                     ("density", half()),
-                    ("gamma", list(&[1.0])),
+                    ("attenuation", list(&[1.0])),
                     ("lambda", list(&LAMBDAS)),
                 ],
             ),
@@ -164,6 +164,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 shard: Shard::ALL,
                 resume: true,
                 max_memory: 1 << 30,
+                backend: mmx::backend::Backend::Cpu,
             };
             let report = run_sweep(&sweep, &dir, &options, &mut |_, _| {})?;
             if let Some(failed) = report.results.iter().find(|r| r.error.is_some()) {

@@ -32,7 +32,6 @@ pub mod cli;
 pub mod conflict;
 pub mod error;
 pub mod merge;
-pub mod planted;
 pub mod plot;
 pub mod recipe;
 pub mod registry;

@@ -396,7 +396,7 @@ fn large_model(dir: &Path, seed: u32) {
 /// workers: the merge completes, and gives what the whole-tensor method gives.
 #[test]
 fn streamed_tensors_merge_like_whole_ones_under_a_tight_budget() {
-    use mmx::merge::method::{merge_tensor, Method, TensorJob};
+    use mmx::merge::{merge_tensor, Method, TensorJob};
     let work = tempfile::tempdir().unwrap();
     for (name, seed) in [("base", 0), ("a", 7), ("b", 9)] {
         large_model(&work.path().join(name), seed);
@@ -590,9 +590,11 @@ fn conflicts_refuse_adapters_for_different_bases() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let cardiology = root.join("examples/adapters/cardiology");
     // Planted adapters have modules of the same names but 64×64.
-    let planted = mmx::planted::Planted::generate(mmx::planted::PlantedSpec::default()).unwrap();
+    let planted =
+        mmx::sweep::planted::Planted::generate(mmx::sweep::planted::PlantedSpec::default())
+            .unwrap();
     planted.write(&work.path().join("planted")).unwrap();
-    let other = mmx::planted::Planted::expert_dir(&work.path().join("planted"), 0);
+    let other = mmx::sweep::planted::Planted::expert_dir(&work.path().join("planted"), 0);
     let refused = || {
         let args = [
             "conflicts",

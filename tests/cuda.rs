@@ -198,7 +198,7 @@ fn gpu_thresholds_keep_what_the_cpu_keeps() {
 #[test]
 fn gpu_ties_and_caci_match_the_cpu() {
     use mmx::backend::device::{ConsensusExpert, ConsensusRule};
-    use mmx::merge::method::{merge_tensor, ExpertParams, Method, TensorJob};
+    use mmx::merge::{merge_tensor, ExpertParams, Method, TensorJob};
     let Some(gpu) = gpu() else { return };
     for n in sizes().into_iter().filter(|&n| n <= 1_000_003) {
         let draw = |seed: usize| {
@@ -430,7 +430,7 @@ fn gpu_lora_products_match_the_cpu() {
 
 /// The CPU's TIES or CACI of `deltas` on a zero base, and its per-expert parameters.
 fn cpu_merge(method: mmx::merge::method::Method, deltas: &[Vec<f32>], weights: &[f32]) -> Vec<f32> {
-    use mmx::merge::method::{merge_tensor, ExpertParams, TensorJob};
+    use mmx::merge::{merge_tensor, ExpertParams, TensorJob};
     let n = deltas[0].len();
     let base = vec![0f32; n];
     merge_tensor(

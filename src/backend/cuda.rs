@@ -88,14 +88,20 @@ pub fn nvrtc_version() -> Option<String> {
     (status == cudarc::nvrtc::sys::nvrtcResult::NVRTC_SUCCESS).then(|| format!("{major}.{minor}"))
 }
 
-/// The devices that answer, or why none can be asked.
-pub fn devices() -> Result<Vec<DeviceInfo>, String> {
+/// How many CUDA devices the driver reports, or why it cannot say (the same reasons
+/// [`devices`] and `mmx doctor` give).
+pub fn device_count() -> Result<usize, String> {
     if !driver_present() {
         return Err("libcuda is not installed (no NVIDIA driver)".to_string());
     }
     let count = cudarc::driver::CudaContext::device_count()
         .map_err(|e| format!("the CUDA driver does not answer: {e}"))?;
-    (0..count.max(0) as usize)
+    Ok(count.max(0) as usize)
+}
+
+/// The devices that answer, or why none can be asked.
+pub fn devices() -> Result<Vec<DeviceInfo>, String> {
+    (0..device_count()?)
         .map(|ordinal| {
             let context = cudarc::driver::CudaContext::new(ordinal)
                 .map_err(|e| format!("device {ordinal}: {e}"))?;

@@ -1,5 +1,5 @@
 //! Backends for the hot kernels (DESIGN.md §6): the CPU (rayon, the reference, in
-//! [`crate::merge`]) and CUDA ([`cuda`]: kernels in `cuda/*.cu`, compiled at run time by NVRTC,
+//! the merge code) and CUDA ([`cuda`]: kernels in `cuda/*.cu`, compiled at run time by NVRTC,
 //! libcuda and NVRTC loaded at run time, so that the default build needs no CUDA toolkit).
 //!
 //! [`probe`] says what this machine offers; [`select`] turns `--device` into a backend, with

@@ -301,7 +301,7 @@ pub fn run(args: PipelineArgs) -> anyhow::Result<ExitCode> {
     for m in &p.merges {
         let sweep = dir.join(&m.sweep);
         let sweep_text = read(&sweep)?;
-        let template = crate::recipe::sweep::Sweep::load(&sweep)?;
+        let template = crate::sweep::file::Sweep::load(&sweep)?;
         let experts: Vec<&str> = match m.experts.as_str() {
             "dsa" => dsa_keys.iter().map(String::as_str).collect(),
             "gba" => gba_keys.iter().map(String::as_str).collect(),
@@ -313,7 +313,7 @@ pub fn run(args: PipelineArgs) -> anyhow::Result<ExitCode> {
         };
         // The template's text too: it names the experts and the merge's base settings.
         let template_text = match &template.template {
-            crate::recipe::sweep::Template::Recipe(path) => read(path)?,
+            crate::sweep::file::Template::Recipe(path) => read(path)?,
             _ => String::new(),
         };
         let k = key(&format!("{sweep_text}\n{template_text}"), &experts);
@@ -321,7 +321,7 @@ pub fn run(args: PipelineArgs) -> anyhow::Result<ExitCode> {
         let since = Instant::now();
         let conflicts = output.join(format!("conflicts-{}.json", m.name));
         let template_path = match &template.template {
-            crate::recipe::sweep::Template::Recipe(path) => path.clone(),
+            crate::sweep::file::Template::Recipe(path) => path.clone(),
             _ => bail!(
                 "`{}`: a pipeline sweep's template is a merge recipe",
                 sweep.display()
@@ -385,12 +385,7 @@ pub fn run(args: PipelineArgs) -> anyhow::Result<ExitCode> {
             }
             let reference = crate::registry::Reference::parse(tag).map_err(anyhow::Error::msg)?;
             let recorded = store.resolve(tag).ok();
-            let record: serde_json::Value =
-                serde_json::from_slice(&std::fs::read(dir.join(crate::merge::MERGE_RECORD))?)?;
-            let recipe = record["recipe"]["text"]
-                .as_str()
-                .unwrap_or_default()
-                .to_string();
+            let recipe = crate::recipe::MergeRecord::read(&dir)?.recipe.text;
             // A sweep that ran again (forced, or its results gone) made merges the published
             // one may not be: its best replaces it.
             let stale = swept || state.keys.get(&format!("publish-{}", m.name)) != Some(&k);

@@ -5,8 +5,8 @@ use std::process::ExitCode;
 
 use clap::Args;
 
-use super::{default_max_memory, parse_size};
-use crate::recipe::sweep::Sweep;
+use super::{choose_device, default_max_memory, parse_size, Device};
+use crate::sweep::file::Sweep;
 use crate::sweep::{
     best_by_method, describe, gather, run_sweep, submit, write_scripts, Shard, SlurmOptions,
     SweepOptions, TrialResult,
@@ -29,6 +29,9 @@ pub struct SweepArgs {
     /// Memory budget of each merge, e.g. 8G (default: half of the machine's memory).
     #[arg(long, value_name = "BYTES", value_parser = parse_size)]
     max_memory: Option<u64>,
+    /// Where the merges compute.
+    #[arg(long, value_enum, default_value = "auto")]
+    device: Device,
     /// Run nothing: gather every shard's recorded trials into results.csv, results.json and
     /// scores.svg, list the trials none recorded, and fail if any is missing or failed.
     #[arg(long, conflicts_with_all = ["shard", "slurm"])]
@@ -182,6 +185,7 @@ pub fn run(args: SweepArgs) -> anyhow::Result<ExitCode> {
         shard: args.shard.unwrap_or(Shard::ALL),
         resume: args.resume,
         max_memory: args.max_memory.unwrap_or_else(default_max_memory),
+        backend: choose_device(args.device)?,
     };
     let mut done = 0;
     let report = run_sweep(&sweep, &output, &options, &mut |result, total| {

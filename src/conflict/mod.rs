@@ -21,9 +21,9 @@ pub use plot::plot_report;
 use crate::adapter::Adapter;
 use crate::backend::device::Gpu;
 use crate::error::{Error, Result};
-use crate::merge::lora_native::{is_lora_native, merges_adapters, LoraMerge};
+use crate::merge::lora_native::is_lora_native;
 use crate::merge::lora_products;
-use crate::merge::Plan;
+use crate::merge::{MergePlan, Plan};
 use crate::recipe::{OutputKind, Recipe, Space};
 
 /// Metrics averaged over a group of modules (a layer, or a module type).
@@ -94,10 +94,9 @@ fn group(name: String, members: &[&ModuleConflicts]) -> Group {
 /// some expert changes.
 pub fn analyze(recipe: Recipe, gpu: Option<&Gpu>) -> Result<Report> {
     // What the recipe's own merge keeps of each expert, where it merges in core space.
-    let retained = if merges_adapters(&recipe) {
-        LoraMerge::build(recipe.clone())?.retained_energy()?
-    } else {
-        None
+    let retained = match MergePlan::build(recipe.clone())? {
+        MergePlan::Adapter(merge) => merge.retained_energy()?,
+        MergePlan::Model(_) => None,
     };
     // The measurement is the same whatever the recipe writes: plan it as a full-space TIES-like
     // merge to open and check the inputs and resolve weights and densities per tensor.

@@ -14,8 +14,8 @@
 //! The vote and the mean are computed in the same order and form as TIES's, so that with
 //! `gamma = 0`, `confidence = "none"` and no `restore` the result is TIES's to the bit.
 
-use super::method::{fraction, squared_distance, Confidence, ExpertParams, GlobalParams};
-use super::method::{MergedTensor, TensorStats};
+use super::job::{fraction, squared_distance, MergedTensor, TensorStats};
+use super::method::{Confidence, ExpertParams, GlobalParams};
 use super::restore::restore;
 use super::sparsify;
 use crate::error::Result;
@@ -112,7 +112,8 @@ pub(crate) fn merge(
 mod tests {
     use proptest::prelude::*;
 
-    use crate::merge::method::{merge_tensor, Confidence, GlobalParams, Method, TensorJob};
+    use crate::merge::method::{Confidence, GlobalParams, Method};
+    use crate::merge::{merge_tensor, TensorJob};
 
     fn run(
         method: Method,

@@ -12,8 +12,9 @@ use faer::Mat;
 
 use super::core::Products;
 use super::expert::ExpertInput;
-use super::method::TensorStats;
-use super::method::{check_params, fraction, Confidence, DisjointMean, Method, SignElection};
+use super::job::{fraction, TensorStats};
+use super::method::{Confidence, DisjointMean, Method, SignElection};
+use super::parameters::check_params;
 use super::plan::{MergeParams, Plan, TensorPlan};
 use super::sparsify::magnitude_keep;
 use crate::adapter::{Adapter, LoraKind};

@@ -7,9 +7,11 @@ use std::sync::{Condvar, Mutex};
 
 use super::chunking::is_streamed;
 use super::device::{compute_on_device, runs_on_device};
-use super::method::{merge_tensor, Method, TensorJob, TensorStats};
+use super::job::{TensorJob, TensorStats};
+use super::method::Method;
 use super::plan::{Plan, TensorPlan};
 use super::stream::merge_streamed;
+use super::tensor_merge::merge_tensor;
 use crate::backend::device::Gpu;
 use crate::error::{Error, Result};
 use crate::recipe::OutputKind;

@@ -20,15 +20,24 @@ use serde_json::{json, Map, Value};
 use super::core::{merge_in_core_with, truncate, CoreMerged, CpuProducts, Factors, Products};
 use super::device::GpuProducts;
 use super::method::Method;
-use super::output::{file_digest, input_record, write_dir_atomically, MERGE_RECORD};
-use super::plan::{check_parameter_names, recipe_error, resolve};
+use super::output::{input_record, whole_file, OutputOptions};
+use super::parameters::check_recipe;
+use super::plan::{recipe_error, resolve};
 use super::saved_tensors::{self, SavedTensor};
 use crate::adapter::{Adapter, LoraKind, PEFT_PREFIX};
 use crate::backend::device::Gpu;
+use crate::backend::Backend;
 use crate::checkpoint::Checkpoint;
 use crate::error::{Error, Result};
-use crate::recipe::{layer_position, OutputKind, RankTarget, Recipe, Scalar, Source, Space};
-use crate::tensor::{from_f32, write_atomic, Dtype, TensorSpec};
+use crate::recipe::record::{
+    FileRecord, InputRecord, MergeRecord, ModuleEntry, RankRecord, RecipeRecord, SavedEntry,
+    ToolRecord,
+};
+use crate::recipe::{
+    check_target, layer_position, write_output_dir, OutputKind, RankTarget, Recipe, Scalar, Source,
+    Space, MERGE_RECORD,
+};
+use crate::tensor::{from_f32, Dtype, TensorSpec};
 
 /// Whether a method name is one of the LoRA-native methods (merged adapter to adapter).
 pub fn is_lora_native(method: &str) -> bool {
@@ -66,8 +75,8 @@ pub struct LoraMerge {
     modules: BTreeMap<String, Vec<usize>>,
     /// The tensors some experts store whole (`modules_to_save`), merged as full tensors.
     saved: Vec<SavedTensor>,
-    /// Where core-space products run: a GPU, or the CPU.
-    gpu: Option<Mutex<Gpu>>,
+    /// Deprecated spellings the recipe uses.
+    warnings: Vec<String>,
 }
 
 /// What an adapter-to-adapter merge wrote.
@@ -85,6 +94,8 @@ pub struct LoraSummary {
     pub retained_by_expert: Vec<(String, f64)>,
     /// Core space, methods that elect signs: the mean share of core coordinates in conflict.
     pub mean_sign_conflict: Option<f64>,
+    /// Modules whose module-sized products ran on the GPU.
+    pub device_modules: usize,
     /// Files written.
     pub files: Vec<String>,
 }
@@ -99,6 +110,7 @@ impl LoraMerge {
             ));
         }
         let standard = Method::from_name(&recipe.method);
+        let mut warnings = Vec::new();
         if !is_lora_native(&recipe.method) {
             let method = standard.ok_or_else(|| {
                 let known: Vec<&str> = Method::all().iter().map(|m| m.name()).collect();
@@ -120,7 +132,7 @@ impl LoraMerge {
                     ),
                 ));
             }
-            check_parameter_names(&recipe, method)?;
+            warnings = check_recipe(&recipe, method)?;
         }
         for name in recipe.parameters.keys().filter(|_| standard.is_none()) {
             if name != "weight" {
@@ -249,14 +261,8 @@ impl LoraMerge {
             adapters,
             modules,
             saved,
-            gpu: None,
+            warnings,
         })
-    }
-
-    /// Runs the module-sized products of core-space merges on `gpu` (cuBLAS) from now on.
-    pub fn on_device(mut self, gpu: Gpu) -> LoraMerge {
-        self.gpu = Some(Mutex::new(gpu));
-        self
     }
 
     /// The weight of expert `e` for base tensor `name` (scalars, filters and layer gradients as
@@ -276,6 +282,16 @@ impl LoraMerge {
                 message: format!("expected a finite number, found {other:?}"),
             }),
         }
+    }
+
+    /// The recipe it was built from.
+    pub fn recipe(&self) -> &Recipe {
+        &self.recipe
+    }
+
+    /// What the recipe should change, though it is read as it is (deprecated spellings).
+    pub fn warnings(&self) -> &[String] {
+        &self.warnings
     }
 
     /// Number of modules and the largest rank a module can get, for a dry run.
@@ -353,7 +369,8 @@ impl LoraMerge {
             .par_iter()
             .map(|(name, experts)| {
                 let (cols, rows) = self.dims(name, experts);
-                let merged = self.core_merge(name, experts, method, target, cols, rows)?;
+                let merged =
+                    self.core_merge(&CpuProducts, name, experts, method, target, cols, rows)?;
                 Ok((
                     name.clone(),
                     experts.iter().copied().zip(merged.retained).collect(),
@@ -365,7 +382,13 @@ impl LoraMerge {
 
     /// Merges one module: its two output tensors, its path, its rank and the energy the
     /// factoring discarded (`None` for `cat`, which is exact).
-    fn merge_module(&self, name: &str, experts: &[usize], dtype: Dtype) -> Result<ModuleOutput> {
+    fn merge_module(
+        &self,
+        products: &dyn Products,
+        name: &str,
+        experts: &[usize],
+        dtype: Dtype,
+    ) -> Result<ModuleOutput> {
         let mut tensors = Vec::with_capacity(2);
         let mut lost = None;
         let mut retained = Vec::new();
@@ -375,7 +398,8 @@ impl LoraMerge {
         let (a_rows_len, b_rows) = self.dims(name, experts);
         let (a, b, rank) = match self.method {
             LoraMethod::Core(method, target) => {
-                let merged = self.core_merge(name, experts, method, target, a_rows_len, b_rows)?;
+                let merged =
+                    self.core_merge(products, name, experts, method, target, a_rows_len, b_rows)?;
                 lost = Some(merged.factored.discarded);
                 retained = experts.iter().copied().zip(merged.retained).collect();
                 sign_conflict = merged.sign_conflict;
@@ -432,8 +456,18 @@ impl LoraMerge {
         })
     }
 
-    /// Writes the merged adapter (PEFT layout) and `mmx-merge.json` into `target`.
-    pub fn write(&self, target: &Path, force: bool) -> Result<LoraSummary> {
+    /// Writes the merged adapter (PEFT layout) and `mmx-merge.json` into `target`; with a CUDA
+    /// backend, the module-sized products of core-space merges run on the GPU (cuBLAS).
+    pub fn write(&self, target: &Path, options: &OutputOptions) -> Result<LoraSummary> {
+        check_target(target, options.force)?;
+        let gpu = match options.backend {
+            Backend::Cuda(ordinal) => Some(Mutex::new(Gpu::open(ordinal)?)),
+            Backend::Cpu => None,
+        };
+        let products: &dyn Products = match &gpu {
+            Some(gpu) => &GpuProducts(gpu),
+            None => &CpuProducts,
+        };
         let dtype = match self.recipe.dtype {
             Some(d) => d,
             None => {
@@ -453,7 +487,9 @@ impl LoraMerge {
                     || {
                         self.modules
                             .par_iter()
-                            .map(|(name, experts)| self.merge_module(name, experts, dtype))
+                            .map(|(name, experts)| {
+                                self.merge_module(products, name, experts, dtype)
+                            })
                             .collect::<Result<Vec<ModuleOutput>>>()
                     },
                     || {
@@ -481,31 +517,28 @@ impl LoraMerge {
                 kept_by_expert[e].0 += share;
                 kept_by_expert[e].1 += 1;
             }
-            let retained: BTreeMap<&str, f64> = output
+            let retained: BTreeMap<String, f64> = output
                 .retained
                 .iter()
-                .map(|&(e, share)| (self.adapters[e].0.as_str(), share))
+                .map(|&(e, share)| (self.adapters[e].0.clone(), share))
                 .collect();
-            conflicts.insert(
-                module,
-                json!({"sign_conflict": output.sign_conflict, "retained_energy": retained}),
-            );
+            conflicts.insert(module, (output.sign_conflict, retained));
             ranks.insert(output.path, output.rank);
             tensors.extend(output.tensors);
         }
         let mut whole = Vec::with_capacity(saved.len());
         for (output, tensor) in saved.into_iter().zip(&self.saved) {
-            let experts: Vec<&str> = tensor
+            let experts: Vec<String> = tensor
                 .experts
                 .iter()
-                .map(|&e| self.adapters[e].0.as_str())
+                .map(|&e| self.adapters[e].0.clone())
                 .collect();
-            whole.push(json!({
-                "tensor": tensor.name,
-                "key": tensor.key,
-                "experts": experts,
-                "base_blake3": output.base_blake3,
-            }));
+            whole.push(SavedEntry {
+                tensor: tensor.name.clone(),
+                key: tensor.key.clone(),
+                experts,
+                base_blake3: output.base_blake3,
+            });
             tensors.push(output.tensor);
         }
         let retained_by_expert: Vec<(String, f64)> = kept_by_expert
@@ -516,45 +549,76 @@ impl LoraMerge {
             .collect();
         let conflict_values: Vec<f64> = conflicts
             .values()
-            .filter_map(|c| c["sign_conflict"].as_f64())
+            .filter_map(|(c, _)| c.map(f64::from))
             .collect();
         let mean_sign_conflict = (!conflict_values.is_empty())
             .then(|| conflict_values.iter().sum::<f64>() / conflict_values.len() as f64);
 
-        let config = self.config(&ranks);
-        let files = write_dir_atomically(target, force, |tmp| {
-            Adapter::save(tmp, &config, &tensors)?;
-            let record = json!({
-                "tool": {"name": "mmx", "version": env!("CARGO_PKG_VERSION")},
-                "recipe": {"path": self.recipe.path.display().to_string(), "text": self.recipe.text},
-                "method": self.recipe.method,
-                "space": if matches!(self.method, LoraMethod::Core(..)) { "core" } else { "factors" },
-                "output": "lora",
-                "rank": match self.method {
-                    LoraMethod::Cat => json!("sum of the experts' ranks"),
-                    LoraMethod::Svd(RankTarget::Fixed(k)) | LoraMethod::Core(_, RankTarget::Fixed(k)) => json!(k),
-                    LoraMethod::Svd(RankTarget::Energy(e)) | LoraMethod::Core(_, RankTarget::Energy(e)) => json!(format!("energy:{e}")),
-                },
-                "inputs": inputs,
-                "modules": ranks.iter().map(|(m, r)| {
-                    let module = format!("{m}.weight");
-                    json!({
-                        "module": m,
-                        "rank": r,
-                        "discarded_energy": discarded.get(&module),
-                        "sign_conflict": conflicts.get(&module).map(|c| c["sign_conflict"].clone()),
-                        "retained_energy": conflicts.get(&module).map(|c| c["retained_energy"].clone()),
-                    })
-                }).collect::<Vec<_>>(),
-                "modules_to_save": whole,
-            });
-            let bytes = serde_json::to_vec_pretty(&record).expect("JSON serialises");
-            write_atomic(&tmp.join(MERGE_RECORD), &bytes)?;
-            Ok(vec![
+        let device = if gpu.is_some() && matches!(self.method, LoraMethod::Core(..)) {
+            "cuda"
+        } else {
+            "cpu"
+        };
+        let modules = ranks
+            .iter()
+            .map(|(m, &rank)| {
+                let module = format!("{m}.weight");
+                let (sign_conflict, retained_energy) =
+                    conflicts.remove(&module).unwrap_or_default();
+                ModuleEntry {
+                    module: m.clone(),
+                    rank,
+                    discarded_energy: discarded.get(&module).copied(),
+                    sign_conflict,
+                    retained_energy,
+                    device: Some(device.to_string()),
+                }
+            })
+            .collect();
+        let recipe = &self.recipe;
+        let mut record = MergeRecord {
+            tool: ToolRecord::this(),
+            recipe: RecipeRecord {
+                path: recipe.path.clone(),
+                format: Some(recipe.format.record_name().to_string()),
+                text: recipe.text.clone(),
+            },
+            method: recipe.method.clone(),
+            output: OutputKind::Lora,
+            space: Some(
+                if matches!(self.method, LoraMethod::Core(..)) {
+                    "core"
+                } else {
+                    "factors"
+                }
+                .to_string(),
+            ),
+            rank: Some(match self.method {
+                LoraMethod::Cat => RankRecord::Text("sum of the experts' ranks".to_string()),
+                LoraMethod::Svd(RankTarget::Fixed(k))
+                | LoraMethod::Core(_, RankTarget::Fixed(k)) => RankRecord::Fixed(k),
+                LoraMethod::Svd(RankTarget::Energy(e))
+                | LoraMethod::Core(_, RankTarget::Energy(e)) => {
+                    RankRecord::Text(format!("energy:{e}"))
+                }
+            }),
+            dtype: recipe.dtype.map(|d| d.name().to_string()),
+            seed: Some(recipe.seed),
+            inputs,
+            files: vec![
                 "adapter_config.json".to_string(),
                 "adapter_model.safetensors".to_string(),
                 MERGE_RECORD.to_string(),
-            ])
+            ],
+            tensors: Vec::new(),
+            modules,
+            modules_to_save: Some(whole),
+        };
+        let config = self.config(&ranks);
+        let files = write_output_dir(target, options.force, |tmp| {
+            Adapter::save(tmp, &config, &tensors)?;
+            record.write(tmp)?;
+            Ok(std::mem::take(&mut record.files))
         })?;
         Ok(LoraSummary {
             modules: ranks.len(),
@@ -563,6 +627,7 @@ impl LoraMerge {
             max_discarded: discarded.values().copied().fold(0.0, f64::max),
             retained_by_expert,
             mean_sign_conflict,
+            device_modules: if device == "cuda" { ranks.len() } else { 0 },
             files,
         })
     }
@@ -586,8 +651,10 @@ impl LoraMerge {
 
     /// Runs a standard method on the core-space matrices of one module and factors the result
     /// (see [`super::core`]).
+    #[allow(clippy::too_many_arguments)]
     fn core_merge(
         &self,
+        products: &dyn Products,
         name: &str,
         experts: &[usize],
         method: Method,
@@ -627,10 +694,6 @@ impl LoraMerge {
             })
             .collect();
         let params = resolve(&self.recipe, method, &labelled, name, t)?;
-        let products: &dyn Products = match &self.gpu {
-            Some(gpu) => &GpuProducts(gpu),
-            None => &CpuProducts,
-        };
         merge_in_core_with(
             products,
             name,
@@ -699,16 +762,14 @@ impl LoraMerge {
     /// weights are read only where experts store a tensor whole (recorded by that tensor's
     /// digest under `modules_to_save`), so its safetensors files are recorded by size and by
     /// the digest of their header, rather than hashed whole.
-    fn digests(&self) -> Result<Vec<Value>> {
+    fn digests(&self) -> Result<Vec<InputRecord>> {
         let role = format!("base:{}", self.base.dir().display());
         let mut inputs = Vec::new();
         match self.base.origin() {
             Some(manifest) => inputs.push(input_record(role, Vec::new(), vec![manifest.into()])),
             None => {
                 let config = self.base.dir().join("config.json");
-                let mut base = vec![
-                    json!({"path": config.display().to_string(), "blake3": file_digest(&config)?}),
-                ];
+                let mut base = vec![whole_file(&config)?];
                 for shard in self.base.shards() {
                     let file = shard.path();
                     let bytes = std::fs::metadata(file)
@@ -716,11 +777,12 @@ impl LoraMerge {
                         .len();
                     // The header as the open file holds it: names, dtypes, shapes, offsets.
                     let header = blake3::hash(shard.header_bytes()).to_hex().to_string();
-                    base.push(json!({
-                        "path": file.display().to_string(),
-                        "bytes": bytes,
-                        "header_blake3": header,
-                    }));
+                    base.push(FileRecord {
+                        path: file.display().to_string(),
+                        bytes: Some(bytes),
+                        blake3: None,
+                        header_blake3: Some(header),
+                    });
                 }
                 inputs.push(input_record(role, base, Vec::new()));
             }
@@ -736,7 +798,7 @@ impl LoraMerge {
                 adapter.file().path().to_path_buf(),
             ]
             .iter()
-            .map(|f| Ok(json!({"path": f.display().to_string(), "blake3": file_digest(f)?})))
+            .map(|f| whole_file(f))
             .collect::<Result<Vec<_>>>()?;
             inputs.push(input_record(role, files, Vec::new()));
         }

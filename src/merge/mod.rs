@@ -24,9 +24,12 @@ pub mod core;
 mod device;
 mod executor;
 mod expert;
+mod job;
+mod linalg;
 pub mod lora_native;
 pub mod method;
 mod output;
+pub mod parameters;
 mod plan;
 mod restore;
 pub mod rng;
@@ -35,14 +38,14 @@ mod saved_tensors;
 pub mod sparsify;
 mod stored;
 mod stream;
+mod tensor_merge;
 
 pub(crate) use device::lora_products;
 pub use executor::{execute, TensorRecord};
 pub use expert::{Expert, ExpertInput};
-pub use method::{merge_tensor, Method};
-pub(crate) use output::write_dir_atomically;
-pub use output::{
-    check_target, file_digest, write_merge, MergeSummary, OutputOptions, MERGE_RECORD,
-};
+pub use job::{MergedTensor, TensorJob, TensorStats};
+pub use method::{Confidence, ExpertParams, GlobalParams, Method, RescaleMode};
+pub use output::{write_merge, MergeSummary, OutputOptions};
 pub use plan::{input_files, MergeParams, Plan, TensorPlan};
-pub use run::{merge_recipe, Merged};
+pub use run::{merge, MergePlan, Merged};
+pub use tensor_merge::merge_tensor;

@@ -1,5 +1,6 @@
 //! Writing a merge: everything goes into a temporary directory beside the target, which is
-//! renamed into place only when complete, so a failed merge leaves no partial output.
+//! renamed into place only when complete, so a failed merge leaves no partial output, with
+//! `mmx-merge.json` ([`MergeRecord`]) beside it.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -7,7 +8,7 @@ use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::Mutex;
 use std::time::Duration;
 
-use serde_json::{json, Value};
+use serde_json::Value;
 
 use super::executor::{execute, TensorRecord};
 use super::plan::{input_files, Plan};
@@ -15,11 +16,11 @@ use crate::backend::device::Gpu;
 use crate::backend::Backend;
 use crate::checkpoint::COPIED_FILES;
 use crate::error::{Error, Result};
-use crate::recipe::{OutputKind, RecipeFormat};
-use crate::tensor::{replace_dir_atomically, write_atomic, ShardedWriter, TensorSpec};
-
-/// The record every merge leaves beside its output.
-pub const MERGE_RECORD: &str = "mmx-merge.json";
+use crate::recipe::record::{
+    FileRecord, InputRecord, MergeRecord, RecipeRecord, TensorEntry, ToolRecord,
+};
+use crate::recipe::{check_target, write_output_dir, OutputKind, MERGE_RECORD};
+use crate::tensor::{write_atomic, Digest, ShardedWriter, TensorSpec};
 
 /// How to write a merge.
 #[derive(Debug, Clone)]
@@ -54,50 +55,6 @@ pub struct MergeSummary {
     pub mean_sign_conflict: Option<f64>,
 }
 
-/// Checks the target can be written before any work starts.
-pub fn check_target(target: &Path, force: bool) -> Result<()> {
-    if !target.exists() {
-        return Ok(());
-    }
-    let fail = |message: &str| Error::Output {
-        path: target.to_path_buf(),
-        message: message.to_string(),
-    };
-    if !target.is_dir() {
-        return Err(fail("exists and is not a directory"));
-    }
-    let empty = std::fs::read_dir(target)
-        .map_err(|e| Error::io(target, e))?
-        .next()
-        .is_none();
-    if !(empty || force || target.join(MERGE_RECORD).is_file()) {
-        return Err(fail(
-            "exists and is not an earlier mmx output (no mmx-merge.json); pass --force to replace it",
-        ));
-    }
-    Ok(())
-}
-
-/// Blake3 of a file, read through a memory map and hashed on all cores.
-pub fn file_digest(path: &Path) -> Result<String> {
-    let mut hasher = blake3::Hasher::new();
-    hasher
-        .update_mmap_rayon(path)
-        .map_err(|e| Error::io(path, e))?;
-    Ok(hasher.finalize().to_hex().to_string())
-}
-
-/// Writes a merge output directory atomically ([`replace_dir_atomically`]) once
-/// [`check_target`] allows it; `fill` returns the names of the files it wrote.
-pub(crate) fn write_dir_atomically(
-    target: &Path,
-    force: bool,
-    fill: impl FnOnce(&Path) -> Result<Vec<String>>,
-) -> Result<Vec<String>> {
-    check_target(target, force)?;
-    replace_dir_atomically(target, fill)
-}
-
 /// Runs the plan and writes its output to `target`. `progress` receives the bytes of each
 /// finished tensor.
 pub fn write_merge(
@@ -113,7 +70,7 @@ pub fn write_merge(
     };
     let inputs = digests(plan)?;
     let mut records = Vec::new();
-    let files = write_dir_atomically(target, options.force, |tmp| {
+    let files = write_output_dir(target, options.force, |tmp| {
         let stem = match plan.recipe.output {
             OutputKind::Delta => "delta",
             _ => "model",
@@ -171,10 +128,8 @@ pub fn write_merge(
                 }
             }
         }
-        let record = merge_record(plan, &inputs, &files, &records);
-        let record_bytes = serde_json::to_vec_pretty(&record).expect("JSON serialises");
-        write_atomic(&tmp.join(MERGE_RECORD), &record_bytes)?;
         files.push(MERGE_RECORD.to_string());
+        merge_record(plan, inputs, &files, &records).write(tmp)?;
         Ok(files)
     })?;
 
@@ -195,26 +150,39 @@ pub fn write_merge(
     })
 }
 
-/// One input of `mmx-merge.json`: the files read from disk with their digests, and the
-/// registry manifests read (each already a digest of everything in it).
-pub(crate) fn input_record(role: String, files: Vec<Value>, manifests: Vec<String>) -> Value {
-    let mut record = json!({"input": role, "files": files});
-    if !manifests.is_empty() {
-        record["manifests"] = json!(manifests);
+/// One input of `mmx-merge.json`: the files read from disk, or the registry manifests read.
+pub(crate) fn input_record(
+    role: String,
+    files: Vec<FileRecord>,
+    manifests: Vec<String>,
+) -> InputRecord {
+    InputRecord {
+        input: role,
+        files,
+        manifests,
     }
-    record
 }
 
-fn digests(plan: &Plan) -> Result<Vec<Value>> {
+/// A file read whole, recorded with its size and blake3.
+pub(crate) fn whole_file(path: &Path) -> Result<FileRecord> {
+    let bytes = std::fs::metadata(path)
+        .map_err(|e| Error::io(path, e))?
+        .len();
+    Ok(FileRecord {
+        path: path.display().to_string(),
+        bytes: Some(bytes),
+        blake3: Some(Digest::of_file(path)?.hex()),
+        header_blake3: None,
+    })
+}
+
+fn digests(plan: &Plan) -> Result<Vec<InputRecord>> {
     input_files(plan)
         .into_iter()
         .map(|(role, files, manifests)| {
             let files = files
                 .iter()
-                .map(|f| {
-                    let bytes = std::fs::metadata(f).map_err(|e| Error::io(f, e))?.len();
-                    Ok(json!({"path": f.display().to_string(), "bytes": bytes, "blake3": file_digest(f)?}))
-                })
+                .map(|f| whole_file(f))
                 .collect::<Result<Vec<_>>>()?;
             Ok(input_record(role, files, manifests))
         })
@@ -223,38 +191,49 @@ fn digests(plan: &Plan) -> Result<Vec<Value>> {
 
 fn merge_record(
     plan: &Plan,
-    inputs: &[Value],
+    inputs: Vec<InputRecord>,
     files: &[String],
     records: &[TensorRecord],
-) -> Value {
+) -> MergeRecord {
     let recipe = &plan.recipe;
-    let tensors: Vec<Value> = records
+    let tensors = records
         .iter()
         .map(|r| match &r.stats {
-            None => json!({"name": r.name, "action": "copied"}),
-            Some(s) => json!({
-                "name": r.name,
-                "action": "merged",
-                "kept_fraction": s.kept_fraction,
-                "sign_conflict": s.sign_conflict,
-                "delta_l2": s.delta_l2,
-                "device": if r.on_device { "cuda" } else { "cpu" },
-            }),
+            None => TensorEntry {
+                name: r.name.clone(),
+                action: "copied".to_string(),
+                kept_fraction: None,
+                sign_conflict: None,
+                delta_l2: None,
+                device: None,
+            },
+            Some(s) => TensorEntry {
+                name: r.name.clone(),
+                action: "merged".to_string(),
+                kept_fraction: Some(s.kept_fraction.clone()),
+                sign_conflict: s.sign_conflict,
+                delta_l2: Some(s.delta_l2),
+                device: Some(if r.on_device { "cuda" } else { "cpu" }.to_string()),
+            },
         })
         .collect();
-    json!({
-        "tool": {"name": "mmx", "version": env!("CARGO_PKG_VERSION")},
-        "recipe": {
-            "path": recipe.path.display().to_string(),
-            "format": match recipe.format { RecipeFormat::Native => "mmx", RecipeFormat::Mergekit => "mergekit" },
-            "text": recipe.text,
+    MergeRecord {
+        tool: ToolRecord::this(),
+        recipe: RecipeRecord {
+            path: recipe.path.clone(),
+            format: Some(recipe.format.record_name().to_string()),
+            text: recipe.text.clone(),
         },
-        "method": plan.method.name(),
-        "output": match recipe.output { OutputKind::Full => "full", OutputKind::Delta => "delta", OutputKind::Lora => "lora" },
-        "dtype": recipe.dtype.map(|d| d.name()),
-        "seed": recipe.seed,
-        "inputs": inputs,
-        "files": files,
-        "tensors": tensors,
-    })
+        method: plan.method.name().to_string(),
+        output: recipe.output,
+        space: None,
+        rank: None,
+        dtype: recipe.dtype.map(|d| d.name().to_string()),
+        seed: Some(recipe.seed),
+        inputs,
+        files: files.to_vec(),
+        tensors,
+        modules: Vec::new(),
+        modules_to_save: None,
+    }
 }

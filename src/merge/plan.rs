@@ -6,10 +6,10 @@ use std::path::Path;
 
 use super::chunking::{is_streamed, working_bytes};
 use super::expert::Expert;
-use super::method::{
-    Confidence, DisjointMean, ExpertParams, GlobalParams, Method, RescaleMode, SignElection,
+use super::method::{ExpertParams, GlobalParams, Method};
+use super::parameters::{
+    check_params_named, check_recipe, parameters_of, set_expert, set_global, spelled, Scope,
 };
-use super::sparsify::check_della;
 use crate::checkpoint::Checkpoint;
 use crate::error::{Error, Result};
 use crate::recipe::{layer_position, OutputKind, Parameters, Recipe, Scalar, Source, Space};
@@ -52,6 +52,8 @@ pub struct Plan {
     pub experts: Vec<Expert>,
     /// Output tensors, in output order.
     pub tensors: Vec<TensorPlan>,
+    /// What the recipe should change, though it is read as it is (deprecated spellings).
+    pub warnings: Vec<String>,
 }
 
 /// An error about the recipe as a whole.
@@ -83,7 +85,7 @@ impl Plan {
                 "core-space merging writes a LoRA adapter: set `output = \"lora\"`".to_string(),
             ));
         }
-        check_parameter_names(&recipe, method)?;
+        let warnings = check_recipe(&recipe, method)?;
         let base = match &recipe.base {
             Some(Source::Dir(dir)) => Some(Checkpoint::open(dir)?),
             Some(Source::Registry(reference)) => Some(super::stored::open_model(
@@ -203,6 +205,7 @@ impl Plan {
             base,
             experts,
             tensors,
+            warnings,
         })
     }
 
@@ -230,6 +233,15 @@ impl Plan {
             .max()
             .unwrap_or(0)
     }
+
+    /// About the most memory the merge takes at once with `threads` workers under
+    /// `max_memory`: as many tensors in flight as the budget admits, but at least the largest.
+    pub fn memory_estimate(&self, max_memory: u64, threads: usize) -> u64 {
+        let mut sizes: Vec<u64> = self.tensors.iter().map(|t| t.working_bytes).collect();
+        sizes.sort_unstable_by(|a, b| b.cmp(a));
+        let in_flight: u64 = sizes.iter().take(threads).sum();
+        in_flight.min(max_memory).max(self.peak_tensor_bytes())
+    }
 }
 
 fn same_dir(a: &Path, b: &Path) -> bool {
@@ -237,51 +249,6 @@ fn same_dir(a: &Path, b: &Path) -> bool {
         (Ok(a), Ok(b)) => a == b,
         _ => a == b,
     }
-}
-
-/// Refuses parameter names the method does not take, at every level, before anything is opened.
-pub(crate) fn check_parameter_names(recipe: &Recipe, method: Method) -> Result<()> {
-    let globals = method.global_parameters();
-    let per_expert = method.expert_parameters();
-    let describe = || {
-        let mut all: Vec<&str> = globals.iter().chain(per_expert).copied().collect();
-        all.sort_unstable();
-        all.join(", ")
-    };
-    for name in recipe.parameters.keys() {
-        if !globals.contains(&name.as_str()) && !per_expert.contains(&name.as_str()) {
-            return Err(recipe_error(
-                recipe,
-                format!(
-                    "unknown parameter `{name}` for method `{}` (it takes: {})",
-                    method.name(),
-                    describe()
-                ),
-            ));
-        }
-    }
-    for (i, e) in recipe.experts.iter().enumerate() {
-        for name in e.parameters.keys() {
-            if globals.contains(&name.as_str()) {
-                return Err(recipe_error(
-                    recipe,
-                    format!("expert {i} (`{}`): `{name}` is method-wide; set it in the recipe's parameters", e.source),
-                ));
-            }
-            if !per_expert.contains(&name.as_str()) {
-                return Err(recipe_error(
-                    recipe,
-                    format!(
-                        "expert {i} (`{}`): unknown parameter `{name}` for method `{}` (it takes: {})",
-                        e.source,
-                        method.name(),
-                        describe()
-                    ),
-                ));
-            }
-        }
-    }
-    Ok(())
 }
 
 /// Checks that an expert fits the reference model: same architecture, every tensor present with
@@ -370,57 +337,6 @@ fn check_compatible(reference: &Checkpoint, expert: &Expert, has_base: bool) -> 
     Ok(())
 }
 
-fn number(recipe: &Recipe, name: &str, tensor: &str, v: Scalar) -> Result<f64> {
-    match v {
-        Scalar::Number(n) if n.is_finite() => Ok(n),
-        other => Err(Error::Parameter {
-            name: name.to_string(),
-            tensor: tensor.to_string(),
-            message: format!(
-                "expected a finite number, found {other:?} (in `{}`)",
-                recipe.path.display()
-            ),
-        }),
-    }
-}
-
-fn boolean(name: &str, tensor: &str, v: Scalar) -> Result<bool> {
-    match v {
-        Scalar::Bool(b) => Ok(b),
-        other => Err(Error::Parameter {
-            name: name.to_string(),
-            tensor: tensor.to_string(),
-            message: format!("expected true or false, found {other:?}"),
-        }),
-    }
-}
-
-fn choice<T: Copy>(name: &str, tensor: &str, v: Scalar, options: &[(&str, T)]) -> Result<T> {
-    let listed = || {
-        options
-            .iter()
-            .map(|(n, _)| *n)
-            .collect::<Vec<_>>()
-            .join(", ")
-    };
-    match v {
-        Scalar::Text(s) => options
-            .iter()
-            .find(|(n, _)| *n == s)
-            .map(|(_, t)| *t)
-            .ok_or_else(|| Error::Parameter {
-                name: name.to_string(),
-                tensor: tensor.to_string(),
-                message: format!("`{s}` is not one of {}", listed()),
-            }),
-        other => Err(Error::Parameter {
-            name: name.to_string(),
-            tensor: tensor.to_string(),
-            message: format!("expected one of {}, found {other:?}", listed()),
-        }),
-    }
-}
-
 fn lookup(levels: &[&Parameters], name: &str, tensor: &str, t: f64) -> Option<Scalar> {
     levels
         .iter()
@@ -439,142 +355,29 @@ pub(crate) fn resolve(
     let mut globals = method.default_globals();
     globals.seed = recipe.seed;
     let top = [&recipe.parameters];
-    for name in method.global_parameters() {
-        let Some(v) = lookup(&top, name, tensor, t) else {
-            continue;
-        };
-        match *name {
-            "lambda" => globals.lambda = number(recipe, name, tensor, v)? as f32,
-            "normalize" => globals.normalize = boolean(name, tensor, v)?,
-            "rescale" => globals.rescale = boolean(name, tensor, v)?,
-            "int8_mask" => {
-                boolean(name, tensor, v)?;
-            }
-            "rescale_mode" => {
-                globals.rescale_mode = choice(
-                    name,
-                    tensor,
-                    v,
-                    &[
-                        ("l1", RescaleMode::L1),
-                        ("inverse_density", RescaleMode::InverseDensity),
-                    ],
-                )?
-            }
-            "sign_election" => {
-                globals.sign_election = choice(
-                    name,
-                    tensor,
-                    v,
-                    &[
-                        ("weighted", SignElection::Weighted),
-                        ("unweighted", SignElection::Unweighted),
-                    ],
-                )?
-            }
-            "disjoint_mean" => {
-                globals.disjoint_mean = choice(
-                    name,
-                    tensor,
-                    v,
-                    &[
-                        ("weights", DisjointMean::Weights),
-                        ("counts", DisjointMean::Counts),
-                    ],
-                )?
-            }
-            "gamma" => {
-                let gamma = number(recipe, name, tensor, v)?;
-                if gamma < 0.0 {
-                    return Err(Error::Parameter {
-                        name: name.to_string(),
-                        tensor: tensor.to_string(),
-                        message: format!("{gamma} is negative (CACI attenuates by (1 − κ)^gamma)"),
-                    });
-                }
-                globals.attenuation = gamma as f32;
-            }
-            "confidence" => {
-                globals.confidence = choice(
-                    name,
-                    tensor,
-                    v,
-                    &[("rms", Confidence::Rms), ("none", Confidence::None)],
-                )?
-            }
-            "restore" => {
-                let target = number(recipe, name, tensor, v)?;
-                if !(target.is_finite() && target > 0.0) {
-                    return Err(Error::Parameter {
-                        name: name.to_string(),
-                        tensor: tensor.to_string(),
-                        message: format!(
-                            "{target} is not a positive number (the share of each expert's \
-                             update the merge keeps; leave it out not to restore)"
-                        ),
-                    });
-                }
-                globals.restore = Some(target as f32);
-            }
-            other => unreachable!("method lists global parameter `{other}` without a reader"),
+    for p in parameters_of(method, Scope::Method) {
+        if let Some(v) = lookup(&top, spelled(p, recipe), tensor, t) {
+            set_global(&mut globals, p.name, &v);
         }
     }
     let mut per_expert = Vec::with_capacity(experts.len());
-    for &(label, parameters) in experts {
-        let mut p = method.default_expert();
+    for &(_, parameters) in experts {
+        let mut e = method.default_expert();
         let levels = [parameters, &recipe.parameters];
-        for name in method.expert_parameters() {
-            let Some(v) = lookup(&levels, name, tensor, t) else {
-                continue;
-            };
-            let n = number(recipe, name, tensor, v)? as f32;
-            match *name {
-                "weight" => p.weight = n,
-                "density" => p.density = n,
-                "gamma" => p.gamma = n,
-                "epsilon" => p.epsilon = n,
-                other => unreachable!("method lists expert parameter `{other}` without a reader"),
+        for p in parameters_of(method, Scope::Expert) {
+            if let Some(v) = lookup(&levels, p.name, tensor, t) {
+                set_expert(&mut e, p.name, &v);
             }
         }
-        check_ranges(method, tensor, label, &p)?;
-        per_expert.push(p);
+        per_expert.push(e);
     }
+    check_params_named(method, &globals, tensor, &per_expert, &|i| {
+        format!("expert `{}`: ", experts[i].0)
+    })?;
     Ok(MergeParams {
         globals,
         experts: per_expert,
     })
-}
-
-fn check_ranges(method: Method, tensor: &str, expert: &str, p: &ExpertParams) -> Result<()> {
-    let fail = |name: &str, message: String| Error::Parameter {
-        name: name.to_string(),
-        tensor: tensor.to_string(),
-        message: format!("expert `{expert}`: {message}"),
-    };
-    if !(p.density > 0.0 && p.density <= 1.0) {
-        return Err(fail("density", format!("{} is outside (0, 1]", p.density)));
-    }
-    if !(0.0..1.0).contains(&p.gamma) {
-        return Err(fail("gamma", format!("{} is outside [0, 1)", p.gamma)));
-    }
-    if p.epsilon < 0.0 {
-        return Err(fail("epsilon", format!("{} is negative", p.epsilon)));
-    }
-    if matches!(method, Method::Della | Method::DellaLinear) {
-        check_della(p.density, p.epsilon, tensor).map_err(|e| match e {
-            Error::Parameter {
-                name,
-                tensor,
-                message,
-            } => Error::Parameter {
-                name,
-                tensor,
-                message: format!("expert `{expert}`: {message}"),
-            },
-            other => other,
-        })?;
-    }
-    Ok(())
 }
 
 /// What a merge reads, per input (base first, then experts in order): its role, the files it

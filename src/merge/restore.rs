@@ -17,7 +17,7 @@
 
 use faer::Mat;
 
-use super::core::significant;
+use super::linalg::significant;
 use crate::error::Result;
 
 /// Eigenvalues of the experts' Gram matrix below this share of the largest count as zero.

@@ -7,8 +7,10 @@
 
 use std::path::Path;
 
-use super::method::{merge_tensor, Method, TensorJob};
+use super::job::TensorJob;
+use super::method::Method;
 use super::plan::resolve;
+use super::tensor_merge::merge_tensor;
 use crate::adapter::Adapter;
 use crate::checkpoint::Checkpoint;
 use crate::error::{Error, Result};

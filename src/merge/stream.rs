@@ -7,7 +7,7 @@
 //! (trim, rescale, sign election, disjoint mean, lambda) to each chunk and writes it at its
 //! offset. Chunk boundaries depend on the shape only, never on the thread count.
 //!
-//! [`merge_tensor`]: super::method::merge_tensor
+//! [`merge_tensor`]: super::tensor_merge::merge_tensor
 
 use std::path::Path;
 
@@ -15,13 +15,13 @@ use rayon::prelude::*;
 
 use super::chunking::CHUNK_ELEMENTS;
 use super::consensus;
-use super::method::{
-    check_params, fraction, linear, squared_distance, weighted_sum, ExpertParams, Method,
-    RescaleMode, TensorStats, Trim,
-};
+use super::job::{fraction, squared_distance, TensorStats};
+use super::method::{ExpertParams, Method, RescaleMode, Trim};
+use super::parameters::check_params;
 use super::plan::{MergeParams, Plan, TensorPlan};
 use super::rng::MaskRng;
 use super::sparsify::{self, Cut, RadixSearch};
+use super::tensor_merge::{linear, weighted_sum};
 use crate::error::Result;
 use crate::recipe::OutputKind;
 use crate::tensor::{check_finite, from_f32, ShardedWriter};

@@ -8,13 +8,16 @@
 
 pub mod mergekit;
 pub mod native;
+mod output_dir;
 mod param;
-pub mod sweep;
+pub mod record;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+pub use output_dir::{check_target, write_output_dir};
 pub use param::{layer_position, ParamValue, Scalar};
+pub use record::{MergeRecord, MERGE_RECORD};
 
 use crate::error::{Error, Result};
 use crate::tensor::Dtype;
@@ -51,7 +54,8 @@ impl std::fmt::Display for Source {
 }
 
 /// What a merge writes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum OutputKind {
     /// A complete Hugging Face model directory.
     Full,
@@ -138,10 +142,27 @@ pub enum RankTarget {
 impl Recipe {
     /// Reads a recipe, choosing the format by extension: `.toml` native, `.yml`/`.yaml` mergekit.
     pub fn load(path: &Path) -> Result<Recipe> {
+        let format = RecipeFormat::of_path(path)?;
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        Recipe::parse(path, format, text)
+    }
+
+    /// Reads a recipe's `text` in `format` as if from `path` (relative paths in it are relative
+    /// to the path's directory).
+    pub fn parse(path: &Path, format: RecipeFormat, text: String) -> Result<Recipe> {
+        match format {
+            RecipeFormat::Native => native::parse(path, text),
+            RecipeFormat::Mergekit => mergekit::parse(path, text),
+        }
+    }
+}
+
+impl RecipeFormat {
+    /// The format a recipe file's extension names: `.toml` native, `.yml`/`.yaml` mergekit.
+    pub fn of_path(path: &Path) -> Result<RecipeFormat> {
         match path.extension().and_then(|e| e.to_str()) {
-            Some("toml") => native::parse(path, text),
-            Some("yml" | "yaml") => mergekit::parse(path, text),
+            Some("toml") => Ok(RecipeFormat::Native),
+            Some("yml" | "yaml") => Ok(RecipeFormat::Mergekit),
             _ => Err(Error::Recipe {
                 path: path.to_path_buf(),
                 message: "unknown recipe format: use `.toml` (mmx) or `.yml`/`.yaml` (mergekit)"

@@ -6,10 +6,10 @@ use std::time::{Duration, SystemTime};
 
 use serde::Serialize;
 
-use super::digest::Digest;
 use super::export::load_manifest;
 use super::store::Store;
 use crate::error::Result;
+use crate::tensor::Digest;
 
 /// What `verify` found.
 #[derive(Debug, Clone, Default, Serialize)]

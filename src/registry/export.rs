@@ -5,10 +5,10 @@ use std::fs::File;
 use std::io::Write;
 use std::path::Path;
 
-use super::digest::Digest;
 use super::manifest::{FileEntry, Manifest};
 use super::store::Store;
 use crate::error::{Error, Result};
+use crate::tensor::Digest;
 
 /// Why a file name from a manifest cannot be written, or `None`: one path component, never
 /// `.` or `..`, no separators or NUL.
@@ -81,7 +81,7 @@ fn write_file(store: &dyn Store, digest: &Digest, entry: &FileEntry, dir: &Path)
 /// nothing; an existing `target` is replaced only if empty, an mmx output, or with `force`).
 pub fn pull(store: &dyn Store, digest: &Digest, target: &Path, force: bool) -> Result<Vec<String>> {
     let manifest = load_manifest(store, digest)?;
-    crate::merge::write_dir_atomically(target, force, |tmp| {
+    crate::recipe::write_output_dir(target, force, |tmp| {
         for entry in &manifest.files {
             write_file(store, digest, entry, tmp)?;
         }

@@ -3,7 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::digest::Digest;
+use crate::tensor::Digest;
 
 /// The manifest format this build writes.
 pub const VERSION: u32 = 1;

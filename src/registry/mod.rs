@@ -20,7 +20,6 @@
 //! ```
 
 pub mod check;
-pub mod digest;
 pub mod export;
 pub mod manifest;
 pub mod name;
@@ -33,8 +32,8 @@ pub mod transfer;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+pub use crate::tensor::Digest;
 pub use check::{GcReport, VerifyReport};
-pub use digest::Digest;
 pub use manifest::{FileEntry, Kind, Lineage, Manifest};
 pub use name::Reference;
 pub use open::Opened;

@@ -4,13 +4,13 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 
-use super::digest::Digest;
 use super::export::in_manifest;
 use super::manifest::FileEntry;
 use super::Registry;
 use crate::adapter::Adapter;
 use crate::checkpoint::Checkpoint;
 use crate::error::{Error, Result};
+use crate::tensor::Digest;
 use crate::tensor::SafetensorsFile;
 
 /// A published directory, opened.

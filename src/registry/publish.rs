@@ -4,14 +4,14 @@ use std::path::Path;
 
 use rayon::prelude::*;
 
-use super::digest::Digest;
 use super::manifest::{FileEntry, Kind, Lineage, Manifest, TensorEntry, VERSION};
 use super::name::Reference;
 use super::store::Store;
 use crate::adapter::Adapter;
 use crate::checkpoint::Checkpoint;
 use crate::error::{Error, Result};
-use crate::merge::MERGE_RECORD;
+use crate::recipe::{MergeRecord, MERGE_RECORD};
+use crate::tensor::Digest;
 use crate::tensor::SafetensorsFile;
 
 /// How to publish.
@@ -36,17 +36,9 @@ impl PublishOptions {
     /// The options of a merge output in `output` made from `recipe_text`: a merged expert whose
     /// lineage names the registry manifests its `mmx-merge.json` says the merge read.
     pub fn merged(output: &Path, recipe_text: &str) -> Result<PublishOptions> {
-        let record_path = output.join(MERGE_RECORD);
-        let text = std::fs::read(&record_path).map_err(|e| Error::io(&record_path, e))?;
-        let record: serde_json::Value =
-            serde_json::from_slice(&text).map_err(|e| refuse(&record_path, e.to_string()))?;
-        let inputs = record["inputs"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|i| i["manifests"].as_array())
-            .flatten()
-            .filter_map(|m| m.as_str().and_then(Digest::parse))
+        let inputs = MergeRecord::read(output)?
+            .manifests()
+            .filter_map(Digest::parse)
             .collect();
         Ok(PublishOptions {
             kind: Some(Kind::Merged),
@@ -100,12 +92,7 @@ fn validate(dir: &Path, kind: Kind) -> Result<()> {
         Kind::Adapter => Adapter::open(dir).map(drop),
         Kind::Base => Checkpoint::open(dir).map(drop),
         Kind::Merged => {
-            let record = dir.join(MERGE_RECORD);
-            let bytes = std::fs::read(&record).map_err(|e| Error::io(&record, e))?;
-            serde_json::from_slice::<serde_json::Value>(&bytes).map_err(|source| Error::Json {
-                path: record.clone(),
-                source,
-            })?;
+            MergeRecord::read(dir)?;
             if dir.join("adapter_config.json").is_file() {
                 Adapter::open(dir).map(drop)
             } else {

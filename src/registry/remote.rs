@@ -38,10 +38,10 @@ use object_store::{
     UpdateVersion, WriteMultipart,
 };
 
-use super::digest::Digest;
 use super::name::Reference;
 use super::store::{Blob, BlobInfo, LockGuard, Store, FORMAT};
 use crate::error::{Error, Result};
+use crate::tensor::Digest;
 
 /// Blobs above this size go up in parts.
 pub const MULTIPART_THRESHOLD: usize = 16 << 20;

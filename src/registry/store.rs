@@ -21,9 +21,9 @@ use std::time::SystemTime;
 
 use memmap2::Mmap;
 
-use super::digest::Digest;
 use super::name::Reference;
 use crate::error::{Error, Result};
+use crate::tensor::Digest;
 use crate::tensor::{sync_dir, write_atomic_via};
 
 /// The registry format this build reads and writes.

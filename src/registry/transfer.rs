@@ -13,12 +13,12 @@ use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
 
-use super::digest::Digest;
 use super::export::load_manifest;
 use super::name::Reference;
 use super::store::Store;
 use super::Registry;
 use crate::error::{Error, Result};
+use crate::tensor::Digest;
 
 /// How a copy runs.
 pub struct TransferOptions<'a> {

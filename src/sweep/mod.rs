@@ -5,11 +5,13 @@
 //! as each trial ends, so that a killed sweep loses at most the trial in flight and `--resume`
 //! skips every trial already recorded (by id, in any shard's file). After the run,
 //! `results.json` and `results.csv` gather every shard's trials found in `OUT`, and
-//! `scores.svg` plots score against each swept parameter, per method ([`summary`]); [`gather`]
+//! `scores.svg` plots score against each swept parameter, per method (summary.rs); [`gather`]
 //! does that alone and names the trials no shard recorded. Shards run anywhere that sees `OUT`:
-//! by hand, or as a Slurm array job ([`slurm`]). With `publish`, each trial's output is
+//! by hand, or as a Slurm array job (slurm.rs). With `publish`, each trial's output is
 //! published to the shared registry as `NAME:<trial id>` before the trial is recorded.
 
+pub mod file;
+pub mod planted;
 mod slurm;
 mod summary;
 
@@ -24,15 +26,16 @@ use std::time::Instant;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use crate::backend::Backend;
 use crate::error::{Error, Result};
-use crate::merge::{merge_recipe, OutputOptions};
+use crate::merge::{merge, MergePlan, OutputOptions};
 use candle_core::{DType, Device};
 
-use crate::planted::{Planted, Split, SPEC_FILE};
-use crate::recipe::sweep::EvalSpec;
-use crate::recipe::sweep::{accepted_parameters, Sweep, Template, Trial};
 use crate::recipe::{native, Recipe};
 use crate::registry::{Reference, Registry};
+use crate::sweep::file::EvalSpec;
+use crate::sweep::file::{accepted_parameters, Sweep, Template, Trial};
+use crate::sweep::planted::{Planted, Split, SPEC_FILE};
 use crate::tensor::write_atomic;
 use crate::train::eval::{evaluate, Shown};
 use crate::train::images::Images;
@@ -81,6 +84,8 @@ pub struct SweepOptions {
     pub resume: bool,
     /// Memory budget of each merge.
     pub max_memory: u64,
+    /// Where the merges compute.
+    pub backend: Backend,
 }
 
 /// One finished trial.
@@ -428,9 +433,9 @@ fn run_trial(
             max_memory: options.max_memory,
             shard_bytes: 5 << 30,
             force: false,
-            backend: crate::backend::Backend::Cpu,
+            backend: options.backend,
         };
-        let merged = merge_recipe(recipe, target, &merge_options)?;
+        let merged = merge(&MergePlan::build(recipe)?, target, &merge_options, &|_| {})?;
         result.sign_conflict = merged.mean_sign_conflict();
         result.retained_energy = merged.retained_by_expert().iter().cloned().collect();
         let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;

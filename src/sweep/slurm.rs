@@ -14,7 +14,7 @@ use std::process::Command;
 
 use super::{fail, missing_trials, pending_shards, shard_files, Missing};
 use crate::error::{Error, Result};
-use crate::recipe::sweep::Sweep;
+use crate::sweep::file::Sweep;
 use crate::tensor::write_atomic;
 
 /// How to submit a sweep to Slurm.

@@ -9,7 +9,7 @@ use serde_json::{json, Value};
 
 use super::TrialResult;
 use crate::error::Result;
-use crate::recipe::sweep::Sweep;
+use crate::sweep::file::Sweep;
 use crate::tensor::write_atomic;
 
 fn csv_field(text: &str) -> String {

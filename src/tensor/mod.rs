@@ -4,12 +4,14 @@
 //! The main types are [`SafetensorsFile`] (read) and [`ShardedWriter`] (write).
 
 mod atomic_dir;
+mod digest;
 mod dtype;
 mod file;
 mod header;
 mod writer;
 
 pub use atomic_dir::replace_dir_atomically;
+pub use digest::Digest;
 pub use dtype::{from_f32, to_f32, Dtype};
 pub use file::{check_finite, check_finite_from, SafetensorsFile};
 pub use header::{encode_header, parse_header, Header, HeaderError, TensorInfo, MAX_HEADER_BYTES};

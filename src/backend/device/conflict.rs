@@ -6,7 +6,7 @@ use super::{device_error, grid, Gpu, Updates, MAX_EXPERTS};
 use crate::error::{Error, Result};
 
 /// Conflict statistics of one module on the device (cuda/conflict.cu), as
-/// `crate::conflict::module_conflicts` computes them.
+/// `module_conflicts` in conflict/ computes them.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DeviceConflicts {
     /// Coordinates some expert keeps.

@@ -7,7 +7,7 @@ use crate::error::Result;
 
 impl Gpu {
     /// The DARE keep mask of elements `first..first + n` for a generator key
-    /// (`MaskRng::key`), as `crate::merge::sparsify::random_at` draws it.
+    /// (`MaskRng::key`), as `random_at` in merge/sparsify.rs draws it.
     pub fn dare_mask(&self, key: u64, first: u64, density: f32, n: usize) -> Result<Vec<u8>> {
         let mut keep = self.zeros::<u8>(n)?;
         let count = n as u64;
@@ -25,7 +25,7 @@ impl Gpu {
     }
 
     /// DELLA's keep mask of elements `first..first + n`, each with its own keep probability
-    /// (ranked on the host), as `crate::merge::sparsify::della_at` draws it.
+    /// (ranked on the host), as `della_at` in merge/sparsify.rs draws it.
     pub fn della_mask(&self, key: u64, first: u64, probability: &[f32]) -> Result<Vec<u8>> {
         let n = probability.len();
         let mut keep = self.zeros::<u8>(n)?;

@@ -1,6 +1,6 @@
 //! Running the kernels on a CUDA device: the context, the kernels loaded once, and the host
-//! side of each computation. Every computation here has a CPU twin in `crate::merge` or
-//! `crate::conflict` that it must match (masks and thresholds bit for bit, sums within 1e-6
+//! side of each computation. Every computation here has a CPU twin in merge/ or
+//! conflict/ that it must match (masks and thresholds bit for bit, sums within 1e-6
 //! relative); `tests/cuda.rs` holds them to it on a GPU.
 //!
 //! Data stays on the device between steps: the experts' updates ([`Updates`]) are uploaded or
@@ -68,8 +68,17 @@ impl std::fmt::Debug for Gpu {
 }
 
 impl Gpu {
-    /// Opens device `ordinal`, compiling (once per process) and loading every kernel.
+    /// Opens device `ordinal`, compiling (once per process) and loading every kernel. Without
+    /// a driver or a device, the error says so as `--device cuda` does.
     pub fn open(ordinal: usize) -> Result<Gpu> {
+        let count = super::cuda::device_count().map_err(|message| Error::Device { message })?;
+        if ordinal >= count {
+            let message = match count {
+                0 => "the driver reports no CUDA device".to_string(),
+                n => format!("no CUDA device {ordinal}: the driver reports {n}"),
+            };
+            return Err(Error::Device { message });
+        }
         let compiled = super::cuda::compiled()
             .as_ref()
             .map_err(|e| Error::Device { message: e.clone() })?;

@@ -11,7 +11,7 @@ const TIE_SPAN: u64 = 1 << 16;
 
 impl Gpu {
     /// The top-`k` cut by magnitude of expert `t`'s update, as
-    /// `crate::merge::sparsify::top_k` keeps it: `(threshold, tie_limit)` where element `i` is
+    /// `top_k` in merge/sparsify.rs keeps it: `(threshold, tie_limit)` where element `i` is
     /// kept iff the bits of `|x[i]|` are above `threshold`, or equal to it with
     /// `i < tie_limit` (ties keep the lowest indices).
     pub fn cut(&self, updates: &Updates, t: usize, k: usize) -> Result<(u32, u64)> {

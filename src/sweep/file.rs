@@ -18,7 +18,7 @@
 //! ```
 //!
 //! Instead of `recipe`, `[sweep.planted]` names a planted-conflict problem (see
-//! [`crate::planted`]) that the sweep generates and scores every merge on.
+//! [`crate::sweep::planted`]) that the sweep generates and scores every merge on.
 //!
 //! Every trial has an id: a hash of the template and of the trial's settings, so that a trial
 //! is recognised across runs (`--resume`) and machines (`--shard`).
@@ -28,11 +28,12 @@ use std::path::{Path, PathBuf};
 
 use serde_json::{json, Map, Value};
 
-use super::Scalar;
 use crate::error::{Error, Result};
 use crate::merge::lora_native::is_lora_native;
+use crate::merge::parameters::{parameters_of, Scope};
 use crate::merge::Method;
-use crate::planted::PlantedSpec;
+use crate::recipe::Scalar;
+use crate::sweep::planted::PlantedSpec;
 
 /// What every trial's recipe starts from.
 #[derive(Debug, Clone, PartialEq)]
@@ -207,8 +208,10 @@ pub fn accepted_parameters(method: &str) -> Option<Vec<&'static str>> {
         return Some(vec!["weight"]);
     }
     let m = Method::from_name(method)?;
-    let mut names: Vec<&str> = m.global_parameters().to_vec();
+    let mut names = m.global_parameters();
     names.extend(m.expert_parameters());
+    // Older spellings still read by the recipe (with a deprecation warning).
+    names.extend(parameters_of(m, Scope::Method).filter_map(|p| p.deprecated_alias));
     Some(names)
 }
 
@@ -374,7 +377,7 @@ impl Sweep {
             }
         };
         let publish = text_key("publish")?;
-        let registry = text_key("registry")?.map(|r| super::registry_location(root, &r));
+        let registry = text_key("registry")?.map(|r| crate::recipe::registry_location(root, &r));
         if registry.is_some() && publish.is_none() {
             return Err(fail(
                 "`sweep.registry` is where `sweep.publish` goes: set `publish = \"NAME\"` too"
@@ -748,7 +751,7 @@ method = "ties"
 parameters = {{ density = [0.2, 0.4] }}
 [[sweep.methods]]
 method = "caci"
-parameters = {{ gamma = {{ min = 0.0, max = 2.0 }} }}
+parameters = {{ attenuation = {{ min = 0.0, max = 2.0 }} }}
 "#
             )
         };

@@ -3,7 +3,9 @@
 
 use std::path::PathBuf;
 
-use crate::tensor::HeaderError;
+mod header;
+
+pub use header::HeaderError;
 
 /// Everything the library can fail with.
 #[derive(Debug, thiserror::Error)]

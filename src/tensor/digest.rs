@@ -1,6 +1,9 @@
 //! Content digests: blake3, written `blake3:<64 lower-case hex>`.
 
 use std::fmt;
+use std::path::Path;
+
+use crate::error::{Error, Result};
 
 /// A blake3 digest.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -17,6 +20,15 @@ impl Digest {
             hasher.update(bytes);
         }
         Digest(*hasher.finalize().as_bytes())
+    }
+
+    /// The digest of a file, read through a memory map and hashed on every core.
+    pub fn of_file(path: &Path) -> Result<Digest> {
+        let mut hasher = blake3::Hasher::new();
+        hasher
+            .update_mmap_rayon(path)
+            .map_err(|e| Error::io(path, e))?;
+        Ok(Digest(*hasher.finalize().as_bytes()))
     }
 
     /// Parses `blake3:<hex>` (or bare hex), lower-case only so that one content has one name.
@@ -54,13 +66,13 @@ impl fmt::Display for Digest {
 }
 
 impl serde::Serialize for Digest {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
         s.serialize_str(&self.to_string())
     }
 }
 
 impl<'de> serde::Deserialize<'de> for Digest {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Digest, D::Error> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Digest, D::Error> {
         let text = String::deserialize(d)?;
         Digest::parse(&text)
             .filter(|_| text.starts_with("blake3:"))

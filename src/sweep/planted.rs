@@ -29,7 +29,7 @@ use serde_json::{json, Map, Value};
 use crate::adapter::{Adapter, PEFT_PREFIX};
 use crate::checkpoint::Checkpoint;
 use crate::error::{Error, Result};
-use crate::merge::MERGE_RECORD;
+use crate::recipe::{MergeRecord, OutputKind};
 use crate::rng::{fnv1a, mix64, SplitMix};
 use crate::tensor::{
     from_f32, write_atomic, write_safetensors, Dtype, SafetensorsFile, TensorSpec,
@@ -431,11 +431,7 @@ impl Planted {
                 })
                 .collect();
         }
-        let record = output.join(MERGE_RECORD);
-        let is_delta = std::fs::read(&record)
-            .ok()
-            .and_then(|bytes| serde_json::from_slice::<Value>(&bytes).ok())
-            .is_some_and(|r| r["output"] == "delta");
+        let is_delta = MergeRecord::read(output).is_ok_and(|r| r.output == OutputKind::Delta);
         if is_delta {
             // `delta.safetensors`, or its shards `delta-0000N-of-0000M.safetensors`.
             let entries = std::fs::read_dir(output).map_err(|e| Error::io(output, e))?;
