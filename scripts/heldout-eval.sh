@@ -63,7 +63,7 @@ for shift in "${@:-0}"; do
         fi
     done
     # The demo's merge recipes with these experts; and CACI's restore after TIES's own vote
-    # (gamma 0, confidence "none"), to see what the restore alone does.
+    # (attenuation 0, confidence "none"), to see what the restore alone does.
     merge() { # NAME RECIPE [SED...]
         local name=$1 recipe=$2
         shift 2
@@ -75,7 +75,7 @@ for shift in "${@:-0}"; do
     merge caci quickstart.toml
     merge ties baselines/ties.toml
     merge task_arithmetic baselines/task_arithmetic.toml
-    merge ties_vote_restore quickstart.toml -e 's/^gamma = .*/gamma = 0.0/' -e 's/^confidence = .*/confidence = "none"/'
+    merge ties_vote_restore quickstart.toml -e 's/^attenuation = .*/attenuation = 0.0/' -e 's/^confidence = .*/confidence = "none"/'
     {
         echo "### Experts' seeds + $shift ($(wc -l <"$OUT/cardiology.jsonl") / $(wc -l <"$OUT/radiology.jsonl") / $(wc -l <"$OUT/pathology.jsonl") / $(wc -l <"$OUT/dermatology.jsonl") cases)"
         echo

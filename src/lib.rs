@@ -4,22 +4,23 @@
 //! The pieces, from the bottom up: [`tensor`] (safetensors reading and writing), [`adapter`]
 //! (PEFT LoRA adapters), [`checkpoint`] (Hugging Face model directories), [`recipe`] (mmx TOML
 //! and mergekit YAML), [`merge`] (methods, plan, executor, output), [`plot`] (PNG and SVG
-//! figures), [`train`] (clinical cases for the trainers, real or synthetic) and [`cli`].
+//! figures), [`train`] (clinical cases for the trainers, real or synthetic), [`sweep`] and
+//! [`conflict`]. The command line is the `mmx` binary's own (src/cli/), on top of all of them.
 //!
 //! ```no_run
 //! use mmx::backend::Backend;
-//! use mmx::merge::{write_merge, OutputOptions, Plan};
+//! use mmx::merge::{merge, MergePlan, OutputOptions};
 //! use mmx::recipe::Recipe;
 //!
-//! let plan = Plan::build(Recipe::load("recipes/quickstart.toml".as_ref())?)?;
+//! let plan = MergePlan::build(Recipe::load("recipes/quickstart.toml".as_ref())?)?;
 //! let options = OutputOptions {
 //!     max_memory: 4 << 30,
 //!     shard_bytes: 5 << 30,
 //!     force: false,
 //!     backend: Backend::Cpu,
 //! };
-//! let summary = write_merge(&plan, "out/quickstart".as_ref(), &options, &|_| {})?;
-//! assert!(summary.merged > 0);
+//! let merged = merge(&plan, "out/quickstart".as_ref(), &options, &|_| {})?;
+//! assert!(!merged.files().is_empty());
 //! # Ok::<(), mmx::Error>(())
 //! ```
 #![warn(missing_docs)]
@@ -27,8 +28,6 @@
 pub mod adapter;
 pub mod backend;
 pub mod checkpoint;
-#[doc(hidden)]
-pub mod cli;
 pub mod conflict;
 pub mod error;
 pub mod merge;

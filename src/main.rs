@@ -2,8 +2,10 @@
 
 use std::process::ExitCode;
 
+mod cli;
+
 fn main() -> ExitCode {
-    match mmx::cli::run() {
+    match cli::run() {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");

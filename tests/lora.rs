@@ -323,7 +323,7 @@ fn bundled(dir: &Path, name: &str, header: &str, parameters: &str) -> Output {
         .unwrap()
 }
 
-/// CACI with gamma 0, confidence "none", in full space, is TIES: the same bytes.
+/// CACI with attenuation 0, confidence "none", in full space, is TIES: the same bytes.
 #[test]
 fn caci_reduces_to_ties_end_to_end() {
     let dir = tempfile::tempdir().unwrap();
@@ -331,7 +331,7 @@ fn caci_reduces_to_ties_end_to_end() {
         dir.path(),
         "caci",
         "method = 'caci'\noutput = 'full'",
-        "density = 0.4\ngamma = 0.0\nconfidence = 'none'",
+        "density = 0.4\nattenuation = 0.0\nconfidence = 'none'",
     );
     assert_ok(&caci);
     let ties = bundled(

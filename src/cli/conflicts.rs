@@ -7,13 +7,13 @@ use anyhow::{bail, Context};
 use clap::Args;
 
 use super::{choose_device, Device};
-use crate::adapter::Adapter;
-use crate::backend::device::Gpu;
-use crate::backend::Backend;
-use crate::conflict::{analyze, analyze_adapters, plot_report, Group};
-use crate::plot::Format;
-use crate::recipe::Recipe;
-use crate::tensor::write_atomic;
+use mmx::adapter::Adapter;
+use mmx::backend::device::Gpu;
+use mmx::backend::Backend;
+use mmx::conflict::{analyze, analyze_adapters, plot_report, Group};
+use mmx::plot::Format;
+use mmx::recipe::Recipe;
+use mmx::tensor::write_atomic;
 
 /// Arguments of `mmx conflicts`.
 #[derive(Debug, Args)]

@@ -9,12 +9,12 @@ use std::process::ExitCode;
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
 
-use crate::tensor::write_atomic;
-use crate::train::embed::embed_cases;
-use crate::train::model::vision::ImageProcessor;
-use crate::train::model::Llava;
-use crate::train::synth::{generate, generate_with_images, image_path, Specialty, SynthSpec};
-use crate::train::{read_cases, write_cases, Case};
+use mmx::tensor::write_atomic;
+use mmx::train::embed::embed_cases;
+use mmx::train::model::vision::ImageProcessor;
+use mmx::train::model::Llava;
+use mmx::train::synth::{generate, generate_with_images, image_path, Specialty, SynthSpec};
+use mmx::train::{read_cases, write_cases, Case};
 
 /// How many questions shared between files `check` lists before it only counts them.
 const SHOWN_SHARED: usize = 10;

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use clap::Args;
 
 use super::human_bytes;
-use crate::backend::probe;
+use mmx::backend::probe;
 
 /// Arguments of `mmx doctor`.
 #[derive(Debug, Args)]
@@ -44,7 +44,7 @@ pub fn run(args: DoctorArgs) -> anyhow::Result<ExitCode> {
     match p.kernels_compile {
         Some(true) => println!(
             "kernels   all {} compile",
-            crate::backend::cuda::KERNELS.len()
+            mmx::backend::cuda::KERNELS.len()
         ),
         Some(false) => {
             for (name, error) in &p.kernel_errors {

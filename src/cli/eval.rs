@@ -7,11 +7,11 @@ use std::process::ExitCode;
 use clap::Args;
 use serde_json::json;
 
-use crate::train::eval::{evaluate, Shown};
-use crate::train::images::Images;
-use crate::train::read_case_files;
-use crate::train::source::Materialized;
-use crate::train::tokenizer::Tokenizer;
+use mmx::train::eval::{evaluate, Shown};
+use mmx::train::images::Images;
+use mmx::train::read_case_files;
+use mmx::train::source::Materialized;
+use mmx::train::tokenizer::Tokenizer;
 
 /// Arguments of `mmx eval`.
 /// The evaluation of `model` (with `adapter`) on the cases of `data`.
@@ -23,7 +23,7 @@ fn report(
     batch: usize,
     max_new_tokens: usize,
     shown: Shown,
-) -> anyhow::Result<crate::train::eval::EvalReport> {
+) -> anyhow::Result<mmx::train::eval::EvalReport> {
     let model_dir = Materialized::open(model, registry)?;
     let tokenizer = Tokenizer::load(model_dir.dir())?;
     let (mut images, mut lm) = Images::load(
@@ -96,7 +96,7 @@ pub struct EvalArgs {
 
 /// Runs `mmx eval`.
 pub fn run(args: EvalArgs) -> anyhow::Result<ExitCode> {
-    let registry = crate::registry::registry_path(args.registry.as_deref());
+    let registry = mmx::registry::registry_path(args.registry.as_deref());
     let report = report(
         &args.model,
         args.adapter.as_deref(),
@@ -116,7 +116,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<ExitCode> {
             text.push_str(&serde_json::to_string(sample)?);
             text.push('\n');
         }
-        crate::tensor::write_atomic(path, text.as_bytes())?;
+        mmx::tensor::write_atomic(path, text.as_bytes())?;
     }
     if args.json {
         println!(

@@ -10,10 +10,10 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
 
 use super::{choose_device, default_max_memory, human_bytes, output_dir, parse_size, Device};
-use crate::backend::Backend;
-use crate::merge::lora_native::{LoraMerge, LoraSummary};
-use crate::merge::{merge, MergePlan, MergeSummary, Merged, OutputOptions, Plan};
-use crate::recipe::{check_target, Recipe};
+use mmx::backend::Backend;
+use mmx::merge::lora_native::{LoraMerge, LoraSummary};
+use mmx::merge::{merge, MergePlan, MergeSummary, Merged, OutputOptions, Plan};
+use mmx::recipe::{check_target, Recipe};
 
 /// Arguments of `mmx merge`.
 #[derive(Debug, Args)]

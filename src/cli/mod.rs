@@ -14,7 +14,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
-use crate::backend::{select, Backend, DeviceRequest};
+use mmx::backend::{select, Backend, DeviceRequest};
 
 /// Merge specialty LoRA adapters and checkpoints into one expert model.
 #[derive(Debug, Parser)]

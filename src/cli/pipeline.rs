@@ -32,9 +32,9 @@ use anyhow::{bail, Context};
 use clap::Args;
 use serde::Deserialize;
 
-use crate::plot::{heatmap, ColorMap, Heatmap};
-use crate::registry::Registry;
-use crate::sweep::{best_by_method, TrialResult};
+use mmx::plot::{heatmap, ColorMap, Heatmap};
+use mmx::registry::Registry;
+use mmx::sweep::{best_by_method, TrialResult};
 
 /// Arguments of `mmx pipeline`.
 #[derive(Debug, Args)]
@@ -113,7 +113,7 @@ impl State {
 
     fn record(&mut self, stage: &str, key: &str) -> anyhow::Result<()> {
         self.keys.insert(stage.to_string(), key.to_string());
-        crate::tensor::write_atomic(&self.path, &serde_json::to_vec_pretty(&self.keys)?)?;
+        mmx::tensor::write_atomic(&self.path, &serde_json::to_vec_pretty(&self.keys)?)?;
         Ok(())
     }
 }
@@ -210,7 +210,7 @@ pub fn run(args: PipelineArgs) -> anyhow::Result<ExitCode> {
             let _ = std::fs::remove_dir_all(&out);
         }
         if have {
-            let reference = crate::registry::Reference::parse(tag).map_err(anyhow::Error::msg)?;
+            let reference = mmx::registry::Reference::parse(tag).map_err(anyhow::Error::msg)?;
             store.remove(&reference)?;
         }
         let out_s = out.display().to_string();
@@ -301,7 +301,7 @@ pub fn run(args: PipelineArgs) -> anyhow::Result<ExitCode> {
     for m in &p.merges {
         let sweep = dir.join(&m.sweep);
         let sweep_text = read(&sweep)?;
-        let template = crate::sweep::file::Sweep::load(&sweep)?;
+        let template = mmx::sweep::file::Sweep::load(&sweep)?;
         let experts: Vec<&str> = match m.experts.as_str() {
             "dsa" => dsa_keys.iter().map(String::as_str).collect(),
             "gba" => gba_keys.iter().map(String::as_str).collect(),
@@ -313,7 +313,7 @@ pub fn run(args: PipelineArgs) -> anyhow::Result<ExitCode> {
         };
         // The template's text too: it names the experts and the merge's base settings.
         let template_text = match &template.template {
-            crate::sweep::file::Template::Recipe(path) => read(path)?,
+            mmx::sweep::file::Template::Recipe(path) => read(path)?,
             _ => String::new(),
         };
         let k = key(&format!("{sweep_text}\n{template_text}"), &experts);
@@ -321,7 +321,7 @@ pub fn run(args: PipelineArgs) -> anyhow::Result<ExitCode> {
         let since = Instant::now();
         let conflicts = output.join(format!("conflicts-{}.json", m.name));
         let template_path = match &template.template {
-            crate::sweep::file::Template::Recipe(path) => path.clone(),
+            mmx::sweep::file::Template::Recipe(path) => path.clone(),
             _ => bail!(
                 "`{}`: a pipeline sweep's template is a merge recipe",
                 sweep.display()
@@ -383,9 +383,9 @@ pub fn run(args: PipelineArgs) -> anyhow::Result<ExitCode> {
                     sweep.display()
                 );
             }
-            let reference = crate::registry::Reference::parse(tag).map_err(anyhow::Error::msg)?;
+            let reference = mmx::registry::Reference::parse(tag).map_err(anyhow::Error::msg)?;
             let recorded = store.resolve(tag).ok();
-            let recipe = crate::recipe::MergeRecord::read(&dir)?.recipe.text;
+            let recipe = mmx::recipe::MergeRecord::read(&dir)?.recipe.text;
             // A sweep that ran again (forced, or its results gone) made merges the published
             // one may not be: its best replaces it.
             let stale = swept || state.keys.get(&format!("publish-{}", m.name)) != Some(&k);
@@ -436,7 +436,7 @@ pub fn run(args: PipelineArgs) -> anyhow::Result<ExitCode> {
             format!(
                 "{} merge of the {name} experts ({})",
                 best.method,
-                crate::sweep::describe(best)
+                mmx::sweep::describe(best)
             ),
             acc,
         ));
@@ -463,7 +463,7 @@ pub fn run(args: PipelineArgs) -> anyhow::Result<ExitCode> {
             100.0 * cells.iter().sum::<f64>() / cells.len() as f64
         ));
     }
-    crate::tensor::write_atomic(&output.join("table.md"), table.as_bytes())?;
+    mmx::tensor::write_atomic(&output.join("table.md"), table.as_bytes())?;
     heatmap(
         &output.join("table.png"),
         &Heatmap {

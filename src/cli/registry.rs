@@ -9,7 +9,7 @@ use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 
 use super::human_bytes;
-use crate::registry::{
+use mmx::registry::{
     parse_duration, registry_path, Kind, PublishOptions, Reference, Registry, Transfer,
     TransferOptions,
 };
@@ -324,10 +324,10 @@ pub fn show(args: ShowArgs) -> anyhow::Result<ExitCode> {
     }
     for f in &manifest.files {
         let tensors = match f {
-            crate::registry::FileEntry::Safetensors { tensors, .. } => {
+            mmx::registry::FileEntry::Safetensors { tensors, .. } => {
                 format!(" ({} tensors)", tensors.len())
             }
-            crate::registry::FileEntry::Blob { .. } => String::new(),
+            mmx::registry::FileEntry::Blob { .. } => String::new(),
         };
         println!("  {:<40} {:>10}{tensors}", f.path(), human_bytes(f.bytes()));
     }

@@ -6,8 +6,8 @@ use std::process::ExitCode;
 use clap::Args;
 
 use super::{choose_device, default_max_memory, parse_size, Device};
-use crate::sweep::file::Sweep;
-use crate::sweep::{
+use mmx::sweep::file::Sweep;
+use mmx::sweep::{
     best_by_method, describe, gather, run_sweep, submit, write_scripts, Shard, SlurmOptions,
     SweepOptions, TrialResult,
 };

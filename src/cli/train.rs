@@ -9,16 +9,16 @@ use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 
-use crate::registry::{publish::PublishOptions, Kind, Registry};
-use crate::train::guideline::config::Guidelines;
-use crate::train::init::init_model;
-use crate::train::recipe::{TrainMethod, TrainRecipe};
-use crate::train::rl::recipe::GbaRecipe;
-use crate::train::rl::reward::{builtin, WeightedReward};
-use crate::train::rl::trainer::train_gba;
-use crate::train::sft::{train, RunOptions};
-use crate::train::source::Materialized;
-use crate::train::vlm_init::init_llava;
+use mmx::registry::{publish::PublishOptions, Kind, Registry};
+use mmx::train::guideline::config::Guidelines;
+use mmx::train::init::init_model;
+use mmx::train::recipe::{TrainMethod, TrainRecipe};
+use mmx::train::rl::recipe::GbaRecipe;
+use mmx::train::rl::reward::{builtin, WeightedReward};
+use mmx::train::rl::trainer::train_gba;
+use mmx::train::sft::{train, RunOptions};
+use mmx::train::source::Materialized;
+use mmx::train::vlm_init::init_llava;
 
 /// Arguments of `mmx train`.
 #[derive(Debug, Args)]
@@ -93,7 +93,7 @@ fn training_device(device: super::Device) -> anyhow::Result<candle_core::Device>
 /// Runs `mmx train`.
 pub fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
     // The trainer runs one shard of each batch per core; candle's own per-operation threads
-    // only slow small models down (see `crate::train::sft`). Set before any thread starts.
+    // only slow small models down (see `mmx::train::sft`). Set before any thread starts.
     if std::env::var_os("RAYON_NUM_THREADS").is_none() {
         std::env::set_var("RAYON_NUM_THREADS", "1");
     }
@@ -278,7 +278,7 @@ fn run_gba(args: RunArgs) -> anyhow::Result<ExitCode> {
 fn destination(
     args: &RunArgs,
     recipe_registry: Option<&PathBuf>,
-) -> anyhow::Result<(Option<crate::registry::Reference>, PathBuf, PathBuf)> {
+) -> anyhow::Result<(Option<mmx::registry::Reference>, PathBuf, PathBuf)> {
     let publish = args
         .publish
         .as_deref()
@@ -288,7 +288,7 @@ fn destination(
         .registry
         .clone()
         .or_else(|| recipe_registry.cloned())
-        .unwrap_or_else(|| crate::registry::registry_path(None));
+        .unwrap_or_else(|| mmx::registry::registry_path(None));
     let output = super::output_dir(args.output.as_deref(), &args.recipe, "train");
     Ok((publish, registry, output))
 }
@@ -314,7 +314,7 @@ fn progress(quiet: bool, what: &str) -> ProgressBar {
 fn publish_outputs(
     store: &Registry,
     output: &std::path::Path,
-    reference: &crate::registry::Reference,
+    reference: &mmx::registry::Reference,
     options: &PublishOptions,
 ) -> anyhow::Result<()> {
     let staging = RemoveOnDrop(output.join(".publish"));

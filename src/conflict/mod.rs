@@ -21,9 +21,8 @@ pub use plot::plot_report;
 use crate::adapter::Adapter;
 use crate::backend::device::Gpu;
 use crate::error::{Error, Result};
-use crate::merge::lora_native::is_lora_native;
 use crate::merge::lora_products;
-use crate::merge::{MergePlan, Plan};
+use crate::merge::{MergePlan, Method, Plan};
 use crate::recipe::{OutputKind, Recipe, Space};
 
 /// Metrics averaged over a group of modules (a layer, or a module type).
@@ -104,7 +103,7 @@ pub fn analyze(recipe: Recipe, gpu: Option<&Gpu>) -> Result<Report> {
     planned.output = OutputKind::Delta;
     planned.space = Space::Full;
     planned.rank = None;
-    if is_lora_native(&planned.method) {
+    if Method::from_name(&planned.method).is_some_and(Method::adapters_only) {
         planned.method = "ties".to_string();
     }
     if !planned.parameters.contains_key("density")
@@ -112,7 +111,7 @@ pub fn analyze(recipe: Recipe, gpu: Option<&Gpu>) -> Result<Report> {
             .experts
             .iter()
             .all(|e| !e.parameters.contains_key("density"))
-        && crate::merge::Method::from_name(&planned.method)
+        && Method::from_name(&planned.method)
             .is_some_and(|m| m.expert_parameters().contains(&"density"))
     {
         planned.parameters.insert(

@@ -12,7 +12,7 @@
 //!    untrimmed updates (see [`super::restore`]).
 //!
 //! The vote and the mean are computed in the same order and form as TIES's, so that with
-//! `gamma = 0`, `confidence = "none"` and no `restore` the result is TIES's to the bit.
+//! `attenuation = 0`, `confidence = "none"` and no `restore` the result is TIES's to the bit.
 
 use super::job::{fraction, squared_distance, MergedTensor, TensorStats};
 use super::method::{Confidence, ExpertParams, GlobalParams};
@@ -173,7 +173,7 @@ mod tests {
     #[test]
     fn attenuates_contested_coordinates() {
         // Deltas (base 0.5 removed): a = [1, 2, -1], b = [3, -2, -1]; weights 1, no trim,
-        // confidence by weight, gamma 1.
+        // confidence by weight, attenuation 1.
         // j=0: P = 4, N = 0, κ = 0, μ = (1+3)/2 = 2        → 2
         // j=1: P = 2, N = 2, vote 0 → +, κ = 1, μ = 2      → 0
         // j=2: P = 0, N = 2, κ = 0, μ = -1                 → -1
@@ -233,7 +233,7 @@ mod tests {
     }
 
     proptest! {
-        /// With gamma 0 and confidence "none", CACI is TIES, bit for bit, with `normalize` on
+        /// With attenuation 0 and confidence "none", CACI is TIES, bit for bit, with `normalize` on
         /// (the disjoint mean) or off (the agreeing sum).
         #[test]
         fn reduces_to_ties(

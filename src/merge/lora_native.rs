@@ -39,14 +39,10 @@ use crate::recipe::{
 };
 use crate::tensor::{from_f32, Dtype, TensorSpec};
 
-/// Whether a method name is one of the LoRA-native methods (merged adapter to adapter).
-pub fn is_lora_native(method: &str) -> bool {
-    matches!(method, "cat" | "svd")
-}
-
-/// Whether a recipe is merged adapter to adapter: a LoRA-native method, or LoRA output.
+/// Whether a recipe is merged adapter to adapter: `cat`, `svd`, or LoRA output.
 pub fn merges_adapters(recipe: &Recipe) -> bool {
-    is_lora_native(&recipe.method) || recipe.output == OutputKind::Lora
+    Method::from_name(&recipe.method).is_some_and(Method::adapters_only)
+        || recipe.output == OutputKind::Lora
 }
 
 /// How the experts' factors become the output's.
@@ -109,42 +105,27 @@ impl LoraMerge {
                 format!("`{}` merges LoRA adapters into a LoRA adapter: set `output = \"lora\"` (for a full model, `task_arithmetic` gives the exact weighted sum)", recipe.method),
             ));
         }
-        let standard = Method::from_name(&recipe.method);
-        let mut warnings = Vec::new();
-        if !is_lora_native(&recipe.method) {
-            let method = standard.ok_or_else(|| {
-                let known: Vec<&str> = Method::all().iter().map(|m| m.name()).collect();
-                recipe_error(
-                    &recipe,
-                    format!(
-                        "unknown merge method `{}` (known: {}, cat, svd)",
-                        recipe.method,
-                        known.join(", ")
-                    ),
-                )
-            })?;
-            if recipe.space != Space::Core {
-                return Err(recipe_error(
-                    &recipe,
-                    format!(
-                        "LoRA output of `{}` is merged in core space: set `space = \"core\"`",
-                        recipe.method
-                    ),
-                ));
-            }
-            warnings = check_recipe(&recipe, method)?;
+        let method = Method::from_name(&recipe.method).ok_or_else(|| {
+            let known: Vec<&str> = Method::all().iter().map(|m| m.name()).collect();
+            recipe_error(
+                &recipe,
+                format!(
+                    "unknown merge method `{}` (known: {})",
+                    recipe.method,
+                    known.join(", ")
+                ),
+            )
+        })?;
+        if !method.adapters_only() && recipe.space != Space::Core {
+            return Err(recipe_error(
+                &recipe,
+                format!(
+                    "LoRA output of `{}` is merged in core space: set `space = \"core\"`",
+                    recipe.method
+                ),
+            ));
         }
-        for name in recipe.parameters.keys().filter(|_| standard.is_none()) {
-            if name != "weight" {
-                return Err(recipe_error(
-                    &recipe,
-                    format!(
-                        "unknown parameter `{name}` for method `{}` (it takes: weight)",
-                        recipe.method
-                    ),
-                ));
-            }
-        }
+        let warnings = check_recipe(&recipe, method)?;
         let base = match &recipe.base {
             Some(Source::Dir(dir)) => Checkpoint::open(dir)?,
             Some(Source::Registry(reference)) => {
@@ -162,16 +143,6 @@ impl LoraMerge {
         };
         let mut adapters = Vec::with_capacity(recipe.experts.len());
         for (i, expert) in recipe.experts.iter().enumerate() {
-            if let Some(name) = expert
-                .parameters
-                .keys()
-                .find(|k| *k != "weight" && standard.is_none())
-            {
-                return Err(recipe_error(
-                    &recipe,
-                    format!("expert {i} (`{}`): unknown parameter `{name}` for method `{}` (it takes: weight)", expert.source, recipe.method),
-                ));
-            }
             let mut adapter = match &expert.source {
                 Source::Dir(dir) if Adapter::is_adapter_dir(dir) => Adapter::open(dir)?,
                 Source::Registry(reference) => {
@@ -238,21 +209,20 @@ impl LoraMerge {
             .flat_map(|(_, a)| a.modules().values().map(|m| m.rank))
             .max()
             .unwrap_or(1);
-        let method = match (recipe.method.as_str(), recipe.rank) {
-            (_, rank) if standard.is_some() => LoraMethod::Core(
-                standard.expect("checked"),
-                rank.unwrap_or(RankTarget::Fixed(largest_rank)),
-            ),
-            ("cat", None) => LoraMethod::Cat,
-            ("cat", Some(_)) => {
+        let method = match (method, recipe.rank) {
+            (Method::Cat, None) => LoraMethod::Cat,
+            (Method::Cat, Some(_)) => {
                 return Err(recipe_error(
                     &recipe,
                     "`cat` is exact and its rank is the sum of the experts' ranks: drop `rank`, or use `svd` to truncate".to_string(),
                 ))
             }
-            (_, Some(target)) => LoraMethod::Svd(target),
+            (Method::Svd, Some(target)) => LoraMethod::Svd(target),
             // PEFT's default: the largest rank among the experts.
-            (_, None) => LoraMethod::Svd(RankTarget::Fixed(largest_rank)),
+            (Method::Svd, None) => LoraMethod::Svd(RankTarget::Fixed(largest_rank)),
+            (standard, rank) => {
+                LoraMethod::Core(standard, rank.unwrap_or(RankTarget::Fixed(largest_rank)))
+            }
         };
         Ok(LoraMerge {
             recipe,

@@ -58,6 +58,12 @@ pub enum Method {
     /// `(1 − κ)^γ`, and optionally each expert's share restored. With `attenuation = 0`,
     /// `confidence = "none"` and no `restore` it is TIES.
     Caci,
+    /// LoRA adapters into one adapter, exactly: the experts' factors concatenated, at rank
+    /// Σ r_t (PEFT's `combination_type="cat"`, without its padding). Adapter output only.
+    Cat,
+    /// LoRA adapters into one adapter: the exact weighted sum truncated by SVD to a rank
+    /// target (PEFT's `combination_type="svd"`). Adapter output only.
+    Svd,
 }
 
 /// How CACI weighs an expert's vote.
@@ -131,7 +137,7 @@ pub(crate) enum Trim {
     TopK,
 }
 
-const ALL: [Method; 11] = [
+const ALL: [Method; 13] = [
     Method::Linear,
     Method::TaskArithmetic,
     Method::Ties,
@@ -143,6 +149,8 @@ const ALL: [Method; 11] = [
     Method::DellaLinear,
     Method::MagnitudePrune,
     Method::Caci,
+    Method::Cat,
+    Method::Svd,
 ];
 
 impl Method {
@@ -165,12 +173,20 @@ impl Method {
             Method::DellaLinear => "della_linear",
             Method::MagnitudePrune => "magnitude_prune",
             Method::Caci => "caci",
+            Method::Cat => "cat",
+            Method::Svd => "svd",
         }
     }
 
     /// Every method.
     pub fn all() -> &'static [Method] {
         &ALL
+    }
+
+    /// Whether the method merges adapters into an adapter and nothing else (`cat`, `svd`): it
+    /// works on LoRA factors, not tensor by tensor.
+    pub fn adapters_only(self) -> bool {
+        matches!(self, Method::Cat | Method::Svd)
     }
 
     /// Whether the method needs a base model: all but [`Method::Linear`].
@@ -205,6 +221,7 @@ impl Method {
             Method::Della | Method::DellaLinear => Trim::Della,
             Method::MagnitudePrune => Trim::TopK,
             Method::Caci => Trim::Magnitude,
+            Method::Cat | Method::Svd => Trim::None,
         }
     }
 
@@ -218,7 +235,9 @@ impl Method {
             Method::TaskArithmetic
             | Method::Breadcrumbs
             | Method::BreadcrumbsTies
-            | Method::MagnitudePrune => (false, false),
+            | Method::MagnitudePrune
+            | Method::Cat
+            | Method::Svd => (false, false),
             Method::Caci => (true, false),
         };
         GlobalParams {

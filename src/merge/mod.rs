@@ -1,19 +1,21 @@
-//! Merging: the methods ([`method`]), the [`Plan`] built from a recipe, the streaming
-//! executor and the output writer.
+//! Merging: one entry point for every recipe ([`MergePlan::build`], then [`merge`]), the
+//! methods and their parameters ([`method`], [`parameters`]), one tensor's merge
+//! ([`merge_tensor`]), the [`Plan`] of a model output, the LoRA-to-LoRA merge
+//! ([`lora_native`]), the streaming executor and the output writer.
 //!
 //! ```no_run
 //! use mmx::backend::Backend;
-//! use mmx::merge::{write_merge, OutputOptions, Plan};
+//! use mmx::merge::{merge, MergePlan, OutputOptions};
 //! use mmx::recipe::Recipe;
 //!
-//! let plan = Plan::build(Recipe::load("recipes/quickstart.toml".as_ref())?)?;
+//! let plan = MergePlan::build(Recipe::load("recipes/quickstart.toml".as_ref())?)?;
 //! let options = OutputOptions {
 //!     max_memory: 4 << 30,
 //!     shard_bytes: 5 << 30,
 //!     force: false,
 //!     backend: Backend::Cpu,
 //! };
-//! write_merge(&plan, "out/quickstart".as_ref(), &options, &|_| {})?;
+//! merge(&plan, "out/quickstart".as_ref(), &options, &|_| {})?;
 //! # Ok::<(), mmx::Error>(())
 //! ```
 

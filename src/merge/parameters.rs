@@ -75,7 +75,12 @@ const NON_NEGATIVE: Domain = Domain::Number {
 };
 
 fn task_arithmetic_family(m: Method) -> bool {
-    !matches!(m, Method::Linear | Method::MagnitudePrune | Method::Caci)
+    !matches!(m, Method::Linear | Method::MagnitudePrune | Method::Caci) && !m.adapters_only()
+}
+
+/// Every method that merges tensor by tensor but `linear`.
+fn with_a_base(m: Method) -> bool {
+    m != Method::Linear && !m.adapters_only()
 }
 
 fn trims(m: Method) -> bool {
@@ -90,7 +95,7 @@ pub const PARAMETERS: &[Parameter] = &[
         domain: ANY_FINITE,
         default: "1",
         meaning: "multiplies the merged delta",
-        read_by: |m| m != Method::Linear,
+        read_by: with_a_base,
         deprecated_alias: None,
     },
     Parameter {
@@ -99,7 +104,7 @@ pub const PARAMETERS: &[Parameter] = &[
         domain: Domain::Bool,
         default: "true for linear, ties, della and caci; false otherwise",
         meaning: "divide the merged delta by the sum of weights (or the disjoint-mean divisor)",
-        read_by: |m| m != Method::MagnitudePrune,
+        read_by: |m| m != Method::MagnitudePrune && !m.adapters_only(),
         deprecated_alias: None,
     },
     Parameter {
@@ -200,7 +205,7 @@ pub const PARAMETERS: &[Parameter] = &[
         },
         default: "1 (caci: 0.5)",
         meaning: "the fraction of the delta kept (task_arithmetic accepts it and keeps all)",
-        read_by: |m| m != Method::Linear,
+        read_by: with_a_base,
         deprecated_alias: None,
     },
     Parameter {
@@ -659,6 +664,8 @@ mod tests {
             ["weight", "density", "epsilon"]
         );
         assert_eq!(Method::Caci.expert_parameters(), ["weight", "density"]);
+        assert_eq!(Method::Cat.global_parameters(), Vec::<&str>::new());
+        assert_eq!(Method::Svd.expert_parameters(), ["weight"]);
     }
 
     #[test]

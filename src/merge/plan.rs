@@ -79,6 +79,12 @@ impl Plan {
                 ),
             )
         })?;
+        if method.adapters_only() {
+            return Err(recipe_error(
+                &recipe,
+                format!("`{}` merges LoRA adapters into a LoRA adapter: set `output = \"lora\"` (for a full model, `task_arithmetic` gives the exact weighted sum)", method.name()),
+            ));
+        }
         if recipe.space == Space::Core {
             return Err(recipe_error(
                 &recipe,

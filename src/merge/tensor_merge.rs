@@ -33,6 +33,16 @@ pub fn merge_tensor(
         params,
         expert_ids,
     } = job;
+    if method.adapters_only() {
+        return Err(parameter_error(
+            "method",
+            name,
+            format!(
+                "`{}` merges LoRA adapters into a LoRA adapter and has no tensor-wise form (`task_arithmetic` is the exact weighted sum)",
+                method.name()
+            ),
+        ));
+    }
     let numel = check_job(name, shape, base, &experts, &params, &expert_ids)?;
     check_params(method, globals, name, &params)?;
 
@@ -337,7 +347,7 @@ mod tests {
 
     #[test]
     fn names_round_trip() {
-        assert_eq!(Method::all().len(), 11);
+        assert_eq!(Method::all().len(), 13);
         for &m in Method::all() {
             assert_eq!(Method::from_name(m.name()), Some(m));
             assert_eq!(
@@ -370,6 +380,8 @@ mod tests {
             (Method::DellaLinear, false, true),
             (Method::MagnitudePrune, false, false),
             (Method::Caci, true, false),
+            (Method::Cat, false, false),
+            (Method::Svd, false, false),
         ];
         for (m, normalize, rescale) in table {
             let g = m.default_globals();
@@ -406,6 +418,7 @@ mod tests {
         );
         for &m in Method::all() {
             assert_eq!(m.needs_base(), m != Method::Linear);
+            assert_eq!(m.adapters_only(), matches!(m.name(), "cat" | "svd"));
             assert!(m.expert_parameters().contains(&"weight"));
             assert_eq!(
                 m.expert_parameters().contains(&"gamma"),
@@ -810,7 +823,7 @@ mod tests {
     #[test]
     fn no_experts_gives_the_base() {
         let base = [1.0, -2.0];
-        for &m in Method::all() {
+        for &m in Method::all().iter().filter(|m| !m.adapters_only()) {
             let out = run(m, &m.default_globals(), &[2], Some(&base), &[], &[]).unwrap();
             assert_eq!(out.values, base);
             assert_eq!(out.stats.delta_l2, 0.0);
@@ -827,8 +840,32 @@ mod tests {
     }
 
     #[test]
+    fn cat_and_svd_have_no_tensor_wise_form() {
+        let base = [0.0; 2];
+        for m in [Method::Cat, Method::Svd] {
+            let err = run(
+                m,
+                &m.default_globals(),
+                &[2],
+                Some(&base),
+                &[&[1.0, 2.0]],
+                &[expert(1.0, 1.0)],
+            )
+            .unwrap_err();
+            assert!(
+                matches!(err, Error::Parameter { ref name, ref message, .. }
+                    if name == "method" && message.contains("LoRA adapter")),
+                "{err}"
+            );
+        }
+    }
+
+    #[test]
     fn missing_base_is_an_error() {
-        for &m in Method::all().iter().filter(|m| m.needs_base()) {
+        for &m in Method::all()
+            .iter()
+            .filter(|m| m.needs_base() && !m.adapters_only())
+        {
             let err = run(
                 m,
                 &m.default_globals(),

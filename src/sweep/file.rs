@@ -29,7 +29,6 @@ use std::path::{Path, PathBuf};
 use serde_json::{json, Map, Value};
 
 use crate::error::{Error, Result};
-use crate::merge::lora_native::is_lora_native;
 use crate::merge::parameters::{parameters_of, Scope};
 use crate::merge::Method;
 use crate::recipe::Scalar;
@@ -204,9 +203,6 @@ impl Trial {
 
 /// The parameter names a method accepts.
 pub fn accepted_parameters(method: &str) -> Option<Vec<&'static str>> {
-    if is_lora_native(method) {
-        return Some(vec!["weight"]);
-    }
     let m = Method::from_name(method)?;
     let mut names = m.global_parameters();
     names.extend(m.expert_parameters());
@@ -409,7 +405,7 @@ impl Sweep {
             let accepted = accepted_parameters(&entry.method).ok_or_else(|| {
                 let known: Vec<&str> = Method::all().iter().map(|m| m.name()).collect();
                 fail(format!(
-                    "unknown method `{}` (known: {}, cat, svd)",
+                    "unknown method `{}` (known: {})",
                     entry.method,
                     known.join(", ")
                 ))
