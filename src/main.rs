@@ -9,6 +9,9 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
+            if let Some(hint) = cli::hint(&e) {
+                eprintln!("hint: {hint}");
+            }
             ExitCode::from(2)
         }
     }

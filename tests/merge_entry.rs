@@ -159,6 +159,7 @@ fn the_backend_reaches_lora_output_merges() {
                 stderr.contains(&ours),
                 "the CLI says: {stderr}\nthe library: {ours}"
             );
+            assert!(stderr.contains("\nhint: `mmx doctor`"), "{stderr}");
             assert!(
                 !on_gpu.exists(),
                 "a failed merge wrote {}",

@@ -4,6 +4,7 @@ mod conflicts;
 mod data;
 mod doctor;
 mod eval;
+mod hint;
 mod merge;
 mod pipeline;
 mod registry;
@@ -14,6 +15,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
+pub use hint::hint;
 use mmx::backend::{select, Backend, DeviceRequest};
 
 /// Merge specialty LoRA adapters and checkpoints into one expert model.

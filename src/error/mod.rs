@@ -112,6 +112,15 @@ pub enum Error {
         /// What is wrong.
         message: String,
     },
+    /// A decomposition of one tensor's numbers failed (not a user's parameter: the inputs'
+    /// values, e.g. NaN, or a degenerate matrix).
+    #[error("tensor `{tensor}`: {message}")]
+    Numerical {
+        /// The tensor.
+        tensor: String,
+        /// What failed.
+        message: String,
+    },
     /// The output cannot be written where asked.
     #[error("`{}`: {message}", path.display())]
     Output {

@@ -15,8 +15,7 @@ pub(super) const NEGLIGIBLE: f64 = 1e-16;
 
 fn eigen(m: MatRef<'_, f64>, tensor: &str) -> Result<SelfAdjointEigen<f64>> {
     m.self_adjoint_eigen(Side::Lower)
-        .map_err(|e| Error::Parameter {
-            name: "factors".to_string(),
+        .map_err(|e| Error::Numerical {
             tensor: tensor.to_string(),
             message: format!(
                 "the eigendecomposition of a Gram matrix of the experts' updates did not converge: {e:?}"
@@ -99,8 +98,7 @@ pub(super) struct Svd {
 
 impl Svd {
     pub(super) fn of(core: &Mat<f64>, target: RankTarget, tensor: &str) -> Result<Svd> {
-        let svd = core.thin_svd().map_err(|e| Error::Parameter {
-            name: "rank".to_string(),
+        let svd = core.thin_svd().map_err(|e| Error::Numerical {
             tensor: tensor.to_string(),
             message: format!("the SVD of the merged update did not converge: {e:?}"),
         })?;

@@ -16,7 +16,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 pub use output_dir::{check_target, write_output_dir};
-pub use param::{layer_position, ParamValue, Scalar};
+pub use param::{layer_position, ParamValue, Scalar, ValueError};
 pub use record::{MergeRecord, MERGE_RECORD};
 
 use crate::error::{Error, Result};

@@ -36,19 +36,42 @@ fn scalar(v: &Value) -> Option<Scalar> {
     }
 }
 
+/// Why a parameter value was refused.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ValueError {
+    /// Neither a scalar nor a list.
+    #[error("expected a number, boolean, string, gradient list or filter list, found {0}")]
+    NotAValue(Value),
+    /// `[]`.
+    #[error("an empty list is not a value")]
+    EmptyList,
+    /// A list mixing scalars and tables, or holding something else.
+    #[error(
+        "a list must hold only scalars (a gradient) or only {{filter, value}} tables, found {0}"
+    )]
+    MixedList(Value),
+    /// A `{filter, value}` entry with another key.
+    #[error("unknown key `{0}` in a {{filter, value}} entry")]
+    UnknownKey(String),
+    /// A `filter` that is not a string.
+    #[error("`filter` must be a string, found {0}")]
+    FilterNotText(Value),
+    /// A `{filter, value}` entry without `value`.
+    #[error("a {{filter, value}} entry has no `value`")]
+    NoValue,
+}
+
 impl ParamValue {
     /// Reads a value from the JSON form that both TOML and YAML recipes are converted to.
-    pub fn from_json(v: &Value) -> Result<ParamValue, String> {
+    pub fn from_json(v: &Value) -> Result<ParamValue, ValueError> {
         if let Some(s) = scalar(v) {
             return Ok(ParamValue::Scalar(s));
         }
         let Value::Array(items) = v else {
-            return Err(format!(
-                "expected a number, boolean, string, gradient list or filter list, found {v}"
-            ));
+            return Err(ValueError::NotAValue(v.clone()));
         };
         if items.is_empty() {
-            return Err("an empty list is not a value".to_string());
+            return Err(ValueError::EmptyList);
         }
         if let Some(values) = items.iter().map(scalar).collect::<Option<Vec<_>>>() {
             return Ok(ParamValue::Gradient(values));
@@ -56,21 +79,17 @@ impl ParamValue {
         let mut entries = Vec::with_capacity(items.len());
         for item in items {
             let Value::Object(map) = item else {
-                return Err(format!(
-                    "a list must hold only scalars (a gradient) or only {{filter, value}} tables, found {item}"
-                ));
+                return Err(ValueError::MixedList(item.clone()));
             };
             if let Some(key) = map.keys().find(|k| *k != "filter" && *k != "value") {
-                return Err(format!("unknown key `{key}` in a {{filter, value}} entry"));
+                return Err(ValueError::UnknownKey(key.clone()));
             }
             let filter = match map.get("filter") {
                 None | Some(Value::Null) => None,
                 Some(Value::String(s)) => Some(s.clone()),
-                Some(other) => return Err(format!("`filter` must be a string, found {other}")),
+                Some(other) => return Err(ValueError::FilterNotText(other.clone())),
             };
-            let value = map
-                .get("value")
-                .ok_or_else(|| "a {filter, value} entry has no `value`".to_string())?;
+            let value = map.get("value").ok_or(ValueError::NoValue)?;
             entries.push((filter, ParamValue::from_json(value)?));
         }
         Ok(ParamValue::Filtered(entries))

@@ -141,6 +141,20 @@ pub struct Manifest {
     pub files: Vec<FileEntry>,
 }
 
+/// Why manifest bytes were refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ManifestError {
+    /// Over the size cap.
+    #[error("manifest of {0} bytes is over the {MAX_BYTES}-byte cap")]
+    TooLarge(usize),
+    /// Not JSON of the manifest's form (the parser's message).
+    #[error("not an mmx manifest: {0}")]
+    NotAManifest(String),
+    /// Another manifest format version.
+    #[error("manifest format {0}; this mmx reads {VERSION}")]
+    Format(u32),
+}
+
 impl Manifest {
     /// The manifest's bytes: compact JSON, fields in declaration order.
     pub fn encode(&self) -> Vec<u8> {
@@ -148,20 +162,14 @@ impl Manifest {
     }
 
     /// Parses manifest bytes, refusing oversized or unknown content.
-    pub fn decode(bytes: &[u8]) -> Result<Manifest, String> {
+    pub fn decode(bytes: &[u8]) -> Result<Manifest, ManifestError> {
         if bytes.len() > MAX_BYTES {
-            return Err(format!(
-                "manifest of {} bytes is over the {MAX_BYTES}-byte cap",
-                bytes.len()
-            ));
+            return Err(ManifestError::TooLarge(bytes.len()));
         }
-        let manifest: Manifest =
-            serde_json::from_slice(bytes).map_err(|e| format!("not an mmx manifest: {e}"))?;
+        let manifest: Manifest = serde_json::from_slice(bytes)
+            .map_err(|e| ManifestError::NotAManifest(e.to_string()))?;
         if manifest.mmx_manifest != VERSION {
-            return Err(format!(
-                "manifest format {}; this mmx reads {VERSION}",
-                manifest.mmx_manifest
-            ));
+            return Err(ManifestError::Format(manifest.mmx_manifest));
         }
         Ok(manifest)
     }
@@ -237,12 +245,17 @@ mod tests {
         let extra = text.replacen("\"kind\"", "\"extra\":1,\"kind\"", 1);
         assert!(Manifest::decode(extra.as_bytes())
             .unwrap_err()
+            .to_string()
             .contains("unknown field"));
         let newer = text.replacen("\"mmx_manifest\":1", "\"mmx_manifest\":2", 1);
         assert!(Manifest::decode(newer.as_bytes())
             .unwrap_err()
+            .to_string()
             .contains("format 2"));
         let big = vec![b' '; MAX_BYTES + 1];
-        assert!(Manifest::decode(&big).unwrap_err().contains("cap"));
+        assert!(Manifest::decode(&big)
+            .unwrap_err()
+            .to_string()
+            .contains("cap"));
     }
 }

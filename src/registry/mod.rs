@@ -92,7 +92,7 @@ impl Registry {
             let url = path.to_string_lossy();
             let spec = RemoteSpec::parse(&url).map_err(|message| Error::Registry {
                 path: path.to_path_buf(),
-                message,
+                message: message.to_string(),
             })?;
             return Registry::remote(&spec, create);
         }
@@ -112,7 +112,7 @@ impl Registry {
     /// registry's `mmx-registry.toml` (`url`, and optionally `endpoint` and `region`).
     pub fn remote_spec(&self, text: &str) -> Result<RemoteSpec> {
         if text.contains("://") {
-            return RemoteSpec::parse(text).map_err(|m| self.fail(m));
+            return RemoteSpec::parse(text).map_err(|m| self.fail(m.to_string()));
         }
         let marker = self.store.location().join("mmx-registry.toml");
         let table: toml::Table = std::fs::read_to_string(&marker)
@@ -131,7 +131,7 @@ impl Registry {
         let field = |key: &str| entry.get(key).and_then(|v| v.as_str()).map(String::from);
         let url =
             field("url").ok_or_else(|| self.fail(format!("`[remotes.{text}]` has no `url`")))?;
-        let mut spec = RemoteSpec::parse(&url).map_err(|m| self.fail(m))?;
+        let mut spec = RemoteSpec::parse(&url).map_err(|m| self.fail(m.to_string()))?;
         spec.endpoint = field("endpoint");
         spec.region = field("region");
         Ok(spec)
@@ -148,7 +148,7 @@ impl Registry {
         let tag = if reference.starts_with("blake3:") {
             None
         } else {
-            Some(Reference::parse(reference).map_err(|m| self.fail(m))?)
+            Some(Reference::parse(reference).map_err(|m| self.fail(m.to_string()))?)
         };
         transfer::copy(self, to, &digest, tag.as_ref(), options)
     }
@@ -175,7 +175,7 @@ impl Registry {
             }
             return Ok(digest);
         }
-        let reference = Reference::parse(text).map_err(|m| self.fail(m))?;
+        let reference = Reference::parse(text).map_err(|m| self.fail(m.to_string()))?;
         self.store
             .read_tag(&reference)?
             .ok_or_else(|| self.fail(format!("no tag {reference}")))
@@ -286,8 +286,24 @@ impl Registry {
     }
 }
 
+/// Why a duration was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DurationError {
+    /// No number before the unit.
+    #[error("`{0}`: expected a number and a unit, e.g. 1h, 30m, 2w")]
+    NoNumber(String),
+    /// A unit other than s, m, h, d, w.
+    #[error("`{text}`: unknown unit `{unit}` (s, m, h, d, w)")]
+    UnknownUnit {
+        /// The text given.
+        text: String,
+        /// The unit.
+        unit: String,
+    },
+}
+
 /// Parses a duration: `90` or `90s`, `15m`, `2h`, `7d`, `2w`.
-pub fn parse_duration(text: &str) -> std::result::Result<Duration, String> {
+pub fn parse_duration(text: &str) -> std::result::Result<Duration, DurationError> {
     let text = text.trim();
     let split = text
         .find(|c: char| !c.is_ascii_digit())
@@ -295,14 +311,19 @@ pub fn parse_duration(text: &str) -> std::result::Result<Duration, String> {
     let (number, unit) = text.split_at(split);
     let n: u64 = number
         .parse()
-        .map_err(|_| format!("`{text}`: expected a number and a unit, e.g. 1h, 30m, 2w"))?;
+        .map_err(|_| DurationError::NoNumber(text.to_string()))?;
     let seconds = match unit {
         "" | "s" => 1,
         "m" => 60,
         "h" => 3600,
         "d" => 86_400,
         "w" => 604_800,
-        other => return Err(format!("`{text}`: unknown unit `{other}` (s, m, h, d, w)")),
+        other => {
+            return Err(DurationError::UnknownUnit {
+                text: text.to_string(),
+                unit: other.to_string(),
+            })
+        }
     };
     Ok(Duration::from_secs(n * seconds))
 }

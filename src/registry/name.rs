@@ -37,15 +37,43 @@ pub fn component_problem(text: &str) -> Option<String> {
     None
 }
 
+/// Why a `NAME:TAG` reference was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ReferenceError {
+    /// No `:` between name and tag.
+    #[error("`{text}`: expected NAME:TAG, e.g. cardiology:v1")]
+    NoTag {
+        /// The text given.
+        text: String,
+    },
+    /// The name or the tag is not one safe path component.
+    #[error("`{text}`: the {part} `{value}` {problem}")]
+    BadPart {
+        /// The text given.
+        text: String,
+        /// `"name"` or `"tag"`.
+        part: &'static str,
+        /// The refused name or tag.
+        value: String,
+        /// What is wrong with it ([`component_problem`]).
+        problem: String,
+    },
+}
+
 impl Reference {
     /// Parses and validates `NAME:TAG`.
-    pub fn parse(text: &str) -> Result<Reference, String> {
-        let (name, tag) = text
-            .split_once(':')
-            .ok_or_else(|| format!("`{text}`: expected NAME:TAG, e.g. cardiology:v1"))?;
-        for (what, part) in [("name", name), ("tag", tag)] {
-            if let Some(problem) = component_problem(part) {
-                return Err(format!("`{text}`: the {what} `{part}` {problem}"));
+    pub fn parse(text: &str) -> Result<Reference, ReferenceError> {
+        let (name, tag) = text.split_once(':').ok_or_else(|| ReferenceError::NoTag {
+            text: text.to_string(),
+        })?;
+        for (part, value) in [("name", name), ("tag", tag)] {
+            if let Some(problem) = component_problem(value) {
+                return Err(ReferenceError::BadPart {
+                    text: text.to_string(),
+                    part,
+                    value: value.to_string(),
+                    problem,
+                });
             }
         }
         Ok(Reference {
@@ -98,6 +126,7 @@ mod tests {
         }
         assert!(Reference::parse(&format!("{long}:v1"))
             .unwrap_err()
+            .to_string()
             .contains("longer than 128"));
         assert!(Reference::parse(&format!("{}:v1", &long[..128])).is_ok());
     }

@@ -80,19 +80,35 @@ pub struct RemoteSpec {
     pub region: Option<String>,
 }
 
+/// Why a remote registry URL was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RemoteUrlError {
+    /// Not an `s3://` URL.
+    #[error(
+        "`{0}`: a remote registry is `s3://bucket/prefix` (GCS and Azure are not wired in yet)"
+    )]
+    NotS3(String),
+    /// `s3://` with no bucket.
+    #[error("`{0}`: no bucket")]
+    NoBucket(String),
+    /// A `.` or `..` component in the prefix.
+    #[error("`{0}`: the prefix may not hold `.` or `..`")]
+    DotInPrefix(String),
+}
+
 impl RemoteSpec {
     /// Parses `s3://bucket[/prefix]`.
-    pub fn parse(url: &str) -> std::result::Result<RemoteSpec, String> {
-        let rest = url.strip_prefix("s3://").ok_or_else(|| {
-            format!("`{url}`: a remote registry is `s3://bucket/prefix` (GCS and Azure are not wired in yet)")
-        })?;
+    pub fn parse(url: &str) -> std::result::Result<RemoteSpec, RemoteUrlError> {
+        let rest = url
+            .strip_prefix("s3://")
+            .ok_or_else(|| RemoteUrlError::NotS3(url.to_string()))?;
         let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
         let prefix = prefix.trim_matches('/');
         if bucket.is_empty() {
-            return Err(format!("`{url}`: no bucket"));
+            return Err(RemoteUrlError::NoBucket(url.to_string()));
         }
         if prefix.split('/').any(|part| part == "." || part == "..") {
-            return Err(format!("`{url}`: the prefix may not hold `.` or `..`"));
+            return Err(RemoteUrlError::DotInPrefix(url.to_string()));
         }
         Ok(RemoteSpec {
             url: url.to_string(),
@@ -691,12 +707,17 @@ mod tests {
         assert_eq!(spec.bucket, "team-bucket");
         assert_eq!(spec.prefix, "mmx/registry");
         assert_eq!(RemoteSpec::parse("s3://b").unwrap().prefix, "");
-        assert!(RemoteSpec::parse("gs://b/p").unwrap_err().contains("s3://"));
+        assert!(RemoteSpec::parse("gs://b/p")
+            .unwrap_err()
+            .to_string()
+            .contains("s3://"));
         assert!(RemoteSpec::parse("s3:///p")
             .unwrap_err()
+            .to_string()
             .contains("no bucket"));
         assert!(RemoteSpec::parse("s3://b/a/../c")
             .unwrap_err()
+            .to_string()
             .contains(".."));
         assert!(is_remote(Path::new("s3://b/p")));
         assert!(!is_remote(Path::new("registry")));

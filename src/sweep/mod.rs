@@ -52,20 +52,23 @@ pub struct Shard {
     pub count: usize,
 }
 
+/// A shard that is not `I/N` with 0 ≤ I < N.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("`{0}`: expected I/N with 0 ≤ I < N, e.g. 0/4 for the first of four shards")]
+pub struct ShardError(pub String);
+
 impl Shard {
     /// Every trial.
     pub const ALL: Shard = Shard { index: 0, count: 1 };
 
     /// Parses `I/N` (0 ≤ I < N).
-    pub fn parse(text: &str) -> std::result::Result<Shard, String> {
+    pub fn parse(text: &str) -> std::result::Result<Shard, ShardError> {
         let parsed = text
             .split_once('/')
             .and_then(|(i, n)| Some((i.trim().parse().ok()?, n.trim().parse().ok()?)));
         match parsed {
             Some((index, count)) if index < count => Ok(Shard { index, count }),
-            _ => Err(format!(
-                "`{text}`: expected I/N with 0 ≤ I < N, e.g. 0/4 for the first of four shards"
-            )),
+            _ => Err(ShardError(text.to_string())),
         }
     }
 
@@ -694,7 +697,10 @@ mod tests {
     #[test]
     fn parses_shards() {
         assert_eq!(Shard::parse("1/4"), Ok(Shard { index: 1, count: 4 }));
-        assert!(Shard::parse("4/4").unwrap_err().contains("0 ≤ I < N"));
+        assert!(Shard::parse("4/4")
+            .unwrap_err()
+            .to_string()
+            .contains("0 ≤ I < N"));
         assert!(Shard::parse("x").is_err());
         assert!(Shard::parse("0/0").is_err());
     }

@@ -287,7 +287,7 @@ impl CausalLm {
             path: self.dir.clone(),
             message,
         };
-        spec.check().map_err(fail)?;
+        spec.check().map_err(|e| fail(e.to_string()))?;
         let paths: Vec<String> = (0..self.layers.len())
             .flat_map(|i| Projection::ALL.map(move |p| (i, p)))
             .map(|(i, p)| self.module_path(i, p))

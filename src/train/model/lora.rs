@@ -33,6 +33,23 @@ pub struct LoraSpec {
     pub seed: u64,
 }
 
+/// Why a LoRA spec was refused, naming the field.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum LoraSpecError {
+    /// `r = 0`.
+    #[error("LoRA `r` must be positive")]
+    ZeroRank,
+    /// A non-finite `lora_alpha`.
+    #[error("`lora_alpha` {0} is not finite")]
+    Alpha(f64),
+    /// `lora_dropout` outside [0, 1).
+    #[error("`lora_dropout` {0} is outside [0, 1)")]
+    Dropout(f64),
+    /// No target modules.
+    #[error("LoRA `target_modules` is empty")]
+    NoTargets,
+}
+
 impl LoraSpec {
     /// A spec with PEFT's other defaults: no dropout, no rsLoRA, seed 0.
     pub fn new(r: usize, alpha: f64, target_modules: Vec<String>) -> Self {
@@ -51,19 +68,19 @@ impl LoraSpec {
         scaling(self.alpha, self.r, self.use_rslora)
     }
 
-    /// Checks the numbers; the message names the field.
-    pub fn check(&self) -> Result<(), String> {
+    /// Checks the numbers; the error names the field.
+    pub fn check(&self) -> Result<(), LoraSpecError> {
         if self.r == 0 {
-            return Err("LoRA `r` must be positive".into());
+            return Err(LoraSpecError::ZeroRank);
         }
         if !self.alpha.is_finite() {
-            return Err(format!("`lora_alpha` {} is not finite", self.alpha));
+            return Err(LoraSpecError::Alpha(self.alpha));
         }
         if !(0.0..1.0).contains(&self.dropout) {
-            return Err(format!("`lora_dropout` {} is outside [0, 1)", self.dropout));
+            return Err(LoraSpecError::Dropout(self.dropout));
         }
         if self.target_modules.is_empty() {
-            return Err("LoRA `target_modules` is empty".into());
+            return Err(LoraSpecError::NoTargets);
         }
         Ok(())
     }
@@ -404,6 +421,10 @@ mod tests {
         spec.use_rslora = true;
         assert_eq!(spec.scaling(), 0.75);
         spec.dropout = 1.0;
-        assert!(spec.check().unwrap_err().contains("lora_dropout"));
+        assert!(spec
+            .check()
+            .unwrap_err()
+            .to_string()
+            .contains("lora_dropout"));
     }
 }
