@@ -4,6 +4,7 @@
 
 use serde::Serialize;
 
+use crate::backend::device::ConflictSums;
 use crate::merge::sparsify;
 
 /// The metrics of one module.
@@ -40,27 +41,22 @@ pub fn module_conflicts(
     weights: &[f32],
     densities: &[f32],
 ) -> ModuleConflicts {
+    from_sums(module, &conflict_sums(deltas, weights, densities))
+}
+
+/// The sums of [`module_conflicts`] on the CPU: the reference the device matches.
+fn conflict_sums(deltas: &[Vec<f32>], weights: &[f32], densities: &[f32]) -> ConflictSums {
     let t = deltas.len();
     let n = deltas.first().map_or(0, Vec::len);
-    let norms: Vec<f64> = deltas
-        .iter()
-        .map(|d| sparsify::lane_sum(d, |v| f64::from(v) * f64::from(v)).sqrt())
-        .collect();
-    let mut cosine = vec![vec![1.0; t]; t];
+    let mut dots = vec![vec![0.0; t]; t];
     for i in 0..t {
+        dots[i][i] = sparsify::lane_sum(&deltas[i], |v| f64::from(v) * f64::from(v));
         for j in i + 1..t {
-            let dot: f64 = deltas[i]
+            dots[i][j] = deltas[i]
                 .iter()
                 .zip(&deltas[j])
                 .map(|(a, b)| f64::from(*a) * f64::from(*b))
                 .sum();
-            let c = if norms[i] > 0.0 && norms[j] > 0.0 {
-                dot / (norms[i] * norms[j])
-            } else {
-                0.0
-            };
-            cosine[i][j] = c;
-            cosine[j][i] = c;
         }
     }
 
@@ -75,21 +71,14 @@ pub fn module_conflicts(
             k
         })
         .collect();
-    let mut topk_overlap = vec![vec![1.0; t]; t];
+    let mut both = vec![vec![0u64; t]; t];
+    let mut either = vec![vec![0u64; t]; t];
     for i in 0..t {
         for j in i + 1..t {
-            let (mut both, mut either) = (0usize, 0usize);
             for (a, b) in kept[i].iter().zip(&kept[j]) {
-                both += usize::from(*a != 0.0 && *b != 0.0);
-                either += usize::from(*a != 0.0 || *b != 0.0);
+                both[i][j] += u64::from(*a != 0.0 && *b != 0.0);
+                either[i][j] += u64::from(*a != 0.0 || *b != 0.0);
             }
-            let o = if either > 0 {
-                both as f64 / either as f64
-            } else {
-                0.0
-            };
-            topk_overlap[i][j] = o;
-            topk_overlap[j][i] = o;
         }
     }
 
@@ -114,12 +103,44 @@ pub fn module_conflicts(
         minority += p.min(q);
         total += p + q;
     }
+    ConflictSums {
+        active: active as f64,
+        conflicted: conflicted as f64,
+        kappa_sum,
+        minority,
+        total,
+        dots,
+        both,
+        either,
+    }
+}
+
+/// The metrics from their sums, wherever those were computed.
+pub(crate) fn from_sums(module: &str, sums: &ConflictSums) -> ModuleConflicts {
+    let t = sums.dots.len();
     let ratio = |a: f64, b: f64| if b > 0.0 { a / b } else { 0.0 };
+    let norms: Vec<f64> = (0..t).map(|a| sums.dots[a][a].sqrt()).collect();
+    let mut cosine = vec![vec![1.0; t]; t];
+    let mut topk_overlap = vec![vec![1.0; t]; t];
+    for a in 0..t {
+        for b in a + 1..t {
+            let c = if norms[a] > 0.0 && norms[b] > 0.0 {
+                sums.dots[a][b] / (norms[a] * norms[b])
+            } else {
+                0.0
+            };
+            cosine[a][b] = c;
+            cosine[b][a] = c;
+            let o = ratio(sums.both[a][b] as f64, sums.either[a][b] as f64);
+            topk_overlap[a][b] = o;
+            topk_overlap[b][a] = o;
+        }
+    }
     ModuleConflicts {
         module: module.to_string(),
-        sign_conflict: ratio(conflicted as f64, active as f64),
-        mean_kappa: ratio(kappa_sum, active as f64),
-        minority_mass: ratio(minority, total),
+        sign_conflict: ratio(sums.conflicted, sums.active),
+        mean_kappa: ratio(sums.kappa_sum, sums.active),
+        minority_mass: ratio(sums.minority, sums.total),
         cosine,
         topk_overlap,
         norms,

@@ -5,10 +5,11 @@ use cudarc::driver::PushKernelArg;
 use super::{device_error, grid, Gpu, Updates, MAX_EXPERTS};
 use crate::error::{Error, Result};
 
-/// Conflict statistics of one module on the device (cuda/conflict.cu), as
-/// `module_conflicts` in conflict/ computes them.
+/// The sums behind one module's conflict metrics: what the device (cuda/conflict.cu) and the
+/// CPU reference (`conflict_sums` in conflict/metrics.rs) both compute, and the one function
+/// that turns them into the metrics reads.
 #[derive(Debug, Clone, PartialEq)]
-pub struct DeviceConflicts {
+pub struct ConflictSums {
     /// Coordinates some expert keeps.
     pub active: f64,
     /// Coordinates where kept entries disagree.
@@ -36,7 +37,7 @@ impl Gpu {
         updates: &Updates,
         cuts: &[(u32, u64)],
         weights: &[f32],
-    ) -> Result<DeviceConflicts> {
+    ) -> Result<ConflictSums> {
         let (t, n) = (updates.experts(), updates.len());
         if t == 0 || t > MAX_EXPERTS || cuts.len() != t || weights.len() != t {
             return Err(Error::Device {
@@ -69,7 +70,7 @@ impl Gpu {
         let s = self.download(&stats, 5)?;
         let square = |v: Vec<f64>| v.chunks(t).map(<[f64]>::to_vec).collect();
         let pairs = |v: Vec<u64>| v.chunks(t).map(<[u64]>::to_vec).collect();
-        Ok(DeviceConflicts {
+        Ok(ConflictSums {
             active: s[0],
             conflicted: s[1],
             kappa_sum: s[2],

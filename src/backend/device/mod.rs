@@ -24,7 +24,7 @@ use cudarc::driver::{
     PushKernelArg, ValidAsZeroBits,
 };
 
-pub use conflict::DeviceConflicts;
+pub use conflict::ConflictSums;
 pub use consensus::{
     ConsensusExpert, ConsensusRule, DeviceMerge, DeviceValues, MergeExpert, MAX_EXPERTS,
 };
