@@ -240,6 +240,9 @@ fn gba_trains_logs_resumes_and_publishes_its_lineage() {
     assert_ok(&show);
     let shown = String::from_utf8_lossy(&show.stdout);
     assert!(shown.contains("cardiology"), "{shown}");
+    // The result only: the adapter, not the run's metrics beside it.
+    assert!(shown.contains("adapter_model.safetensors"), "{shown}");
+    assert!(!shown.contains("metrics.jsonl"), "{shown}");
 }
 
 #[test]

@@ -221,6 +221,60 @@ fn refuses_invalid_content_before_storing_anything() {
     refuse_broken_file(w, &model, "zz-extra.safetensors");
 }
 
+/// A training output holds its result beside the run's record (metrics, checkpoints): with
+/// `result_only` only the result is published; without, the folder is refused, naming it.
+#[test]
+fn a_training_output_publishes_its_result_only() {
+    use mmx::registry::{Kind, PublishOptions, Reference, Registry};
+    let work = tempfile::tempdir().unwrap();
+    let out = work.path().join("trained");
+    std::fs::create_dir(&out).unwrap();
+    for name in ["adapter_config.json", "adapter_model.safetensors"] {
+        std::fs::copy(
+            examples().join("adapters/cardiology").join(name),
+            out.join(name),
+        )
+        .unwrap();
+    }
+    std::fs::write(out.join("metrics.jsonl"), "{\"step\": 1}\n").unwrap();
+    std::fs::create_dir(out.join("checkpoint-1")).unwrap();
+    std::fs::write(out.join("checkpoint-1/optimizer.safetensors"), b"x").unwrap();
+    let registry = Registry::create(&work.path().join("reg")).unwrap();
+    let reference = Reference::parse("card:trained").unwrap();
+    let mut options = PublishOptions {
+        kind: Some(Kind::Adapter),
+        ..PublishOptions::default()
+    };
+    let err = registry
+        .publish(&out, &reference, &options)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("checkpoint-1") && err.contains("is a folder"),
+        "{err}"
+    );
+    options.result_only = true;
+    registry.publish(&out, &reference, &options).unwrap();
+    let pulled = work.path().join("pulled");
+    assert_ok(&mmx(
+        &[
+            "pull",
+            "card:trained",
+            "-o",
+            pulled.to_str().unwrap(),
+            "--registry",
+            work.path().join("reg").to_str().unwrap(),
+        ],
+        work.path(),
+    ));
+    let mut names: Vec<String> = std::fs::read_dir(&pulled)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["adapter_config.json", "adapter_model.safetensors"]);
+}
+
 /// Writes a safetensors file with a broken header as `name` in `dir`: publishing `dir` is
 /// refused naming that file, and no blob is stored.
 fn refuse_broken_file(w: &Path, dir: &Path, name: &str) {

@@ -182,9 +182,9 @@ pub fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
             }),
             specialty: recipe.specialty.clone(),
             base: base.manifest().copied(),
+            result_only: true,
             ..PublishOptions::default()
         };
-        // Only the result: not the checkpoints and the metrics beside it.
         publish_outputs(&store, &output, &reference, &options)?;
     }
     Ok(ExitCode::SUCCESS)
@@ -266,6 +266,7 @@ fn run_gba(args: RunArgs) -> anyhow::Result<ExitCode> {
             base: base.manifest().copied(),
             recipe: Some(lineage),
             inputs: adapter.manifest().copied().into_iter().collect(),
+            result_only: true,
             ..PublishOptions::default()
         };
         publish_outputs(&store, &output, &reference, &options)?;
@@ -310,23 +311,16 @@ fn progress(quiet: bool, what: &str) -> ProgressBar {
     bar
 }
 
-/// Publishes the files of a training output (not its metrics or checkpoints).
+/// Publishes a training output's result (`options.result_only`: not its metrics or
+/// checkpoints).
 fn publish_outputs(
     store: &Registry,
     output: &std::path::Path,
     reference: &mmx::registry::Reference,
     options: &PublishOptions,
 ) -> anyhow::Result<()> {
-    let staging = RemoveOnDrop(output.join(".publish"));
-    std::fs::create_dir_all(&staging.0)?;
-    for entry in std::fs::read_dir(output)? {
-        let path = entry?.path();
-        if path.is_file() && path.file_name().is_some_and(|n| n != "metrics.jsonl") {
-            std::fs::copy(&path, staging.0.join(path.file_name().unwrap_or_default()))?;
-        }
-    }
     let published = store
-        .publish(&staging.0, reference, options)
+        .publish(output, reference, options)
         .with_context(|| format!("publishing {} as {reference}", output.display()))?;
     println!("published as {reference}: manifest {}", published.manifest);
     Ok(())

@@ -30,7 +30,14 @@ pub struct PublishOptions {
     pub inputs: Vec<Digest>,
     /// Move an existing tag that points elsewhere (tags are immutable without it).
     pub force: bool,
+    /// A training output: only its result is published, not the run's record beside it
+    /// (`metrics.jsonl` and the checkpoint folders, which are otherwise refused).
+    pub result_only: bool,
 }
+
+/// What a training output holds beside its result, left out by
+/// [`PublishOptions::result_only`] (folders are left out too).
+pub const TRAINING_RECORD: [&str; 1] = ["metrics.jsonl"];
 
 impl PublishOptions {
     /// The options of a merge output in `output` made from `recipe_text`: a merged expert whose
@@ -143,6 +150,9 @@ pub fn publish(
         let path = entry.path();
         let name = entry.file_name().to_string_lossy().into_owned();
         let meta = std::fs::metadata(&path).map_err(|e| Error::io(&path, e))?;
+        if options.result_only && (meta.is_dir() || TRAINING_RECORD.contains(&name.as_str())) {
+            continue;
+        }
         if meta.is_dir() {
             return Err(refuse(
                 &path,
