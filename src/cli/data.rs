@@ -120,7 +120,8 @@ fn run_embed(args: EmbedArgs) -> anyhow::Result<ExitCode> {
         &candle_core::Device::Cpu,
     )?;
     let processor = ImageProcessor::read(&args.model.join("preprocessor_config.json"))?;
-    let bar = indicatif::ProgressBar::new(read_cases(&args.data)?.len() as u64);
+    let cases = read_cases(&args.data)?.len() as u64;
+    let bar = super::progress::bar("embedding", super::progress::Counting::Items, cases, false);
     let summary = embed_cases(&model, &processor, &args.data, &args.output, &mut |done| {
         bar.set_position(done as u64)
     })?;

@@ -6,9 +6,9 @@ use std::time::Instant;
 
 use anyhow::Context;
 use clap::Args;
-use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
 
+use super::progress::{bar, Counting};
 use super::{choose_device, default_max_memory, human_bytes, output_dir, parse_size, Device};
 use mmx::backend::Backend;
 use mmx::merge::lora_native::{LoraMerge, LoraSummary};
@@ -96,16 +96,9 @@ pub fn run(args: MergeArgs) -> anyhow::Result<ExitCode> {
         backend,
     };
     let bar = match &plan {
-        MergePlan::Model(plan) => ProgressBar::new(plan.output_bytes()),
-        MergePlan::Adapter(_) => ProgressBar::hidden(),
+        MergePlan::Model(plan) => bar("merging", Counting::Bytes, plan.output_bytes(), false),
+        MergePlan::Adapter(_) => bar("merging", Counting::Bytes, 0, true),
     };
-    bar.set_style(
-        ProgressStyle::with_template(
-            "{spinner} merging [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
-        )
-        .expect("static template")
-        .progress_chars("=> "),
-    );
     let start = Instant::now();
     let merged = merge(&plan, &output, &options, &|bytes| bar.inc(bytes))?;
     bar.finish_and_clear();

@@ -7,6 +7,7 @@ mod eval;
 mod hint;
 mod merge;
 mod pipeline;
+mod progress;
 mod registry;
 mod sweep;
 mod train;

@@ -6,7 +6,6 @@ use std::time::Duration;
 
 use anyhow::bail;
 use clap::Args;
-use indicatif::{ProgressBar, ProgressStyle};
 
 use super::human_bytes;
 use mmx::registry::{
@@ -200,14 +199,11 @@ pub struct TransferArgs {
 
 impl TransferArgs {
     fn copy(&self, from: &Registry, to: &Registry, reference: &str) -> anyhow::Result<Transfer> {
-        let bar = if self.quiet || self.json {
-            ProgressBar::hidden()
-        } else {
-            ProgressBar::new(0)
-        };
-        bar.set_style(
-            ProgressStyle::with_template("{bar:30} {bytes}/{total_bytes} {bytes_per_sec} {eta}")
-                .expect("a valid template"),
+        let bar = super::progress::bar(
+            "copying",
+            super::progress::Counting::Bytes,
+            0,
+            self.quiet || self.json,
         );
         let progress = |done: u64, total: u64| {
             bar.set_length(total);

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
-use indicatif::{ProgressBar, ProgressStyle};
+use indicatif::ProgressBar;
 
 use mmx::registry::{publish::PublishOptions, Kind, Registry};
 use mmx::train::guideline::config::Guidelines;
@@ -296,19 +296,7 @@ fn destination(
 
 /// A progress bar for `what` (hidden when quiet).
 fn progress(quiet: bool, what: &str) -> ProgressBar {
-    let bar = if quiet {
-        ProgressBar::hidden()
-    } else {
-        ProgressBar::new(0)
-    };
-    bar.set_style(
-        ProgressStyle::with_template(&format!(
-            "{{spinner}} {what} [{{bar:30}}] step {{pos}}/{{len}} {{msg}} eta {{eta}}"
-        ))
-        .expect("static template")
-        .progress_chars("=> "),
-    );
-    bar
+    super::progress::bar(what, super::progress::Counting::Steps, 0, quiet)
 }
 
 /// Publishes a training output's result (`options.result_only`: not its metrics or

@@ -5,10 +5,8 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Condvar, Mutex};
 
-use super::chunking::is_streamed;
 use super::device::{compute_on_device, runs_on_device};
 use super::job::{TensorJob, TensorStats};
-use super::method::Method;
 use super::plan::{Plan, TensorPlan};
 use super::stream::merge_streamed;
 use super::tensor_merge::merge_tensor;
@@ -154,10 +152,7 @@ fn run_tensor(
         }
     }
     let stats = match &t.merge {
-        // CACI's confidence and conflict terms are not streamed yet: it runs in memory.
-        Some(params) if is_streamed(&t.shape) && plan.method != Method::Caci => {
-            merge_streamed(plan, t, params, writer).map(Some)
-        }
+        Some(params) if t.streamed => merge_streamed(plan, t, params, writer).map(Some),
         _ => {
             let (bytes, stats) = compute(plan, t)?;
             writer.write(&t.name, &bytes)?;

@@ -28,6 +28,9 @@ pub struct TensorPlan {
     pub merge: Option<MergeParams>,
     /// Bytes of memory its computation needs at peak (inputs, working copies, output).
     pub working_bytes: u64,
+    /// Merged chunk by chunk (large 2-D tensors; CACI's confidence and conflict terms are
+    /// not streamed yet, so it merges in memory).
+    pub streamed: bool,
 }
 
 /// The parameters one tensor is merged with.
@@ -189,20 +192,21 @@ impl Plan {
             } else {
                 None
             };
-            let working_bytes =
-                if merge.is_some() && is_streamed(&info.shape) && method != Method::Caci {
-                    working_bytes(experts.len())
-                } else if merge.is_some() {
-                    numel * 4 * (experts.len() as u64 + 3) + numel * dtype.size() as u64
-                } else {
-                    numel * (info.dtype.size() + dtype.size()) as u64
-                };
+            let streamed = merge.is_some() && is_streamed(&info.shape) && method != Method::Caci;
+            let working_bytes = if streamed {
+                working_bytes(experts.len())
+            } else if merge.is_some() {
+                numel * 4 * (experts.len() as u64 + 3) + numel * dtype.size() as u64
+            } else {
+                numel * (info.dtype.size() + dtype.size()) as u64
+            };
             tensors.push(TensorPlan {
                 name: name.to_string(),
                 shape: info.shape.clone(),
                 dtype,
                 merge,
                 working_bytes,
+                streamed,
             });
         }
         Ok(Plan {
