@@ -9,7 +9,7 @@ use std::process::{Command, Output};
 use mmx::adapter::Adapter;
 use mmx::tensor::SafetensorsFile;
 
-use common::{assert_ok, max_relative_error, reference};
+use common::{assert_ok, max_relative_error, reference, write_two_lora_recipe};
 
 /// Writes a `cat` recipe over lora_a (weight 0.8) and lora_b (0.5) and runs it.
 fn cat(dir: &Path, output: &str, extra: &str) -> Output {
@@ -20,18 +20,7 @@ fn cat(dir: &Path, output: &str, extra: &str) -> Output {
 /// into `dir/out`.
 fn lora_native(dir: &Path, method: &str, output: &str, extra: &str) -> Output {
     let recipe = dir.join(format!("{method}.toml"));
-    std::fs::write(
-        &recipe,
-        format!(
-            "[merge]\nmethod = '{method}'\nbase = '{}'\noutput = '{output}'\n{extra}\n\
-             [[merge.experts]]\nsource = '{}'\nweight = 0.8\n\
-             [[merge.experts]]\nsource = '{}'\nweight = 0.5\n",
-            reference("base").display(),
-            reference("lora_a").display(),
-            reference("lora_b").display(),
-        ),
-    )
-    .unwrap();
+    write_two_lora_recipe(&recipe, method, output, extra);
     Command::new(env!("CARGO_BIN_EXE_mmx"))
         .args(["merge", recipe.to_str().unwrap(), "-o"])
         .arg(dir.join("out"))

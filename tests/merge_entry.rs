@@ -11,24 +11,13 @@ use mmx::backend::{select, Backend, DeviceRequest};
 use mmx::merge::{merge, MergePlan, OutputOptions};
 use mmx::recipe::{MergeRecord, OutputKind, Recipe};
 
-use common::{assert_ok, mmx, reference};
+use common::{assert_ok, mmx, write_two_lora_recipe};
 
 /// A recipe over lora_a (0.8) and lora_b (0.5) with a random method, the seed in its text 1.
 fn write_recipe(dir: &Path, method: &str, output: &str, extra: &str) -> std::path::PathBuf {
     let recipe = dir.join(format!("{method}-{output}.toml"));
-    std::fs::write(
-        &recipe,
-        format!(
-            "[merge]\nmethod = '{method}'\nbase = '{}'\noutput = '{output}'\nseed = 1\n{extra}\n\
-             [merge.parameters]\ndensity = 0.5\n\
-             [[merge.experts]]\nsource = '{}'\nweight = 0.8\n\
-             [[merge.experts]]\nsource = '{}'\nweight = 0.5\n",
-            reference("base").display(),
-            reference("lora_a").display(),
-            reference("lora_b").display(),
-        ),
-    )
-    .unwrap();
+    let extra = format!("seed = 1\n{extra}\n[merge.parameters]\ndensity = 0.5");
+    write_two_lora_recipe(&recipe, method, output, &extra);
     recipe
 }
 

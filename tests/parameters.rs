@@ -7,25 +7,18 @@ mod common;
 use std::path::Path;
 use std::process::Output;
 
-use common::{assert_ok, mmx, reference};
+use common::{assert_ok, mmx, write_two_lora_recipe};
 
 /// Writes a delta-output recipe of `method` over lora_a and lora_b with `parameters` (TOML
 /// lines of `[merge.parameters]`) and runs `mmx merge` on it into `dir/NAME`.
 fn merge(dir: &Path, name: &str, method: &str, parameters: &str) -> Output {
     let recipe = dir.join(format!("{name}.toml"));
-    std::fs::write(
+    write_two_lora_recipe(
         &recipe,
-        format!(
-            "[merge]\nmethod = '{method}'\nbase = '{}'\noutput = 'delta'\n\
-             [merge.parameters]\n{parameters}\n\
-             [[merge.experts]]\nsource = '{}'\nweight = 0.8\n\
-             [[merge.experts]]\nsource = '{}'\nweight = 0.5\n",
-            reference("base").display(),
-            reference("lora_a").display(),
-            reference("lora_b").display(),
-        ),
-    )
-    .unwrap();
+        method,
+        "delta",
+        &format!("[merge.parameters]\n{parameters}"),
+    );
     let out_dir = dir.join(name);
     mmx(
         &[

@@ -22,7 +22,7 @@ use super::device::GpuProducts;
 use super::method::Method;
 use super::output::{input_record, whole_file, OutputOptions};
 use super::parameters::check_recipe;
-use super::plan::{recipe_error, resolve};
+use super::plan::{recipe_error, recipe_method, resolve};
 use super::saved_tensors::{self, SavedTensor};
 use crate::adapter::{Adapter, LoraKind, PEFT_PREFIX};
 use crate::backend::device::Gpu;
@@ -105,17 +105,7 @@ impl LoraMerge {
                 format!("`{}` merges LoRA adapters into a LoRA adapter: set `output = \"lora\"` (for a full model, `task_arithmetic` gives the exact weighted sum)", recipe.method),
             ));
         }
-        let method = Method::from_name(&recipe.method).ok_or_else(|| {
-            let known: Vec<&str> = Method::all().iter().map(|m| m.name()).collect();
-            recipe_error(
-                &recipe,
-                format!(
-                    "unknown merge method `{}` (known: {})",
-                    recipe.method,
-                    known.join(", ")
-                ),
-            )
-        })?;
+        let method = recipe_method(&recipe)?;
         if !method.adapters_only() && recipe.space != Space::Core {
             return Err(recipe_error(
                 &recipe,

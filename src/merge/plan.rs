@@ -67,21 +67,26 @@ pub(crate) fn recipe_error(recipe: &Recipe, message: String) -> Error {
     }
 }
 
+/// The recipe's method, or an error listing the known ones.
+pub(crate) fn recipe_method(recipe: &Recipe) -> Result<Method> {
+    Method::from_name(&recipe.method).ok_or_else(|| {
+        let known: Vec<&str> = Method::all().iter().map(|m| m.name()).collect();
+        recipe_error(
+            recipe,
+            format!(
+                "unknown merge method `{}` (known: {})",
+                recipe.method,
+                known.join(", ")
+            ),
+        )
+    })
+}
+
 impl Plan {
     /// Opens every input, checks them against each other and resolves every parameter for
     /// every tensor.
     pub fn build(recipe: Recipe) -> Result<Plan> {
-        let method = Method::from_name(&recipe.method).ok_or_else(|| {
-            let known: Vec<&str> = Method::all().iter().map(|m| m.name()).collect();
-            recipe_error(
-                &recipe,
-                format!(
-                    "unknown merge method `{}` (known: {})",
-                    recipe.method,
-                    known.join(", ")
-                ),
-            )
-        })?;
+        let method = recipe_method(&recipe)?;
         if method.adapters_only() {
             return Err(recipe_error(
                 &recipe,

@@ -29,6 +29,24 @@ pub fn max_relative_error(ours: &[f32], theirs: &[f32]) -> f64 {
     worst / scale.max(f64::MIN_POSITIVE)
 }
 
+/// Writes a recipe at `path` merging the reference adapters lora_a (weight 0.8) and lora_b
+/// (0.5) onto the reference base with `method` into `output`; `extra` is TOML for the
+/// `[merge]` table (and tables after it).
+pub fn write_two_lora_recipe(path: &Path, method: &str, output: &str, extra: &str) {
+    std::fs::write(
+        path,
+        format!(
+            "[merge]\nmethod = '{method}'\nbase = '{}'\noutput = '{output}'\n{extra}\n\
+             [[merge.experts]]\nsource = '{}'\nweight = 0.8\n\
+             [[merge.experts]]\nsource = '{}'\nweight = 0.5\n",
+            reference("base").display(),
+            reference("lora_a").display(),
+            reference("lora_b").display(),
+        ),
+    )
+    .unwrap();
+}
+
 /// Runs the built `mmx` in `cwd` with `args`.
 pub fn mmx(args: &[&str], cwd: &Path) -> Output {
     mmx_with_env(args, cwd, &[])
