@@ -112,8 +112,8 @@ impl PartialEq for Case {
 impl Eq for Case {}
 
 impl Case {
-    /// Validates a wire line; the error is the message of an [`Error::Data`].
-    pub(crate) fn from_line(line: CaseLine) -> std::result::Result<Case, String> {
+    /// Validates a wire line; the error becomes the message of an [`Error::Data`].
+    pub(crate) fn from_line(line: CaseLine) -> std::result::Result<Case, CaseError> {
         non_empty("`id`", &line.id)?;
         one_line("`id`", &line.id)?;
         non_empty("`specialty`", &line.specialty)?;
@@ -121,21 +121,18 @@ impl Case {
         non_empty("`question`", &line.question)?;
         let count = line.options.len();
         if !(MIN_OPTIONS..=LETTERS.len()).contains(&count) {
-            return Err(format!(
-                "`options` has {count} entries, expected {MIN_OPTIONS} to {}",
-                LETTERS.len()
-            ));
+            return Err(CaseError::OptionCount(count));
         }
         for (i, option) in line.options.iter().enumerate() {
             let name = format!("`options` entry {}", i + 1);
             non_empty(&name, option)?;
             one_line(&name, option)?;
             if let Some(j) = line.options[..i].iter().position(|o| o == option) {
-                return Err(format!(
-                    "`options` entry {} repeats entry {} (`{option}`)",
-                    i + 1,
-                    j + 1
-                ));
+                return Err(CaseError::RepeatedOption {
+                    entry: i + 1,
+                    first: j + 1,
+                    option: option.clone(),
+                });
             }
         }
         let last = LETTERS[count - 1];
@@ -143,11 +140,10 @@ impl Case {
             [letter] => LETTERS[..count].iter().position(|&l| l == letter),
             _ => None,
         }
-        .ok_or_else(|| {
-            format!(
-                "`answer` is `{}`, expected a letter from `A` to `{last}` ({count} options)",
-                line.answer
-            )
+        .ok_or_else(|| CaseError::Answer {
+            answer: line.answer.clone(),
+            last,
+            count,
         })?;
         for (i, step) in line.reasoning.iter().enumerate() {
             let name = format!("`reasoning` step {}", i + 1);
@@ -304,18 +300,53 @@ impl Case {
     }
 }
 
+/// Why a case line was refused; fields are named as messages name them: "`id`",
+/// "`options` entry 2".
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CaseError {
+    /// A field that must hold text is empty.
+    #[error("{0} is empty")]
+    Empty(String),
+    /// A field rendered on one line holds a line break.
+    #[error("{0} has a line break")]
+    LineBreak(String),
+    /// Too few or too many options.
+    #[error("`options` has {0} entries, expected {MIN_OPTIONS} to {max}", max = LETTERS.len())]
+    OptionCount(usize),
+    /// The same option twice.
+    #[error("`options` entry {entry} repeats entry {first} (`{option}`)")]
+    RepeatedOption {
+        /// The later entry (from 1).
+        entry: usize,
+        /// The earlier one.
+        first: usize,
+        /// The option.
+        option: String,
+    },
+    /// An answer that is not one of the options' letters.
+    #[error("`answer` is `{answer}`, expected a letter from `A` to `{last}` ({count} options)")]
+    Answer {
+        /// The answer given.
+        answer: String,
+        /// The last option's letter.
+        last: char,
+        /// How many options there are.
+        count: usize,
+    },
+}
+
 /// `what` names the field as messages do: "`id`", "`options` entry 2".
-fn non_empty(what: &str, text: &str) -> std::result::Result<(), String> {
+fn non_empty(what: &str, text: &str) -> std::result::Result<(), CaseError> {
     if text.trim().is_empty() {
-        return Err(format!("{what} is empty"));
+        return Err(CaseError::Empty(what.to_string()));
     }
     Ok(())
 }
 
 /// Options and steps are rendered one per line, so a line break inside one would split it.
-fn one_line(what: &str, text: &str) -> std::result::Result<(), String> {
+fn one_line(what: &str, text: &str) -> std::result::Result<(), CaseError> {
     if text.contains(['\n', '\r']) {
-        return Err(format!("{what} has a line break"));
+        return Err(CaseError::LineBreak(what.to_string()));
     }
     Ok(())
 }
@@ -358,7 +389,8 @@ fn parse_cases(path: &Path, bytes: &[u8]) -> Result<Vec<Case>> {
         }
         let line: CaseLine =
             serde_json::from_str(text).map_err(|e| fail(number, json_message(&e)))?;
-        let mut case = Case::from_line(line).map_err(|message| fail(number, message))?;
+        let mut case =
+            Case::from_line(line).map_err(|message| fail(number, message.to_string()))?;
         case.dir = path.parent().map(Path::to_path_buf);
         if let Some(first) = first_line.insert(case.id.clone(), number) {
             return Err(fail(

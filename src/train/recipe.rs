@@ -352,15 +352,20 @@ impl WireSynthetic {
     }
 }
 
+/// Optimizer settings out of range.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("`lr` must be positive and each of `betas` in [0, 1)")]
+pub struct OptimError;
+
 impl WireOptim {
     /// The checked settings, or what is wrong with them.
-    pub(crate) fn check(self) -> std::result::Result<OptimRecipe, String> {
+    pub(crate) fn check(self) -> std::result::Result<OptimRecipe, OptimError> {
         let valid = self.lr > 0.0
             && self.lr.is_finite()
             && (0.0..1.0).contains(&self.betas[0])
             && (0.0..1.0).contains(&self.betas[1]);
         if !valid {
-            return Err("`lr` must be positive and each of `betas` in [0, 1)".into());
+            return Err(OptimError);
         }
         Ok(OptimRecipe {
             lr: self.lr,
