@@ -19,7 +19,7 @@ pub struct DoctorArgs {
 pub fn run(args: DoctorArgs) -> anyhow::Result<ExitCode> {
     let p = probe();
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&p)?);
+        super::print::json(&p)?;
         return Ok(ExitCode::SUCCESS);
     }
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());

@@ -119,10 +119,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<ExitCode> {
         mmx::tensor::write_atomic(path, text.as_bytes())?;
     }
     if args.json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&json!({"accuracy": report.accuracy, "n": report.n}))?
-        );
+        super::print::json(&json!({"accuracy": report.accuracy, "n": report.n}))?;
     } else {
         println!("{:<14} {:>8} {:>6}", "specialty", "accuracy", "n");
         for (specialty, accuracy) in &report.accuracy {

@@ -130,7 +130,7 @@ fn print_plan(plan: &Plan, output: &Path, max_memory: u64, json: bool) -> anyhow
             "memory_estimate_bytes": estimate,
             "max_memory_bytes": max_memory,
         });
-        println!("{}", serde_json::to_string_pretty(&summary)?);
+        super::print::json(&summary)?;
         return Ok(());
     }
     println!("method      {}", plan.method.name());
@@ -161,7 +161,7 @@ fn print_lora_plan(merge: &LoraMerge, output: &Path, json: bool) -> anyhow::Resu
     let (modules, max_rank) = merge.shape();
     if json {
         let plan = json!({"dry_run": true, "method": method, "output": output.display().to_string(), "modules": modules, "max_rank": max_rank});
-        println!("{}", serde_json::to_string_pretty(&plan)?);
+        super::print::json(&plan)?;
     } else {
         println!("method      {method} (LoRA output)");
         println!("modules     {modules}, ranks up to {max_rank}");
@@ -186,7 +186,7 @@ fn print_model(
             "seconds": seconds,
             "files": summary.files,
         });
-        println!("{}", serde_json::to_string_pretty(&out)?);
+        super::print::json(&out)?;
         return Ok(());
     }
     let on_device = match backend {
@@ -216,7 +216,7 @@ fn print_adapter(
             .map(|(label, share)| (label.clone(), json!(share)))
             .collect();
         let out = json!({"output": output.display().to_string(), "method": method, "modules": summary.modules, "whole_tensors": summary.whole_tensors, "max_rank": summary.max_rank, "max_discarded_energy": summary.max_discarded, "mean_sign_conflict": summary.mean_sign_conflict, "retained_energy": retained, "modules_on_device": summary.device_modules, "seconds": seconds, "files": summary.files});
-        println!("{}", serde_json::to_string_pretty(&out)?);
+        super::print::json(&out)?;
         return Ok(());
     }
     println!(

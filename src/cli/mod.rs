@@ -7,6 +7,7 @@ mod eval;
 mod hint;
 mod merge;
 mod pipeline;
+mod print;
 mod progress;
 mod registry;
 mod sweep;

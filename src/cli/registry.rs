@@ -227,7 +227,7 @@ impl TransferArgs {
         t: &Transfer,
     ) -> anyhow::Result<()> {
         if self.json {
-            println!("{}", serde_json::to_string_pretty(t)?);
+            super::print::json(t)?;
             return Ok(());
         }
         let direction = if verb == "pushed" { "to" } else { "from" };
@@ -261,7 +261,7 @@ pub struct LsArgs {
 pub fn ls(args: LsArgs) -> anyhow::Result<ExitCode> {
     let listing = args.registry.open()?.list()?;
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&listing)?);
+        super::print::json(&listing)?;
         return Ok(ExitCode::SUCCESS);
     }
     println!(
@@ -299,7 +299,7 @@ pub fn show(args: ShowArgs) -> anyhow::Result<ExitCode> {
     let digest = registry.resolve(&args.source)?;
     let manifest = registry.manifest(&digest)?;
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&manifest)?);
+        super::print::json(&manifest)?;
         return Ok(ExitCode::SUCCESS);
     }
     println!("manifest  {digest}");
@@ -425,7 +425,7 @@ pub struct VerifyArgs {
 pub fn verify(args: VerifyArgs) -> anyhow::Result<ExitCode> {
     let report = args.registry.open()?.verify(args.read_data, args.grace)?;
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        super::print::json(&report)?;
     } else {
         println!(
             "{} tags, {} manifests, {} blobs ({}){}",
