@@ -8,9 +8,8 @@ use clap::Args;
 
 use super::{choose_device, Device};
 use mmx::adapter::Adapter;
-use mmx::backend::device::Gpu;
-use mmx::backend::Backend;
 use mmx::conflict::{analyze, analyze_adapters, plot_report, Group};
+use mmx::merge::kernels_for;
 use mmx::plot::Format;
 use mmx::recipe::Recipe;
 use mmx::tensor::write_atomic;
@@ -61,12 +60,9 @@ pub fn run(args: ConflictsArgs) -> anyhow::Result<ExitCode> {
     if let Some(path) = &args.plot {
         Format::from_path(path)?;
     }
-    let gpu = match choose_device(args.device)? {
-        Backend::Cuda(ordinal) => Some(Gpu::open(ordinal)?),
-        Backend::Cpu => None,
-    };
+    let kernels = kernels_for(choose_device(args.device)?)?;
     let report = match args.inputs.as_slice() {
-        [recipe] if recipe.is_file() => analyze(Recipe::load(recipe)?, gpu.as_ref())?,
+        [recipe] if recipe.is_file() => analyze(Recipe::load(recipe)?, kernels.as_ref())?,
         dirs => {
             if let Some(other) = dirs.iter().find(|d| !Adapter::is_adapter_dir(d)) {
                 bail!(
@@ -80,7 +76,7 @@ pub fn run(args: ConflictsArgs) -> anyhow::Result<ExitCode> {
             if !(args.density > 0.0 && args.density <= 1.0) {
                 bail!("`--density` must be in (0, 1], got {}", args.density);
             }
-            analyze_adapters(dirs, args.density, gpu.as_ref())?
+            analyze_adapters(dirs, args.density, kernels.as_ref())?
         }
     };
     print_groups("module type", &report.by_type);

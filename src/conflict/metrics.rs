@@ -5,7 +5,7 @@
 use serde::Serialize;
 
 use crate::backend::device::ConflictSums;
-use crate::merge::sparsify;
+use crate::merge::kernels::conflict_sums;
 
 /// The metrics of one module.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -42,77 +42,6 @@ pub fn module_conflicts(
     densities: &[f32],
 ) -> ModuleConflicts {
     from_sums(module, &conflict_sums(deltas, weights, densities))
-}
-
-/// The sums of [`module_conflicts`] on the CPU: the reference the device matches.
-fn conflict_sums(deltas: &[Vec<f32>], weights: &[f32], densities: &[f32]) -> ConflictSums {
-    let t = deltas.len();
-    let n = deltas.first().map_or(0, Vec::len);
-    let mut dots = vec![vec![0.0; t]; t];
-    for i in 0..t {
-        dots[i][i] = sparsify::lane_sum(&deltas[i], |v| f64::from(v) * f64::from(v));
-        for j in i + 1..t {
-            dots[i][j] = deltas[i]
-                .iter()
-                .zip(&deltas[j])
-                .map(|(a, b)| f64::from(*a) * f64::from(*b))
-                .sum();
-        }
-    }
-
-    let kept: Vec<Vec<f32>> = deltas
-        .iter()
-        .zip(densities)
-        .map(|(d, &density)| {
-            let mut k = d.clone();
-            if density < 1.0 {
-                sparsify::magnitude(&mut k, density);
-            }
-            k
-        })
-        .collect();
-    let mut both = vec![vec![0u64; t]; t];
-    let mut either = vec![vec![0u64; t]; t];
-    for i in 0..t {
-        for j in i + 1..t {
-            for (a, b) in kept[i].iter().zip(&kept[j]) {
-                both[i][j] += u64::from(*a != 0.0 && *b != 0.0);
-                either[i][j] += u64::from(*a != 0.0 || *b != 0.0);
-            }
-        }
-    }
-
-    let (mut active, mut conflicted) = (0usize, 0usize);
-    let (mut kappa_sum, mut minority, mut total) = (0f64, 0f64, 0f64);
-    for c in 0..n {
-        let (mut p, mut q) = (0f64, 0f64);
-        for (k, &w) in kept.iter().zip(weights) {
-            let x = f64::from(k[c]) * f64::from(w.abs());
-            if x > 0.0 {
-                p += x;
-            } else {
-                q -= x;
-            }
-        }
-        if p + q == 0.0 {
-            continue;
-        }
-        active += 1;
-        conflicted += usize::from(p > 0.0 && q > 0.0);
-        kappa_sum += p.min(q) / p.max(q);
-        minority += p.min(q);
-        total += p + q;
-    }
-    ConflictSums {
-        active: active as f64,
-        conflicted: conflicted as f64,
-        kappa_sum,
-        minority,
-        total,
-        dots,
-        both,
-        either,
-    }
 }
 
 /// The metrics from their sums, wherever those were computed.

@@ -6,7 +6,6 @@
 //! recipe density (0.5 where the recipe sets none) and weighted by its recipe weight. For a
 //! recipe merged in core space, the report also gives the energy of each expert the merge keeps.
 
-mod device;
 mod metrics;
 mod plot;
 
@@ -15,13 +14,13 @@ use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
+use metrics::from_sums;
 pub use metrics::{module_conflicts, ModuleConflicts};
 pub use plot::plot_report;
 
 use crate::adapter::Adapter;
-use crate::backend::device::Gpu;
 use crate::error::{Error, Result};
-use crate::merge::lora_products;
+use crate::merge::kernels::Kernels;
 use crate::merge::{MergePlan, Method, Plan};
 use crate::recipe::{OutputKind, Recipe, Space};
 
@@ -91,7 +90,7 @@ fn group(name: String, members: &[&ModuleConflicts]) -> Group {
 
 /// Opens the recipe's base and experts (checked as for a merge) and measures every module that
 /// some expert changes.
-pub fn analyze(recipe: Recipe, gpu: Option<&Gpu>) -> Result<Report> {
+pub fn analyze(recipe: Recipe, kernels: &dyn Kernels) -> Result<Report> {
     // What the recipe's own merge keeps of each expert, where it merges in core space.
     let retained = match MergePlan::build(recipe.clone())? {
         MergePlan::Adapter(merge) => merge.retained_energy()?,
@@ -141,14 +140,8 @@ pub fn analyze(recipe: Recipe, gpu: Option<&Gpu>) -> Result<Report> {
         }
         let weights: Vec<f32> = params.experts.iter().map(|p| p.weight).collect();
         let densities: Vec<f32> = params.experts.iter().map(|p| p.density).collect();
-        modules.push(match gpu {
-            Some(gpu) => {
-                let rows: Vec<&[f32]> = deltas.iter().map(Vec::as_slice).collect();
-                let updates = gpu.upload_deltas(&rows)?;
-                device::module_conflicts_on_device(gpu, &t.name, &updates, &weights, &densities)?
-            }
-            None => module_conflicts(&t.name, &deltas, &weights, &densities),
-        });
+        let sums = kernels.conflict_sums(&deltas, &weights, &densities)?;
+        modules.push(from_sums(&t.name, &sums));
     }
 
     let experts: Vec<String> = plan.experts.iter().map(|e| e.label.clone()).collect();
@@ -170,7 +163,7 @@ pub fn analyze(recipe: Recipe, gpu: Option<&Gpu>) -> Result<Report> {
 /// `s·B·A`, weighted 1 and trimmed to `density`. The adapters must be for the same base (by the
 /// last part of `base_model_name_or_path`) and agree on the shape of every module they share;
 /// a module some adapter leaves alone counts as a zero update for it.
-pub fn analyze_adapters(dirs: &[PathBuf], density: f32, gpu: Option<&Gpu>) -> Result<Report> {
+pub fn analyze_adapters(dirs: &[PathBuf], density: f32, kernels: &dyn Kernels) -> Result<Report> {
     let adapters = dirs.iter().map(Adapter::open).collect::<Result<Vec<_>>>()?;
     let base_name = |a: &Adapter| {
         a.config().base_model_name_or_path.as_deref().map(|b| {
@@ -218,21 +211,10 @@ pub fn analyze_adapters(dirs: &[PathBuf], density: f32, gpu: Option<&Gpu>) -> Re
     let weights = vec![1.0; adapters.len()];
     let densities = vec![density; adapters.len()];
     let mut modules = Vec::with_capacity(shapes.len());
+    let all: Vec<&Adapter> = adapters.iter().collect();
     for (name, ([rows, cols], _)) in &shapes {
-        modules.push(match gpu {
-            Some(gpu) => {
-                let all: Vec<&Adapter> = adapters.iter().collect();
-                let updates = lora_products(gpu, &all, name, *rows, *cols)?;
-                device::module_conflicts_on_device(gpu, name, &updates, &weights, &densities)?
-            }
-            None => {
-                let deltas = adapters
-                    .iter()
-                    .map(|a| Ok(a.delta(name)?.unwrap_or_else(|| vec![0.0; rows * cols])))
-                    .collect::<Result<Vec<_>>>()?;
-                module_conflicts(name, &deltas, &weights, &densities)
-            }
-        });
+        let sums = kernels.adapter_conflict_sums(&all, name, *rows, *cols, &weights, &densities)?;
+        modules.push(from_sums(name, &sums));
     }
     let labels: Vec<String> = dirs.iter().map(|d| d.display().to_string()).collect();
     Ok(assemble(short_labels(&labels), modules))

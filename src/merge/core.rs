@@ -179,7 +179,7 @@ fn expert_directions(
 
 /// The products of a core-space merge whose sizes are the module's own dimensions: the two
 /// Gram matrices and the two output factors. The CPU computes them with faer; a GPU with
-/// cuBLAS (`crate::merge::device::GpuProducts`).
+/// cuBLAS (`CudaKernels` in device.rs).
 pub trait Products: Sync {
     /// `Xᵀ·X`.
     fn gram(&self, x: &Mat<f64>) -> Result<Mat<f64>>;

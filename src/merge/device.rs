@@ -3,7 +3,8 @@
 //! difference to the base, or bf16 tensors read as they are stored), trimmed by radix select
 //! and merged by the fused kernel; only the merged tensor comes back. Every other method,
 //! TIES with a rescale and CACI with `restore`, runs on the CPU. Core-space merges (LoRA
-//! output) take their module-sized products from cuBLAS ([`GpuProducts`]).
+//! output) take their module-sized products from cuBLAS. [`CudaKernels`] is the seam merge/
+//! calls.
 
 use std::path::Path;
 use std::sync::Mutex;
@@ -13,21 +14,23 @@ use faer::Mat;
 use super::core::Products;
 use super::expert::ExpertInput;
 use super::job::{fraction, TensorStats};
+use super::kernels::{CpuKernels, Kernels};
 use super::method::{Confidence, DisjointMean, Method, SignElection};
 use super::parameters::check_params;
 use super::plan::{MergeParams, Plan, TensorPlan};
 use super::sparsify::magnitude_keep;
 use crate::adapter::{Adapter, LoraKind};
 use crate::backend::device::{
-    ConsensusRule, DeviceValues, Gpu, LoraFactors, MergeExpert, Updates, MAX_EXPERTS,
+    ConflictSums, ConsensusRule, DeviceValues, Gpu, LoraFactors, MergeExpert, Updates, MAX_EXPERTS,
 };
+use crate::backend::Backend;
 use crate::checkpoint::Checkpoint;
 use crate::error::{Error, Result};
 use crate::recipe::OutputKind;
 use crate::tensor::{check_finite_from, from_f32, Dtype};
 
 /// Whether this tensor's merge runs on the device.
-pub(crate) fn runs_on_device(plan: &Plan, params: &MergeParams) -> bool {
+fn runs_on_device(plan: &Plan, params: &MergeParams) -> bool {
     let method_fits = match plan.method {
         Method::Ties => !params.globals.rescale,
         // Restore needs the experts' untrimmed updates next to the merge: on the CPU.
@@ -38,7 +41,7 @@ pub(crate) fn runs_on_device(plan: &Plan, params: &MergeParams) -> bool {
 }
 
 /// Merges tensor `t` on `gpu`: its bytes in the output dtype and the merge statistics.
-pub(crate) fn compute_on_device(
+fn compute_on_device(
     gpu: &Gpu,
     plan: &Plan,
     t: &TensorPlan,
@@ -198,7 +201,7 @@ fn lora_updates(gpu: &Gpu, plan: &Plan, name: &str, shape: &[usize]) -> Result<O
 
 /// Each adapter's update s·B·A of tensor `name` (`rows × cols`), formed on the device by
 /// cuBLAS; an adapter without that module contributes zeros.
-pub(crate) fn lora_products(
+fn lora_products(
     gpu: &Gpu,
     adapters: &[&Adapter],
     name: &str,
@@ -256,17 +259,91 @@ fn host_updates(
     Ok((gpu.upload_deltas(&rows)?, base))
 }
 
-/// The module-sized products of a core-space merge on a GPU (cuBLAS DGEMM), one module at a
-/// time on the device.
+/// [`Kernels`] on a CUDA device: the TIES and CACI tensors `runs_on_device` admits, one at
+/// a time on the device (its memory holds one tensor's experts), and the module-sized products
+/// of core-space merges (cuBLAS DGEMM).
 #[derive(Debug)]
-pub struct GpuProducts<'a>(pub &'a Mutex<Gpu>);
+pub struct CudaKernels(Mutex<Gpu>);
 
-impl GpuProducts<'_> {
+impl CudaKernels {
     fn gpu(&self) -> std::sync::MutexGuard<'_, Gpu> {
         self.0
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
+}
+
+/// The kernels of a backend: the CPU reference, or the CUDA device it names (opened here, so a
+/// machine without one fails before any work, naming why).
+pub fn kernels_for(backend: Backend) -> Result<Box<dyn Kernels>> {
+    Ok(match backend {
+        Backend::Cpu => Box::new(CpuKernels),
+        Backend::Cuda(ordinal) => Box::new(CudaKernels(Mutex::new(Gpu::open(ordinal)?))),
+    })
+}
+
+impl Kernels for CudaKernels {
+    fn device(&self) -> &'static str {
+        "cuda"
+    }
+
+    fn merge_tensor(
+        &self,
+        plan: &Plan,
+        t: &TensorPlan,
+        params: &MergeParams,
+    ) -> Result<Option<(Vec<u8>, TensorStats)>> {
+        if !runs_on_device(plan, params) {
+            return Ok(None);
+        }
+        compute_on_device(&self.gpu(), plan, t, params).map(Some)
+    }
+
+    fn products(&self) -> &dyn Products {
+        self
+    }
+
+    fn conflict_sums(
+        &self,
+        deltas: &[Vec<f32>],
+        weights: &[f32],
+        densities: &[f32],
+    ) -> Result<ConflictSums> {
+        let gpu = self.gpu();
+        let rows: Vec<&[f32]> = deltas.iter().map(Vec::as_slice).collect();
+        device_conflict_sums(&gpu, &gpu.upload_deltas(&rows)?, weights, densities)
+    }
+
+    fn adapter_conflict_sums(
+        &self,
+        adapters: &[&Adapter],
+        name: &str,
+        rows: usize,
+        cols: usize,
+        weights: &[f32],
+        densities: &[f32],
+    ) -> Result<ConflictSums> {
+        let gpu = self.gpu();
+        let updates = lora_products(&gpu, adapters, name, rows, cols)?;
+        device_conflict_sums(&gpu, &updates, weights, densities)
+    }
+}
+
+/// The conflict sums of the experts' `updates`, already on `gpu`: each trimmed by its exact
+/// top-k cut (radix select), then cuda/conflict.cu.
+fn device_conflict_sums(
+    gpu: &Gpu,
+    updates: &Updates,
+    weights: &[f32],
+    densities: &[f32],
+) -> Result<ConflictSums> {
+    let n = updates.len();
+    let cuts = densities
+        .iter()
+        .enumerate()
+        .map(|(i, &d)| gpu.cut(updates, i, magnitude_keep(d, n)))
+        .collect::<Result<Vec<_>>>()?;
+    gpu.conflicts(updates, &cuts, weights)
 }
 
 /// The values of a faer matrix, column after column.
@@ -280,7 +357,7 @@ fn from_columns(values: &[f64], rows: usize, cols: usize) -> Mat<f64> {
     Mat::from_fn(rows, cols, |i, j| values[i + j * rows])
 }
 
-impl Products for GpuProducts<'_> {
+impl Products for CudaKernels {
     fn gram(&self, x: &Mat<f64>) -> Result<Mat<f64>> {
         let (rows, cols) = (x.nrows(), x.ncols());
         let g = self.gpu().gram_f64(&columns(x), rows, cols)?;

@@ -5,12 +5,11 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Condvar, Mutex};
 
-use super::device::{compute_on_device, runs_on_device};
 use super::job::{TensorJob, TensorStats};
+use super::kernels::Kernels;
 use super::plan::{Plan, TensorPlan};
 use super::stream::merge_streamed;
 use super::tensor_merge::merge_tensor;
-use crate::backend::device::Gpu;
 use crate::error::{Error, Result};
 use crate::recipe::OutputKind;
 use crate::tensor::{check_finite, from_f32, to_f32, ShardedWriter};
@@ -53,8 +52,8 @@ impl Budget {
     }
 }
 
-/// Computes every planned tensor and writes it through `writer`; with a `gpu`, the tensors
-/// whose method has a device path are merged there, one at a time, while the other workers
+/// Computes every planned tensor and writes it through `writer`; the tensors `kernels` have a
+/// device path for are merged there, one at a time, while the other workers
 /// read inputs and write outputs. `progress` is called once per finished tensor with its
 /// output bytes. On the first error the remaining tensors are skipped
 /// and that error is returned.
@@ -66,7 +65,7 @@ pub fn execute(
     plan: &Plan,
     writer: &ShardedWriter,
     max_memory: u64,
-    gpu: Option<&Mutex<Gpu>>,
+    kernels: &dyn Kernels,
     progress: &(dyn Fn(u64) + Sync),
 ) -> Result<Vec<TensorRecord>> {
     let budget = Budget {
@@ -87,7 +86,7 @@ pub fn execute(
             }
             let t = &plan.tensors[i];
             budget.acquire(t.working_bytes);
-            let result = run_tensor(plan, t, writer, gpu).map(|(stats, on_device)| {
+            let result = run_tensor(plan, t, writer, kernels).map(|(stats, on_device)| {
                 progress(t.shape.iter().product::<usize>() as u64 * t.dtype.size() as u64);
                 TensorRecord {
                     name: t.name.clone(),
@@ -136,17 +135,10 @@ fn run_tensor(
     plan: &Plan,
     t: &TensorPlan,
     writer: &ShardedWriter,
-    gpu: Option<&Mutex<Gpu>>,
+    kernels: &dyn Kernels,
 ) -> Result<(Option<TensorStats>, bool)> {
-    if let (Some(gpu), Some(params)) = (gpu, &t.merge) {
-        if runs_on_device(plan, params) {
-            // One tensor at a time on the device: its memory holds one tensor's experts.
-            let (bytes, stats) = {
-                let gpu = gpu
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner);
-                compute_on_device(&gpu, plan, t, params)?
-            };
+    if let Some(params) = &t.merge {
+        if let Some((bytes, stats)) = kernels.merge_tensor(plan, t, params)? {
             writer.write(&t.name, &bytes)?;
             return Ok((Some(stats), true));
         }

@@ -12,21 +12,18 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
-use std::sync::Mutex;
 
 use rayon::prelude::*;
 use serde_json::{json, Map, Value};
 
 use super::core::{merge_in_core_with, truncate, CoreMerged, CpuProducts, Factors, Products};
-use super::device::GpuProducts;
+use super::device::kernels_for;
 use super::method::Method;
 use super::output::{input_record, whole_file, OutputOptions};
 use super::parameters::check_recipe;
 use super::plan::{recipe_error, recipe_method, resolve};
 use super::saved_tensors::{self, SavedTensor};
 use crate::adapter::{Adapter, LoraKind, PEFT_PREFIX};
-use crate::backend::device::Gpu;
-use crate::backend::Backend;
 use crate::checkpoint::Checkpoint;
 use crate::error::{Error, Result};
 use crate::recipe::record::{
@@ -420,14 +417,8 @@ impl LoraMerge {
     /// backend, the module-sized products of core-space merges run on the GPU (cuBLAS).
     pub fn write(&self, target: &Path, options: &OutputOptions) -> Result<LoraSummary> {
         check_target(target, options.force)?;
-        let gpu = match options.backend {
-            Backend::Cuda(ordinal) => Some(Mutex::new(Gpu::open(ordinal)?)),
-            Backend::Cpu => None,
-        };
-        let products: &dyn Products = match &gpu {
-            Some(gpu) => &GpuProducts(gpu),
-            None => &CpuProducts,
-        };
+        let kernels = kernels_for(options.backend)?;
+        let products = kernels.products();
         let dtype = match self.recipe.dtype {
             Some(d) => d,
             None => {
@@ -514,8 +505,9 @@ impl LoraMerge {
         let mean_sign_conflict = (!conflict_values.is_empty())
             .then(|| conflict_values.iter().sum::<f64>() / conflict_values.len() as f64);
 
-        let device = if gpu.is_some() && matches!(self.method, LoraMethod::Core(..)) {
-            "cuda"
+        // Only core-space merges have products to run on a device.
+        let device = if matches!(self.method, LoraMethod::Core(..)) {
+            kernels.device()
         } else {
             "cpu"
         };
@@ -587,7 +579,7 @@ impl LoraMerge {
             max_discarded: discarded.values().copied().fold(0.0, f64::max),
             retained_by_expert,
             mean_sign_conflict,
-            device_modules: if device == "cuda" { ranks.len() } else { 0 },
+            device_modules: if device == "cpu" { 0 } else { ranks.len() },
             files,
         })
     }

@@ -27,6 +27,7 @@ mod device;
 mod executor;
 mod expert;
 mod job;
+pub mod kernels;
 mod linalg;
 pub mod lora_native;
 pub mod method;
@@ -42,7 +43,7 @@ mod stored;
 mod stream;
 mod tensor_merge;
 
-pub(crate) use device::lora_products;
+pub use device::kernels_for;
 pub use executor::{execute, TensorRecord};
 pub use expert::{Expert, ExpertInput};
 pub use job::{MergedTensor, TensorJob, TensorStats};

@@ -5,14 +5,13 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{self, RecvTimeoutError};
-use std::sync::Mutex;
 use std::time::Duration;
 
 use serde_json::Value;
 
+use super::device::kernels_for;
 use super::executor::{execute, TensorRecord};
 use super::plan::{input_files, Plan};
-use crate::backend::device::Gpu;
 use crate::backend::Backend;
 use crate::checkpoint::COPIED_FILES;
 use crate::error::{Error, Result};
@@ -64,10 +63,7 @@ pub fn write_merge(
     progress: &(dyn Fn(u64) + Sync),
 ) -> Result<MergeSummary> {
     check_target(target, options.force)?;
-    let gpu = match options.backend {
-        Backend::Cuda(ordinal) => Some(Mutex::new(Gpu::open(ordinal)?)),
-        Backend::Cpu => None,
-    };
+    let kernels = kernels_for(options.backend)?;
     let inputs = digests(plan)?;
     let mut records = Vec::new();
     let files = write_output_dir(target, options.force, |tmp| {
@@ -97,7 +93,7 @@ pub fn write_merge(
                     writer.flush_to_disk();
                 }
             });
-            let records = execute(plan, writer, options.max_memory, gpu.as_ref(), progress);
+            let records = execute(plan, writer, options.max_memory, kernels.as_ref(), progress);
             drop(done);
             records
         })?;
