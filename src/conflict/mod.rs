@@ -21,7 +21,8 @@ pub use plot::plot_report;
 use crate::adapter::Adapter;
 use crate::error::{Error, Result};
 use crate::merge::kernels::Kernels;
-use crate::merge::{MergePlan, Method, Plan};
+use crate::merge::lora_native::{merges_adapters, LoraMerge};
+use crate::merge::{Method, Plan};
 use crate::recipe::{OutputKind, Recipe, Space};
 
 /// Metrics averaged over a group of modules (a layer, or a module type).
@@ -92,9 +93,12 @@ fn group(name: String, members: &[&ModuleConflicts]) -> Group {
 /// some expert changes.
 pub fn analyze(recipe: Recipe, kernels: &dyn Kernels) -> Result<Report> {
     // What the recipe's own merge keeps of each expert, where it merges in core space.
-    let retained = match MergePlan::build(recipe.clone())? {
-        MergePlan::Adapter(merge) => merge.retained_energy()?,
-        MergePlan::Model(_) => None,
+    // (Only an adapter merge is built for it: a model plan of the recipe would open and
+    // resolve everything again, and refuse what the measurement below accepts.)
+    let retained = if merges_adapters(&recipe) {
+        LoraMerge::build(recipe.clone())?.retained_energy()?
+    } else {
+        None
     };
     // The measurement is the same whatever the recipe writes: plan it as a full-space TIES-like
     // merge to open and check the inputs and resolve weights and densities per tensor.

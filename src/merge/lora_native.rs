@@ -34,7 +34,7 @@ use crate::recipe::{
     check_target, layer_position, write_output_dir, OutputKind, RankTarget, Recipe, Scalar, Source,
     Space, MERGE_RECORD,
 };
-use crate::tensor::{from_f32, Dtype, TensorSpec};
+use crate::tensor::{from_f32, Digest, Dtype, TensorSpec};
 
 /// Whether a recipe is merged adapter to adapter: `cat`, `svd`, or LoRA output.
 pub fn merges_adapters(recipe: &Recipe) -> bool {
@@ -728,7 +728,7 @@ impl LoraMerge {
                         .map_err(|e| Error::io(file, e))?
                         .len();
                     // The header as the open file holds it: names, dtypes, shapes, offsets.
-                    let header = blake3::hash(shard.header_bytes()).to_hex().to_string();
+                    let header = Digest::of(shard.header_bytes()).hex();
                     base.push(FileRecord {
                         path: file.display().to_string(),
                         bytes: Some(bytes),

@@ -15,7 +15,7 @@ use crate::adapter::Adapter;
 use crate::checkpoint::Checkpoint;
 use crate::error::{Error, Result};
 use crate::recipe::{layer_position, Recipe};
-use crate::tensor::{check_finite, from_f32, Dtype, TensorSpec};
+use crate::tensor::{check_finite, from_f32, Digest, Dtype, TensorSpec};
 
 /// A base tensor that some experts store whole.
 #[derive(Debug, Clone)]
@@ -98,7 +98,7 @@ pub(super) fn merge(
 ) -> Result<SavedOutput> {
     let info = base.info(&saved.name).expect("collected against the base");
     let base_values = base.read_f32(&saved.name)?;
-    let base_blake3 = blake3::hash(base.bytes(&saved.name)?).to_hex().to_string();
+    let base_blake3 = Digest::of(base.bytes(&saved.name)?).hex();
     let mut experts = Vec::with_capacity(saved.experts.len());
     for &e in &saved.experts {
         let values = adapters[e]
