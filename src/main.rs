@@ -8,10 +8,7 @@ fn main() -> ExitCode {
     match cli::run() {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e:#}");
-            if let Some(hint) = cli::hint(&e) {
-                eprintln!("hint: {hint}");
-            }
+            cli::print_error(&e);
             ExitCode::from(2)
         }
     }

@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use anyhow::{bail, Context};
 use clap::Args;
 
+use super::print::{say, Printer};
 use super::{choose_device, Device};
 use mmx::adapter::Adapter;
 use mmx::conflict::{analyze, analyze_adapters, plot_report, Group};
@@ -38,12 +39,18 @@ pub struct ConflictsArgs {
 }
 
 fn print_groups(title: &str, groups: &[Group]) {
-    println!(
+    let p = Printer::text();
+    say!(
+        p,
         "{title:<16} {:>7} {:>13} {:>10} {:>14}",
-        "modules", "sign conflict", "mean κ", "minority mass"
+        "modules",
+        "sign conflict",
+        "mean κ",
+        "minority mass"
     );
     for g in groups {
-        println!(
+        say!(
+            p,
             "{:<16} {:>7} {:>12.1}% {:>10.3} {:>13.1}%",
             g.name,
             g.modules,
@@ -56,6 +63,7 @@ fn print_groups(title: &str, groups: &[Group]) {
 
 /// Runs `mmx conflicts`.
 pub fn run(args: ConflictsArgs) -> anyhow::Result<ExitCode> {
+    let p = Printer::text();
     // A bad plot file name is refused before the analysis, not after it.
     if let Some(path) = &args.plot {
         Format::from_path(path)?;
@@ -80,25 +88,27 @@ pub fn run(args: ConflictsArgs) -> anyhow::Result<ExitCode> {
         }
     };
     print_groups("module type", &report.by_type);
-    println!();
+    say!(p);
     print_groups("layer", &report.by_layer);
-    println!();
-    println!(
+    say!(p);
+    say!(
+        p,
         "cosine of the experts' updates (mean over {} modules)",
         report.modules.len()
     );
     for (label, row) in report.experts.iter().zip(&report.cosine) {
         let cells: Vec<String> = row.iter().map(|c| format!("{c:>6.2}")).collect();
-        println!("{} {label}", cells.join(" "));
+        say!(p, "{} {label}", cells.join(" "));
     }
     if let Some(kept) = &report.retained_energy {
-        println!();
-        println!(
+        say!(p);
+        say!(
+            p,
             "energy of each expert's update that the recipe's merge keeps (mean over modules)"
         );
         for (label, share) in report.experts.iter().zip(kept) {
             if let Some(share) = share {
-                println!("{:>6.1}% {label}", 100.0 * share);
+                say!(p, "{:>6.1}% {label}", 100.0 * share);
             }
         }
     }

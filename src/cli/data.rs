@@ -9,6 +9,7 @@ use std::process::ExitCode;
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
 
+use super::print::{say, Printer};
 use mmx::tensor::write_atomic;
 use mmx::train::embed::embed_cases;
 use mmx::train::model::vision::ImageProcessor;
@@ -113,6 +114,7 @@ pub fn run(args: DataArgs) -> anyhow::Result<ExitCode> {
 }
 
 fn run_embed(args: EmbedArgs) -> anyhow::Result<ExitCode> {
+    let p = Printer::text();
     let model = Llava::load(
         &args.model,
         None,
@@ -126,7 +128,8 @@ fn run_embed(args: EmbedArgs) -> anyhow::Result<ExitCode> {
         bar.set_position(done as u64)
     })?;
     bar.finish_and_clear();
-    println!(
+    say!(
+        p,
         "embedded {} of {} cases' images into {}",
         summary.embedded,
         summary.cases,
@@ -136,6 +139,7 @@ fn run_embed(args: EmbedArgs) -> anyhow::Result<ExitCode> {
 }
 
 fn run_generate(args: GenerateArgs) -> anyhow::Result<ExitCode> {
+    let p = Printer::text();
     let spec = SynthSpec {
         seed: args.seed,
         per_specialty: args.train,
@@ -202,7 +206,7 @@ fn run_generate(args: GenerateArgs) -> anyhow::Result<ExitCode> {
         }
     }
     write_atomic(&readme, readme_text(&args).as_bytes())?;
-    println!(
+    say!(p,
         "wrote {} synthetic cases to {} (seed {}; per specialty {} train, {} validation, {} test, {} answer-only)",
         splits.train.len() + splits.validation.len() + splits.test.len() + splits.answer_only.len(),
         args.output.display(),
@@ -213,7 +217,7 @@ fn run_generate(args: GenerateArgs) -> anyhow::Result<ExitCode> {
         args.answer_only
     );
     if !args.held_out_from.is_empty() {
-        println!(
+        say!(p,
             "held the test split out from {} files ({} cases): {dropped} test cases dropped, {} kept",
             args.held_out_from.len(),
             seen.len(),
@@ -352,11 +356,13 @@ fn write_png(path: &std::path::Path, image: &image::RgbImage) -> anyhow::Result<
 }
 
 fn run_check(args: CheckArgs) -> anyhow::Result<ExitCode> {
+    let p = Printer::text();
     let mut files: Vec<(PathBuf, Vec<Case>)> = Vec::with_capacity(args.files.len());
     for path in &args.files {
         let cases = read_cases(path)?;
         let synthetic = cases.iter().filter(|c| c.is_synthetic()).count();
-        println!(
+        say!(
+            p,
             "{}: {} cases ({synthetic} synthetic)",
             path.display(),
             cases.len()
@@ -370,29 +376,33 @@ fn run_check(args: CheckArgs) -> anyhow::Result<ExitCode> {
         entry.1 += usize::from(case.is_synthetic());
     }
     let width = counts.keys().map(|s| s.len()).max().unwrap_or(0).max(9);
-    println!(
+    say!(
+        p,
         "{:<width$}  {:>8}  {:>9}",
-        "specialty", "cases", "synthetic"
+        "specialty",
+        "cases",
+        "synthetic"
     );
     for (specialty, (cases, synthetic)) in &counts {
-        println!("{specialty:<width$}  {cases:>8}  {synthetic:>9}");
+        say!(p, "{specialty:<width$}  {cases:>8}  {synthetic:>9}");
     }
     let (cases, synthetic) = counts
         .values()
         .fold((0, 0), |(c, s), (dc, ds)| (c + dc, s + ds));
-    println!("{:<width$}  {cases:>8}  {synthetic:>9}", "total");
+    say!(p, "{:<width$}  {cases:>8}  {synthetic:>9}", "total");
     let shared = shared_questions(&files);
     for (first, again) in shared.iter().take(SHOWN_SHARED) {
-        println!("question of {again} is also in {first}");
+        say!(p, "question of {again} is also in {first}");
     }
     if shared.len() > SHOWN_SHARED {
-        println!("... and {} more", shared.len() - SHOWN_SHARED);
+        say!(p, "... and {} more", shared.len() - SHOWN_SHARED);
     }
     if shared.is_empty() {
-        println!("ok");
+        say!(p, "ok");
         Ok(ExitCode::SUCCESS)
     } else {
-        println!(
+        say!(
+            p,
             "PROBLEMS FOUND: {} questions are in more than one file (a split leaks into another)",
             shared.len()
         );

@@ -5,7 +5,8 @@ use std::process::ExitCode;
 use clap::Args;
 
 use super::human_bytes;
-use mmx::backend::probe;
+use super::print::{say, Printer};
+use mmx::backend::{probe, Probe};
 
 /// Arguments of `mmx doctor`.
 #[derive(Debug, Args)]
@@ -17,23 +18,36 @@ pub struct DoctorArgs {
 
 /// Runs `mmx doctor`.
 pub fn run(args: DoctorArgs) -> anyhow::Result<ExitCode> {
-    let p = probe();
-    if args.json {
-        super::print::json(&p)?;
-        return Ok(ExitCode::SUCCESS);
-    }
+    let found = probe();
+    Printer::new(args.json).result(&found, |p| print_text(p, &found))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_text(p: &Printer, found: &Probe) {
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-    println!("cpu       {cpus} threads (rayon backend, always available)");
-    println!(
+    say!(
+        p,
+        "cpu       {cpus} threads (rayon backend, always available)"
+    );
+    say!(
+        p,
         "driver    {}",
-        p.driver.as_deref().unwrap_or("none (libcuda not found)")
+        found
+            .driver
+            .as_deref()
+            .unwrap_or("none (libcuda not found)")
     );
-    println!(
+    say!(
+        p,
         "nvrtc     {}",
-        p.nvrtc.as_deref().unwrap_or("none (libnvrtc not found)")
+        found
+            .nvrtc
+            .as_deref()
+            .unwrap_or("none (libnvrtc not found)")
     );
-    for d in &p.devices {
-        println!(
+    for d in &found.devices {
+        say!(
+            p,
             "device {}  {} ({} free of {})",
             d.ordinal,
             d.name,
@@ -41,21 +55,21 @@ pub fn run(args: DoctorArgs) -> anyhow::Result<ExitCode> {
             human_bytes(d.total_memory)
         );
     }
-    match p.kernels_compile {
-        Some(true) => println!(
+    match found.kernels_compile {
+        Some(true) => say!(
+            p,
             "kernels   all {} compile",
             mmx::backend::cuda::KERNELS.len()
         ),
         Some(false) => {
-            for (name, error) in &p.kernel_errors {
-                println!("kernels   {name} does not compile: {error}");
+            for (name, error) in &found.kernel_errors {
+                say!(p, "kernels   {name} does not compile: {error}");
             }
         }
-        None => println!("kernels   not checked (no NVRTC)"),
+        None => say!(p, "kernels   not checked (no NVRTC)"),
     }
-    match &p.no_gpu_reason {
-        None => println!("--device auto uses the GPU"),
-        Some(reason) => println!("--device auto uses the CPU: {reason}"),
+    match &found.no_gpu_reason {
+        None => say!(p, "--device auto uses the GPU"),
+        Some(reason) => say!(p, "--device auto uses the CPU: {reason}"),
     }
-    Ok(ExitCode::SUCCESS)
 }

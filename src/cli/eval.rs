@@ -7,6 +7,8 @@ use std::process::ExitCode;
 use clap::Args;
 use serde_json::json;
 
+use super::print::{say, Printer};
+
 use mmx::train::eval::{evaluate, Shown};
 use mmx::train::images::Images;
 use mmx::train::read_case_files;
@@ -118,18 +120,18 @@ pub fn run(args: EvalArgs) -> anyhow::Result<ExitCode> {
         }
         mmx::tensor::write_atomic(path, text.as_bytes())?;
     }
-    if args.json {
-        super::print::json(&json!({"accuracy": report.accuracy, "n": report.n}))?;
-    } else {
-        println!("{:<14} {:>8} {:>6}", "specialty", "accuracy", "n");
+    let summary = json!({"accuracy": report.accuracy, "n": report.n});
+    Printer::new(args.json).result(&summary, |p| {
+        say!(p, "{:<14} {:>8} {:>6}", "specialty", "accuracy", "n");
         for (specialty, accuracy) in &report.accuracy {
-            println!(
+            say!(
+                p,
                 "{specialty:<14} {:>7.1}% {:>6}",
                 100.0 * accuracy,
                 report.n[specialty]
             );
         }
-        println!("{:<14} {:>7.1}%", "mean", 100.0 * report.mean_accuracy());
-    }
+        say!(p, "{:<14} {:>7.1}%", "mean", 100.0 * report.mean_accuracy());
+    })?;
     Ok(ExitCode::SUCCESS)
 }

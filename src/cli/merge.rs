@@ -8,6 +8,7 @@ use anyhow::Context;
 use clap::Args;
 use serde_json::json;
 
+use super::print::{say, Printer};
 use super::progress::{bar, Counting};
 use super::{choose_device, default_max_memory, human_bytes, output_dir, parse_size, Device};
 use mmx::backend::Backend;
@@ -57,6 +58,7 @@ pub struct MergeArgs {
 
 /// Runs `mmx merge`.
 pub fn run(args: MergeArgs) -> anyhow::Result<ExitCode> {
+    let p = Printer::new(args.json);
     let backend = choose_device(args.device)?;
     let publish = args
         .publish
@@ -77,14 +79,14 @@ pub fn run(args: MergeArgs) -> anyhow::Result<ExitCode> {
     let output = output_dir(args.output.as_deref(), &args.recipe, "merge");
     let plan = MergePlan::build(recipe)?;
     for warning in plan.warnings() {
-        eprintln!("warning: {warning}");
+        p.warning(warning);
     }
     let max_memory = args.max_memory.unwrap_or_else(default_max_memory);
     if args.dry_run {
         check_target(&output, args.force)?;
         match &plan {
-            MergePlan::Model(plan) => print_plan(plan, &output, max_memory, args.json)?,
-            MergePlan::Adapter(merge) => print_lora_plan(merge, &output, args.json)?,
+            MergePlan::Model(plan) => print_plan(&p, plan, &output, max_memory)?,
+            MergePlan::Adapter(merge) => print_lora_plan(&p, merge, &output)?,
         }
         return Ok(ExitCode::SUCCESS);
     }
@@ -105,8 +107,8 @@ pub fn run(args: MergeArgs) -> anyhow::Result<ExitCode> {
     let seconds = start.elapsed().as_secs_f64();
     let method = &plan.recipe().method;
     match &merged {
-        Merged::Model(summary) => print_model(summary, method, backend, seconds, args.json)?,
-        Merged::Adapter(summary) => print_adapter(summary, &output, method, seconds, args.json)?,
+        Merged::Model(summary) => print_model(&p, summary, method, backend, seconds)?,
+        Merged::Adapter(summary) => print_adapter(&p, summary, &output, method, seconds)?,
     }
     if let Some(reference) = &publish {
         super::registry::publish_merge(args.registry.as_deref(), &output, reference, &recipe_text)?;
@@ -115,111 +117,105 @@ pub fn run(args: MergeArgs) -> anyhow::Result<ExitCode> {
 }
 
 /// `--dry-run` of a model or delta output: the plan and its memory estimate.
-fn print_plan(plan: &Plan, output: &Path, max_memory: u64, json: bool) -> anyhow::Result<()> {
+fn print_plan(p: &Printer, plan: &Plan, output: &Path, max_memory: u64) -> anyhow::Result<()> {
     let merged = plan.tensors.iter().filter(|t| t.merge.is_some()).count();
     let copied = plan.tensors.len() - merged;
     let estimate = plan.memory_estimate(max_memory, rayon::current_num_threads());
-    if json {
-        let summary = json!({
-            "dry_run": true,
-            "method": plan.method.name(),
-            "output": output.display().to_string(),
-            "experts": plan.experts.iter().map(|e| e.label.clone()).collect::<Vec<_>>(),
-            "tensors": {"merged": merged, "copied": copied},
-            "output_bytes": plan.output_bytes(),
-            "memory_estimate_bytes": estimate,
-            "max_memory_bytes": max_memory,
-        });
-        super::print::json(&summary)?;
-        return Ok(());
-    }
-    println!("method      {}", plan.method.name());
-    if let Some(b) = &plan.base {
-        println!("base        {}", b.dir().display());
-    }
-    for e in &plan.experts {
-        println!("expert {:<4} {}", e.index, e.label);
-    }
-    println!("tensors     {merged} merged, {copied} copied from the base");
-    println!(
-        "output      {} ({})",
-        output.display(),
-        human_bytes(plan.output_bytes())
-    );
-    println!(
-        "memory      about {} at peak (largest tensor {}, budget {})",
-        human_bytes(estimate),
-        human_bytes(plan.peak_tensor_bytes()),
-        human_bytes(max_memory)
-    );
-    Ok(())
+    let summary = json!({
+        "dry_run": true,
+        "method": plan.method.name(),
+        "output": output.display().to_string(),
+        "experts": plan.experts.iter().map(|e| e.label.clone()).collect::<Vec<_>>(),
+        "tensors": {"merged": merged, "copied": copied},
+        "output_bytes": plan.output_bytes(),
+        "memory_estimate_bytes": estimate,
+        "max_memory_bytes": max_memory,
+    });
+    p.result(&summary, |p| {
+        say!(p, "method      {}", plan.method.name());
+        if let Some(b) = &plan.base {
+            say!(p, "base        {}", b.dir().display());
+        }
+        for e in &plan.experts {
+            say!(p, "expert {:<4} {}", e.index, e.label);
+        }
+        say!(
+            p,
+            "tensors     {merged} merged, {copied} copied from the base"
+        );
+        say!(
+            p,
+            "output      {} ({})",
+            output.display(),
+            human_bytes(plan.output_bytes())
+        );
+        say!(
+            p,
+            "memory      about {} at peak (largest tensor {}, budget {})",
+            human_bytes(estimate),
+            human_bytes(plan.peak_tensor_bytes()),
+            human_bytes(max_memory)
+        );
+    })
 }
 
 /// `--dry-run` of a LoRA output.
-fn print_lora_plan(merge: &LoraMerge, output: &Path, json: bool) -> anyhow::Result<()> {
+fn print_lora_plan(p: &Printer, merge: &LoraMerge, output: &Path) -> anyhow::Result<()> {
     let method = &merge.recipe().method;
     let (modules, max_rank) = merge.shape();
-    if json {
-        let plan = json!({"dry_run": true, "method": method, "output": output.display().to_string(), "modules": modules, "max_rank": max_rank});
-        super::print::json(&plan)?;
-    } else {
-        println!("method      {method} (LoRA output)");
-        println!("modules     {modules}, ranks up to {max_rank}");
-        println!("output      {}", output.display());
-    }
-    Ok(())
+    let plan = json!({"dry_run": true, "method": method, "output": output.display().to_string(), "modules": modules, "max_rank": max_rank});
+    p.result(&plan, |p| {
+        say!(p, "method      {method} (LoRA output)");
+        say!(p, "modules     {modules}, ranks up to {max_rank}");
+        say!(p, "output      {}", output.display());
+    })
 }
 
 fn print_model(
+    p: &Printer,
     summary: &MergeSummary,
     method: &str,
     backend: Backend,
     seconds: f64,
-    json: bool,
 ) -> anyhow::Result<()> {
-    if json {
-        let out = json!({
-            "output": summary.output.display().to_string(),
-            "method": method,
-            "tensors": {"merged": summary.merged, "copied": summary.copied, "on_device": summary.device_tensors},
-            "bytes": summary.bytes,
-            "seconds": seconds,
-            "files": summary.files,
-        });
-        super::print::json(&out)?;
-        return Ok(());
-    }
-    let on_device = match backend {
-        Backend::Cuda(ordinal) => format!(", {} on cuda:{ordinal}", summary.device_tensors),
-        Backend::Cpu => String::new(),
-    };
-    println!(
-        "merged {} tensors ({} copied{on_device}) with {method} into {} in {seconds:.2}s",
-        summary.merged,
-        summary.copied,
-        summary.output.display()
-    );
-    Ok(())
+    let out = json!({
+        "output": summary.output.display().to_string(),
+        "method": method,
+        "tensors": {"merged": summary.merged, "copied": summary.copied, "on_device": summary.device_tensors},
+        "bytes": summary.bytes,
+        "seconds": seconds,
+        "files": summary.files,
+    });
+    p.result(&out, |p| {
+        let on_device = match backend {
+            Backend::Cuda(ordinal) => format!(", {} on cuda:{ordinal}", summary.device_tensors),
+            Backend::Cpu => String::new(),
+        };
+        say!(
+            p,
+            "merged {} tensors ({} copied{on_device}) with {method} into {} in {seconds:.2}s",
+            summary.merged,
+            summary.copied,
+            summary.output.display()
+        );
+    })
 }
 
 fn print_adapter(
+    p: &Printer,
     summary: &LoraSummary,
     output: &Path,
     method: &str,
     seconds: f64,
-    json: bool,
 ) -> anyhow::Result<()> {
-    if json {
-        let retained: serde_json::Map<String, serde_json::Value> = summary
-            .retained_by_expert
-            .iter()
-            .map(|(label, share)| (label.clone(), json!(share)))
-            .collect();
-        let out = json!({"output": output.display().to_string(), "method": method, "modules": summary.modules, "whole_tensors": summary.whole_tensors, "max_rank": summary.max_rank, "max_discarded_energy": summary.max_discarded, "mean_sign_conflict": summary.mean_sign_conflict, "retained_energy": retained, "modules_on_device": summary.device_modules, "seconds": seconds, "files": summary.files});
-        super::print::json(&out)?;
-        return Ok(());
-    }
-    println!(
+    let retained: serde_json::Map<String, serde_json::Value> = summary
+        .retained_by_expert
+        .iter()
+        .map(|(label, share)| (label.clone(), json!(share)))
+        .collect();
+    let out = json!({"output": output.display().to_string(), "method": method, "modules": summary.modules, "whole_tensors": summary.whole_tensors, "max_rank": summary.max_rank, "max_discarded_energy": summary.max_discarded, "mean_sign_conflict": summary.mean_sign_conflict, "retained_energy": retained, "modules_on_device": summary.device_modules, "seconds": seconds, "files": summary.files});
+    p.result(&out, |p| {
+    say!(p,
         "merged {} modules with {method} into a LoRA adapter (ranks up to {}, at most {:.2}% of a module's energy discarded) in {} in {seconds:.2}s",
         summary.modules,
         summary.max_rank,
@@ -227,19 +223,19 @@ fn print_adapter(
         output.display()
     );
     if summary.whole_tensors > 0 {
-        println!(
+        say!(p,
             "merged {} tensors the experts store whole (`modules_to_save`) as full tensors",
             summary.whole_tensors
         );
     }
     if let Some(conflict) = summary.mean_sign_conflict {
-        println!(
+        say!(p,
             "conflicts: {:.1}% of core coordinates had kept entries of both signs (mean over modules)",
             100.0 * conflict
         );
     }
     for (label, share) in &summary.retained_by_expert {
-        println!("kept {:>5.1}% of the update of {label}", 100.0 * share);
+        say!(p, "kept {:>5.1}% of the update of {label}", 100.0 * share);
     }
-    Ok(())
+    })
 }

@@ -17,7 +17,8 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
-pub use hint::hint;
+use self::print::{note, Printer};
+use hint::hint;
 use mmx::backend::{select, Backend, DeviceRequest};
 
 /// Merge specialty LoRA adapters and checkpoints into one expert model.
@@ -67,6 +68,11 @@ enum Command {
     /// The whole recipe in one command: data, base, DSA and GBA experts, conflicts, merges
     /// chosen on validation and an evaluation table; unchanged stages are skipped.
     Pipeline(pipeline::PipelineArgs),
+}
+
+/// Prints a failed command's error on stderr, with a `hint:` line where the fix is known.
+pub fn print_error(error: &anyhow::Error) {
+    Printer::text().error(error);
 }
 
 /// Parses the process arguments and runs the command. Errors exit with code 2.
@@ -130,6 +136,7 @@ pub enum Device {
 /// Turns `--device` into a backend: `cuda` without a usable GPU is an error; `auto` says in
 /// one line why it runs on the CPU.
 fn choose_device(device: Device) -> anyhow::Result<Backend> {
+    let p = Printer::text();
     let request = match device {
         Device::Auto => DeviceRequest::Auto,
         Device::Cpu => return Ok(Backend::Cpu),
@@ -137,7 +144,7 @@ fn choose_device(device: Device) -> anyhow::Result<Backend> {
     };
     let (backend, reason) = select(request)?;
     if let Some(reason) = reason {
-        eprintln!("--device auto: running on the CPU: {reason}");
+        note!(p, "--device auto: running on the CPU: {reason}");
     }
     Ok(backend)
 }

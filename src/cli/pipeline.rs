@@ -32,6 +32,7 @@ use anyhow::{bail, Context};
 use clap::Args;
 use serde::Deserialize;
 
+use super::print::{note, say, Printer};
 use mmx::plot::{heatmap, ColorMap, Heatmap};
 use mmx::registry::Registry;
 use mmx::sweep::{best_by_method, TrialResult};
@@ -129,7 +130,8 @@ impl Progress {
     fn report(&mut self, stage: &str, ran: bool, since: Instant) {
         self.done += 1;
         let what = if ran { "done" } else { "unchanged, skipped" };
-        eprintln!(
+        note!(
+            Printer::text(),
             "[{}/{}] {stage}: {what} ({:.0} s; {:.0} s in all)",
             self.done,
             self.total,
@@ -479,8 +481,9 @@ pub fn run(args: PipelineArgs) -> anyhow::Result<ExitCode> {
         },
     )?;
     progress.report("table", true, since);
-    println!("{table}");
-    println!(
+    say!(Printer::text(), "{table}");
+    say!(
+        Printer::text(),
         "pipeline finished in {:.0} s: {} (table.md, table.png)",
         started.elapsed().as_secs_f64(),
         output.display()

@@ -8,6 +8,7 @@ use anyhow::bail;
 use clap::Args;
 
 use super::human_bytes;
+use super::print::{note, say, Printer};
 use mmx::registry::{
     parse_duration, registry_path, Kind, PublishOptions, Reference, Registry, Transfer,
     TransferOptions,
@@ -67,6 +68,7 @@ pub struct PublishArgs {
 
 /// Runs `mmx publish`.
 pub fn publish(args: PublishArgs) -> anyhow::Result<ExitCode> {
+    let p = Printer::text();
     let registry = args.registry.create()?;
     let base = args
         .base
@@ -81,7 +83,8 @@ pub fn publish(args: PublishArgs) -> anyhow::Result<ExitCode> {
         ..PublishOptions::default()
     };
     let published = registry.publish(&args.dir, &args.reference, &options)?;
-    println!(
+    say!(
+        p,
         "published {} as {} ({}): {} blobs, {} written ({} of {})",
         args.dir.display(),
         args.reference,
@@ -91,7 +94,7 @@ pub fn publish(args: PublishArgs) -> anyhow::Result<ExitCode> {
         human_bytes(published.bytes_written),
         human_bytes(published.bytes)
     );
-    println!("manifest {}", published.manifest);
+    say!(p, "manifest {}", published.manifest);
     Ok(ExitCode::SUCCESS)
 }
 
@@ -118,6 +121,7 @@ pub struct PullArgs {
 
 /// Runs `mmx pull`.
 pub fn pull(args: PullArgs) -> anyhow::Result<ExitCode> {
+    let p = Printer::text();
     let registry = match &args.from {
         Some(remote) => {
             let registry = args.registry.create()?;
@@ -139,7 +143,8 @@ pub fn pull(args: PullArgs) -> anyhow::Result<ExitCode> {
     let digest = registry.resolve(&args.source)?;
     let files = registry.pull(&digest, output, args.force)?;
     if !args.transfer.json {
-        println!(
+        say!(
+            p,
             "pulled {} ({digest}) into {}: {}",
             args.source,
             output.display(),
@@ -226,12 +231,10 @@ impl TransferArgs {
         remote: &str,
         t: &Transfer,
     ) -> anyhow::Result<()> {
-        if self.json {
-            super::print::json(t)?;
-            return Ok(());
-        }
-        let direction = if verb == "pushed" { "to" } else { "from" };
-        println!(
+        Printer::new(self.json).result(t, |p| {
+            let direction = if verb == "pushed" { "to" } else { "from" };
+            say!(
+            p,
             "{verb} {reference} {direction} {remote}: {} manifests, {} blobs, {} sent ({} of {})",
             t.manifests,
             t.blobs,
@@ -239,11 +242,11 @@ impl TransferArgs {
             human_bytes(t.bytes_sent),
             human_bytes(t.bytes)
         );
-        if !t.tags.is_empty() {
-            println!("tagged {}", t.tags.join(", "));
-        }
-        println!("manifest {}", t.manifest);
-        Ok(())
+            if !t.tags.is_empty() {
+                say!(p, "tagged {}", t.tags.join(", "));
+            }
+            say!(p, "manifest {}", t.manifest);
+        })
     }
 }
 
@@ -260,24 +263,27 @@ pub struct LsArgs {
 /// Runs `mmx ls`.
 pub fn ls(args: LsArgs) -> anyhow::Result<ExitCode> {
     let listing = args.registry.open()?.list()?;
-    if args.json {
-        super::print::json(&listing)?;
-        return Ok(ExitCode::SUCCESS);
-    }
-    println!(
-        "{:<32} {:<8} {:<14} {:>10}  manifest",
-        "tag", "kind", "specialty", "size"
-    );
-    for l in listing {
-        println!(
-            "{:<32} {:<8} {:<14} {:>10}  {}",
-            l.reference,
-            l.kind.name(),
-            l.specialty.as_deref().unwrap_or("-"),
-            human_bytes(l.bytes),
-            l.manifest.short()
+    Printer::new(args.json).result(&listing, |p| {
+        say!(
+            p,
+            "{:<32} {:<8} {:<14} {:>10}  manifest",
+            "tag",
+            "kind",
+            "specialty",
+            "size"
         );
-    }
+        for l in &listing {
+            say!(
+                p,
+                "{:<32} {:<8} {:<14} {:>10}  {}",
+                l.reference,
+                l.kind.name(),
+                l.specialty.as_deref().unwrap_or("-"),
+                human_bytes(l.bytes),
+                l.manifest.short()
+            );
+        }
+    })?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -298,35 +304,39 @@ pub fn show(args: ShowArgs) -> anyhow::Result<ExitCode> {
     let registry = args.registry.open()?;
     let digest = registry.resolve(&args.source)?;
     let manifest = registry.manifest(&digest)?;
-    if args.json {
-        super::print::json(&manifest)?;
-        return Ok(ExitCode::SUCCESS);
-    }
-    println!("manifest  {digest}");
-    println!("kind      {}", manifest.kind.name());
-    if let Some(s) = &manifest.specialty {
-        println!("specialty {s}");
-    }
-    if let Some(b) = &manifest.base {
-        println!("base      {b}");
-    }
-    if let Some(l) = &manifest.lineage {
-        println!(
-            "made by   {} from {} inputs (recipe {})",
-            l.tool,
-            l.inputs.len(),
-            l.recipe
-        );
-    }
-    for f in &manifest.files {
-        let tensors = match f {
-            mmx::registry::FileEntry::Safetensors { tensors, .. } => {
-                format!(" ({} tensors)", tensors.len())
-            }
-            mmx::registry::FileEntry::Blob { .. } => String::new(),
-        };
-        println!("  {:<40} {:>10}{tensors}", f.path(), human_bytes(f.bytes()));
-    }
+    Printer::new(args.json).result(&manifest, |p| {
+        say!(p, "manifest  {digest}");
+        say!(p, "kind      {}", manifest.kind.name());
+        if let Some(s) = &manifest.specialty {
+            say!(p, "specialty {s}");
+        }
+        if let Some(b) = &manifest.base {
+            say!(p, "base      {b}");
+        }
+        if let Some(l) = &manifest.lineage {
+            say!(
+                p,
+                "made by   {} from {} inputs (recipe {})",
+                l.tool,
+                l.inputs.len(),
+                l.recipe
+            );
+        }
+        for f in &manifest.files {
+            let tensors = match f {
+                mmx::registry::FileEntry::Safetensors { tensors, .. } => {
+                    format!(" ({} tensors)", tensors.len())
+                }
+                mmx::registry::FileEntry::Blob { .. } => String::new(),
+            };
+            say!(
+                p,
+                "  {:<40} {:>10}{tensors}",
+                f.path(),
+                human_bytes(f.bytes())
+            );
+        }
+    })?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -347,11 +357,12 @@ pub struct TagArgs {
 
 /// Runs `mmx tag`.
 pub fn tag(args: TagArgs) -> anyhow::Result<ExitCode> {
+    let p = Printer::text();
     let digest = args
         .registry
         .open()?
         .tag(&args.source, &args.target, args.force)?;
-    println!("{} -> {digest}", args.target);
+    say!(p, "{} -> {digest}", args.target);
     Ok(ExitCode::SUCCESS)
 }
 
@@ -367,8 +378,9 @@ pub struct RmArgs {
 
 /// Runs `mmx rm`.
 pub fn rm(args: RmArgs) -> anyhow::Result<ExitCode> {
+    let p = Printer::text();
     let digest = args.registry.open()?.remove(&args.reference)?;
-    println!("removed {} (was {digest})", args.reference);
+    say!(p, "removed {} (was {digest})", args.reference);
     Ok(ExitCode::SUCCESS)
 }
 
@@ -383,6 +395,7 @@ pub struct LogArgs {
 
 /// Runs `mmx log`.
 pub fn log(args: LogArgs) -> anyhow::Result<ExitCode> {
+    let p = Printer::text();
     let registry = args.registry.open()?;
     let digest = registry.resolve(&args.source)?;
     for (depth, d, manifest) in registry.log(&digest)? {
@@ -393,13 +406,14 @@ pub fn log(args: LogArgs) -> anyhow::Result<ExitCode> {
                     .lineage
                     .as_ref()
                     .map_or(String::new(), |l| format!(", made by {}", l.tool));
-                println!(
+                say!(
+                    p,
                     "{indent}{d} {}{}{made}",
                     m.kind.name(),
                     m.specialty.map_or(String::new(), |s| format!(" ({s})"))
                 );
             }
-            None => println!("{indent}{d} (not in this registry)"),
+            None => say!(p, "{indent}{d} (not in this registry)"),
         }
     }
     Ok(ExitCode::SUCCESS)
@@ -424,10 +438,9 @@ pub struct VerifyArgs {
 /// Runs `mmx verify`: exit 1 when it finds a problem.
 pub fn verify(args: VerifyArgs) -> anyhow::Result<ExitCode> {
     let report = args.registry.open()?.verify(args.read_data, args.grace)?;
-    if args.json {
-        super::print::json(&report)?;
-    } else {
-        println!(
+    Printer::new(args.json).result(&report, |p| {
+        say!(
+            p,
             "{} tags, {} manifests, {} blobs ({}){}",
             report.tags,
             report.manifests,
@@ -440,30 +453,35 @@ pub fn verify(args: VerifyArgs) -> anyhow::Result<ExitCode> {
             }
         );
         for (tag, why) in &report.broken_tags {
-            println!("broken tag {tag}: {why}");
+            say!(p, "broken tag {tag}: {why}");
         }
         for (blob, manifest) in &report.missing {
-            println!("missing blob {blob} (used by manifest {manifest})");
+            say!(p, "missing blob {blob} (used by manifest {manifest})");
         }
         for (blob, why) in &report.corrupt {
-            println!("corrupt blob {blob}: {why}");
+            say!(p, "corrupt blob {blob}: {why}");
         }
         for blob in &report.orphaned {
-            println!("orphaned blob {blob} (no tag reaches it; `mmx gc` removes it)");
+            say!(
+                p,
+                "orphaned blob {blob} (no tag reaches it; `mmx gc` removes it)"
+            );
         }
         if !report.unreferenced_recent.is_empty() {
-            println!(
+            say!(p,
                 "{} recent unreferenced blobs (a publish in flight or interrupted; gc reclaims them after the grace period)",
                 report.unreferenced_recent.len()
             );
         }
         if report.temporary > 0 {
-            println!(
+            say!(
+                p,
                 "{} leftover files in tmp/ (gc reclaims them)",
                 report.temporary
             );
         }
-        println!(
+        say!(
+            p,
             "{}",
             if report.has_problems() {
                 "PROBLEMS FOUND"
@@ -471,7 +489,7 @@ pub fn verify(args: VerifyArgs) -> anyhow::Result<ExitCode> {
                 "ok"
             }
         );
-    }
+    })?;
     Ok(if report.has_problems() {
         ExitCode::from(1)
     } else {
@@ -494,13 +512,15 @@ pub struct GcArgs {
 
 /// Runs `mmx gc`.
 pub fn gc(args: GcArgs) -> anyhow::Result<ExitCode> {
+    let p = Printer::text();
     let report = args.registry.open()?.gc(args.grace, args.dry_run)?;
     let verb = if args.dry_run {
         "would remove"
     } else {
         "removed"
     };
-    println!(
+    say!(
+        p,
         "{verb} {} blobs ({}) and {} temporary files; kept {} blobs",
         report.swept,
         human_bytes(report.swept_bytes),
@@ -517,10 +537,12 @@ pub fn publish_merge(
     reference: &Reference,
     recipe_text: &str,
 ) -> anyhow::Result<()> {
+    let p = Printer::text();
     let registry = Registry::create(&registry_path(registry_flag))?;
     let options = PublishOptions::merged(output, recipe_text)?;
     let published = registry.publish(output, reference, &options)?;
-    eprintln!(
+    note!(
+        p,
         "published {} as {reference}: {} blobs, {} written ({} of {})",
         output.display(),
         published.blobs,
@@ -528,7 +550,7 @@ pub fn publish_merge(
         human_bytes(published.bytes_written),
         human_bytes(published.bytes)
     );
-    println!("manifest {}", published.manifest);
+    say!(p, "manifest {}", published.manifest);
     Ok(())
 }
 

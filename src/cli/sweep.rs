@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use clap::Args;
 
+use super::print::{note, say, Printer};
 use super::{choose_device, default_max_memory, parse_size, Device};
 use mmx::sweep::file::Sweep;
 use mmx::sweep::{
@@ -83,9 +84,11 @@ fn line(result: &TrialResult) -> String {
 
 /// Prints the summaries written and what is still missing; fails if anything is.
 fn run_gather(sweep: &Sweep, output: &std::path::Path) -> anyhow::Result<ExitCode> {
+    let p = Printer::text();
     let gathered = gather(sweep, output)?;
     let failed = gathered.failed();
-    println!(
+    say!(
+        p,
         "{} trials recorded in {}, {} failed, {} missing",
         gathered.results.len(),
         output.display(),
@@ -93,13 +96,13 @@ fn run_gather(sweep: &Sweep, output: &std::path::Path) -> anyhow::Result<ExitCod
         gathered.missing.len()
     );
     for m in &gathered.missing {
-        println!("  missing: trial {} ({})", m.index, m.id);
+        say!(p, "  missing: trial {} ({})", m.index, m.id);
     }
     for file in &gathered.files {
-        println!("wrote {}", file.display());
+        say!(p, "wrote {}", file.display());
     }
     if !gathered.missing.is_empty() {
-        eprintln!(
+        note!(p,
             "hint: `mmx sweep {} -o {} --resume` runs the missing trials (add `--slurm` to submit them)",
             sweep.path.display(),
             output.display()
@@ -118,6 +121,7 @@ fn run_slurm(
     sweep: &Sweep,
     output: &std::path::Path,
 ) -> anyhow::Result<ExitCode> {
+    let p = Printer::text();
     let options = SlurmOptions {
         shards: args
             .shards
@@ -131,13 +135,14 @@ fn run_slurm(
         mmx: std::env::current_exe()?,
     };
     let scripts = write_scripts(sweep, output, &options)?;
-    println!(
+    say!(
+        p,
         "wrote {} and {}",
         scripts.array.display(),
         scripts.gather.display()
     );
     if scripts.shards.is_empty() {
-        println!("every trial is recorded: nothing to submit");
+        say!(p, "every trial is recorded: nothing to submit");
         return run_gather(sweep, output);
     }
     let shards = scripts
@@ -147,32 +152,40 @@ fn run_slurm(
         .collect::<Vec<_>>()
         .join(",");
     if args.print_script {
-        println!("to submit (shards {shards} of {}):", options.shards);
-        println!("  array=$(sbatch --parsable {})", scripts.array.display());
-        println!(
+        say!(p, "to submit (shards {shards} of {}):", options.shards);
+        say!(
+            p,
+            "  array=$(sbatch --parsable {})",
+            scripts.array.display()
+        );
+        say!(
+            p,
             "  sbatch --dependency=afterany:$array {}",
             scripts.gather.display()
         );
         return Ok(ExitCode::SUCCESS);
     }
     let submission = submit(&scripts)?;
-    println!(
+    say!(
+        p,
         "submitted array job {} ({} tasks: shards {shards} of {}, {} trials to run)",
         submission.array_job,
         scripts.shards.len(),
         options.shards,
         scripts.missing.len()
     );
-    println!(
+    say!(
+        p,
         "submitted gather job {} (after the array; writes results.csv, results.json, scores.svg)",
         submission.gather_job
     );
-    println!("logs: {}", output.join("slurm").display());
+    say!(p, "logs: {}", output.join("slurm").display());
     Ok(ExitCode::SUCCESS)
 }
 
 /// Runs `mmx sweep`.
 pub fn run(args: SweepArgs) -> anyhow::Result<ExitCode> {
+    let p = Printer::text();
     let sweep = Sweep::load(&args.sweep)?;
     let output = super::output_dir(args.output.as_deref(), &args.sweep, "sweep");
     if args.gather {
@@ -190,9 +203,10 @@ pub fn run(args: SweepArgs) -> anyhow::Result<ExitCode> {
     let mut done = 0;
     let report = run_sweep(&sweep, &output, &options, &mut |result, total| {
         done += 1;
-        eprintln!("[{done}/{total}] {} {}", result.id, line(result));
+        note!(p, "[{done}/{total}] {} {}", result.id, line(result));
     })?;
-    println!(
+    say!(
+        p,
         "{} trials run, {} skipped (already recorded), {} failed; {} recorded in {}",
         report.ran,
         report.skipped,
@@ -202,13 +216,13 @@ pub fn run(args: SweepArgs) -> anyhow::Result<ExitCode> {
     );
     let best = best_by_method(&report.results);
     if !best.is_empty() {
-        println!("best trial of each method, by validation score:");
+        say!(p, "best trial of each method, by validation score:");
         for r in best {
-            println!("  {}", line(r));
+            say!(p, "  {}", line(r));
         }
     }
     for file in &report.files {
-        println!("wrote {}", file.display());
+        say!(p, "wrote {}", file.display());
     }
     Ok(if report.failed > 0 {
         ExitCode::from(1)

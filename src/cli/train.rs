@@ -9,6 +9,7 @@ use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
 use indicatif::ProgressBar;
 
+use super::print::{note, say, Printer};
 use mmx::registry::{publish::PublishOptions, Kind, Registry};
 use mmx::train::guideline::config::Guidelines;
 use mmx::train::init::init_model;
@@ -72,6 +73,7 @@ pub struct RunArgs {
 
 /// The candle device `--device` names for training.
 fn training_device(device: super::Device) -> anyhow::Result<candle_core::Device> {
+    let p = Printer::text();
     let cuda = || candle_core::Device::new_cuda(0);
     match device {
         super::Device::Cpu => Ok(candle_core::Device::Cpu),
@@ -83,7 +85,7 @@ fn training_device(device: super::Device) -> anyhow::Result<candle_core::Device>
         super::Device::Auto => Ok(match cuda() {
             Ok(device) => device,
             Err(e) => {
-                eprintln!("--device auto: training on the CPU: {e}");
+                note!(p, "--device auto: training on the CPU: {e}");
                 candle_core::Device::Cpu
             }
         }),
@@ -92,6 +94,7 @@ fn training_device(device: super::Device) -> anyhow::Result<candle_core::Device>
 
 /// Runs `mmx train`.
 pub fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
+    let p = Printer::text();
     // The trainer runs one shard of each batch per core; candle's own per-operation threads
     // only slow small models down (see `mmx::train::sft`). Set before any thread starts.
     if std::env::var_os("RAYON_NUM_THREADS").is_none() {
@@ -158,9 +161,10 @@ pub fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
     )?;
     bar.finish_and_clear();
     if summary.resumed_from > 0 {
-        eprintln!("resumed from step {}", summary.resumed_from);
+        note!(p, "resumed from step {}", summary.resumed_from);
     }
-    println!(
+    say!(
+        p,
         "trained {} steps on {} cases into {}: final loss {:.4}, {:.0} tokens/s on the {}",
         summary.steps,
         summary.examples,
@@ -192,6 +196,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
 
 /// `mmx train gba`.
 fn run_gba(args: RunArgs) -> anyhow::Result<ExitCode> {
+    let p = Printer::text();
     if matches!(args.device, super::Device::Cuda) {
         bail!("--device cuda: `mmx train gba` runs on the CPU only (its rollouts use the fused engine)");
     }
@@ -241,9 +246,10 @@ fn run_gba(args: RunArgs) -> anyhow::Result<ExitCode> {
     )?;
     bar.finish_and_clear();
     if summary.resumed_from > 0 {
-        eprintln!("resumed from step {}", summary.resumed_from);
+        note!(p, "resumed from step {}", summary.resumed_from);
     }
-    println!(
+    say!(
+        p,
         "trained {} GBA steps on {} cases into {}: final mean reward {:.4}",
         summary.steps,
         cases.len(),
@@ -307,10 +313,15 @@ fn publish_outputs(
     reference: &mmx::registry::Reference,
     options: &PublishOptions,
 ) -> anyhow::Result<()> {
+    let p = Printer::text();
     let published = store
         .publish(output, reference, options)
         .with_context(|| format!("publishing {} as {reference}", output.display()))?;
-    println!("published as {reference}: manifest {}", published.manifest);
+    say!(
+        p,
+        "published as {reference}: manifest {}",
+        published.manifest
+    );
     Ok(())
 }
 
