@@ -18,6 +18,7 @@
 //!     shard_bytes: 5 << 30,
 //!     force: false,
 //!     backend: Backend::Cpu,
+//!     threads: None,
 //! };
 //! let merged = merge(&plan, "out/quickstart".as_ref(), &options, &|_| {})?;
 //! assert!(!merged.files().is_empty());

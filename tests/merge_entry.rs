@@ -27,6 +27,7 @@ fn options(backend: Backend) -> OutputOptions {
         shard_bytes: 5 << 30,
         force: false,
         backend,
+        threads: None,
     }
 }
 

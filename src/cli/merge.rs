@@ -4,7 +4,6 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Instant;
 
-use anyhow::Context;
 use clap::Args;
 use serde_json::json;
 
@@ -49,8 +48,8 @@ pub struct MergeArgs {
     #[arg(long)]
     seed: Option<u64>,
     /// Worker threads [default: all cores].
-    #[arg(long)]
-    threads: Option<usize>,
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
+    threads: Option<u16>,
     /// Replace an existing output directory even if it is not an earlier mmx output.
     #[arg(long)]
     force: bool,
@@ -65,12 +64,6 @@ pub fn run(args: MergeArgs) -> anyhow::Result<ExitCode> {
         .as_deref()
         .map(super::registry::publish_target)
         .transpose()?;
-    if let Some(n) = args.threads {
-        rayon::ThreadPoolBuilder::new()
-            .num_threads(n)
-            .build_global()
-            .context("cannot set up the worker threads")?;
-    }
     let mut recipe = Recipe::load(&args.recipe)?;
     let recipe_text = recipe.text.clone();
     if let Some(seed) = args.seed {
@@ -85,7 +78,9 @@ pub fn run(args: MergeArgs) -> anyhow::Result<ExitCode> {
     if args.dry_run {
         check_target(&output, args.force)?;
         match &plan {
-            MergePlan::Model(plan) => print_plan(&p, plan, &output, max_memory)?,
+            MergePlan::Model(plan) => {
+                print_plan(&p, plan, &output, max_memory, args.threads.map(usize::from))?
+            }
             MergePlan::Adapter(merge) => print_lora_plan(&p, merge, &output)?,
         }
         return Ok(ExitCode::SUCCESS);
@@ -96,6 +91,7 @@ pub fn run(args: MergeArgs) -> anyhow::Result<ExitCode> {
         shard_bytes: args.shard_size,
         force: args.force,
         backend,
+        threads: args.threads.map(usize::from),
     };
     let bar = match &plan {
         MergePlan::Model(plan) => bar("merging", Counting::Bytes, plan.output_bytes(), false),
@@ -117,10 +113,19 @@ pub fn run(args: MergeArgs) -> anyhow::Result<ExitCode> {
 }
 
 /// `--dry-run` of a model or delta output: the plan and its memory estimate.
-fn print_plan(p: &Printer, plan: &Plan, output: &Path, max_memory: u64) -> anyhow::Result<()> {
+fn print_plan(
+    p: &Printer,
+    plan: &Plan,
+    output: &Path,
+    max_memory: u64,
+    threads: Option<usize>,
+) -> anyhow::Result<()> {
     let merged = plan.tensors.iter().filter(|t| t.merge.is_some()).count();
     let copied = plan.tensors.len() - merged;
-    let estimate = plan.memory_estimate(max_memory, rayon::current_num_threads());
+    let estimate = plan.memory_estimate(
+        max_memory,
+        threads.unwrap_or_else(rayon::current_num_threads),
+    );
     let summary = json!({
         "dry_run": true,
         "method": plan.method.name(),

@@ -14,6 +14,7 @@
 //!     shard_bytes: 5 << 30,
 //!     force: false,
 //!     backend: Backend::Cpu,
+//!     threads: None,
 //! };
 //! merge(&plan, "out/quickstart".as_ref(), &options, &|_| {})?;
 //! # Ok::<(), mmx::Error>(())

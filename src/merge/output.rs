@@ -32,6 +32,8 @@ pub struct OutputOptions {
     pub force: bool,
     /// Where the merges run: the methods with a device path run on a CUDA device.
     pub backend: Backend,
+    /// Worker threads for this merge (a pool of its own); `None` uses the process's pool.
+    pub threads: Option<usize>,
 }
 
 /// What a merge wrote.

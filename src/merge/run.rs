@@ -8,7 +8,7 @@ use std::path::Path;
 use super::lora_native::{merges_adapters, LoraMerge, LoraSummary};
 use super::output::{write_merge, MergeSummary, OutputOptions};
 use super::plan::Plan;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::recipe::{OutputKind, Recipe};
 
 /// A checked merge, built once from a recipe.
@@ -103,8 +103,23 @@ pub fn merge(
     options: &OutputOptions,
     progress: &(dyn Fn(u64) + Sync),
 ) -> Result<Merged> {
-    Ok(match plan {
-        MergePlan::Model(plan) => Merged::Model(write_merge(plan, target, options, progress)?),
-        MergePlan::Adapter(merge) => Merged::Adapter(merge.write(target, options)?),
-    })
+    let run = || -> Result<Merged> {
+        Ok(match plan {
+            MergePlan::Model(plan) => Merged::Model(write_merge(plan, target, options, progress)?),
+            MergePlan::Adapter(merge) => Merged::Adapter(merge.write(target, options)?),
+        })
+    };
+    match options.threads {
+        None => run(),
+        Some(threads) => rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .map_err(|e| Error::Io {
+                path: target.to_path_buf(),
+                source: std::io::Error::other(format!(
+                    "cannot start {threads} worker threads: {e}"
+                )),
+            })?
+            .install(run),
+    }
 }

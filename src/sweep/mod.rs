@@ -437,6 +437,7 @@ fn run_trial(
             shard_bytes: 5 << 30,
             force: false,
             backend: options.backend,
+            threads: None,
         };
         let merged = merge(&MergePlan::build(recipe)?, target, &merge_options, &|_| {})?;
         result.sign_conflict = merged.mean_sign_conflict();
