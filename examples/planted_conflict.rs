@@ -86,6 +86,20 @@ fn methods(rank: usize, densities: &[f64]) -> Vec<(&'static str, MethodEntry)> {
                 ],
             ),
         ),
+        // The data-aware methods read each expert's calibration statistics (the Grams of its
+        // validation inputs), at their default settings but λ.
+        (
+            "regmean",
+            entry("regmean", false, vec![("lambda", list(&LAMBDAS))]),
+        ),
+        (
+            "regmean (core)",
+            entry("regmean", true, vec![("lambda", list(&LAMBDAS))]),
+        ),
+        (
+            "fisher",
+            entry("fisher", false, vec![("lambda", list(&LAMBDAS))]),
+        ),
     ]
 }
 

@@ -102,6 +102,16 @@ pub enum Error {
         /// What is wrong, with the line where known.
         message: String,
     },
+    /// A calibration statistics file is malformed or does not fit the module it describes.
+    #[error("`{}`: module `{module}`: {message}", path.display())]
+    Calibration {
+        /// The statistics file.
+        path: PathBuf,
+        /// The module (its weight's name without `.weight`), or the tensor the problem is in.
+        module: String,
+        /// What is wrong.
+        message: String,
+    },
     /// A merge parameter has a value outside its domain.
     #[error("parameter `{name}` for tensor `{tensor}`: {message}")]
     Parameter {

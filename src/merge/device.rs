@@ -31,7 +31,7 @@ use crate::tensor::{check_finite_from, from_f32, Dtype};
 
 /// Whether this tensor's merge runs on the device.
 fn runs_on_device(plan: &Plan, params: &MergeParams) -> bool {
-    let method_fits = match plan.method {
+    let method_fits = match params.method {
         Method::Ties => !params.globals.rescale,
         // Restore needs the experts' untrimmed updates next to the merge: on the CPU.
         Method::Caci => params.globals.restore.is_none(),
@@ -48,11 +48,11 @@ fn compute_on_device(
     params: &MergeParams,
 ) -> Result<(Vec<u8>, TensorStats)> {
     let name = t.name.as_str();
-    check_params(plan.method, &params.globals, name, &params.experts)?;
+    check_params(params.method, &params.globals, name, &params.experts)?;
     let base_model = plan.base.as_ref().ok_or_else(|| Error::Parameter {
         name: "base_model".into(),
         tensor: name.into(),
-        message: format!("method `{}` needs a base model", plan.method.name()),
+        message: format!("method `{}` needs a base model", params.method.name()),
     })?;
     let delta_output = plan.recipe.output == OutputKind::Delta;
     let n: usize = t.shape.iter().product();
@@ -83,7 +83,7 @@ fn compute_on_device(
     let mut rules = Vec::with_capacity(plan.experts.len());
     for (i, p) in params.experts.iter().enumerate() {
         let k = magnitude_keep(p.density, n);
-        let vote_factor = match plan.method {
+        let vote_factor = match params.method {
             Method::Caci => match params.globals.confidence {
                 Confidence::None => p.weight,
                 Confidence::Rms => {
@@ -107,7 +107,7 @@ fn compute_on_device(
         });
     }
     let globals = &params.globals;
-    let rule = match plan.method {
+    let rule = match params.method {
         Method::Caci => ConsensusRule {
             divide_by_count: false,
             normalize: globals.normalize,

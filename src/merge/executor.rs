@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Condvar, Mutex};
 
+use super::data_aware::merge_with_statistics;
 use super::job::{TensorJob, TensorStats};
 use super::kernels::Kernels;
 use super::plan::{Plan, TensorPlan};
@@ -190,18 +191,25 @@ pub(crate) fn compute(plan: &Plan, t: &TensorPlan) -> Result<(Vec<u8>, Option<Te
         };
         experts.push(values);
     }
-    let merged = merge_tensor(
-        plan.method,
-        &params.globals,
-        TensorJob {
-            name: &t.name,
-            shape: &t.shape,
-            base: base.as_deref(),
-            experts,
-            params: params.experts.clone(),
-            expert_ids: plan.experts.iter().map(|e| e.index).collect(),
-        },
-    )?;
+    let merged = if params.method.data_aware() {
+        let base = base
+            .as_deref()
+            .expect("data-aware methods are planned with a base");
+        merge_with_statistics(plan, t, params, base, experts)?
+    } else {
+        merge_tensor(
+            params.method,
+            &params.globals,
+            TensorJob {
+                name: &t.name,
+                shape: &t.shape,
+                base: base.as_deref(),
+                experts,
+                params: params.experts.clone(),
+                expert_ids: plan.experts.iter().map(|e| e.index).collect(),
+            },
+        )?
+    };
     let mut values = merged.values;
     check_finite(&PathBuf::from("merged output"), &t.name, &values)?;
     if plan.recipe.output == OutputKind::Delta {

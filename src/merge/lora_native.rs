@@ -16,12 +16,14 @@ use std::path::Path;
 use rayon::prelude::*;
 use serde_json::{json, Map, Value};
 
+use super::calibration::{module_of, Calibration};
 use super::core::{merge_in_core_with, truncate, CoreMerged, CpuProducts, Factors, Products};
 use super::device::kernels_for;
-use super::method::Method;
+use super::method::{Fallback, Method};
 use super::output::{input_record, whole_file, OutputOptions};
 use super::parameters::check_recipe;
-use super::plan::{recipe_error, recipe_method, resolve};
+use super::plan::{fallback_warning, open_calibration, recipe_error, recipe_method, resolve};
+use super::regmean;
 use super::saved_tensors::{self, SavedTensor};
 use crate::adapter::{Adapter, LoraKind, PEFT_PREFIX};
 use crate::checkpoint::Checkpoint;
@@ -52,6 +54,9 @@ enum LoraMethod {
     /// A standard method run on each module's core-space matrices, then factored to a rank
     /// target.
     Core(Method, RankTarget),
+    /// RegMean from the experts' Grams: the experts' `B`s side by side with new `A`s, exact at
+    /// rank Σ r_t, or truncated by SVD to a rank target.
+    RegMean(Option<RankTarget>),
 }
 
 /// Per module, (expert index, share of its update the merge keeps).
@@ -68,8 +73,13 @@ pub struct LoraMerge {
     modules: BTreeMap<String, Vec<usize>>,
     /// The tensors some experts store whole (`modules_to_save`), merged as full tensors.
     saved: Vec<SavedTensor>,
-    /// Deprecated spellings the recipe uses.
+    /// Deprecated spellings the recipe uses, and modules merged by a fallback.
     warnings: Vec<String>,
+    /// Each expert's calibration statistics (`regmean`), in recipe order.
+    calibration: Vec<Option<Calibration>>,
+    /// Modules without a Gram from every expert that adapts them (`regmean`), merged by the
+    /// fallback.
+    fallback: BTreeSet<String>,
 }
 
 /// What an adapter-to-adapter merge wrote.
@@ -112,7 +122,14 @@ impl LoraMerge {
                 ),
             ));
         }
-        let warnings = check_recipe(&recipe, method)?;
+        if method == Method::Fisher {
+            return Err(recipe_error(
+                &recipe,
+                "`fisher` averages full weights by their Fisher: set `output = \"delta\"` or `\"full\"` (an adapter's factors have no shared coordinates to weigh)".to_string(),
+            ));
+        }
+        let mut warnings = check_recipe(&recipe, method)?;
+        let calibration = open_calibration(&recipe, method, &mut warnings)?;
         let base = match &recipe.base {
             Some(Source::Dir(dir)) => Checkpoint::open(dir)?,
             Some(Source::Registry(reference)) => {
@@ -207,10 +224,40 @@ impl LoraMerge {
             (Method::Svd, Some(target)) => LoraMethod::Svd(target),
             // PEFT's default: the largest rank among the experts.
             (Method::Svd, None) => LoraMethod::Svd(RankTarget::Fixed(largest_rank)),
+            (Method::RegMean, rank) => LoraMethod::RegMean(rank),
             (standard, rank) => {
                 LoraMethod::Core(standard, rank.unwrap_or(RankTarget::Fixed(largest_rank)))
             }
         };
+        let mut fallback = BTreeSet::new();
+        if matches!(method, LoraMethod::RegMean(_)) {
+            for (name, experts) in &modules {
+                let info = base.info(name).expect("checked above");
+                let Some(module) = module_of(name, &info.shape) else {
+                    fallback.insert(name.clone());
+                    continue;
+                };
+                let mut all = true;
+                for (e, stats) in calibration.iter().enumerate() {
+                    if let Some(stats) = stats {
+                        stats.check_shapes(&module, &info.shape)?;
+                        all &= stats.has_gram(&module) || !experts.contains(&e);
+                    }
+                }
+                if !all {
+                    fallback.insert(name.clone());
+                }
+            }
+        }
+        if !fallback.is_empty() {
+            let params = resolve(&recipe, Method::RegMean, &[], "", 0.0)?;
+            let names: Vec<String> = fallback.iter().cloned().collect();
+            warnings.push(fallback_warning(
+                Method::RegMean,
+                params.globals.fallback,
+                &names,
+            ));
+        }
         Ok(LoraMerge {
             recipe,
             method,
@@ -219,6 +266,8 @@ impl LoraMerge {
             modules,
             saved,
             warnings,
+            calibration,
+            fallback,
         })
     }
 
@@ -258,7 +307,10 @@ impl LoraMerge {
             .iter()
             .map(|(name, experts)| match self.method {
                 LoraMethod::Svd(RankTarget::Fixed(k))
-                | LoraMethod::Core(_, RankTarget::Fixed(k)) => k.min(self.rank(name, experts)),
+                | LoraMethod::Core(_, RankTarget::Fixed(k))
+                | LoraMethod::RegMean(Some(RankTarget::Fixed(k))) => {
+                    k.min(self.rank(name, experts))
+                }
                 _ => self.rank(name, experts),
             })
             .max()
@@ -304,6 +356,98 @@ impl LoraMerge {
             column += module.rank;
         }
         Ok((a, b))
+    }
+
+    /// A RegMean module: the experts' `B`s side by side with `A`s solved from their Grams
+    /// (`λ·w_t·s_t·A_t·G̃_t·M⁻¹`), so that `B·A` is the full-space RegMean update; a module
+    /// without a Gram from every adapting expert merges by the fallback (the exact weighted
+    /// mean or sum of the updates).
+    fn regmean(
+        &self,
+        name: &str,
+        experts: &[usize],
+        rank: usize,
+        cols: usize,
+        rows: usize,
+    ) -> Result<(Vec<f32>, Vec<f32>)> {
+        let t = layer_position(name, self.base.num_layers());
+        let labelled: Vec<(&str, &crate::recipe::Parameters)> = self
+            .recipe
+            .experts
+            .iter()
+            .zip(&self.adapters)
+            .map(|(spec, (label, _))| (label.as_str(), &spec.parameters))
+            .collect();
+        let params = resolve(&self.recipe, Method::RegMean, &labelled, name, t)?;
+        let lambda = params.globals.lambda;
+        let (mut a, b) = self.concatenated(name, experts, rank, cols, rows)?;
+        if self.fallback.contains(name) {
+            // `concatenated` folds each expert's weight in: the sum; the mean divides by Σ w.
+            let divisor = match params.globals.fallback {
+                Fallback::Linear => experts.iter().map(|&e| params.experts[e].weight).sum(),
+                Fallback::TaskArithmetic => 1.0,
+            };
+            if divisor == 0.0 {
+                return Err(Error::Parameter {
+                    name: "weight".to_string(),
+                    tensor: name.to_string(),
+                    message: "the weights of the experts that adapt it sum to 0".to_string(),
+                });
+            }
+            a.iter_mut().for_each(|v| *v *= lambda / divisor);
+            return Ok((a, b));
+        }
+        let module = module_of(name, &[rows, cols]).expect("planned for 2-D weights only");
+        // Every expert with a Gram of the module counts, adapting it or not (an expert that
+        // leaves the module alone has update zero there: no rows of `A`, but its inputs).
+        let mut grams = Vec::new();
+        let mut weights = Vec::new();
+        let mut blocks: Vec<(Vec<f32>, usize)> = Vec::new();
+        for (e, stats) in self.calibration.iter().enumerate() {
+            let Some(gram) = stats
+                .as_ref()
+                .map(|s| s.gram(&module))
+                .transpose()?
+                .flatten()
+            else {
+                continue;
+            };
+            // The expert's `A` with its scaling (RegMean weighs by `w` itself).
+            let block = if experts.contains(&e) {
+                let adapter = &self.adapters[e].1;
+                let m = &adapter.modules()[name];
+                let mut values = adapter.file().read_f32(&m.a_key)?;
+                values.iter_mut().for_each(|v| *v *= m.scaling);
+                (values, m.rank)
+            } else {
+                (Vec::new(), 0)
+            };
+            grams.push(gram);
+            weights.push(params.experts[e].weight);
+            blocks.push(block);
+        }
+        let gram_refs: Vec<_> = grams.iter().collect();
+        let block_refs: Vec<(&[f32], usize)> =
+            blocks.iter().map(|(v, r)| (v.as_slice(), *r)).collect();
+        let mut solved = regmean::merge_factors(
+            name,
+            cols,
+            &block_refs,
+            &gram_refs,
+            &weights,
+            params.globals.alpha,
+            params.globals.ridge,
+        )?;
+        solved.iter_mut().for_each(|v| *v *= lambda);
+        Ok((solved, b))
+    }
+
+    /// The name of the fallback a data-aware merge's modules without statistics use.
+    fn fallback_name(&self) -> String {
+        resolve(&self.recipe, Method::RegMean, &[], "", 0.0)
+            .map(|p| p.globals.fallback.method_name())
+            .unwrap_or("linear")
+            .to_string()
     }
 
     /// A module's `A` row length and `B` row count (`A` is `r × k` and `B` is `m × r` whatever
@@ -372,6 +516,17 @@ impl LoraMerge {
                 lost = Some(truncated.discarded);
                 (truncated.a, truncated.b, truncated.rank)
             }
+            LoraMethod::RegMean(target) => {
+                let (a, b) = self.regmean(name, experts, rank, a_rows_len, b_rows)?;
+                match target {
+                    None => (a, b, rank),
+                    Some(target) => {
+                        let truncated = truncate(&a, &b, rank, a_rows_len, b_rows, target, name)?;
+                        lost = Some(truncated.discarded);
+                        (truncated.a, truncated.b, truncated.rank)
+                    }
+                }
+            }
         };
         // The module as the experts' keys name it (for a LLaVA model, as transformers holds
         // it in memory, which is what PEFT matches), not as the base checkpoint saves it.
@@ -410,6 +565,7 @@ impl LoraMerge {
             discarded: lost,
             retained,
             sign_conflict,
+            fallback: matches!(self.method, LoraMethod::RegMean(_)) && self.fallback.contains(name),
         })
     }
 
@@ -458,6 +614,7 @@ impl LoraMerge {
         let mut ranks = BTreeMap::new();
         let mut discarded = BTreeMap::new();
         let mut conflicts = BTreeMap::new();
+        let mut fell_back = BTreeSet::new();
         let mut kept_by_expert = vec![(0f64, 0usize); self.adapters.len()];
         for output in outputs {
             let module = format!("{}.weight", output.path);
@@ -474,6 +631,9 @@ impl LoraMerge {
                 .map(|&(e, share)| (self.adapters[e].0.clone(), share))
                 .collect();
             conflicts.insert(module, (output.sign_conflict, retained));
+            if output.fallback {
+                fell_back.insert(output.path.clone());
+            }
             ranks.insert(output.path, output.rank);
             tensors.extend(output.tensors);
         }
@@ -524,6 +684,7 @@ impl LoraMerge {
                     sign_conflict,
                     retained_energy,
                     device: Some(device.to_string()),
+                    fallback: fell_back.contains(m).then(|| self.fallback_name()),
                 }
             })
             .collect();
@@ -547,10 +708,15 @@ impl LoraMerge {
             ),
             rank: Some(match self.method {
                 LoraMethod::Cat => RankRecord::Text("sum of the experts' ranks".to_string()),
+                LoraMethod::RegMean(None) => {
+                    RankRecord::Text("sum of the experts' ranks".to_string())
+                }
                 LoraMethod::Svd(RankTarget::Fixed(k))
-                | LoraMethod::Core(_, RankTarget::Fixed(k)) => RankRecord::Fixed(k),
+                | LoraMethod::Core(_, RankTarget::Fixed(k))
+                | LoraMethod::RegMean(Some(RankTarget::Fixed(k))) => RankRecord::Fixed(k),
                 LoraMethod::Svd(RankTarget::Energy(e))
-                | LoraMethod::Core(_, RankTarget::Energy(e)) => {
+                | LoraMethod::Core(_, RankTarget::Energy(e))
+                | LoraMethod::RegMean(Some(RankTarget::Energy(e))) => {
                     RankRecord::Text(format!("energy:{e}"))
                 }
             }),
@@ -589,7 +755,7 @@ impl LoraMerge {
     fn merge_saved(&self, saved: &SavedTensor) -> Result<saved_tensors::SavedOutput> {
         let method = match self.method {
             LoraMethod::Core(method, _) => method,
-            LoraMethod::Cat | LoraMethod::Svd(_) => Method::TaskArithmetic,
+            LoraMethod::Cat | LoraMethod::Svd(_) | LoraMethod::RegMean(_) => Method::TaskArithmetic,
         };
         saved_tensors::merge(
             &self.recipe,
@@ -767,6 +933,8 @@ struct ModuleOutput {
     /// (expert index, share of its update kept) for core-space merges.
     retained: Vec<(usize, f64)>,
     sign_conflict: Option<f32>,
+    /// Merged by the fallback of a data-aware method (no statistics for it).
+    fallback: bool,
 }
 
 /// The module path a LoRA factor's key names (`base_model.model.<path>.lora_A.weight`).

@@ -58,6 +58,14 @@ pub enum Method {
     /// `(1 − κ)^γ`, and optionally each expert's share restored. With `attenuation = 0`,
     /// `confidence = "none"` and no `restore` it is TIES.
     Caci,
+    /// Per linear module, the update that keeps each expert's outputs on its own inputs best in
+    /// least squares (Jin et al., RegMean): `Δ = (Σ w_t·Δ_t·G_t)(Σ w_t·G_t)⁻¹` with each
+    /// expert's calibration Gram `G_t` (see `regmean.rs`). Needs calibration statistics.
+    #[serde(rename = "regmean")]
+    RegMean,
+    /// Fisher-weighted averaging (Matena & Raffel): `Δ = Σ w_t·F_t·Δ_t / Σ w_t·F_t`
+    /// elementwise, with each expert's diagonal Fisher `F_t`. Needs calibration statistics.
+    Fisher,
     /// LoRA adapters into one adapter, exactly: the experts' factors concatenated, at rank
     /// Σ r_t (PEFT's `combination_type="cat"`, without its padding). Adapter output only.
     Cat,
@@ -74,6 +82,27 @@ pub enum Confidence {
     Rms,
     /// `w`, as TIES.
     None,
+}
+
+/// What a data-aware method does with a tensor the experts have no statistics for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Fallback {
+    /// The weighted mean of the experts' updates (what RegMean gives when every expert's
+    /// inputs are the same), times `lambda`.
+    Linear,
+    /// `lambda·Σ w·Δ`, as `task_arithmetic`.
+    TaskArithmetic,
+}
+
+impl Fallback {
+    /// Its name in recipes.
+    pub fn method_name(self) -> &'static str {
+        match self {
+            Fallback::Linear => "linear",
+            Fallback::TaskArithmetic => "task_arithmetic",
+        }
+    }
 }
 
 /// How trimmed deltas are scaled back up when `rescale` is on.
@@ -111,6 +140,15 @@ pub struct GlobalParams {
     /// CACI's restore target τ: each expert's share of the merge made `τ·w_t`
     /// (see `restore.rs`); `None` leaves the coordinate-wise merge as it is.
     pub restore: Option<f32>,
+    /// RegMean: the factor on the Grams' off-diagonal entries (1: exact least squares).
+    pub alpha: f32,
+    /// RegMean: the ridge added to the summed Gram, relative to its mean diagonal entry.
+    pub ridge: f32,
+    /// Fisher: the floor added to every Fisher entry, relative to the mean entry of each
+    /// expert's Fisher of that tensor.
+    pub fisher_floor: f32,
+    /// Data-aware methods: how tensors without statistics are merged.
+    pub fallback: Fallback,
 }
 
 /// Per-expert parameters for one tensor.
@@ -137,7 +175,7 @@ pub(crate) enum Trim {
     TopK,
 }
 
-const ALL: [Method; 13] = [
+const ALL: [Method; 15] = [
     Method::Linear,
     Method::TaskArithmetic,
     Method::Ties,
@@ -149,6 +187,8 @@ const ALL: [Method; 13] = [
     Method::DellaLinear,
     Method::MagnitudePrune,
     Method::Caci,
+    Method::RegMean,
+    Method::Fisher,
     Method::Cat,
     Method::Svd,
 ];
@@ -173,6 +213,8 @@ impl Method {
             Method::DellaLinear => "della_linear",
             Method::MagnitudePrune => "magnitude_prune",
             Method::Caci => "caci",
+            Method::RegMean => "regmean",
+            Method::Fisher => "fisher",
             Method::Cat => "cat",
             Method::Svd => "svd",
         }
@@ -187,6 +229,11 @@ impl Method {
     /// works on LoRA factors, not tensor by tensor.
     pub fn adapters_only(self) -> bool {
         matches!(self, Method::Cat | Method::Svd)
+    }
+
+    /// Whether the method reads calibration statistics (`regmean`, `fisher`).
+    pub fn data_aware(self) -> bool {
+        matches!(self, Method::RegMean | Method::Fisher)
     }
 
     /// Whether the method needs a base model: all but [`Method::Linear`].
@@ -221,7 +268,7 @@ impl Method {
             Method::Della | Method::DellaLinear => Trim::Della,
             Method::MagnitudePrune => Trim::TopK,
             Method::Caci => Trim::Magnitude,
-            Method::Cat | Method::Svd => Trim::None,
+            Method::Cat | Method::Svd | Method::RegMean | Method::Fisher => Trim::None,
         }
     }
 
@@ -237,7 +284,9 @@ impl Method {
             | Method::BreadcrumbsTies
             | Method::MagnitudePrune
             | Method::Cat
-            | Method::Svd => (false, false),
+            | Method::Svd
+            | Method::RegMean
+            | Method::Fisher => (false, false),
             Method::Caci => (true, false),
         };
         GlobalParams {
@@ -251,6 +300,10 @@ impl Method {
             attenuation: 1.0,
             confidence: Confidence::Rms,
             restore: None,
+            alpha: 1.0,
+            ridge: 1e-4,
+            fisher_floor: 1e-6,
+            fallback: Fallback::Linear,
         }
     }
 

@@ -21,12 +21,15 @@
 //! ```
 
 mod caci;
+pub mod calibration;
 mod chunking;
 pub mod consensus;
 pub mod core;
+mod data_aware;
 mod device;
 mod executor;
 mod expert;
+pub mod fisher;
 mod job;
 pub mod kernels;
 mod linalg;
@@ -35,6 +38,7 @@ pub mod method;
 mod output;
 pub mod parameters;
 mod plan;
+pub mod regmean;
 mod restore;
 pub mod rng;
 mod run;
@@ -48,7 +52,7 @@ pub use device::kernels_for;
 pub use executor::{execute, TensorRecord};
 pub use expert::{Expert, ExpertInput};
 pub use job::{MergedTensor, TensorJob, TensorStats};
-pub use method::{Confidence, ExpertParams, GlobalParams, Method, RescaleMode};
+pub use method::{Confidence, ExpertParams, Fallback, GlobalParams, Method, RescaleMode};
 pub use output::{write_merge, MergeSummary, OutputOptions};
 pub use plan::{input_files, MergeParams, Plan, TensorPlan};
 pub use run::{merge, MergePlan, Merged};

@@ -194,6 +194,14 @@ fn merge_record(
     records: &[TensorRecord],
 ) -> MergeRecord {
     let recipe = &plan.recipe;
+    let fallbacks: std::collections::BTreeMap<&str, &str> = plan
+        .tensors
+        .iter()
+        .filter_map(|t| {
+            let fallback = t.merge.as_ref()?.fallback?;
+            Some((t.name.as_str(), fallback.method_name()))
+        })
+        .collect();
     let tensors = records
         .iter()
         .map(|r| match &r.stats {
@@ -204,6 +212,7 @@ fn merge_record(
                 sign_conflict: None,
                 delta_l2: None,
                 device: None,
+                fallback: None,
             },
             Some(s) => TensorEntry {
                 name: r.name.clone(),
@@ -212,6 +221,7 @@ fn merge_record(
                 sign_conflict: s.sign_conflict,
                 delta_l2: Some(s.delta_l2),
                 device: Some(if r.on_device { "cuda" } else { "cpu" }.to_string()),
+                fallback: fallbacks.get(r.name.as_str()).map(|f| f.to_string()),
             },
         })
         .collect();

@@ -8,7 +8,7 @@
 //! `attenuation` (CACI's old `gamma` is still read, with a deprecation warning).
 
 use super::consensus::{DisjointMean, SignElection};
-use super::method::{Confidence, ExpertParams, GlobalParams, Method, RescaleMode};
+use super::method::{Confidence, ExpertParams, Fallback, GlobalParams, Method, RescaleMode};
 use super::sparsify;
 use crate::error::{Error, Result};
 use crate::recipe::{ParamValue, Recipe, Scalar};
@@ -75,7 +75,9 @@ const NON_NEGATIVE: Domain = Domain::Number {
 };
 
 fn task_arithmetic_family(m: Method) -> bool {
-    !matches!(m, Method::Linear | Method::MagnitudePrune | Method::Caci) && !m.adapters_only()
+    !matches!(m, Method::Linear | Method::MagnitudePrune | Method::Caci)
+        && !m.adapters_only()
+        && !m.data_aware()
 }
 
 /// Every method that merges tensor by tensor but `linear`.
@@ -104,7 +106,7 @@ pub const PARAMETERS: &[Parameter] = &[
         domain: Domain::Bool,
         default: "true for linear, ties, della and caci; false otherwise",
         meaning: "divide the merged delta by the sum of weights (or the disjoint-mean divisor)",
-        read_by: |m| m != Method::MagnitudePrune && !m.adapters_only(),
+        read_by: |m| m != Method::MagnitudePrune && !m.adapters_only() && !m.data_aware(),
         deprecated_alias: None,
     },
     Parameter {
@@ -186,6 +188,52 @@ pub const PARAMETERS: &[Parameter] = &[
         deprecated_alias: None,
     },
     Parameter {
+        name: "alpha",
+        scope: Scope::Method,
+        domain: Domain::Number {
+            min: 0.0,
+            min_open: false,
+            max: 1.0,
+            max_open: false,
+        },
+        default: "1",
+        meaning: "RegMean: the factor on the Grams' off-diagonal entries (1: exact least squares, 0: each input coordinate alone)",
+        read_by: |m| m == Method::RegMean,
+        deprecated_alias: None,
+    },
+    Parameter {
+        name: "ridge",
+        scope: Scope::Method,
+        domain: NON_NEGATIVE,
+        default: "0.0001",
+        meaning: "RegMean: added to the summed Gram's diagonal, relative to its mean diagonal entry",
+        read_by: |m| m == Method::RegMean,
+        deprecated_alias: None,
+    },
+    Parameter {
+        name: "fisher_floor",
+        scope: Scope::Method,
+        domain: Domain::Number {
+            min: 0.0,
+            min_open: true,
+            max: f64::INFINITY,
+            max_open: true,
+        },
+        default: "0.000001",
+        meaning: "Fisher: added to every Fisher entry, relative to the mean entry of the expert's Fisher of that tensor",
+        read_by: |m| m == Method::Fisher,
+        deprecated_alias: None,
+    },
+    Parameter {
+        name: "fallback",
+        scope: Scope::Method,
+        domain: Domain::Choice(&["linear", "task_arithmetic"]),
+        default: "linear",
+        meaning: "regmean, fisher: how tensors without statistics merge (the weighted mean of the updates, or their weighted sum), times lambda",
+        read_by: Method::data_aware,
+        deprecated_alias: None,
+    },
+    Parameter {
         name: "weight",
         scope: Scope::Expert,
         domain: ANY_FINITE,
@@ -205,7 +253,7 @@ pub const PARAMETERS: &[Parameter] = &[
         },
         default: "1 (caci: 0.5)",
         meaning: "the fraction of the delta kept (task_arithmetic accepts it and keeps all)",
-        read_by: with_a_base,
+        read_by: |m| with_a_base(m) && !m.data_aware(),
         deprecated_alias: None,
     },
     Parameter {
@@ -522,6 +570,15 @@ pub(crate) fn set_global(globals: &mut GlobalParams, name: &str, value: &Scalar)
             }
         }
         "restore" => globals.restore = Some(number(value) as f32),
+        "alpha" => globals.alpha = number(value) as f32,
+        "ridge" => globals.ridge = number(value) as f32,
+        "fisher_floor" => globals.fisher_floor = number(value) as f32,
+        "fallback" => {
+            globals.fallback = match text {
+                "task_arithmetic" => Fallback::TaskArithmetic,
+                _ => Fallback::Linear,
+            }
+        }
         other => unreachable!("the table has no method-wide parameter `{other}`"),
     }
 }
@@ -559,6 +616,9 @@ pub(crate) fn check_params_named(
         let value = match p.name {
             "lambda" => globals.lambda,
             "attenuation" => globals.attenuation,
+            "alpha" => globals.alpha,
+            "ridge" => globals.ridge,
+            "fisher_floor" => globals.fisher_floor,
             "restore" => match globals.restore {
                 Some(r) => r,
                 None => continue,

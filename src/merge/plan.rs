@@ -4,9 +4,10 @@
 use std::collections::BTreeSet;
 use std::path::Path;
 
+use super::calibration::{module_of, Calibration};
 use super::chunking::{is_streamed, working_bytes};
 use super::expert::Expert;
-use super::method::{ExpertParams, GlobalParams, Method};
+use super::method::{ExpertParams, Fallback, GlobalParams, Method};
 use super::parameters::{
     check_params_named, check_recipe, parameters_of, set_expert, set_global, spelled, Scope,
 };
@@ -36,6 +37,11 @@ pub struct TensorPlan {
 /// The parameters one tensor is merged with.
 #[derive(Debug, Clone)]
 pub struct MergeParams {
+    /// The method that merges it: the recipe's, or for a data-aware method's tensor without
+    /// statistics, the one its fallback names (see [`MergeParams::fallback`]).
+    pub method: Method,
+    /// Set when a data-aware method's tensor has no statistics and merges by this fallback.
+    pub fallback: Option<Fallback>,
     /// Method-wide parameters.
     pub globals: GlobalParams,
     /// Per-expert parameters, in recipe order.
@@ -55,8 +61,11 @@ pub struct Plan {
     pub experts: Vec<Expert>,
     /// Output tensors, in output order.
     pub tensors: Vec<TensorPlan>,
-    /// What the recipe should change, though it is read as it is (deprecated spellings).
+    /// What the recipe should change, though it is read as it is (deprecated spellings,
+    /// tensors a data-aware method merges by its fallback).
     pub warnings: Vec<String>,
+    /// Each expert's calibration statistics, in recipe order (data-aware methods).
+    pub calibration: Vec<Option<Calibration>>,
 }
 
 /// An error about the recipe as a whole.
@@ -99,7 +108,8 @@ impl Plan {
                 "core-space merging writes a LoRA adapter: set `output = \"lora\"`".to_string(),
             ));
         }
-        let warnings = check_recipe(&recipe, method)?;
+        let mut warnings = check_recipe(&recipe, method)?;
+        let calibration = open_calibration(&recipe, method, &mut warnings)?;
         let base = match &recipe.base {
             Some(Source::Dir(dir)) => Some(Checkpoint::open(dir)?),
             Some(Source::Registry(reference)) => Some(super::stored::open_model(
@@ -170,6 +180,7 @@ impl Plan {
 
         let num_layers = reference.num_layers();
         let mut tensors = Vec::new();
+        let mut fell_back = Vec::new();
         for name in reference.names() {
             let info = reference
                 .info(name)
@@ -193,15 +204,31 @@ impl Plan {
                     .iter()
                     .map(|e| (e.label.as_str(), &e.parameters))
                     .collect();
-                Some(resolve(&recipe, method, &labelled, name, t)?)
+                let has_statistics = !method.data_aware()
+                    || has_statistics(method, &experts, &calibration, name, &info.shape)?;
+                if has_statistics {
+                    Some(resolve(&recipe, method, &labelled, name, t)?)
+                } else {
+                    fell_back.push(name.to_string());
+                    Some(resolve_fallback(&recipe, method, &labelled, name, t)?)
+                }
             } else {
                 None
             };
-            let streamed = merge.is_some() && is_streamed(&info.shape) && method != Method::Caci;
+            let data_aware = merge.as_ref().is_some_and(|m| m.method.data_aware());
+            let streamed = merge.is_some()
+                && is_streamed(&info.shape)
+                && method != Method::Caci
+                && !data_aware;
             let working_bytes = if streamed {
                 working_bytes(experts.len())
             } else if merge.is_some() {
-                numel * 4 * (experts.len() as u64 + 3) + numel * dtype.size() as u64
+                // A data-aware merge also holds the experts' in × in matrices and the system's,
+                // in f64.
+                let side = if data_aware { info.shape[1] as u64 } else { 0 };
+                numel * 4 * (experts.len() as u64 + 3)
+                    + numel * dtype.size() as u64
+                    + side * side * 8 * (experts.len() as u64 + 2)
             } else {
                 numel * (info.dtype.size() + dtype.size()) as u64
             };
@@ -214,6 +241,13 @@ impl Plan {
                 streamed,
             });
         }
+        if !fell_back.is_empty() {
+            let fallback = tensors
+                .iter()
+                .find_map(|t| t.merge.as_ref().and_then(|m| m.fallback))
+                .expect("a tensor fell back");
+            warnings.push(fallback_warning(method, fallback, &fell_back));
+        }
         Ok(Plan {
             recipe,
             method,
@@ -221,6 +255,7 @@ impl Plan {
             experts,
             tensors,
             warnings,
+            calibration,
         })
     }
 
@@ -390,9 +425,108 @@ pub(crate) fn resolve(
         format!("expert `{}`: ", experts[i].0)
     })?;
     Ok(MergeParams {
+        method,
+        fallback: None,
         globals,
         experts: per_expert,
     })
+}
+
+/// The parameters of a tensor a data-aware `method` has no statistics for: its fallback's,
+/// with the recipe's `lambda` and weights (`linear`: the weighted mean of the updates).
+fn resolve_fallback(
+    recipe: &Recipe,
+    method: Method,
+    experts: &[(&str, &Parameters)],
+    tensor: &str,
+    t: f64,
+) -> Result<MergeParams> {
+    let own = resolve(recipe, method, experts, tensor, t)?;
+    let fallback = own.globals.fallback;
+    let mut params = resolve(recipe, Method::TaskArithmetic, experts, tensor, t)?;
+    params.globals.lambda = own.globals.lambda;
+    params.globals.normalize = fallback == Fallback::Linear;
+    params.fallback = Some(fallback);
+    Ok(params)
+}
+
+/// Opens each expert's calibration statistics for a data-aware method (every expert needs
+/// them); for any other method a `calibration` is not read, which `warnings` says.
+pub(crate) fn open_calibration(
+    recipe: &Recipe,
+    method: Method,
+    warnings: &mut Vec<String>,
+) -> Result<Vec<Option<Calibration>>> {
+    recipe
+        .experts
+        .iter()
+        .enumerate()
+        .map(|(i, e)| match (&e.calibration, method.data_aware()) {
+            (Some(path), true) => Calibration::open(path).map(Some),
+            (None, true) => Err(recipe_error(
+                recipe,
+                format!(
+                    "method `{}` reads each expert's calibration statistics, and expert {i} (`{}`) has no `calibration = \"STATS.safetensors\"` (made by `mmx calibrate`)",
+                    method.name(),
+                    e.source
+                ),
+            )),
+            (Some(path), false) => {
+                warnings.push(format!(
+                    "expert {i} (`{}`): `calibration = \"{}\"` is read only by regmean and fisher, not by `{}`",
+                    e.source,
+                    path.display(),
+                    method.name()
+                ));
+                Ok(None)
+            }
+            (None, false) => Ok(None),
+        })
+        .collect()
+}
+
+/// Whether every expert that changes tensor `name` has the statistics `method` reads for its
+/// module (a Gram for `regmean`, a Fisher for `fisher`), checked against the tensor's shape.
+fn has_statistics(
+    method: Method,
+    experts: &[Expert],
+    calibration: &[Option<Calibration>],
+    name: &str,
+    shape: &[usize],
+) -> Result<bool> {
+    let Some(module) = module_of(name, shape) else {
+        return Ok(false);
+    };
+    let mut all = true;
+    for (e, stats) in experts.iter().zip(calibration) {
+        let Some(stats) = stats else {
+            continue;
+        };
+        stats.check_shapes(&module, shape)?;
+        let has = match method {
+            Method::RegMean => stats.has_gram(&module),
+            _ => stats.has_fisher(&module),
+        };
+        all &= has || !e.touches(name);
+    }
+    Ok(all)
+}
+
+/// One line naming how many tensors merge by the fallback, and the first few.
+pub(crate) fn fallback_warning(method: Method, fallback: Fallback, tensors: &[String]) -> String {
+    const SHOWN: usize = 3;
+    let mut shown = tensors[..tensors.len().min(SHOWN)].join("`, `");
+    if tensors.len() > SHOWN {
+        shown.push_str(&format!("` and {} more", tensors.len() - SHOWN));
+    } else {
+        shown.push('`');
+    }
+    format!(
+        "{} tensors have no `{}` statistics from every expert that changes them and merge by the fallback `{}`: `{shown}",
+        tensors.len(),
+        method.name(),
+        fallback.method_name()
+    )
 }
 
 /// What a merge reads, per input (base first, then experts in order): its role, the files it
@@ -410,8 +544,12 @@ pub fn input_files(plan: &Plan) -> Vec<(String, Vec<std::path::PathBuf>, Vec<Str
             }
         }
     }
-    for e in &plan.experts {
+    for (e, stats) in plan.experts.iter().zip(&plan.calibration) {
         out.push((format!("expert:{}", e.label), e.files(), e.manifests()));
+        if let Some(stats) = stats {
+            let role = format!("calibration:{}", e.label);
+            out.push((role, vec![stats.path().to_path_buf()], Vec::new()));
+        }
     }
     out
 }

@@ -365,7 +365,7 @@ fn merge_in_chunks(
         row_len,
         chunks,
     };
-    let method = plan.method;
+    let method = params.method;
     let globals = &params.globals;
     check_params(method, globals, &t.name, &params.experts)?;
     let n = job.numel();

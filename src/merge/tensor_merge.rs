@@ -43,6 +43,16 @@ pub fn merge_tensor(
             ),
         ));
     }
+    if method.data_aware() {
+        return Err(parameter_error(
+            "method",
+            name,
+            format!(
+                "`{}` reads the experts' calibration statistics: merge through a recipe whose experts name their `calibration`",
+                method.name()
+            ),
+        ));
+    }
     let numel = check_job(name, shape, base, &experts, &params, &expert_ids)?;
     check_params(method, globals, name, &params)?;
 
@@ -347,7 +357,7 @@ mod tests {
 
     #[test]
     fn names_round_trip() {
-        assert_eq!(Method::all().len(), 13);
+        assert_eq!(Method::all().len(), 15);
         for &m in Method::all() {
             assert_eq!(Method::from_name(m.name()), Some(m));
             assert_eq!(
@@ -823,7 +833,10 @@ mod tests {
     #[test]
     fn no_experts_gives_the_base() {
         let base = [1.0, -2.0];
-        for &m in Method::all().iter().filter(|m| !m.adapters_only()) {
+        for &m in Method::all()
+            .iter()
+            .filter(|m| !m.adapters_only() && !m.data_aware())
+        {
             let out = run(m, &m.default_globals(), &[2], Some(&base), &[], &[]).unwrap();
             assert_eq!(out.values, base);
             assert_eq!(out.stats.delta_l2, 0.0);
@@ -861,10 +874,31 @@ mod tests {
     }
 
     #[test]
+    fn data_aware_methods_need_their_statistics() {
+        let base = [0.0; 2];
+        for m in [Method::RegMean, Method::Fisher] {
+            let err = run(
+                m,
+                &m.default_globals(),
+                &[1, 2],
+                Some(&base),
+                &[&[1.0, 2.0]],
+                &[expert(1.0, 1.0)],
+            )
+            .unwrap_err();
+            assert!(
+                matches!(err, Error::Parameter { ref name, ref message, .. }
+                    if name == "method" && message.contains("calibration")),
+                "{err}"
+            );
+        }
+    }
+
+    #[test]
     fn missing_base_is_an_error() {
         for &m in Method::all()
             .iter()
-            .filter(|m| m.needs_base() && !m.adapters_only())
+            .filter(|m| m.needs_base() && !m.adapters_only() && !m.data_aware())
         {
             let err = run(
                 m,

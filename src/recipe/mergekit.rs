@@ -143,6 +143,7 @@ pub fn parse(path: &Path, text: String) -> Result<Recipe> {
         experts.push(ExpertSpec {
             source: src,
             parameters: parameters(path, &format!("{at}.parameters"), params)?,
+            calibration: None,
         });
     }
     if experts.is_empty() {

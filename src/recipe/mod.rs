@@ -84,6 +84,8 @@ pub struct ExpertSpec {
     pub source: Source,
     /// Its own parameters (override the recipe-wide ones).
     pub parameters: Parameters,
+    /// Its calibration statistics file (for the data-aware methods), if the recipe names one.
+    pub calibration: Option<PathBuf>,
 }
 
 /// A merge recipe, format-independent.

@@ -22,7 +22,7 @@ const MERGE_KEYS: &[&str] = &[
     "parameters",
     "experts",
 ];
-const EXPERT_KEYS: &[&str] = &["source", "weight", "parameters"];
+const EXPERT_KEYS: &[&str] = &["source", "weight", "parameters", "calibration"];
 
 /// Parses a native recipe.
 pub fn parse(path: &Path, text: String) -> Result<Recipe> {
@@ -171,9 +171,19 @@ pub fn parse(path: &Path, text: String) -> Result<Recipe> {
                 )));
             }
         }
+        let calibration = match map.get("calibration") {
+            None => None,
+            Some(Value::String(file)) => Some(root.join(file)),
+            Some(other) => {
+                return Err(fail(format!(
+                    "`{at}.calibration` must be the path of a statistics file (see `mmx calibrate`), found {other}"
+                )))
+            }
+        };
         experts.push(ExpertSpec {
             source: source(path, &format!("{at}.source"), src, root)?,
             parameters: params,
+            calibration,
         });
     }
     Ok(Recipe {

@@ -145,6 +145,9 @@ pub struct TensorEntry {
     /// Merged: where it ran, `"cpu"` or `"cuda"`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub device: Option<String>,
+    /// Merged by a data-aware method's fallback (no statistics for it): the fallback's name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fallback: Option<String>,
 }
 
 /// What happened to one module of a LoRA output.
@@ -166,6 +169,9 @@ pub struct ModuleEntry {
     /// Where its module-sized products ran, `"cpu"` or `"cuda"`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub device: Option<String>,
+    /// Merged by a data-aware method's fallback (no statistics for it): the fallback's name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fallback: Option<String>,
 }
 
 /// One tensor the experts of a LoRA merge store whole.

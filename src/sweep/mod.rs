@@ -194,7 +194,7 @@ fn prepare_template(sweep: &Sweep, out: &Path) -> Result<(Recipe, String, Option
             );
             for t in 0..spec.experts {
                 text.push_str(&format!(
-                    "\n[[merge.experts]]\nsource = \"experts/task{t}\"\n"
+                    "\n[[merge.experts]]\nsource = \"experts/task{t}\"\ncalibration = \"calibration/task{t}.safetensors\"\n"
                 ));
             }
             let path = dir.join("recipe.toml");

@@ -29,6 +29,7 @@ use serde_json::{json, Map, Value};
 use crate::adapter::{Adapter, PEFT_PREFIX};
 use crate::checkpoint::Checkpoint;
 use crate::error::{Error, Result};
+use crate::merge::calibration::{write_calibration, ModuleStats};
 use crate::recipe::{MergeRecord, OutputKind};
 use crate::rng::{fnv1a, mix64, SplitMix};
 use crate::tensor::{
@@ -277,7 +278,8 @@ impl Planted {
     }
 
     /// Writes the base (`base/`, a Hugging Face checkpoint), one PEFT adapter per expert
-    /// (`experts/taskN/`) and `planted.json`.
+    /// (`experts/taskN/`), their calibration statistics (`calibration/taskN.safetensors`, from
+    /// the validation inputs) and `planted.json`.
     pub fn write(&self, dir: &Path) -> Result<()> {
         let d = self.spec.dim;
         let base = Self::base_dir(dir);
@@ -353,7 +355,53 @@ impl Planted {
             Adapter::save(&Self::expert_dir(dir, t), &config, &tensors)?;
         }
         let spec = serde_json::to_vec_pretty(&self.spec).expect("JSON serialises");
+        self.write_calibration(dir)?;
         write_atomic(&dir.join(SPEC_FILE), &spec)
+    }
+
+    /// Task `t`'s inputs to module `m` in `split`, one per column: `x = U_t·z` with `z`
+    /// standard normal, a stream per split and task.
+    fn inputs(&self, m: &Module, t: usize, split: Split) -> Mat<f64> {
+        let mut stream = Stream::new(self.spec.seed, &format!("{}/{split:?}/task{t}", m.name));
+        let z = stream.matrix(self.spec.rank, self.spec.inputs, 1.0);
+        &m.inputs[t] * z
+    }
+
+    /// Expert `t`'s calibration statistics file inside a written problem.
+    pub fn calibration_file(dir: &Path, t: usize) -> PathBuf {
+        dir.join("calibration").join(format!("task{t}.safetensors"))
+    }
+
+    /// Writes each expert's calibration statistics (the Grams of its task's validation inputs
+    /// to every task module, and the diagonal Fisher they give) to
+    /// `calibration/taskN.safetensors`.
+    pub fn write_calibration(&self, dir: &Path) -> Result<()> {
+        let folder = dir.join("calibration");
+        std::fs::create_dir_all(&folder).map_err(|e| Error::io(&folder, e))?;
+        for t in 0..self.spec.experts {
+            let modules = self
+                .modules
+                .iter()
+                .map(|m| {
+                    let (d, n) = (self.spec.dim, self.spec.inputs);
+                    let x = self.inputs(m, t, Split::Validation);
+                    let gram = &x * x.transpose();
+                    // The task is a regression with Gaussian noise: the Fisher of weight (i, j)
+                    // is E[x_j²] (times the noise variance, which only scales it).
+                    let fisher = (0..d * d)
+                        .map(|k| (gram[(k % d, k % d)] / n as f64) as f32)
+                        .collect();
+                    let stats = ModuleStats {
+                        gram: Some((row_major(&gram), d, n as u64)),
+                        fisher: Some((fisher, vec![d, d])),
+                    };
+                    let module = m.name.strip_suffix(".weight").unwrap_or(&m.name);
+                    (module.to_string(), stats)
+                })
+                .collect();
+            write_calibration(&Self::calibration_file(dir, t), &modules)?;
+        }
+        Ok(())
     }
 
     /// The names of the task modules.
@@ -399,11 +447,7 @@ impl Planted {
                     f64::from(delta[i * d + j]) - f64::from(want[i * d + j])
                 });
                 let target = Mat::<f64>::from_fn(d, d, |i, j| f64::from(want[i * d + j]));
-                // Held-out inputs x = U_t·z, z standard normal; a stream per split and task.
-                let mut stream =
-                    Stream::new(self.spec.seed, &format!("{}/{split:?}/task{t}", m.name));
-                let z = stream.matrix(self.spec.rank, self.spec.inputs, 1.0);
-                let x = &m.inputs[t] * z;
+                let x = self.inputs(m, t, split);
                 error[t] += (diff * &x).squared_norm_l2();
                 signal[t] += (target * &x).squared_norm_l2();
             }

@@ -1,0 +1,426 @@
+//! Data-aware merging (`regmean`, `fisher`) end to end: recipes whose experts name their
+//! calibration statistics, merged through the library on a small planted problem, against an
+//! independent dense least-squares solve, core space against full space, the fallback for
+//! modules without statistics, and bad statistics refused with nothing written.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use faer::linalg::solvers::SolveLstsq;
+use faer::Mat;
+use mmx::merge::calibration::{write_calibration, ModuleStats};
+use mmx::merge::{merge, MergePlan, OutputOptions};
+use mmx::recipe::{MergeRecord, Recipe};
+use mmx::sweep::planted::{Planted, PlantedSpec};
+
+const DIM: usize = 8;
+
+fn options() -> OutputOptions {
+    OutputOptions {
+        max_memory: 1 << 30,
+        shard_bytes: 5 << 30,
+        force: false,
+        backend: mmx::backend::Backend::Cpu,
+        threads: None,
+    }
+}
+
+/// Two rank-4 experts on 8 × 8 modules whose input subspaces overlap by `overlap`, with
+/// off-task leaks (`leak`).
+fn planted(dir: &Path, overlap: f64, leak: f64) -> Planted {
+    let planted = Planted::generate(PlantedSpec {
+        experts: 2,
+        layers: 1,
+        dim: DIM,
+        rank: 4,
+        overlap,
+        conflict: 0.5,
+        leak,
+        inputs: 16,
+        seed: 3,
+    })
+    .unwrap();
+    planted.write(dir).unwrap();
+    planted
+}
+
+fn problem(dir: &Path) -> Planted {
+    planted(dir, 0.5, 0.5)
+}
+
+/// Deterministic inputs for expert `t`: `tokens` rows of `DIM` values.
+fn inputs(t: usize, tokens: usize) -> Vec<Vec<f64>> {
+    let mut state = 0x9e37_79b9_7f4a_7c15u64.wrapping_mul(t as u64 + 1);
+    let mut next = || {
+        state = state
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        ((state >> 11) as f64 / (1u64 << 53) as f64) * 2.0 - 1.0
+    };
+    (0..tokens)
+        .map(|_| {
+            (0..DIM)
+                .map(|j| next() * (1.0 + j as f64 * 0.1 * t as f64))
+                .collect()
+        })
+        .collect()
+}
+
+/// Writes expert `t`'s statistics for `modules` from `x`: `Σ x·xᵀ`, its token count, and the
+/// Fisher `fisher` if given (the same for every module).
+fn write_stats(path: &Path, modules: &[&str], x: &[Vec<f64>], fisher: Option<&[f32]>) -> PathBuf {
+    let mut gram = vec![0f32; DIM * DIM];
+    for row in x {
+        for i in 0..DIM {
+            for j in 0..DIM {
+                gram[i * DIM + j] += (row[i] * row[j]) as f32;
+            }
+        }
+    }
+    let stats: BTreeMap<String, ModuleStats> = modules
+        .iter()
+        .map(|m| {
+            (
+                m.trim_end_matches(".weight").to_string(),
+                ModuleStats {
+                    gram: Some((gram.clone(), DIM, x.len() as u64)),
+                    fisher: fisher.map(|f| (f.to_vec(), vec![DIM, DIM])),
+                },
+            )
+        })
+        .collect();
+    write_calibration(path, &stats).unwrap();
+    path.to_path_buf()
+}
+
+fn write_recipe(dir: &Path, name: &str, head: &str, calibration: &[Option<&Path>]) -> PathBuf {
+    let mut text = format!("[merge]\nbase = \"base\"\n{head}\n");
+    for (t, stats) in calibration.iter().enumerate() {
+        text.push_str(&format!(
+            "\n[[merge.experts]]\nsource = \"experts/task{t}\"\n"
+        ));
+        if let Some(stats) = stats {
+            text.push_str(&format!("calibration = \"{}\"\n", stats.display()));
+        }
+    }
+    let path = dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+fn run(recipe: &Path, out: &Path) -> mmx::Result<MergePlan> {
+    let plan = MergePlan::build(Recipe::load(recipe)?)?;
+    merge(&plan, out, &options(), &|_| {})?;
+    Ok(plan)
+}
+
+/// The least-squares merge solved independently: rows `X_t` (scaled by `sqrt(w_t / n_t)`)
+/// stacked with targets `X_t·Δ_tᵀ`, solved by QR.
+fn least_squares(deltas: &[&[f32]], xs: &[Vec<Vec<f64>>], weights: &[f64]) -> Vec<f64> {
+    let rows: usize = xs.iter().map(Vec::len).sum();
+    let mut a = Mat::<f64>::zeros(rows, DIM);
+    let mut y = Mat::<f64>::zeros(rows, DIM);
+    let mut r = 0;
+    for ((delta, x), &w) in deltas.iter().zip(xs).zip(weights) {
+        let scale = (w / x.len() as f64).sqrt();
+        for row in x {
+            for j in 0..DIM {
+                a[(r, j)] = scale * row[j];
+            }
+            for o in 0..DIM {
+                y[(r, o)] = scale
+                    * (0..DIM)
+                        .map(|j| f64::from(delta[o * DIM + j]) * row[j])
+                        .sum::<f64>();
+            }
+            r += 1;
+        }
+    }
+    // Solves a·Δᵀ = y: Δᵀ is DIM × DIM.
+    let solution = a.qr().solve_lstsq(&y);
+    (0..DIM * DIM)
+        .map(|k| solution[(k % DIM, k / DIM)])
+        .collect()
+}
+
+fn assert_close(actual: &[f32], expected: &[f64], tol: f64) {
+    let scale = expected.iter().map(|v| v.abs()).fold(0.0, f64::max);
+    for (i, (a, e)) in actual.iter().zip(expected).enumerate() {
+        assert!(
+            (f64::from(*a) - e).abs() <= tol * scale,
+            "element {i}: {a} against {e}"
+        );
+    }
+}
+
+#[test]
+fn regmean_is_the_least_squares_merge_in_full_and_in_core_space() {
+    let dir = tempfile::tempdir().unwrap();
+    let planted = problem(dir.path());
+    let modules = planted.module_names();
+    let xs = [inputs(0, 40), inputs(1, 25)];
+    let stats: Vec<PathBuf> = (0..2)
+        .map(|t| {
+            write_stats(
+                &dir.path().join(format!("s{t}.safetensors")),
+                &modules,
+                &xs[t],
+                None,
+            )
+        })
+        .collect();
+    let calibration: Vec<Option<&Path>> = stats.iter().map(|p| Some(p.as_path())).collect();
+    let head = "method = \"regmean\"\noutput = \"delta\"\n[merge.parameters]\nridge = 0.0";
+    let recipe = write_recipe(dir.path(), "full.toml", head, &calibration);
+    // Weights 2 and 1: the least squares weighs each expert's mean squared error by them.
+    let text = std::fs::read_to_string(&recipe).unwrap().replacen(
+        "source = \"experts/task0\"",
+        "source = \"experts/task0\"\nweight = 2.0",
+        1,
+    );
+    std::fs::write(&recipe, text).unwrap();
+    let full_out = dir.path().join("full");
+    let plan = run(&recipe, &full_out).unwrap();
+    assert!(plan.warnings().is_empty(), "{:?}", plan.warnings());
+    let full = planted.read_merged(&full_out).unwrap();
+    let deltas = [planted.expert_deltas(0), planted.expert_deltas(1)];
+    for m in &modules {
+        let expected = least_squares(&[&deltas[0][*m], &deltas[1][*m]], &xs, &[2.0, 1.0]);
+        assert_close(&full[*m], &expected, 1e-4);
+    }
+
+    // Core space: the experts' Bs side by side with solved As, the same update at rank Σ r_t.
+    let core_recipe = std::fs::read_to_string(&recipe)
+        .unwrap()
+        .replace("output = \"delta\"", "output = \"lora\"");
+    std::fs::write(dir.path().join("core.toml"), core_recipe).unwrap();
+    let core_out = dir.path().join("core");
+    run(&dir.path().join("core.toml"), &core_out).unwrap();
+    let core = planted.read_merged(&core_out).unwrap();
+    for m in &modules {
+        let full: Vec<f64> = full[*m].iter().map(|&v| f64::from(v)).collect();
+        assert_close(&core[*m], &full, 1e-5);
+    }
+    let record = MergeRecord::read(&core_out).unwrap();
+    assert!(record
+        .modules
+        .iter()
+        .all(|m| m.rank == 8 && m.fallback.is_none()));
+    // The statistics are inputs of the merge: their digests are in the record.
+    let record = MergeRecord::read(&full_out).unwrap();
+    let roles: Vec<&str> = record.inputs.iter().map(|i| i.input.as_str()).collect();
+    let calibrations = roles
+        .iter()
+        .filter(|r| r.starts_with("calibration:"))
+        .count();
+    assert_eq!(calibrations, 2, "{roles:?}");
+}
+
+/// With disjoint input subspaces RegMean keeps each expert's outputs on its own inputs
+/// exactly (held-out inputs included), whatever the leaks, which no weight-only merge does:
+/// task arithmetic at its best λ carries each expert's leak into the other's inputs.
+#[test]
+fn regmean_keeps_disjoint_tasks_that_weight_only_merges_mix() {
+    let dir = tempfile::tempdir().unwrap();
+    let planted = planted(dir.path(), 0.0, 1.0);
+    let calibration: Vec<PathBuf> = (0..2)
+        .map(|t| Planted::calibration_file(dir.path(), t))
+        .collect();
+    let calibration: Vec<Option<&Path>> = calibration.iter().map(|p| Some(p.as_path())).collect();
+    let score = |method: &str, lambda: f64| {
+        let head = format!(
+            "method = \"{method}\"\noutput = \"delta\"\n[merge.parameters]\nlambda = {lambda}"
+        );
+        let recipe = write_recipe(dir.path(), "r.toml", &head, &calibration);
+        let out = dir.path().join(format!("{method}-{lambda}"));
+        run(&recipe, &out).unwrap();
+        let merged = planted.read_merged(&out).unwrap();
+        let scores = planted
+            .score(&merged, mmx::sweep::planted::Split::Test)
+            .unwrap();
+        scores.iter().sum::<f64>() / scores.len() as f64
+    };
+    let regmean = score("regmean", 1.0);
+    let best_task_arithmetic = [0.25, 0.5, 0.75, 1.0]
+        .iter()
+        .map(|&l| score("task_arithmetic", l))
+        .fold(f64::NEG_INFINITY, f64::max);
+    assert!(
+        regmean > 0.999 && best_task_arithmetic < 0.9,
+        "regmean {regmean} against task arithmetic {best_task_arithmetic}"
+    );
+}
+
+#[test]
+fn modules_without_statistics_merge_by_the_named_fallback() {
+    let dir = tempfile::tempdir().unwrap();
+    let planted = problem(dir.path());
+    let modules = planted.module_names();
+    // Expert 1 has statistics for the first module only.
+    let s0 = write_stats(
+        &dir.path().join("s0.safetensors"),
+        &modules,
+        &inputs(0, 20),
+        None,
+    );
+    let s1 = write_stats(
+        &dir.path().join("s1.safetensors"),
+        &modules[..1],
+        &inputs(1, 20),
+        None,
+    );
+    for (output, fallback, divisor) in [("delta", "linear", 2.0), ("lora", "task_arithmetic", 1.0)]
+    {
+        let head = format!(
+            "method = \"regmean\"\noutput = \"{output}\"\n[merge.parameters]\nfallback = \"{fallback}\""
+        );
+        let recipe = write_recipe(dir.path(), "r.toml", &head, &[Some(&s0), Some(&s1)]);
+        let out = dir.path().join(format!("fallback-{output}"));
+        let plan = run(&recipe, &out).unwrap();
+        let warning = plan.warnings().join("\n");
+        assert!(
+            warning.contains(&format!("fallback `{fallback}`")) && warning.contains(modules[1]),
+            "{warning}"
+        );
+        let merged = planted.read_merged(&out).unwrap();
+        let (d0, d1) = (planted.expert_deltas(0), planted.expert_deltas(1));
+        let expected: Vec<f64> = d0[modules[1]]
+            .iter()
+            .zip(&d1[modules[1]])
+            .map(|(a, b)| f64::from(a + b) / divisor)
+            .collect();
+        assert_close(&merged[modules[1]], &expected, 1e-5);
+        let record = MergeRecord::read(&out).unwrap();
+        let recorded: Vec<Option<String>> = match output {
+            "delta" => record
+                .tensors
+                .iter()
+                .filter(|t| modules.contains(&t.name.as_str()))
+                .map(|t| t.fallback.clone())
+                .collect(),
+            _ => record.modules.iter().map(|m| m.fallback.clone()).collect(),
+        };
+        assert_eq!(recorded, [None, Some(fallback.to_string())]);
+    }
+}
+
+#[test]
+fn fisher_weighs_each_coordinate_by_the_experts_fisher() {
+    let dir = tempfile::tempdir().unwrap();
+    let planted = problem(dir.path());
+    let modules = planted.module_names();
+    let f0: Vec<f32> = (0..DIM * DIM).map(|k| 1.0 + (k % 3) as f32).collect();
+    let f1: Vec<f32> = (0..DIM * DIM).map(|k| 0.5 + (k % 5) as f32).collect();
+    let s0 = write_stats(
+        &dir.path().join("s0.safetensors"),
+        &modules,
+        &inputs(0, 4),
+        Some(&f0),
+    );
+    let s1 = write_stats(
+        &dir.path().join("s1.safetensors"),
+        &modules,
+        &inputs(1, 4),
+        Some(&f1),
+    );
+    let head = "method = \"fisher\"\noutput = \"delta\"\n[merge.parameters]\nfisher_floor = 1e-9";
+    let recipe = write_recipe(dir.path(), "r.toml", head, &[Some(&s0), Some(&s1)]);
+    let out = dir.path().join("fisher");
+    run(&recipe, &out).unwrap();
+    let merged = planted.read_merged(&out).unwrap();
+    let (d0, d1) = (planted.expert_deltas(0), planted.expert_deltas(1));
+    for m in &modules {
+        let expected: Vec<f64> = (0..DIM * DIM)
+            .map(|k| {
+                let (a, b) = (f64::from(f0[k]), f64::from(f1[k]));
+                (a * f64::from(d0[*m][k]) + b * f64::from(d1[*m][k])) / (a + b)
+            })
+            .collect();
+        assert_close(&merged[*m], &expected, 1e-5);
+    }
+    // An adapter's factors have no shared coordinates to weigh: a LoRA output is refused.
+    let text = std::fs::read_to_string(&recipe)
+        .unwrap()
+        .replace("output = \"delta\"", "output = \"lora\"");
+    std::fs::write(&recipe, text).unwrap();
+    let err = run(&recipe, &dir.path().join("fisher-lora"))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("`fisher` averages full weights"), "{err}");
+    assert!(!dir.path().join("fisher-lora").exists());
+}
+
+#[test]
+fn bad_statistics_are_refused_before_anything_is_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let planted = problem(dir.path());
+    let modules = planted.module_names();
+    let good = write_stats(
+        &dir.path().join("good.safetensors"),
+        &modules,
+        &inputs(0, 8),
+        None,
+    );
+    let head = "method = \"regmean\"\noutput = \"delta\"";
+    let out = dir.path().join("out");
+
+    // An expert without statistics.
+    let recipe = write_recipe(dir.path(), "r.toml", head, &[Some(&good), None]);
+    let err = run(&recipe, &out).unwrap_err().to_string();
+    assert!(
+        err.contains("expert 1 (") && err.contains("has no `calibration"),
+        "{err}"
+    );
+
+    // A Gram of the wrong side for the module.
+    let wrong = dir.path().join("wrong.safetensors");
+    let stats: BTreeMap<String, ModuleStats> = BTreeMap::from([(
+        modules[0].trim_end_matches(".weight").to_string(),
+        ModuleStats {
+            gram: Some((vec![1.0; 9], 3, 5)),
+            fisher: None,
+        },
+    )]);
+    write_calibration(&wrong, &stats).unwrap();
+    let recipe = write_recipe(dir.path(), "r.toml", head, &[Some(&good), Some(&wrong)]);
+    let err = run(&recipe, &out).unwrap_err().to_string();
+    let module = modules[0].trim_end_matches(".weight");
+    assert!(
+        err.contains("wrong.safetensors")
+            && err.contains(&format!("module `{module}`"))
+            && err.contains("3×3")
+            && err.contains("[8, 8]"),
+        "{err}"
+    );
+
+    // An asymmetric Gram: found when the module is merged, and nothing is written.
+    let mut gram = vec![0f32; DIM * DIM];
+    (0..DIM).for_each(|i| gram[i * DIM + i] = 1.0);
+    gram[1] = 0.5;
+    let stats: BTreeMap<String, ModuleStats> = modules
+        .iter()
+        .map(|m| {
+            (
+                m.trim_end_matches(".weight").to_string(),
+                ModuleStats {
+                    gram: Some((gram.clone(), DIM, 2)),
+                    fisher: None,
+                },
+            )
+        })
+        .collect();
+    let asymmetric = dir.path().join("asymmetric.safetensors");
+    write_calibration(&asymmetric, &stats).unwrap();
+    let recipe = write_recipe(
+        dir.path(),
+        "r.toml",
+        head,
+        &[Some(&good), Some(&asymmetric)],
+    );
+    let err = run(&recipe, &out).unwrap_err().to_string();
+    assert!(
+        err.contains("not symmetric: [0, 1] is 0.5 but [1, 0] is 0"),
+        "{err}"
+    );
+    assert!(!out.exists(), "a failed merge left {}", out.display());
+}
