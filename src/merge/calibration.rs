@@ -331,7 +331,10 @@ pub fn module_of(tensor: &str, shape: &[usize]) -> Option<String> {
 mod tests {
     use super::*;
 
-    fn write_raw(dir: &Path, tensors: &[(&str, Dtype, Vec<usize>, Vec<u8>)]) -> std::path::PathBuf {
+    /// A tensor to write as it is: name, dtype, shape, bytes.
+    type Raw<'a> = (&'a str, Dtype, Vec<usize>, Vec<u8>);
+
+    fn write_raw(dir: &Path, tensors: &[Raw<'_>]) -> std::path::PathBuf {
         let path = dir.join("stats.safetensors");
         let tensors: Vec<(TensorSpec, Vec<u8>)> = tensors
             .iter()
@@ -387,7 +390,7 @@ mod tests {
     fn bad_files_are_refused_naming_module_and_shape() {
         let dir = tempfile::tempdir().unwrap();
         let count = |n: i64| n.to_le_bytes().to_vec();
-        let cases: Vec<(Vec<(&str, Dtype, Vec<usize>, Vec<u8>)>, &str)> = vec![
+        let cases: Vec<(Vec<Raw<'_>>, &str)> = vec![
             (
                 vec![("m.gram", Dtype::F32, vec![2, 3], f32s(&[0.0; 6]))],
                 "[2, 3], expected a square",

@@ -18,7 +18,7 @@ pub fn merge_updates(
     weights: &[f32],
     floor: f32,
 ) -> Result<Vec<f32>> {
-    if let Some(w) = weights.iter().find(|w| !(**w >= 0.0)) {
+    if let Some(w) = weights.iter().find(|w| w.is_nan() || **w < 0.0) {
         return Err(Error::Parameter {
             name: "weight".to_string(),
             tensor: tensor.to_string(),

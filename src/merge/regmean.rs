@@ -34,6 +34,12 @@ fn shrunk(gram: &Gram, alpha: f64) -> Mat<f64> {
     })
 }
 
+/// The experts' shrunk Grams `G̃_t` and the Cholesky factor of `M`.
+struct System {
+    shrunk: Vec<Mat<f64>>,
+    llt: Llt<f64>,
+}
+
 /// The shrunk Grams and the Cholesky factor of `M = Σ w_t·G̃_t + ρ·mean(diag)·I`; `None` when
 /// no expert's inputs reach the module (every Gram zero), where the merged update is zero.
 fn system(
@@ -42,8 +48,8 @@ fn system(
     weights: &[f32],
     alpha: f32,
     ridge: f32,
-) -> Result<Option<(Vec<Mat<f64>>, Llt<f64>)>> {
-    if let Some(w) = weights.iter().find(|w| !(**w >= 0.0)) {
+) -> Result<Option<System>> {
+    if let Some(w) = weights.iter().find(|w| w.is_nan() || **w < 0.0) {
         return Err(Error::Parameter {
             name: "weight".to_string(),
             tensor: tensor.to_string(),
@@ -67,7 +73,7 @@ fn system(
         tensor: tensor.to_string(),
         message: format!("RegMean's summed Gram is not positive definite ({e:?}): raise `ridge`"),
     })?;
-    Ok(Some((shrunk, llt)))
+    Ok(Some(System { shrunk, llt }))
 }
 
 fn matrix(values: &[f32], rows: usize, cols: usize) -> Mat<f64> {
@@ -100,7 +106,7 @@ pub fn merge_updates(
     ridge: f32,
 ) -> Result<Vec<f32>> {
     check(tensor, cols, grams)?;
-    let Some((shrunk, llt)) = system(tensor, grams, weights, alpha, ridge)? else {
+    let Some(System { shrunk, llt }) = system(tensor, grams, weights, alpha, ridge)? else {
         return Ok(vec![0.0; rows * cols]);
     };
     let mut n = Mat::<f64>::zeros(rows, cols);
@@ -132,7 +138,7 @@ pub fn merge_factors(
 ) -> Result<Vec<f32>> {
     check(tensor, cols, grams)?;
     let total: usize = a.iter().map(|(_, r)| r).sum();
-    let Some((shrunk, llt)) = system(tensor, grams, weights, alpha, ridge)? else {
+    let Some(System { shrunk, llt }) = system(tensor, grams, weights, alpha, ridge)? else {
         return Ok(vec![0.0; total * cols]);
     };
     let mut n = Mat::<f64>::zeros(total, cols);
