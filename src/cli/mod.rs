@@ -1,5 +1,6 @@
 //! The command line: clap definitions and one file per command. The only module that prints.
 
+mod calibrate;
 mod conflicts;
 mod data;
 mod doctor;
@@ -33,6 +34,9 @@ struct Cli {
 enum Command {
     /// Merge the experts of a recipe (mmx TOML or mergekit YAML).
     Merge(merge::MergeArgs),
+    /// An expert's calibration statistics (its modules' input Grams over its cases), for
+    /// data-aware merges (`regmean`).
+    Calibrate(calibrate::CalibrateArgs),
     /// Measure how the experts of a recipe conflict, per module type and per layer.
     Conflicts(conflicts::ConflictsArgs),
     /// Run a merge sweep: grid or random search over methods and parameters, each trial scored.
@@ -88,6 +92,7 @@ fn dispatch<'a>(args: impl IntoIterator<Item = &'a str>) -> anyhow::Result<ExitC
 fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Merge(args) => merge::run(args),
+        Command::Calibrate(args) => calibrate::run(args),
         Command::Conflicts(args) => conflicts::run(args),
         Command::Sweep(args) => sweep::run(args),
         Command::Publish(args) => registry::publish(args),

@@ -19,6 +19,7 @@
 //! ```
 
 pub mod batch;
+pub mod calibrate;
 pub mod case;
 pub mod checkpoint;
 pub mod embed;

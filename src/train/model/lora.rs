@@ -6,7 +6,11 @@
 //! `nn.init.kaiming_uniform_(a=√5)` draws it (uniform in ±1/√in) and B zero, so that a fresh
 //! adapter changes nothing.
 
+use std::sync::Arc;
+
 use candle_core::{DType, Tensor, Var};
+
+use super::input_gram::InputGram;
 
 use crate::rng::SplitMix;
 
@@ -137,6 +141,8 @@ pub struct LoraLinear {
     weight: Tensor,
     bias: Option<Tensor>,
     lora: Option<Factors>,
+    /// Sums the layer's inputs' Gram while set (calibration).
+    tap: Option<Arc<InputGram>>,
 }
 
 /// `x·wᵀ` for `x [.., in]` and `w [out, in]`, through one 2-D product.
@@ -158,6 +164,7 @@ impl LoraLinear {
             weight,
             bias,
             lora: None,
+            tap: None,
         }
     }
 
@@ -221,6 +228,11 @@ impl LoraLinear {
         Ok(())
     }
 
+    /// Sums the Gram of every input the layer is fed into `tap` from now on (`None`: stops).
+    pub fn set_input_gram(&mut self, tap: Option<Arc<InputGram>>) {
+        self.tap = tap;
+    }
+
     /// Removes the update.
     pub fn remove_lora(&mut self) {
         self.lora = None;
@@ -269,6 +281,9 @@ impl LoraLinear {
     /// `y = x·Wᵀ + b`, plus `s·((dropout(x)·Aᵀ)·Bᵀ)` when adapted and `lora` is on; dropout
     /// only when `train`. The update is computed in the factors' dtype and added in `x`'s.
     pub fn forward(&self, x: &Tensor, lora: bool, train: bool) -> candle_core::Result<Tensor> {
+        if let Some(tap) = &self.tap {
+            tap.add(x)?;
+        }
         let mut y = matmul_t(x, &self.weight)?;
         if let Some(bias) = &self.bias {
             y = y.broadcast_add(bias)?;
