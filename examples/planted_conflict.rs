@@ -31,6 +31,10 @@ fn list(values: &[f64]) -> Values {
     Values::List(values.iter().map(|&v| Scalar::Number(v)).collect())
 }
 
+fn text(value: &str) -> Values {
+    Values::List(vec![Scalar::Text(value.to_string())])
+}
+
 /// The methods compared, each with the label the table uses.
 fn methods(rank: usize, densities: &[f64]) -> Vec<(&'static str, MethodEntry)> {
     let entry = |method: &str, lora: bool, params: Vec<(&str, Values)>| MethodEntry {
@@ -82,6 +86,22 @@ fn methods(rank: usize, densities: &[f64]) -> Vec<(&'static str, MethodEntry)> {
                 vec![
                     ("density", half()),
                     ("attenuation", list(&[1.0])),
+                    ("confidence", text("rms")),
+                    ("lambda", list(&LAMBDAS)),
+                ],
+            ),
+        ),
+        // CACI scoring each core coordinate by its effect on the expert's outputs on the
+        // expert's own (validation) inputs.
+        (
+            "caci (activation)",
+            entry(
+                "caci",
+                true,
+                vec![
+                    ("density", half()),
+                    ("attenuation", list(&[1.0])),
+                    ("confidence", text("activation")),
                     ("lambda", list(&LAMBDAS)),
                 ],
             ),
@@ -105,9 +125,21 @@ fn methods(rank: usize, densities: &[f64]) -> Vec<(&'static str, MethodEntry)> {
 
 fn label_of(result: &TrialResult, labels: &[(&'static str, MethodEntry)]) -> &'static str {
     let space = result.settings["space"].as_str();
+    let confidence = result.settings["parameters"]["confidence"].as_str();
+    let entry_confidence = |e: &MethodEntry| match e.parameters.get("confidence") {
+        Some(Values::List(v)) => match v.first() {
+            Some(Scalar::Text(t)) => Some(t.clone()),
+            _ => None,
+        },
+        _ => None,
+    };
     labels
         .iter()
-        .find(|(_, e)| e.method == result.method && e.space.as_deref() == space)
+        .find(|(_, e)| {
+            e.method == result.method
+                && e.space.as_deref() == space
+                && entry_confidence(e).as_deref() == confidence
+        })
         .map(|(l, _)| *l)
         .expect("every trial comes from one of the methods")
 }

@@ -9,7 +9,8 @@
 #   0 (the default): the published experts (registry <specialty>:v2);
 #   K > 0: experts retrained from recipes/train/dsa-*.toml with each seed + K (same base,
 #          same data; about 40 s each), merged with the same recipes.
-# Each shift takes about 4 minutes on 2 cores (each model scored on 2,336 cases).
+# Each shift takes about 4 minutes on 2 cores (each model scored on 2,336 cases). RegMean's
+# calibration statistics come from each specialty's validation cases of the experts' corpus.
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 MMX=${MMX_BIN:-$ROOT/target/release/mmx}
@@ -76,6 +77,17 @@ for shift in "${@:-0}"; do
     merge ties baselines/ties.toml
     merge task_arithmetic baselines/task_arithmetic.toml
     merge ties_vote_restore quickstart.toml -e 's/^attenuation = .*/attenuation = 0.0/' -e 's/^confidence = .*/confidence = "none"/'
+    # RegMean from each expert's calibration statistics: its modules' input Grams over its own
+    # specialty's validation cases (those the experts were validated on).
+    calibration=()
+    mkdir -p "$dir/calibration"
+    for s in $SPECIALTIES; do
+        [[ -f $dir/calibration/$s.safetensors ]] ||
+            "$MMX" calibrate registry:tiny-med-base:v2 --registry "$REG" --adapter "${expert[$s]}" \
+                --data "$OUT/seen-experts/$s/validation.jsonl" -o "$dir/calibration/$s.safetensors" --quiet >/dev/null
+        calibration+=(-e "s|\"../../out/calibration/$s.safetensors\"|\"$dir/calibration/$s.safetensors\"|")
+    done
+    merge regmean baselines/regmean.toml "${calibration[@]}"
     {
         echo "### Experts' seeds + $shift ($(wc -l <"$OUT/cardiology.jsonl") / $(wc -l <"$OUT/radiology.jsonl") / $(wc -l <"$OUT/pathology.jsonl") / $(wc -l <"$OUT/dermatology.jsonl") cases)"
         echo
@@ -87,6 +99,7 @@ for shift in "${@:-0}"; do
         score "TIES merge" "$dir/ties"
         score "task arithmetic merge" "$dir/task_arithmetic"
         score "TIES's vote + restore (CACI γ 0, confidence none)" "$dir/ties_vote_restore"
+        score "RegMean merge" "$dir/regmean"
         echo
     } | tee -a "$OUT/results.md"
 done

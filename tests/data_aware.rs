@@ -424,3 +424,69 @@ fn bad_statistics_are_refused_before_anything_is_written() {
     );
     assert!(!out.exists(), "a failed merge left {}", out.display());
 }
+
+/// Activation-aware CACI end to end. With inputs of RMS 1 on every feature (identity Grams) the
+/// full-space merge is weight-only CACI (`confidence = "rms"`) byte for byte; an expert whose
+/// inputs never reach a module (a zero Gram) has no say there, in full and in core space: the
+/// merge at density 1 is the other expert's update.
+#[test]
+fn activation_caci_scores_by_the_experts_own_inputs() {
+    let dir = tempfile::tempdir().unwrap();
+    let planted = problem(dir.path());
+    let modules = planted.module_names();
+    let identity: Vec<Vec<f64>> = (0..DIM)
+        .map(|i| (0..DIM).map(|j| if i == j { 1.0 } else { 0.0 }).collect())
+        .collect();
+    // The rows are the unit vectors: Σ x·xᵀ = I over DIM tokens, so G / tokens = I / DIM; scaled
+    // back by sqrt(DIM) below so that every feature's RMS is 1.
+    let unit: Vec<Vec<f64>> = identity
+        .iter()
+        .map(|row| row.iter().map(|v| v * (DIM as f64).sqrt()).collect())
+        .collect();
+    let u0 = write_stats(&dir.path().join("u0.safetensors"), &modules, &unit, None);
+    let u1 = write_stats(&dir.path().join("u1.safetensors"), &modules, &unit, None);
+    let caci = |confidence: &str, output: &str, stats: [&Path; 2], density: f64| {
+        let head = format!(
+            "method = \"caci\"\noutput = \"{output}\"\n[merge.parameters]\nconfidence = \"{confidence}\"\ndensity = {density}"
+        );
+        let recipe = write_recipe(
+            dir.path(),
+            "r.toml",
+            &head,
+            &[Some(stats[0]), Some(stats[1])],
+        );
+        let out = dir.path().join(format!("{confidence}-{output}-{density}"));
+        let plan = run(&recipe, &out).unwrap();
+        (out, plan.warnings().to_vec())
+    };
+    let (by_activation, _) = caci("activation", "delta", [&u0, &u1], 0.5);
+    let (by_rms, warnings) = caci("rms", "delta", [&u0, &u1], 0.5);
+    assert!(warnings
+        .iter()
+        .any(|w| w.contains("read only by regmean, fisher and caci")));
+    let bytes = |dir: &Path| std::fs::read(dir.join("delta.safetensors")).unwrap();
+    assert_eq!(bytes(&by_activation), bytes(&by_rms));
+
+    let silent = vec![vec![0.0; DIM]; 4];
+    let z1 = write_stats(&dir.path().join("z1.safetensors"), &modules, &silent, None);
+    let d0 = planted.expert_deltas(0);
+    for output in ["delta", "lora"] {
+        let (out, _) = caci("activation", output, [&u0, &z1], 1.0);
+        let merged = planted.read_merged(&out).unwrap();
+        for m in &modules {
+            let expected: Vec<f64> = d0[*m].iter().map(|&v| f64::from(v)).collect();
+            assert_close(&merged[*m], &expected, 1e-4);
+        }
+    }
+    // Without statistics for an expert it is refused, naming the expert.
+    let head =
+        "method = \"caci\"\noutput = \"delta\"\n[merge.parameters]\nconfidence = \"activation\"";
+    let recipe = write_recipe(dir.path(), "r.toml", head, &[Some(&u0), None]);
+    let err = run(&recipe, &dir.path().join("none"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("expert 1 (") && err.contains("has no `calibration"),
+        "{err}"
+    );
+}

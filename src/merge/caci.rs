@@ -13,6 +13,14 @@
 //!
 //! The vote and the mean are computed in the same order and form as TIES's, so that with
 //! `attenuation = 0`, `confidence = "none"` and no `restore` the result is TIES's to the bit.
+//!
+//! Activation-aware (`confidence = "activation"`): each coordinate is scored by what it does to
+//! the expert's outputs on the expert's own inputs, `|Δ_t[i, j]|·σ_t[j]` with `σ_t[j]` the RMS of
+//! input feature j over the expert's calibration tokens (`sqrt(G_t[j, j] / tokens)`; in core
+//! space, of the input direction of core column j). The trim keeps each expert's top `density`
+//! by that score, the vote sums the scored values `Δ_t·σ_t` with confidence `w_t / rms(Δ_t·σ_t)`,
+//! and `κ` compares the scored masses; the mean is still of the updates themselves. With every
+//! `σ_t = 1` it is CACI with `confidence = "rms"`, to the bit.
 
 use super::job::{fraction, squared_distance, MergedTensor, TensorStats};
 use super::method::{Confidence, ExpertParams, GlobalParams};
@@ -21,13 +29,15 @@ use super::sparsify;
 use crate::error::Result;
 
 /// Merges one tensor with CACI; `experts` are full tensors, `base` their common base, `name`
-/// the tensor's (for errors).
+/// the tensor's (for errors). `scales`: per expert, the RMS of each input feature (one per
+/// column of the row-major tensor), for `confidence = "activation"`.
 pub(crate) fn merge(
     name: &str,
     base: &[f32],
     mut experts: Vec<Vec<f32>>,
     params: &[ExpertParams],
     globals: &GlobalParams,
+    scales: Option<&[Vec<f32>]>,
 ) -> Result<MergedTensor> {
     let n = base.len();
     for delta in experts.iter_mut() {
@@ -35,15 +45,30 @@ pub(crate) fn merge(
             *d -= b;
         }
     }
+    let scales = match (globals.confidence, scales) {
+        (Confidence::Activation, Some(scales)) => Some(scales),
+        (Confidence::Activation, None) => return Err(crate::error::Error::Parameter {
+            name: "confidence".to_string(),
+            tensor: name.to_string(),
+            message:
+                "`activation` reads each expert's calibration statistics for this tensor's module"
+                    .to_string(),
+        }),
+        _ => None,
+    };
     // Restore reads the updates as the experts made them, before the trim.
     let untrimmed = globals.restore.map(|_| experts.clone());
     let mut confidence = Vec::with_capacity(experts.len());
     let mut kept_fraction = Vec::with_capacity(experts.len());
-    for (delta, p) in experts.iter_mut().zip(params) {
+    // The values the vote and κ see: the updates, or under "activation" the scored updates.
+    let mut voted: Vec<Vec<f32>> = Vec::new();
+    for (t, (delta, p)) in experts.iter_mut().zip(params).enumerate() {
+        let scored: Option<Vec<f32>> = scales.map(|s| scored(delta, &s[t]));
+        let measured = scored.as_deref().unwrap_or(delta);
         confidence.push(match globals.confidence {
             Confidence::None => p.weight,
-            Confidence::Rms => {
-                let rms = (sparsify::lane_sum(delta, |v| f64::from(v) * f64::from(v))
+            Confidence::Rms | Confidence::Activation => {
+                let rms = (sparsify::lane_sum(measured, |v| f64::from(v) * f64::from(v))
                     / n.max(1) as f64)
                     .sqrt();
                 if rms > 0.0 {
@@ -53,17 +78,32 @@ pub(crate) fn merge(
                 }
             }
         });
-        if p.density < 1.0 {
-            sparsify::magnitude(delta, p.density);
+        match scored {
+            Some(mut scored) => {
+                if p.density < 1.0 {
+                    sparsify::magnitude(&mut scored, p.density);
+                    delta
+                        .iter_mut()
+                        .zip(&scored)
+                        .for_each(|(d, s)| *d = if *s == 0.0 { 0.0 } else { *d });
+                }
+                voted.push(scored);
+            }
+            None => {
+                if p.density < 1.0 {
+                    sparsify::magnitude(delta, p.density);
+                }
+            }
         }
         kept_fraction.push(fraction(delta.iter().filter(|v| **v != 0.0).count(), n));
     }
+    let voted: &[Vec<f32>] = if scales.is_some() { &voted } else { &experts };
 
     let mut values = vec![0f32; n];
     let mut conflicts = 0usize;
     for (j, out) in values.iter_mut().enumerate() {
         let (mut vote, mut positive, mut negative) = (0f32, 0f32, 0f32);
-        for (delta, &c) in experts.iter().zip(&confidence) {
+        for (delta, &c) in voted.iter().zip(&confidence) {
             let x = delta[j];
             vote += c * x;
             positive += c * x.max(0.0);
@@ -71,8 +111,8 @@ pub(crate) fn merge(
         }
         let elected = if vote >= 0.0 { 1.0 } else { -1.0 };
         let (mut mixed, mut divisor, mut opposed) = (0f32, 0f32, false);
-        for ((delta, &c), p) in experts.iter().zip(&confidence).zip(params) {
-            let oriented = c * delta[j] * elected;
+        for (((delta, scored), &c), p) in experts.iter().zip(voted).zip(&confidence).zip(params) {
+            let oriented = c * scored[j] * elected;
             if oriented > 0.0 {
                 mixed += p.weight * delta[j];
                 divisor += p.weight;
@@ -106,6 +146,14 @@ pub(crate) fn merge(
             delta_l2,
         },
     })
+}
+
+/// `Δ[i, j]·σ[j]` for a row-major tensor whose rows are `σ.len()` long.
+fn scored(delta: &[f32], sigma: &[f32]) -> Vec<f32> {
+    delta
+        .chunks(sigma.len().max(1))
+        .flat_map(|row| row.iter().zip(sigma).map(|(d, s)| d * s))
+        .collect()
 }
 
 #[cfg(test)]
@@ -168,6 +216,59 @@ mod tests {
         let out = run(Method::Caci, &globals, &experts, &[1.0; 3], 1.0);
         assert!((out[0] - 5.0).abs() < 1e-6, "{out:?}");
         assert!((out[1] - 1.0).abs() < 1e-6, "{out:?}");
+    }
+
+    fn activation(
+        experts: &[Vec<f32>],
+        scales: &[Vec<f32>],
+        density: f32,
+        globals: &GlobalParams,
+    ) -> Vec<f32> {
+        let base = vec![0.0f32; experts[0].len()];
+        let params: Vec<_> = experts
+            .iter()
+            .map(|_| {
+                let mut p = Method::Caci.default_expert();
+                p.density = density;
+                p
+            })
+            .collect();
+        super::merge("t", &base, experts.to_vec(), &params, globals, Some(scales))
+            .unwrap()
+            .values
+    }
+
+    #[test]
+    fn activation_scores_coordinates_by_their_effect_on_the_outputs() {
+        let g = GlobalParams {
+            confidence: Confidence::Activation,
+            ..Method::Caci.default_globals()
+        };
+        // One row of two inputs. Expert a: Δ = [1, 2] on inputs of RMS [10, 1]: scored
+        // [10, 2], so its top half is coordinate 0 (by magnitude it would be coordinate 1).
+        let out = activation(&[vec![1.0, 2.0]], &[vec![10.0, 1.0]], 0.5, &g);
+        assert_eq!(out, [1.0, 0.0]);
+        // Two experts disagree on coordinate 0: a's +1 on loud inputs (σ 10) outvotes b's −3 on
+        // quiet ones (σ 0.1), though b's update is larger. Confidences are w / rms(scored):
+        // a: 1/sqrt(50), scored vote 10/sqrt(50) = 1.414; b: scored [−0.3, 0.1], rms sqrt(0.05),
+        // vote −0.3/sqrt(0.05) = −1.342. P = 1.414 > N = 1.342: σ = +, a's value, κ = 0.949.
+        let out = activation(
+            &[vec![1.0, 0.0], vec![-3.0, 1.0]],
+            &[vec![10.0, 0.0], vec![0.1, 0.1]],
+            1.0,
+            &g,
+        );
+        let kappa = (0.3f64 / 0.05f64.sqrt()) / (10.0 / 50f64.sqrt());
+        assert!(
+            (f64::from(out[0]) - (1.0 - kappa)).abs() < 1e-5,
+            "{out:?} κ {kappa}"
+        );
+        assert_eq!(out[1], 1.0);
+        // Without statistics it is an error, not a silent weight-only merge.
+        let base = [0.0f32; 2];
+        let params = [Method::Caci.default_expert()];
+        let err = super::merge("t", &base, vec![vec![1.0, 2.0]], &params, &g, None).unwrap_err();
+        assert!(err.to_string().contains("calibration statistics"), "{err}");
     }
 
     #[test]
@@ -233,6 +334,29 @@ mod tests {
     }
 
     proptest! {
+        /// With every input of RMS 1 the activation-aware vote is the weight-only one (rms
+        /// confidence), to the bit.
+        #[test]
+        fn activation_with_unit_inputs_is_rms_caci(
+            values in proptest::collection::vec(-4.0f32..4.0, 24),
+            density in 0.2f32..1.0,
+        ) {
+            let experts: Vec<Vec<f32>> = values.chunks(8).map(<[f32]>::to_vec).collect();
+            let rms = Method::Caci.default_globals();
+            let by_activation = GlobalParams { confidence: Confidence::Activation, ..rms.clone() };
+            let unit = vec![vec![1.0f32; 4]; 3];
+            let expected = {
+                let base = vec![0.0f32; 8];
+                let params: Vec<_> = (0..3).map(|_| {
+                    let mut p = Method::Caci.default_expert();
+                    p.density = density;
+                    p
+                }).collect();
+                super::merge("t", &base, experts.clone(), &params, &rms, None).unwrap().values
+            };
+            prop_assert_eq!(activation(&experts, &unit, density, &by_activation), expected);
+        }
+
         /// With attenuation 0 and confidence "none", CACI is TIES, bit for bit, with `normalize` on
         /// (the disjoint mean) or off (the agreeing sum).
         #[test]

@@ -15,11 +15,13 @@
 use faer::linalg::triangular_solve::solve_upper_triangular_in_place;
 use faer::{Mat, MatRef, Par};
 
+use super::caci;
+use super::calibration::Gram;
 use super::job::TensorJob;
 use super::linalg::{
     cholesky, gram, row_major, significant, transposed_row_major, Svd, NEGLIGIBLE,
 };
-use super::method::{ExpertParams, GlobalParams, Method};
+use super::method::{Confidence, ExpertParams, GlobalParams, Method};
 use super::tensor_merge::merge_tensor;
 use crate::error::{Error, Result};
 use crate::recipe::RankTarget;
@@ -227,10 +229,12 @@ pub fn merge_in_core(
         params,
         expert_ids,
         target,
+        None,
     )
 }
 
-/// [`merge_in_core`] with the module-sized products computed by `products`.
+/// [`merge_in_core`] with the module-sized products computed by `products`; `input_grams`, one
+/// per expert, for activation-aware CACI.
 #[allow(clippy::too_many_arguments)]
 pub fn merge_in_core_with(
     products: &dyn Products,
@@ -242,6 +246,7 @@ pub fn merge_in_core_with(
     params: Vec<ExpertParams>,
     expert_ids: Vec<usize>,
     target: RankTarget,
+    input_grams: Option<&[Gram]>,
 ) -> Result<CoreMerged> {
     for (t, f) in experts.iter().enumerate() {
         if f.b.len() != rows * f.rank || f.a.len() != f.rank * cols {
@@ -316,18 +321,25 @@ pub fn merge_in_core_with(
     }
 
     let zeros = vec![0f32; core_rows * core_cols];
-    let merged = merge_tensor(
-        method,
-        globals,
-        TensorJob {
-            name,
-            shape: &[core_rows, core_cols],
-            base: Some(&zeros),
-            experts: cores.clone(),
-            params,
-            expert_ids,
-        },
-    )?;
+    let activation = method == Method::Caci && globals.confidence == Confidence::Activation;
+    let merged = match input_grams.filter(|_| activation) {
+        Some(grams) => {
+            let scales = core_input_scales(&a_stack_t, &frame_a.t, grams);
+            caci::merge(name, &zeros, cores.clone(), &params, globals, Some(&scales))?
+        }
+        None => merge_tensor(
+            method,
+            globals,
+            TensorJob {
+                name,
+                shape: &[core_rows, core_cols],
+                base: Some(&zeros),
+                experts: cores.clone(),
+                params,
+                expert_ids,
+            },
+        )?,
+    };
     let core = Mat::<f64>::from_fn(core_rows, core_cols, |i, j| {
         f64::from(merged.values[i * core_cols + j])
     });
@@ -363,6 +375,25 @@ pub fn merge_in_core_with(
         retained,
         sign_conflict: merged.stats.sign_conflict,
     })
+}
+
+/// Per expert, the RMS of its inputs along each core column's input direction: with the
+/// frame's directions `F_A = X_A·T_A` (`X_A` the stacked `A`s transposed), `σ_t[l]² =
+/// f_lᵀ·G_t·f_l`, the diagonal of `T_Aᵀ·(X_Aᵀ·G_t·X_A)·T_A` (never an in × in product beyond
+/// `G_t·X_A`).
+fn core_input_scales(a_stack_t: &Mat<f64>, t_a: &Mat<f64>, grams: &[Gram]) -> Vec<Vec<f32>> {
+    let cols = a_stack_t.nrows();
+    grams
+        .iter()
+        .map(|g| {
+            let gram = Mat::<f64>::from_fn(cols, cols, |i, j| g.values[i * cols + j]);
+            let projected = a_stack_t.transpose() * (gram * a_stack_t);
+            let energies = t_a.transpose() * projected * t_a;
+            (0..energies.nrows())
+                .map(|l| energies[(l, l)].max(0.0).sqrt() as f32)
+                .collect()
+        })
+        .collect()
 }
 
 /// Truncates the update `B·A` (`b` is `rows × r`, `a` is `r × cols`, row-major) to `target`

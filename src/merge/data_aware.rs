@@ -1,11 +1,11 @@
-//! One tensor merged by a data-aware method (`regmean`, `fisher`), from the experts' full
-//! tensors and their calibration statistics for its module.
+//! One tensor merged by a data-aware method (`regmean`, `fisher`, activation-aware `caci`), from
+//! the experts' full tensors and their calibration statistics for its module.
 
 use super::calibration::module_of;
 use super::job::{distance, MergedTensor, TensorStats};
 use super::method::Method;
 use super::plan::{MergeParams, Plan, TensorPlan};
-use super::{fisher, regmean};
+use super::{caci, fisher, regmean};
 use crate::error::Result;
 
 /// Merges tensor `t` (planned with statistics for every expert that changes it) from the base
@@ -19,6 +19,32 @@ pub(crate) fn merge_with_statistics(
     experts: Vec<Vec<f32>>,
 ) -> Result<MergedTensor> {
     let module = module_of(&t.name, &t.shape).expect("planned for 2-D weights only");
+    if params.method == Method::Caci {
+        // Each input feature's RMS over the expert's tokens; an expert without statistics here
+        // leaves the tensor alone (its update is zero, whatever it is scored by).
+        let mut scales = Vec::with_capacity(experts.len());
+        for stats in &plan.calibration {
+            let gram = stats
+                .as_ref()
+                .map(|s| s.gram(&module))
+                .transpose()?
+                .flatten();
+            scales.push(match gram {
+                Some(g) => (0..g.dim)
+                    .map(|j| g.values[j * g.dim + j].max(0.0).sqrt() as f32)
+                    .collect(),
+                None => vec![1.0; t.shape[1]],
+            });
+        }
+        return caci::merge(
+            &t.name,
+            base,
+            experts,
+            &params.experts,
+            &params.globals,
+            Some(&scales),
+        );
+    }
     let deltas: Vec<Vec<f32>> = experts
         .into_iter()
         .map(|mut x| {

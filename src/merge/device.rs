@@ -34,7 +34,10 @@ fn runs_on_device(plan: &Plan, params: &MergeParams) -> bool {
     let method_fits = match params.method {
         Method::Ties => !params.globals.rescale,
         // Restore needs the experts' untrimmed updates next to the merge: on the CPU.
-        Method::Caci => params.globals.restore.is_none(),
+        // So does the activation-aware vote, which reads the calibration statistics.
+        Method::Caci => {
+            params.globals.restore.is_none() && params.globals.confidence != Confidence::Activation
+        }
         _ => false,
     };
     method_fits && plan.base.is_some() && (1..=MAX_EXPERTS).contains(&plan.experts.len())
@@ -86,7 +89,7 @@ fn compute_on_device(
         let vote_factor = match params.method {
             Method::Caci => match params.globals.confidence {
                 Confidence::None => p.weight,
-                Confidence::Rms => {
+                Confidence::Rms | Confidence::Activation => {
                     let rms = (gpu.sum_squares(&updates, i)? / n.max(1) as f64).sqrt();
                     if rms > 0.0 {
                         (f64::from(p.weight) / rms) as f32

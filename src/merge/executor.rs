@@ -191,7 +191,7 @@ pub(crate) fn compute(plan: &Plan, t: &TensorPlan) -> Result<(Vec<u8>, Option<Te
         };
         experts.push(values);
     }
-    let merged = if params.method.data_aware() {
+    let merged = if params.reads_statistics() {
         let base = base
             .as_deref()
             .expect("data-aware methods are planned with a base");

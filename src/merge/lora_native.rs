@@ -19,9 +19,9 @@ use serde_json::{json, Map, Value};
 use super::calibration::{module_of, Calibration};
 use super::core::{merge_in_core_with, truncate, CoreMerged, CpuProducts, Factors, Products};
 use super::device::kernels_for;
-use super::method::{Fallback, Method};
+use super::method::{Confidence, Fallback, Method};
 use super::output::{input_record, whole_file, OutputOptions};
-use super::parameters::check_recipe;
+use super::parameters::{check_recipe, reads_statistics};
 use super::plan::{fallback_warning, open_calibration, recipe_error, recipe_method, resolve};
 use super::regmean;
 use super::saved_tensors::{self, SavedTensor};
@@ -130,6 +130,8 @@ impl LoraMerge {
         }
         let mut warnings = check_recipe(&recipe, method)?;
         let calibration = open_calibration(&recipe, method, &mut warnings)?;
+        let statistics = reads_statistics(&recipe, method);
+        let own_method = method;
         let base = match &recipe.base {
             Some(Source::Dir(dir)) => Checkpoint::open(dir)?,
             Some(Source::Registry(reference)) => {
@@ -230,7 +232,7 @@ impl LoraMerge {
             }
         };
         let mut fallback = BTreeSet::new();
-        if matches!(method, LoraMethod::RegMean(_)) {
+        if statistics {
             for (name, experts) in &modules {
                 let info = base.info(name).expect("checked above");
                 let Some(module) = module_of(name, &info.shape) else {
@@ -250,13 +252,9 @@ impl LoraMerge {
             }
         }
         if !fallback.is_empty() {
-            let params = resolve(&recipe, Method::RegMean, &[], "", 0.0)?;
             let names: Vec<String> = fallback.iter().cloned().collect();
-            warnings.push(fallback_warning(
-                Method::RegMean,
-                params.globals.fallback,
-                &names,
-            ));
+            let used = fallback_of(&recipe, own_method)?;
+            warnings.push(fallback_warning(own_method, used, &names));
         }
         Ok(LoraMerge {
             recipe,
@@ -385,7 +383,7 @@ impl LoraMerge {
             // `concatenated` folds each expert's weight in: the sum; the mean divides by Σ w.
             let divisor = match params.globals.fallback {
                 Fallback::Linear => experts.iter().map(|&e| params.experts[e].weight).sum(),
-                Fallback::TaskArithmetic => 1.0,
+                Fallback::TaskArithmetic | Fallback::RmsConfidence => 1.0,
             };
             if divisor == 0.0 {
                 return Err(Error::Parameter {
@@ -444,9 +442,9 @@ impl LoraMerge {
 
     /// The name of the fallback a data-aware merge's modules without statistics use.
     fn fallback_name(&self) -> String {
-        resolve(&self.recipe, Method::RegMean, &[], "", 0.0)
-            .map(|p| p.globals.fallback.method_name())
-            .unwrap_or("linear")
+        let method = recipe_method(&self.recipe).expect("checked when built");
+        fallback_of(&self.recipe, method)
+            .map_or("linear", Fallback::method_name)
             .to_string()
     }
 
@@ -565,7 +563,7 @@ impl LoraMerge {
             discarded: lost,
             retained,
             sign_conflict,
-            fallback: matches!(self.method, LoraMethod::RegMean(_)) && self.fallback.contains(name),
+            fallback: self.fallback.contains(name),
         })
     }
 
@@ -811,7 +809,23 @@ impl LoraMerge {
                 )
             })
             .collect();
-        let params = resolve(&self.recipe, method, &labelled, name, t)?;
+        let mut params = resolve(&self.recipe, method, &labelled, name, t)?;
+        // Activation-aware CACI scores core coordinates by the experts' own inputs; a module
+        // without them merges by weight-only CACI.
+        let mut grams = None;
+        if method == Method::Caci && params.globals.confidence == Confidence::Activation {
+            if self.fallback.contains(name) {
+                params.globals.confidence = Confidence::Rms;
+            } else {
+                let module = module_of(name, &[rows, cols]).expect("2-D weights only");
+                let mut read = Vec::with_capacity(experts.len());
+                for &e in experts {
+                    let stats = self.calibration[e].as_ref().expect("opened when built");
+                    read.push(stats.gram(&module)?.expect("checked when built"));
+                }
+                grams = Some(read);
+            }
+        }
         merge_in_core_with(
             products,
             name,
@@ -822,6 +836,7 @@ impl LoraMerge {
             params.experts,
             experts.to_vec(),
             target,
+            grams.as_deref(),
         )
     }
 
@@ -944,4 +959,13 @@ fn module_path(a_key: &str, kind: LoraKind) -> Option<&str> {
         LoraKind::Embedding => ".lora_embedding_A",
     };
     a_key.strip_prefix(PEFT_PREFIX)?.strip_suffix(suffix)
+}
+
+/// What the modules of a merge by `method` without statistics merge by.
+fn fallback_of(recipe: &Recipe, method: Method) -> Result<Fallback> {
+    Ok(if method == Method::Caci {
+        Fallback::RmsConfidence
+    } else {
+        resolve(recipe, method, &[], "", 0.0)?.globals.fallback
+    })
 }

@@ -82,6 +82,10 @@ pub enum Confidence {
     Rms,
     /// `w`, as TIES.
     None,
+    /// `w / rms(Δ·σ)`, with each coordinate scored by what it does to the expert's outputs on
+    /// its own inputs (`σ`: the input features' RMS over its calibration tokens); the trim,
+    /// the vote and the conflict measure use the scored values. Needs calibration statistics.
+    Activation,
 }
 
 /// What a data-aware method does with a tensor the experts have no statistics for.
@@ -93,6 +97,8 @@ pub enum Fallback {
     Linear,
     /// `lambda·Σ w·Δ`, as `task_arithmetic`.
     TaskArithmetic,
+    /// Activation-aware CACI's: weight-only CACI (`confidence = "rms"`).
+    RmsConfidence,
 }
 
 impl Fallback {
@@ -101,6 +107,7 @@ impl Fallback {
         match self {
             Fallback::Linear => "linear",
             Fallback::TaskArithmetic => "task_arithmetic",
+            Fallback::RmsConfidence => "caci with confidence rms",
         }
     }
 }

@@ -167,9 +167,9 @@ pub const PARAMETERS: &[Parameter] = &[
     Parameter {
         name: "confidence",
         scope: Scope::Method,
-        domain: Domain::Choice(&["rms", "none"]),
+        domain: Domain::Choice(&["rms", "none", "activation"]),
         default: "rms",
-        meaning: "CACI: an expert's vote weight, w / rms(Δ) or w",
+        meaning: "CACI: an expert's vote weight, w / rms(Δ) or w; activation: each coordinate scored by its effect on the expert's outputs on its own inputs (reads calibration statistics)",
         read_by: |m| m == Method::Caci,
         deprecated_alias: None,
     },
@@ -511,6 +511,18 @@ pub(crate) fn check_recipe(recipe: &Recipe, method: Method) -> Result<Vec<String
     Ok(warnings)
 }
 
+/// Whether a merge by `method` under `recipe` reads calibration statistics: `regmean`,
+/// `fisher`, and `caci` where some tensor's `confidence` is `activation`.
+pub(crate) fn reads_statistics(recipe: &Recipe, method: Method) -> bool {
+    method.data_aware()
+        || (method == Method::Caci
+            && recipe.parameters.get("confidence").is_some_and(|v| {
+                scalars(v)
+                    .iter()
+                    .any(|s| matches!(s, Scalar::Text(t) if t == "activation"))
+            }))
+}
+
 /// The name a recipe gives `parameter` at the method level: its own, else its deprecated alias
 /// where the recipe uses that.
 pub(crate) fn spelled<'a>(parameter: &'a Parameter, recipe: &Recipe) -> &'a str {
@@ -566,6 +578,7 @@ pub(crate) fn set_global(globals: &mut GlobalParams, name: &str, value: &Scalar)
         "confidence" => {
             globals.confidence = match text {
                 "none" => Confidence::None,
+                "activation" => Confidence::Activation,
                 _ => Confidence::Rms,
             }
         }

@@ -7,9 +7,10 @@ use std::path::Path;
 use super::calibration::{module_of, Calibration};
 use super::chunking::{is_streamed, working_bytes};
 use super::expert::Expert;
-use super::method::{ExpertParams, Fallback, GlobalParams, Method};
+use super::method::{Confidence, ExpertParams, Fallback, GlobalParams, Method};
 use super::parameters::{
-    check_params_named, check_recipe, parameters_of, set_expert, set_global, spelled, Scope,
+    check_params_named, check_recipe, parameters_of, reads_statistics, set_expert, set_global,
+    spelled, Scope,
 };
 use crate::checkpoint::Checkpoint;
 use crate::error::{Error, Result};
@@ -46,6 +47,14 @@ pub struct MergeParams {
     pub globals: GlobalParams,
     /// Per-expert parameters, in recipe order.
     pub experts: Vec<ExpertParams>,
+}
+
+impl MergeParams {
+    /// Whether this tensor's merge reads the experts' calibration statistics.
+    pub fn reads_statistics(&self) -> bool {
+        self.method.data_aware()
+            || (self.method == Method::Caci && self.globals.confidence == Confidence::Activation)
+    }
 }
 
 /// A checked merge, ready to execute.
@@ -204,10 +213,11 @@ impl Plan {
                     .iter()
                     .map(|e| (e.label.as_str(), &e.parameters))
                     .collect();
-                let has_statistics = !method.data_aware()
-                    || has_statistics(method, &experts, &calibration, name, &info.shape)?;
-                if has_statistics {
-                    Some(resolve(&recipe, method, &labelled, name, t)?)
+                let params = resolve(&recipe, method, &labelled, name, t)?;
+                if !params.reads_statistics()
+                    || has_statistics(method, &experts, &calibration, name, &info.shape)?
+                {
+                    Some(params)
                 } else {
                     fell_back.push(name.to_string());
                     Some(resolve_fallback(&recipe, method, &labelled, name, t)?)
@@ -215,7 +225,7 @@ impl Plan {
             } else {
                 None
             };
-            let data_aware = merge.as_ref().is_some_and(|m| m.method.data_aware());
+            let data_aware = merge.as_ref().is_some_and(MergeParams::reads_statistics);
             let streamed = merge.is_some()
                 && is_streamed(&info.shape)
                 && method != Method::Caci
@@ -441,7 +451,12 @@ fn resolve_fallback(
     tensor: &str,
     t: f64,
 ) -> Result<MergeParams> {
-    let own = resolve(recipe, method, experts, tensor, t)?;
+    let mut own = resolve(recipe, method, experts, tensor, t)?;
+    if method == Method::Caci {
+        own.globals.confidence = Confidence::Rms;
+        own.fallback = Some(Fallback::RmsConfidence);
+        return Ok(own);
+    }
     let fallback = own.globals.fallback;
     let mut params = resolve(recipe, Method::TaskArithmetic, experts, tensor, t)?;
     params.globals.lambda = own.globals.lambda;
@@ -461,19 +476,19 @@ pub(crate) fn open_calibration(
         .experts
         .iter()
         .enumerate()
-        .map(|(i, e)| match (&e.calibration, method.data_aware()) {
+        .map(|(i, e)| match (&e.calibration, reads_statistics(recipe, method)) {
             (Some(path), true) => Calibration::open(path).map(Some),
             (None, true) => Err(recipe_error(
                 recipe,
                 format!(
-                    "method `{}` reads each expert's calibration statistics, and expert {i} (`{}`) has no `calibration = \"STATS.safetensors\"` (made by `mmx calibrate`)",
+                    "method `{}` (as this recipe sets it) reads each expert's calibration statistics, and expert {i} (`{}`) has no `calibration = \"STATS.safetensors\"` (made by `mmx calibrate`)",
                     method.name(),
                     e.source
                 ),
             )),
             (Some(path), false) => {
                 warnings.push(format!(
-                    "expert {i} (`{}`): `calibration = \"{}\"` is read only by regmean and fisher, not by `{}`",
+                    "expert {i} (`{}`): `calibration = \"{}\"` is read only by regmean, fisher and caci with confidence \"activation\", not by `{}` here",
                     e.source,
                     path.display(),
                     method.name()
@@ -504,8 +519,8 @@ fn has_statistics(
         };
         stats.check_shapes(&module, shape)?;
         let has = match method {
-            Method::RegMean => stats.has_gram(&module),
-            _ => stats.has_fisher(&module),
+            Method::Fisher => stats.has_fisher(&module),
+            _ => stats.has_gram(&module),
         };
         all &= has || !e.touches(name);
     }

@@ -78,7 +78,7 @@ pub fn merge_tensor(
     }
 
     if method == Method::Caci {
-        return caci::merge(name, base, experts, &params, globals);
+        return caci::merge(name, base, experts, &params, globals, None);
     }
     let mut trimmer = Trimmer {
         trim: method.trim(),
