@@ -88,6 +88,12 @@ for shift in "${@:-0}"; do
         calibration+=(-e "s|\"../../out/calibration/$s.safetensors\"|\"$dir/calibration/$s.safetensors\"|")
     done
     merge regmean baselines/regmean.toml "${calibration[@]}"
+    # CACI with the activation-aware vote: the quickstart's settings, each expert's statistics.
+    activation=(-e 's/^confidence = .*/confidence = "activation"/')
+    for s in $SPECIALTIES; do
+        activation+=(-e "s|^source = \"${expert[$s]}\"|source = \"${expert[$s]}\"\ncalibration = \"$dir/calibration/$s.safetensors\"|")
+    done
+    merge caci_activation quickstart.toml "${activation[@]}"
     {
         echo "### Experts' seeds + $shift ($(wc -l <"$OUT/cardiology.jsonl") / $(wc -l <"$OUT/radiology.jsonl") / $(wc -l <"$OUT/pathology.jsonl") / $(wc -l <"$OUT/dermatology.jsonl") cases)"
         echo
@@ -100,6 +106,7 @@ for shift in "${@:-0}"; do
         score "task arithmetic merge" "$dir/task_arithmetic"
         score "TIES's vote + restore (CACI γ 0, confidence none)" "$dir/ties_vote_restore"
         score "RegMean merge" "$dir/regmean"
+        score "CACI merge, confidence activation" "$dir/caci_activation"
         echo
     } | tee -a "$OUT/results.md"
 done

@@ -15,7 +15,6 @@ use mmx::train::read_case_files;
 use mmx::train::source::Materialized;
 use mmx::train::tokenizer::Tokenizer;
 
-/// Arguments of `mmx eval`.
 /// The evaluation of `model` (with `adapter`) on the cases of `data`.
 fn report(
     model: &str,
@@ -64,6 +63,7 @@ pub(super) fn accuracy(
     Ok(report(model, adapter, data, registry, 32, 96, Shown::Image)?.accuracy)
 }
 
+/// Arguments of `mmx eval`.
 #[derive(Debug, Args)]
 pub struct EvalArgs {
     /// The model: a Hugging Face directory or a registry reference (`registry:NAME:TAG`).
