@@ -490,3 +490,84 @@ fn activation_caci_scores_by_the_experts_own_inputs() {
         "{err}"
     );
 }
+
+/// `calibration = { data = ..., n = ... }`: `mmx merge` measures the experts' statistics on
+/// their cases first (beside the output), and the merge is the one made from `mmx calibrate`'s
+/// files, byte for byte.
+#[test]
+fn mmx_merge_calibrates_experts_given_their_cases() {
+    let dir = tempfile::tempdir().unwrap();
+    let work = dir.path();
+    let registry = Path::new(env!("CARGO_MANIFEST_DIR")).join("registry");
+    let mmx = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_mmx"))
+            .args(args)
+            .current_dir(work)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "mmx {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    mmx(&[
+        "data",
+        "generate",
+        "-o",
+        "data",
+        "--seed",
+        "0",
+        "--train",
+        "1",
+        "--validation",
+        "6",
+        "--test",
+        "1",
+    ]);
+    let experts = ["cardiology", "radiology"];
+    let write = |name: &str, calibration: &dyn Fn(&str) -> String| {
+        let mut text = format!(
+            "[merge]\nregistry = \"{}\"\nmethod = \"regmean\"\nbase = \"registry:tiny-med-base:v2\"\noutput = \"lora\"\n",
+            registry.display()
+        );
+        for s in experts {
+            text.push_str(&format!(
+                "\n[[merge.experts]]\nsource = \"registry:{s}:v2\"\ncalibration = {}\n",
+                calibration(s)
+            ));
+        }
+        std::fs::write(work.join(name), text).unwrap();
+    };
+    write("cases.toml", &|s| {
+        format!("{{ data = \"data/{s}/validation.jsonl\", n = 4 }}")
+    });
+    let stderr = mmx(&["merge", "cases.toml", "-o", "by-cases", "--device", "cpu"]);
+    assert!(stderr.contains("calibrated expert 1"), "{stderr}");
+    assert!(work
+        .join("by-cases.calibration/expert0.safetensors")
+        .is_file());
+
+    for s in experts {
+        mmx(&[
+            "calibrate",
+            "registry:tiny-med-base:v2",
+            "--registry",
+            registry.to_str().unwrap(),
+            "--adapter",
+            &format!("registry:{s}:v2"),
+            "--data",
+            &format!("data/{s}/validation.jsonl"),
+            "-n",
+            "4",
+            "-o",
+            &format!("{s}.safetensors"),
+            "--quiet",
+        ]);
+    }
+    write("files.toml", &|s| format!("\"{s}.safetensors\""));
+    mmx(&["merge", "files.toml", "-o", "by-files", "--device", "cpu"]);
+    let adapter = |d: &str| std::fs::read(work.join(d).join("adapter_model.safetensors")).unwrap();
+    assert_eq!(adapter("by-cases"), adapter("by-files"));
+}

@@ -1,9 +1,10 @@
 //! `mmx calibrate MODEL [--adapter A] --data CASES.jsonl... [-n N] -o STATS.safetensors`: an
 //! expert's calibration statistics (the Gram of every projection's inputs over its cases), for
-//! `regmean` recipes (`calibration = "STATS.safetensors"`).
+//! data-aware recipes (`calibration = "STATS.safetensors"`); and the same for the experts of a
+//! recipe that gives their cases (`calibration = { data = ..., n = ... }`) before `mmx merge`.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Instant;
 
@@ -13,6 +14,7 @@ use serde_json::json;
 use super::print::{say, Printer};
 use super::progress::{bar, Counting};
 use mmx::merge::calibration::{write_calibration, ModuleStats};
+use mmx::recipe::{CalibrationSpec, Recipe, Source};
 use mmx::train::calibrate::calibrate;
 use mmx::train::images::Images;
 use mmx::train::read_case_files;
@@ -47,10 +49,26 @@ pub struct CalibrateArgs {
     json: bool,
 }
 
-/// Runs `mmx calibrate`.
-pub fn run(args: CalibrateArgs) -> anyhow::Result<ExitCode> {
-    let registry = mmx::registry::registry_path(args.registry.as_deref());
-    let model_dir = Materialized::open(&args.model, &registry)?;
+/// What one calibration measured.
+struct Measured {
+    modules: usize,
+    cases: usize,
+    tokens: u64,
+    seconds: f64,
+}
+
+/// Measures the statistics of `model` with `adapter` on the first `n` cases of `data` and
+/// writes them to `output`.
+fn measure(
+    model: &str,
+    adapter: Option<&str>,
+    data: &[PathBuf],
+    n: Option<usize>,
+    output: &Path,
+    registry: &Path,
+    quiet: bool,
+) -> anyhow::Result<Measured> {
+    let model_dir = Materialized::open(model, registry)?;
     let tokenizer = Tokenizer::load(model_dir.dir())?;
     let (images, mut lm) = Images::load(
         model_dir.dir(),
@@ -60,27 +78,21 @@ pub fn run(args: CalibrateArgs) -> anyhow::Result<ExitCode> {
     )?;
     if images.is_some() {
         anyhow::bail!(
-            "`{}` is a vision-language model: calibration of its language model is not supported yet",
-            args.model
+            "`{model}` is a vision-language model: calibration of its language model is not supported yet"
         );
     }
     tokenizer.check_vocab(lm.config())?;
-    if let Some(adapter) = &args.adapter {
-        lm.load_adapter(Materialized::open(adapter, &registry)?.dir())?;
+    if let Some(adapter) = adapter {
+        lm.load_adapter(Materialized::open(adapter, registry)?.dir())?;
     }
-    let mut cases = read_case_files(&args.data)?;
-    if let Some(n) = args.cases {
+    let mut cases = read_case_files(data)?;
+    if let Some(n) = n {
         cases.truncate(n);
     }
     if cases.is_empty() {
         anyhow::bail!("no cases to calibrate on");
     }
-    let progress = bar(
-        "calibrating",
-        Counting::Items,
-        cases.len() as u64,
-        args.quiet || args.json,
-    );
+    let progress = bar("calibrating", Counting::Items, cases.len() as u64, quiet);
     let start = Instant::now();
     let calibrated = calibrate(&mut lm, &tokenizer, &cases, &|_| progress.inc(1))?;
     progress.finish_and_clear();
@@ -96,25 +108,85 @@ pub fn run(args: CalibrateArgs) -> anyhow::Result<ExitCode> {
             (module, stats)
         })
         .collect();
-    write_calibration(&args.output, &modules)?;
+    write_calibration(output, &modules)?;
+    Ok(Measured {
+        modules: modules.len(),
+        cases: calibrated.cases,
+        tokens: calibrated.tokens,
+        seconds,
+    })
+}
+
+/// Runs `mmx calibrate`.
+pub fn run(args: CalibrateArgs) -> anyhow::Result<ExitCode> {
+    let registry = mmx::registry::registry_path(args.registry.as_deref());
+    let measured = measure(
+        &args.model,
+        args.adapter.as_deref(),
+        &args.data,
+        args.cases,
+        &args.output,
+        &registry,
+        args.quiet || args.json,
+    )?;
+    let rate = measured.tokens as f64 / measured.seconds;
     let summary = json!({
         "output": args.output.display().to_string(),
-        "modules": modules.len(),
-        "cases": calibrated.cases,
-        "tokens": calibrated.tokens,
-        "seconds": seconds,
-        "tokens_per_second": calibrated.tokens as f64 / seconds,
+        "modules": measured.modules,
+        "cases": measured.cases,
+        "tokens": measured.tokens,
+        "seconds": measured.seconds,
+        "tokens_per_second": rate,
     });
     Printer::new(args.json).result(&summary, |p| {
         say!(
             p,
-            "calibrated {} modules on {} cases ({} tokens, {:.0} tokens/s) into {}",
-            modules.len(),
-            calibrated.cases,
-            calibrated.tokens,
-            calibrated.tokens as f64 / seconds,
+            "calibrated {} modules on {} cases ({} tokens, {rate:.0} tokens/s) into {}",
+            measured.modules,
+            measured.cases,
+            measured.tokens,
             args.output.display()
         );
     })?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// Measures the statistics of the experts whose recipe entry gives cases
+/// (`calibration = { data = ..., n = ... }`) into `<output>.calibration/expertN.safetensors`, and
+/// points the recipe at those files, before `mmx merge` plans the merge.
+pub(super) fn calibrate_recipe(
+    recipe: &mut Recipe,
+    output: &Path,
+    quiet: bool,
+) -> anyhow::Result<()> {
+    let registry = mmx::registry::registry_path(recipe.registry.as_deref());
+    let folder = PathBuf::from(format!("{}.calibration", output.display()));
+    let base = recipe.base.as_ref().map(ToString::to_string);
+    for (i, expert) in recipe.experts.iter_mut().enumerate() {
+        let Some(CalibrationSpec::Cases { data, n }) = &expert.calibration else {
+            continue;
+        };
+        let Some(base) = &base else {
+            anyhow::bail!("expert {i}: calibrating on cases needs the recipe's `base`");
+        };
+        if matches!(expert.source, Source::WithLora { .. }) {
+            anyhow::bail!(
+                "expert {i} (`{}`): calibrating a `model+lora` expert is not supported; give a PEFT adapter",
+                expert.source
+            );
+        }
+        std::fs::create_dir_all(&folder)
+            .map_err(|e| anyhow::anyhow!("`{}`: {e}", folder.display()))?;
+        let path = folder.join(format!("expert{i}.safetensors"));
+        let adapter = expert.source.to_string();
+        let measured = measure(base, Some(&adapter), data, *n, &path, &registry, quiet)?;
+        Printer::text().note(format_args!(
+            "calibrated expert {i} (`{adapter}`) on {} cases ({} tokens) into {}",
+            measured.cases,
+            measured.tokens,
+            path.display()
+        ));
+        expert.calibration = Some(CalibrationSpec::File(path));
+    }
+    Ok(())
 }

@@ -70,6 +70,7 @@ pub fn run(args: MergeArgs) -> anyhow::Result<ExitCode> {
         recipe.seed = seed;
     }
     let output = output_dir(args.output.as_deref(), &args.recipe, "merge");
+    super::calibrate::calibrate_recipe(&mut recipe, &output, args.json)?;
     let plan = MergePlan::build(recipe)?;
     for warning in plan.warnings() {
         p.warning(warning);

@@ -14,7 +14,9 @@ use super::parameters::{
 };
 use crate::checkpoint::Checkpoint;
 use crate::error::{Error, Result};
-use crate::recipe::{layer_position, OutputKind, Parameters, Recipe, Scalar, Source, Space};
+use crate::recipe::{
+    layer_position, CalibrationSpec, OutputKind, Parameters, Recipe, Scalar, Source, Space,
+};
 use crate::tensor::Dtype;
 
 /// What happens to one output tensor.
@@ -477,7 +479,14 @@ pub(crate) fn open_calibration(
         .iter()
         .enumerate()
         .map(|(i, e)| match (&e.calibration, reads_statistics(recipe, method)) {
-            (Some(path), true) => Calibration::open(path).map(Some),
+            (Some(CalibrationSpec::File(path)), true) => Calibration::open(path).map(Some),
+            (Some(CalibrationSpec::Cases { .. }), true) => Err(recipe_error(
+                recipe,
+                format!(
+                    "expert {i} (`{}`): `calibration = {{ data = ... }}` is measured before the merge is planned: `mmx merge` does it, or make the file with `mmx calibrate` and name it",
+                    e.source
+                ),
+            )),
             (None, true) => Err(recipe_error(
                 recipe,
                 format!(
@@ -486,11 +495,10 @@ pub(crate) fn open_calibration(
                     e.source
                 ),
             )),
-            (Some(path), false) => {
+            (Some(_), false) => {
                 warnings.push(format!(
-                    "expert {i} (`{}`): `calibration = \"{}\"` is read only by regmean, fisher and caci with confidence \"activation\", not by `{}` here",
+                    "expert {i} (`{}`): `calibration` is read only by regmean, fisher and caci with confidence \"activation\", not by `{}` here",
                     e.source,
-                    path.display(),
                     method.name()
                 ));
                 Ok(None)

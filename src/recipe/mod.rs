@@ -84,8 +84,23 @@ pub struct ExpertSpec {
     pub source: Source,
     /// Its own parameters (override the recipe-wide ones).
     pub parameters: Parameters,
-    /// Its calibration statistics file (for the data-aware methods), if the recipe names one.
-    pub calibration: Option<PathBuf>,
+    /// Its calibration statistics (for the data-aware methods), if the recipe names them.
+    pub calibration: Option<CalibrationSpec>,
+}
+
+/// Where an expert's calibration statistics come from.
+#[derive(Debug, Clone, PartialEq)]
+pub enum CalibrationSpec {
+    /// A statistics file (`calibration = "stats.safetensors"`).
+    File(PathBuf),
+    /// Cases to measure them on first, at most `n` of them (`calibration = { data = "cases.jsonl",
+    /// n = 256 }`): `mmx merge` runs the calibration before it plans the merge.
+    Cases {
+        /// Case files (JSON Lines).
+        data: Vec<PathBuf>,
+        /// Use the first `n` cases only.
+        n: Option<usize>,
+    },
 }
 
 /// A merge recipe, format-independent.

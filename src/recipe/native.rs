@@ -1,11 +1,12 @@
 //! mmx's native TOML recipe (DESIGN.md §3). Relative paths are relative to the recipe file.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 
 use super::{
-    parameters, source, ExpertSpec, OutputKind, ParamValue, RankTarget, Recipe, RecipeFormat, Space,
+    parameters, source, CalibrationSpec, ExpertSpec, OutputKind, ParamValue, RankTarget, Recipe,
+    RecipeFormat, Space,
 };
 use crate::error::{Error, Result};
 use crate::tensor::Dtype;
@@ -173,10 +174,11 @@ pub fn parse(path: &Path, text: String) -> Result<Recipe> {
         }
         let calibration = match map.get("calibration") {
             None => None,
-            Some(Value::String(file)) => Some(root.join(file)),
+            Some(Value::String(file)) => Some(CalibrationSpec::File(root.join(file))),
+            Some(Value::Object(table)) => Some(calibration_cases(table, root, &at).map_err(fail)?),
             Some(other) => {
                 return Err(fail(format!(
-                    "`{at}.calibration` must be the path of a statistics file (see `mmx calibrate`), found {other}"
+                    "`{at}.calibration` must be the path of a statistics file (see `mmx calibrate`) or {{ data = \"cases.jsonl\", n = 256 }}, found {other}"
                 )))
             }
         };
@@ -203,6 +205,40 @@ pub fn parse(path: &Path, text: String) -> Result<Recipe> {
     })
 }
 
+/// `calibration = { data = "cases.jsonl" | ["a.jsonl", ...], n = 256 }` of expert `at`.
+fn calibration_cases(
+    table: &serde_json::Map<String, Value>,
+    root: &Path,
+    at: &str,
+) -> std::result::Result<CalibrationSpec, String> {
+    if let Some(key) = table.keys().find(|k| *k != "data" && *k != "n") {
+        return Err(format!(
+            "unknown key `{at}.calibration.{key}` (expected `data` and `n`)"
+        ));
+    }
+    let data: Vec<PathBuf> = match table.get("data") {
+        Some(Value::String(file)) => vec![root.join(file)],
+        Some(Value::Array(files)) if !files.is_empty() => files
+            .iter()
+            .map(|f| f.as_str().map(|f| root.join(f)))
+            .collect::<Option<_>>()
+            .ok_or_else(|| format!("`{at}.calibration.data` must list case files"))?,
+        _ => {
+            return Err(format!(
+                "`{at}.calibration` needs `data`: the case file(s) to calibrate on"
+            ))
+        }
+    };
+    let n =
+        match table.get("n") {
+            None => None,
+            Some(v) => Some(v.as_u64().filter(|&n| n > 0).ok_or_else(|| {
+                format!("`{at}.calibration.n` must be a positive integer, found {v}")
+            })? as usize),
+        };
+    Ok(CalibrationSpec::Cases { data, n })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -214,6 +250,44 @@ mod tests {
             std::fs::create_dir(d.path().join(name)).unwrap();
         }
         d
+    }
+
+    #[test]
+    fn reads_each_experts_calibration_as_a_file_or_cases() {
+        let d = dirs();
+        let path = d.path().join("r.toml");
+        let head =
+            "[merge]\nmethod = \"regmean\"\nbase = \"base\"\n[[merge.experts]]\nsource = \"a\"\n";
+        let with = |calibration: &str| {
+            parse(&path, format!("{head}calibration = {calibration}\n"))
+                .map(|r| r.experts[0].calibration.clone())
+        };
+        assert_eq!(
+            with("\"stats/a.safetensors\"").unwrap(),
+            Some(CalibrationSpec::File(d.path().join("stats/a.safetensors")))
+        );
+        assert_eq!(
+            with("{ data = [\"x.jsonl\", \"y.jsonl\"], n = 16 }").unwrap(),
+            Some(CalibrationSpec::Cases {
+                data: vec![d.path().join("x.jsonl"), d.path().join("y.jsonl")],
+                n: Some(16)
+            })
+        );
+        for (bad, expected) in [
+            ("{ n = 3 }", "needs `data`"),
+            (
+                "{ data = \"x.jsonl\", n = 0 }",
+                "`merge.experts[0].calibration.n` must be a positive integer",
+            ),
+            (
+                "{ data = \"x.jsonl\", size = 2 }",
+                "unknown key `merge.experts[0].calibration.size`",
+            ),
+            ("7", "must be the path of a statistics file"),
+        ] {
+            let err = with(bad).unwrap_err().to_string();
+            assert!(err.contains(expected), "{bad}: {err}");
+        }
     }
 
     #[test]
