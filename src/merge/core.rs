@@ -386,7 +386,8 @@ fn core_input_scales(a_stack_t: &Mat<f64>, t_a: &Mat<f64>, grams: &[Gram]) -> Ve
     grams
         .iter()
         .map(|g| {
-            let gram = Mat::<f64>::from_fn(cols, cols, |i, j| g.values[i * cols + j]);
+            // Symmetric: the row-major values read as columns, in memory order.
+            let gram = Mat::<f64>::from_fn(cols, cols, |i, j| g.values[j * cols + i]);
             let projected = a_stack_t.transpose() * (gram * a_stack_t);
             let energies = t_a.transpose() * projected * t_a;
             (0..energies.nrows())

@@ -24,8 +24,9 @@ use crate::error::{Error, Result};
 /// `α·G + (1 − α)·diag(G)`.
 fn shrunk(gram: &Gram, alpha: f64) -> Mat<f64> {
     let n = gram.dim;
+    // Symmetric: the row-major values read as columns, in memory order.
     Mat::from_fn(n, n, |i, j| {
-        let g = gram.values[i * n + j];
+        let g = gram.values[j * n + i];
         if i == j {
             g
         } else {
