@@ -195,8 +195,11 @@ impl Calibration {
         let Some(&(dim, tokens)) = self.grams.get(module) else {
             return Ok(None);
         };
-        // Reading refuses NaN and infinity, naming the tensor and the element.
-        let raw = self.file.read_f32(&format!("{module}.gram"))?;
+        // Reading refuses NaN and infinity, naming the tensor and the element. The file's pages
+        // are let go once read: a module's Gram is read once per merge.
+        let name = format!("{module}.gram");
+        let raw = self.file.read_f32(&name)?;
+        self.file.release(&name);
         for i in 0..dim {
             let d = raw[i * dim + i];
             if d < 0.0 {
