@@ -1,7 +1,7 @@
 //! One tensor merged by a data-aware method (`regmean`, `fisher`, activation-aware `caci`), from
 //! the experts' full tensors and their calibration statistics for its module.
 
-use super::calibration::module_of;
+use super::calibration::{module_of, Calibration};
 use super::job::{distance, MergedTensor, TensorStats};
 use super::method::Method;
 use super::plan::{MergeParams, Plan, TensorPlan};
@@ -52,54 +52,55 @@ pub(crate) fn merge_with_statistics(
             x
         })
         .collect();
-    let mut chosen: Vec<&[f32]> = Vec::new();
-    let mut weights = Vec::new();
+    // The experts with statistics for the module (those that change the tensor have them),
+    // with their updates and weights.
+    let select = |has: &dyn Fn(&Calibration) -> bool| -> Vec<usize> {
+        (0..plan.calibration.len())
+            .filter(|&i| plan.calibration[i].as_ref().is_some_and(has))
+            .collect()
+    };
     let merged = match params.method {
         Method::RegMean => {
-            let mut grams = Vec::new();
-            for (i, stats) in plan.calibration.iter().enumerate() {
-                if let Some(gram) = stats
-                    .as_ref()
-                    .map(|s| s.gram(&module))
-                    .transpose()?
-                    .flatten()
-                {
-                    grams.push(gram);
-                    chosen.push(&deltas[i]);
-                    weights.push(params.experts[i].weight);
-                }
+            let chosen = select(&|s| s.has_gram(&module));
+            let mut grams = Vec::with_capacity(chosen.len());
+            for &i in &chosen {
+                let stats = plan.calibration[i].as_ref().expect("selected");
+                grams.push(stats.gram(&module)?.expect("selected"));
             }
-            let grams: Vec<_> = grams.iter().collect();
             regmean::merge_updates(
                 &t.name,
                 (t.shape[0], t.shape[1]),
-                &chosen,
-                &grams,
-                &weights,
+                &chosen
+                    .iter()
+                    .map(|&i| deltas[i].as_slice())
+                    .collect::<Vec<_>>(),
+                &grams.iter().collect::<Vec<_>>(),
+                &chosen
+                    .iter()
+                    .map(|&i| params.experts[i].weight)
+                    .collect::<Vec<_>>(),
                 params.globals.alpha,
                 params.globals.ridge,
             )?
         }
         _ => {
-            let mut fishers = Vec::new();
-            for (i, stats) in plan.calibration.iter().enumerate() {
-                if let Some(f) = stats
-                    .as_ref()
-                    .map(|s| s.fisher(&module))
-                    .transpose()?
-                    .flatten()
-                {
-                    fishers.push(f);
-                    chosen.push(&deltas[i]);
-                    weights.push(params.experts[i].weight);
-                }
+            let chosen = select(&|s| s.has_fisher(&module));
+            let mut fishers = Vec::with_capacity(chosen.len());
+            for &i in &chosen {
+                let stats = plan.calibration[i].as_ref().expect("selected");
+                fishers.push(stats.fisher(&module)?.expect("selected"));
             }
-            let fishers: Vec<&[f32]> = fishers.iter().map(Vec::as_slice).collect();
             fisher::merge_updates(
                 &t.name,
-                &chosen,
-                &fishers,
-                &weights,
+                &chosen
+                    .iter()
+                    .map(|&i| deltas[i].as_slice())
+                    .collect::<Vec<_>>(),
+                &fishers.iter().map(Vec::as_slice).collect::<Vec<_>>(),
+                &chosen
+                    .iter()
+                    .map(|&i| params.experts[i].weight)
+                    .collect::<Vec<_>>(),
                 params.globals.fisher_floor,
             )?
         }

@@ -110,18 +110,8 @@ pub fn merge_updates(
     let Some(System { shrunk, llt }) = system(tensor, grams, weights, alpha, ridge)? else {
         return Ok(vec![0.0; rows * cols]);
     };
-    let mut n = Mat::<f64>::zeros(rows, cols);
-    for ((delta, g), &w) in deltas.iter().zip(&shrunk).zip(weights) {
-        let d = matrix(delta, rows, cols);
-        faer::linalg::matmul::matmul(
-            n.as_mut(),
-            faer::Accum::Add,
-            d.as_ref(),
-            g.as_ref(),
-            f64::from(w),
-            Par::rayon(0),
-        );
-    }
+    let blocks: Vec<(&[f32], usize, usize)> = deltas.iter().map(|d| (*d, rows, 0)).collect();
+    let n = weighted_products(&blocks, rows, cols, &shrunk, weights);
     Ok(row_major(right_solve(&llt, n).as_ref()))
 }
 
@@ -142,21 +132,38 @@ pub fn merge_factors(
     let Some(System { shrunk, llt }) = system(tensor, grams, weights, alpha, ridge)? else {
         return Ok(vec![0.0; total * cols]);
     };
-    let mut n = Mat::<f64>::zeros(total, cols);
+    let mut blocks = Vec::with_capacity(a.len());
     let mut row = 0;
-    for ((&(values, rank), g), &w) in a.iter().zip(&shrunk).zip(weights) {
-        let at = matrix(values, rank, cols);
+    for &(values, rank) in a {
+        blocks.push((values, rank, row));
+        row += rank;
+    }
+    let n = weighted_products(&blocks, total, cols, &shrunk, weights);
+    Ok(row_major(right_solve(&llt, n).as_ref()))
+}
+
+/// `N` (`rows × cols`) with `w_t·X_t·G̃_t` added at each block's rows: every block
+/// `(X_t, rows_t, first row)` is row-major `rows_t × cols`.
+fn weighted_products(
+    blocks: &[(&[f32], usize, usize)],
+    rows: usize,
+    cols: usize,
+    shrunk: &[Mat<f64>],
+    weights: &[f32],
+) -> Mat<f64> {
+    let mut n = Mat::<f64>::zeros(rows, cols);
+    for ((&(values, block_rows, first), g), &w) in blocks.iter().zip(shrunk).zip(weights) {
+        let x = matrix(values, block_rows, cols);
         faer::linalg::matmul::matmul(
-            n.as_mut().subrows_mut(row, rank),
-            faer::Accum::Replace,
-            at.as_ref(),
+            n.as_mut().subrows_mut(first, block_rows),
+            faer::Accum::Add,
+            x.as_ref(),
             g.as_ref(),
             f64::from(w),
             Par::rayon(0),
         );
-        row += rank;
     }
-    Ok(row_major(right_solve(&llt, n).as_ref()))
+    n
 }
 
 fn check(tensor: &str, cols: usize, grams: &[&Gram]) -> Result<()> {
