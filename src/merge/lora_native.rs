@@ -75,10 +75,11 @@ pub struct LoraMerge {
     saved: Vec<SavedTensor>,
     /// Deprecated spellings the recipe uses, and modules merged by a fallback.
     warnings: Vec<String>,
-    /// Each expert's calibration statistics (`regmean`), in recipe order.
+    /// Each expert's calibration statistics (`regmean`, activation-aware `caci`), in recipe
+    /// order.
     calibration: Vec<Option<Calibration>>,
-    /// Modules without a Gram from every expert that adapts them (`regmean`), merged by the
-    /// fallback.
+    /// Modules without a Gram from every expert that adapts them, merged by the fallback (when
+    /// the merge reads statistics).
     fallback: BTreeSet<String>,
 }
 

@@ -143,7 +143,9 @@ pub fn merge_factors(
 }
 
 /// `N` (`rows × cols`) with `w_t·X_t·G̃_t` added at each block's rows: every block
-/// `(X_t, rows_t, first row)` is row-major `rows_t × cols`.
+/// `(X_t, rows_t, first row)` is row-major `rows_t × cols`. Sequential, as all of mmx's dense
+/// linear algebra: a parallel product sums in an order that depends on the thread count, and a
+/// merge must not.
 fn weighted_products(
     blocks: &[(&[f32], usize, usize)],
     rows: usize,
@@ -160,7 +162,7 @@ fn weighted_products(
             x.as_ref(),
             g.as_ref(),
             f64::from(w),
-            Par::rayon(0),
+            Par::Seq,
         );
     }
     n
