@@ -140,11 +140,6 @@ impl Calibration {
         self.file.path()
     }
 
-    /// Modules with a Gram, with its side.
-    pub fn gram_modules(&self) -> impl Iterator<Item = (&str, usize)> {
-        self.grams.iter().map(|(m, (dim, _))| (m.as_str(), *dim))
-    }
-
     /// Whether `module` has a Gram.
     pub fn has_gram(&self, module: &str) -> bool {
         self.grams.contains_key(module)

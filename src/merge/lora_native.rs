@@ -81,6 +81,8 @@ pub struct LoraMerge {
     /// Modules without a Gram from every expert that adapts them, merged by the fallback (when
     /// the merge reads statistics).
     fallback: BTreeSet<String>,
+    /// What those modules merge by.
+    fallback_method: Fallback,
 }
 
 /// What an adapter-to-adapter merge wrote.
@@ -252,10 +254,10 @@ impl LoraMerge {
                 }
             }
         }
+        let fallback_method = fallback_of(&recipe, own_method)?;
         if !fallback.is_empty() {
             let names: Vec<String> = fallback.iter().cloned().collect();
-            let used = fallback_of(&recipe, own_method)?;
-            warnings.push(fallback_warning(own_method, used, &names));
+            warnings.push(fallback_warning(own_method, fallback_method, &names));
         }
         Ok(LoraMerge {
             recipe,
@@ -267,6 +269,7 @@ impl LoraMerge {
             warnings,
             calibration,
             fallback,
+            fallback_method,
         })
     }
 
@@ -335,8 +338,6 @@ impl LoraMerge {
         b_rows: usize,
     ) -> Result<(Vec<f32>, Vec<f32>)> {
         let mut a = Vec::with_capacity(rank * a_rows_len);
-        let mut b = vec![0f32; b_rows * rank];
-        let mut column = 0;
         for &e in experts {
             let adapter = &self.adapters[e].1;
             let module = &adapter.modules()[name];
@@ -348,13 +349,30 @@ impl LoraMerge {
                     .into_iter()
                     .map(|v| v * factor),
             );
+        }
+        Ok((a, self.stacked_b(name, experts, rank, b_rows)?))
+    }
+
+    /// The experts' `B`s side by side, `b_rows × rank` row-major.
+    fn stacked_b(
+        &self,
+        name: &str,
+        experts: &[usize],
+        rank: usize,
+        b_rows: usize,
+    ) -> Result<Vec<f32>> {
+        let mut b = vec![0f32; b_rows * rank];
+        let mut column = 0;
+        for &e in experts {
+            let adapter = &self.adapters[e].1;
+            let module = &adapter.modules()[name];
             let be = adapter.file().read_f32(&module.b_key)?;
             for (row, src) in b.chunks_exact_mut(rank).zip(be.chunks_exact(module.rank)) {
                 row[column..column + module.rank].copy_from_slice(src);
             }
             column += module.rank;
         }
-        Ok((a, b))
+        Ok(b)
     }
 
     /// A RegMean module: the experts' `B`s side by side with `A`s solved from their Grams
@@ -379,8 +397,8 @@ impl LoraMerge {
             .collect();
         let params = resolve(&self.recipe, Method::RegMean, &labelled, name, t)?;
         let lambda = params.globals.lambda;
-        let (mut a, b) = self.concatenated(name, experts, rank, cols, rows)?;
         if self.fallback.contains(name) {
+            let (mut a, b) = self.concatenated(name, experts, rank, cols, rows)?;
             // `concatenated` folds each expert's weight in: the sum; the mean divides by Σ w.
             let divisor = match params.globals.fallback {
                 Fallback::Linear => experts.iter().map(|&e| params.experts[e].weight).sum(),
@@ -396,6 +414,7 @@ impl LoraMerge {
             a.iter_mut().for_each(|v| *v *= lambda / divisor);
             return Ok((a, b));
         }
+        let b = self.stacked_b(name, experts, rank, rows)?;
         let module = module_of(name, &[rows, cols]).expect("planned for 2-D weights only");
         // Every expert with a Gram of the module counts, adapting it or not (an expert that
         // leaves the module alone has update zero there: no rows of `A`, but its inputs).
@@ -439,14 +458,6 @@ impl LoraMerge {
         )?;
         solved.iter_mut().for_each(|v| *v *= lambda);
         Ok((solved, b))
-    }
-
-    /// The name of the fallback a data-aware merge's modules without statistics use.
-    fn fallback_name(&self) -> String {
-        let method = recipe_method(&self.recipe).expect("checked when built");
-        fallback_of(&self.recipe, method)
-            .map_or("linear", Fallback::method_name)
-            .to_string()
     }
 
     /// A module's `A` row length and `B` row count (`A` is `r × k` and `B` is `m × r` whatever
@@ -683,7 +694,9 @@ impl LoraMerge {
                     sign_conflict,
                     retained_energy,
                     device: Some(device.to_string()),
-                    fallback: fell_back.contains(m).then(|| self.fallback_name()),
+                    fallback: fell_back
+                        .contains(m)
+                        .then(|| self.fallback_method.method_name().to_string()),
                 }
             })
             .collect();

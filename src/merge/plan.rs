@@ -222,7 +222,7 @@ impl Plan {
                     Some(params)
                 } else {
                     fell_back.push(name.to_string());
-                    Some(resolve_fallback(&recipe, method, &labelled, name, t)?)
+                    Some(resolve_fallback(params, &recipe, &labelled, name, t)?)
                 }
             } else {
                 None
@@ -444,17 +444,17 @@ pub(crate) fn resolve(
     })
 }
 
-/// The parameters of a tensor a data-aware `method` has no statistics for: its fallback's,
-/// with the recipe's `lambda` and weights (`linear`: the weighted mean of the updates).
+/// The parameters of a tensor a data-aware method has no statistics for, from its `own`: its
+/// fallback's, with the recipe's `lambda` and weights (`linear`: the weighted mean of the
+/// updates).
 fn resolve_fallback(
+    mut own: MergeParams,
     recipe: &Recipe,
-    method: Method,
     experts: &[(&str, &Parameters)],
     tensor: &str,
     t: f64,
 ) -> Result<MergeParams> {
-    let mut own = resolve(recipe, method, experts, tensor, t)?;
-    if method == Method::Caci {
+    if own.method == Method::Caci {
         own.globals.confidence = Confidence::Rms;
         own.fallback = Some(Fallback::RmsConfidence);
         return Ok(own);

@@ -169,20 +169,18 @@ fn weighted_products(
 }
 
 fn check(tensor: &str, cols: usize, grams: &[&Gram]) -> Result<()> {
-    match grams.iter().find(|g| g.dim != cols) {
-        _ if grams.is_empty() => Err(Error::Numerical {
-            tensor: tensor.to_string(),
-            message: "RegMean needs at least one expert's Gram".to_string(),
-        }),
-        Some(g) => Err(Error::Numerical {
-            tensor: tensor.to_string(),
-            message: format!(
-                "a Gram is {d}×{d} but the module has {cols} input features",
-                d = g.dim
-            ),
-        }),
-        None => Ok(()),
-    }
+    let message = match grams.iter().find(|g| g.dim != cols) {
+        _ if grams.is_empty() => "RegMean needs at least one expert's Gram".to_string(),
+        Some(g) => format!(
+            "a Gram is {d}×{d} but the module has {cols} input features",
+            d = g.dim
+        ),
+        None => return Ok(()),
+    };
+    Err(Error::Numerical {
+        tensor: tensor.to_string(),
+        message,
+    })
 }
 
 #[cfg(test)]
