@@ -491,27 +491,29 @@ fn activation_caci_scores_by_the_experts_own_inputs() {
     );
 }
 
-/// `calibration = { data = ..., n = ... }`: `mmx merge` measures the experts' statistics on
-/// their cases first (beside the output), and the merge is the one made from `mmx calibrate`'s
-/// files, byte for byte.
-#[test]
-fn mmx_merge_calibrates_experts_given_their_cases() {
+/// `mmx calibrate` run by the binary in `work`; its stderr.
+fn mmx_in(work: &Path, args: &[&str]) -> String {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_mmx"))
+        .args(args)
+        .current_dir(work)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "mmx {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// A recipe of `method` whose experts give their cases (`calibration = { data, n }`) calibrates
+/// them first (beside the output, with the Fisher where the method reads it), and the merge is
+/// the one made from `mmx calibrate`'s files (with `calibrate_args`), byte for byte.
+fn merge_by_cases_is_merge_by_files(method: &str, output: &str, calibrate_args: &[&str]) {
     let dir = tempfile::tempdir().unwrap();
     let work = dir.path();
     let registry = Path::new(env!("CARGO_MANIFEST_DIR")).join("registry");
-    let mmx = |args: &[&str]| {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_mmx"))
-            .args(args)
-            .current_dir(work)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "mmx {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stderr).into_owned()
-    };
+    let mmx = |args: &[&str]| mmx_in(work, args);
     mmx(&[
         "data",
         "generate",
@@ -529,7 +531,7 @@ fn mmx_merge_calibrates_experts_given_their_cases() {
     let experts = ["cardiology", "radiology"];
     let write = |name: &str, calibration: &dyn Fn(&str) -> String| {
         let mut text = format!(
-            "[merge]\nregistry = \"{}\"\nmethod = \"regmean\"\nbase = \"registry:tiny-med-base:v2\"\noutput = \"lora\"\n",
+            "[merge]\nregistry = \"{}\"\nmethod = \"{method}\"\nbase = \"registry:tiny-med-base:v2\"\noutput = \"{output}\"\n",
             registry.display()
         );
         for s in experts {
@@ -545,29 +547,148 @@ fn mmx_merge_calibrates_experts_given_their_cases() {
     });
     let stderr = mmx(&["merge", "cases.toml", "-o", "by-cases", "--device", "cpu"]);
     assert!(stderr.contains("calibrated expert 1"), "{stderr}");
+    assert!(!stderr.contains("warning"), "no tensor falls back: {stderr}");
     assert!(work
         .join("by-cases.calibration/expert0.safetensors")
         .is_file());
 
     for s in experts {
-        mmx(&[
+        let (adapter, data, stats) = (
+            format!("registry:{s}:v2"),
+            format!("data/{s}/validation.jsonl"),
+            format!("{s}.safetensors"),
+        );
+        let mut args = vec![
             "calibrate",
             "registry:tiny-med-base:v2",
             "--registry",
             registry.to_str().unwrap(),
             "--adapter",
-            &format!("registry:{s}:v2"),
+            &adapter,
             "--data",
-            &format!("data/{s}/validation.jsonl"),
+            &data,
             "-n",
             "4",
             "-o",
-            &format!("{s}.safetensors"),
+            &stats,
             "--quiet",
-        ]);
+        ];
+        args.extend_from_slice(calibrate_args);
+        mmx(&args);
     }
     write("files.toml", &|s| format!("\"{s}.safetensors\""));
     mmx(&["merge", "files.toml", "-o", "by-files", "--device", "cpu"]);
-    let adapter = |d: &str| std::fs::read(work.join(d).join("adapter_model.safetensors")).unwrap();
-    assert_eq!(adapter("by-cases"), adapter("by-files"));
+    let weights = |d: &str| {
+        let file = ["adapter_model.safetensors", "model.safetensors"]
+            .iter()
+            .map(|f| work.join(d).join(f))
+            .find(|p| p.is_file())
+            .unwrap();
+        std::fs::read(file).unwrap()
+    };
+    assert_eq!(weights("by-cases"), weights("by-files"));
+}
+
+#[test]
+fn mmx_merge_calibrates_experts_given_their_cases() {
+    merge_by_cases_is_merge_by_files("regmean", "lora", &[]);
+}
+
+/// The same for Fisher-weighted averaging: the recipe's calibration measures the Fisher too,
+/// which every module then has (no fallback), as `mmx calibrate --fisher` does.
+#[test]
+fn a_fisher_merge_calibrates_its_experts_fisher() {
+    merge_by_cases_is_merge_by_files("fisher", "full", &["--fisher"]);
+}
+
+/// `mmx calibrate` on a vision-language model with its adapter: each case's image rows pass
+/// through the language model (the Grams count the image tokens and differ from those of the
+/// same cases without images), every module is named as the base checkpoint names its
+/// weight, and the Grams and Fishers fit the base's shapes.
+#[test]
+fn mmx_calibrate_reads_the_image_cases_of_a_vision_language_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let work = dir.path();
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/vlm");
+    std::fs::create_dir_all(work.join("llava")).unwrap();
+    std::fs::create_dir_all(work.join("train")).unwrap();
+    for file in ["config.json", "model.safetensors", "preprocessor_config.json"] {
+        std::fs::copy(fixtures.join("tiny-llava").join(file), work.join("llava").join(file))
+            .unwrap();
+    }
+    std::fs::copy(
+        fixtures.join("train/tokenizer.json"),
+        work.join("llava/tokenizer.json"),
+    )
+    .unwrap();
+    for image in ["square.png", "wide.png"] {
+        std::fs::copy(fixtures.join(image), work.join(image)).unwrap();
+    }
+    // The fixture's cases (four of six show an image), and the same cases with no image.
+    let cases = std::fs::read_to_string(fixtures.join("train/cases.jsonl")).unwrap();
+    std::fs::write(work.join("train/images.jsonl"), &cases).unwrap();
+    let text: Vec<String> = cases
+        .lines()
+        .map(|line| {
+            let mut case: serde_json::Value = serde_json::from_str(line).unwrap();
+            case.as_object_mut().unwrap().remove("image");
+            case.to_string()
+        })
+        .collect();
+    std::fs::write(work.join("train/text.jsonl"), text.join("\n")).unwrap();
+    let adapter = fixtures.join("tiny-llava-lora");
+    let calibrate = |data: &str, out: &str| -> serde_json::Value {
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_mmx"))
+            .args(["calibrate", "llava", "--adapter", adapter.to_str().unwrap()])
+            .args(["--data", data, "--fisher", "-o", out, "--json"])
+            .current_dir(work)
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        serde_json::from_slice(&output.stdout).unwrap()
+    };
+    let with = calibrate("train/images.jsonl", "images.safetensors");
+    let without = calibrate("train/text.jsonl", "text.safetensors");
+    let image_tokens = 16; // the fixture's `image_seq_length`
+    assert_eq!(
+        with["tokens"].as_u64().unwrap(),
+        without["tokens"].as_u64().unwrap() + 4 * image_tokens
+    );
+    let (images, text) = (
+        mmx::merge::calibration::Calibration::open(&work.join("images.safetensors")).unwrap(),
+        mmx::merge::calibration::Calibration::open(&work.join("text.safetensors")).unwrap(),
+    );
+    let base = mmx::checkpoint::Checkpoint::open(&work.join("llava")).unwrap();
+    let modules: Vec<&str> = base
+        .names()
+        .into_iter()
+        .filter(|n| n.contains("language_model") && n.ends_with("_proj.weight"))
+        .collect();
+    assert_eq!(modules.len(), 2 * 7, "{modules:?}");
+    assert_eq!(with["modules"], 14);
+    for name in modules {
+        let module = name.strip_suffix(".weight").unwrap();
+        let shape = &base.info(name).unwrap().shape;
+        images.check_shapes(module, shape).unwrap();
+        assert!(images.has_gram(module) && images.has_fisher(module), "{module}");
+        let fisher = images.fisher(module).unwrap().unwrap();
+        assert_eq!(fisher.len(), shape[0] * shape[1]);
+        assert!(fisher.iter().any(|&v| v > 0.0), "{module}: a zero Fisher");
+        let (a, b) = (
+            images.gram(module).unwrap().unwrap(),
+            text.gram(module).unwrap().unwrap(),
+        );
+        assert_eq!(a.dim, shape[1]);
+        let gap = a
+            .values
+            .iter()
+            .zip(&b.values)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f64::max);
+        assert!(gap > 1e-3, "{module}: the images changed nothing ({gap})");
+    }
 }

@@ -1,5 +1,6 @@
-//! `mmx calibrate MODEL [--adapter A] --data CASES.jsonl... [-n N] -o STATS.safetensors`: an
-//! expert's calibration statistics (the Gram of every projection's inputs over its cases), for
+//! `mmx calibrate MODEL [--adapter A] --data CASES.jsonl... [-n N] [--fisher] -o STATS.safetensors`:
+//! an expert's calibration statistics (the Gram of every projection's inputs over its cases, and
+//! with `--fisher` the diagonal Fisher of its weights), for
 //! data-aware recipes (`calibration = "STATS.safetensors"`); and the same for the experts of a
 //! recipe that gives their cases (`calibration = { data = ..., n = ... }`) before `mmx merge`.
 
@@ -14,6 +15,7 @@ use serde_json::json;
 use super::print::{say, Printer};
 use super::progress::{bar, Counting};
 use mmx::merge::calibration::{write_calibration, ModuleStats};
+use mmx::merge::Method;
 use mmx::recipe::{CalibrationSpec, Recipe, Source};
 use mmx::train::calibrate::calibrate;
 use mmx::train::images::Images;
@@ -35,6 +37,11 @@ pub struct CalibrateArgs {
     /// Use the first N cases only.
     #[arg(short = 'n', long, value_name = "N")]
     cases: Option<usize>,
+    /// Also measure each projection's diagonal Fisher (squared gradients of the completion's
+    /// log-likelihood; a backward pass per case, and memory for one f32 copy of the weights),
+    /// as `method = "fisher"` reads it.
+    #[arg(long)]
+    fisher: bool,
     /// The statistics file to write.
     #[arg(short, long, value_name = "STATS.safetensors")]
     output: PathBuf,
@@ -57,33 +64,45 @@ struct Measured {
     seconds: f64,
 }
 
-/// Measures the statistics of `model` with `adapter` on the first `n` cases of `data` and
-/// writes them to `output`.
-fn measure(
-    model: &str,
-    adapter: Option<&str>,
-    data: &[PathBuf],
+/// What to measure: the first `n` cases of `data` through `model` with `adapter`, and the
+/// Fisher too with `fisher`.
+struct Measure<'a> {
+    model: &'a str,
+    adapter: Option<&'a str>,
+    data: &'a [PathBuf],
     n: Option<usize>,
+    fisher: bool,
+}
+
+/// Measures the statistics `what` says and writes them to `output`.
+fn measure(
+    what: &Measure<'_>,
     output: &Path,
     registry: &Path,
     quiet: bool,
 ) -> anyhow::Result<Measured> {
+    let Measure {
+        model,
+        adapter,
+        data,
+        n,
+        fisher,
+    } = *what;
     let model_dir = Materialized::open(model, registry)?;
     let tokenizer = Tokenizer::load(model_dir.dir())?;
-    let (images, mut lm) = Images::load(
+    let (mut images, mut lm) = Images::load(
         model_dir.dir(),
         None,
         candle_core::DType::F32,
         &candle_core::Device::Cpu,
     )?;
-    if images.is_some() {
-        anyhow::bail!(
-            "`{model}` is a vision-language model: calibration of its language model is not supported yet"
-        );
-    }
     tokenizer.check_vocab(lm.config())?;
     if let Some(adapter) = adapter {
-        lm.load_adapter(Materialized::open(adapter, registry)?.dir())?;
+        let adapter_dir = Materialized::open(adapter, registry)?;
+        match images.as_mut() {
+            Some(images) => images.load_adapter(&mut lm, adapter_dir.dir())?,
+            None => lm.load_adapter(adapter_dir.dir())?,
+        }
     }
     let mut cases = read_case_files(data)?;
     if let Some(n) = n {
@@ -94,10 +113,17 @@ fn measure(
     }
     let progress = bar("calibrating", Counting::Items, cases.len() as u64, quiet);
     let start = Instant::now();
-    let calibrated = calibrate(&mut lm, &tokenizer, &cases, &|_| progress.inc(1))?;
+    let calibrated = calibrate(
+        &mut lm,
+        images.as_ref(),
+        &tokenizer,
+        &cases,
+        fisher,
+        &|_| progress.inc(1),
+    )?;
     progress.finish_and_clear();
     let seconds = start.elapsed().as_secs_f64();
-    let modules: BTreeMap<String, ModuleStats> = calibrated
+    let mut modules: BTreeMap<String, ModuleStats> = calibrated
         .grams
         .into_iter()
         .map(|(module, g)| {
@@ -108,6 +134,9 @@ fn measure(
             (module, stats)
         })
         .collect();
+    for (module, f) in calibrated.fishers {
+        modules.entry(module).or_default().fisher = Some((f.values, f.shape.to_vec()));
+    }
     write_calibration(output, &modules)?;
     Ok(Measured {
         modules: modules.len(),
@@ -120,11 +149,15 @@ fn measure(
 /// Runs `mmx calibrate`.
 pub fn run(args: CalibrateArgs) -> anyhow::Result<ExitCode> {
     let registry = mmx::registry::registry_path(args.registry.as_deref());
+    let what = Measure {
+        model: &args.model,
+        adapter: args.adapter.as_deref(),
+        data: &args.data,
+        n: args.cases,
+        fisher: args.fisher,
+    };
     let measured = measure(
-        &args.model,
-        args.adapter.as_deref(),
-        &args.data,
-        args.cases,
+        &what,
         &args.output,
         &registry,
         args.quiet || args.json,
@@ -162,6 +195,8 @@ pub(super) fn calibrate_recipe(
     let registry = mmx::registry::registry_path(recipe.registry.as_deref());
     let folder = PathBuf::from(format!("{}.calibration", output.display()));
     let base = recipe.base.as_ref().map(ToString::to_string);
+    // Fisher-weighted averaging reads each expert's Fisher; the others only its Grams.
+    let fisher = Method::from_name(&recipe.method) == Some(Method::Fisher);
     for (i, expert) in recipe.experts.iter_mut().enumerate() {
         let Some(CalibrationSpec::Cases { data, n }) = &expert.calibration else {
             continue;
@@ -179,7 +214,14 @@ pub(super) fn calibrate_recipe(
             .map_err(|e| anyhow::anyhow!("`{}`: {e}", folder.display()))?;
         let path = folder.join(format!("expert{i}.safetensors"));
         let adapter = expert.source.to_string();
-        let measured = measure(base, Some(&adapter), data, *n, &path, &registry, quiet)?;
+        let what = Measure {
+            model: base,
+            adapter: Some(&adapter),
+            data,
+            n: *n,
+            fisher,
+        };
+        let measured = measure(&what, &path, &registry, quiet)?;
         Printer::text().note(format_args!(
             "calibrated expert {i} (`{adapter}`) on {} cases ({} tokens) into {}",
             measured.cases,

@@ -484,19 +484,7 @@ fn shard_grads(
     device: &Device,
 ) -> Result<ShardGrads> {
     let batch = Batch::new(examples, pad, device)?;
-    let logits = match images {
-        None => model.forward(&batch.inputs, Some(&batch.attention), None)?,
-        Some(images) => {
-            let mut features = batch_images(examples, device)?;
-            if images.projector_trained() {
-                features = features.map(|f| images.encoder().project(&f)).transpose()?;
-            }
-            let embeds = images
-                .encoder()
-                .merge(model, &batch.inputs, features.as_ref())?;
-            model.forward_embeds(&embeds, Some(&batch.attention), None)?
-        }
-    };
+    let logits = batch_logits(model, images, &batch, examples, device)?;
     let summed = summed_nll(&logits, &batch)?;
     let nll = f64::from(summed.to_scalar::<f32>().map_err(candle("loss"))?);
     let scaled = (summed / step_targets as f64).map_err(candle("loss"))?;
@@ -509,6 +497,29 @@ fn shard_grads(
             .map(|v| store.get(v.as_tensor()).cloned())
             .collect(),
     })
+}
+
+/// The logits `[b, s, vocab]` of `batch`, made of `examples`, as training computes them: a
+/// vision-language model's image rows (projected here when the projector is trained) in place
+/// of the image tokens.
+pub(crate) fn batch_logits(
+    model: &CausalLm,
+    images: Option<&Images>,
+    batch: &Batch,
+    examples: &[&Example],
+    device: &Device,
+) -> Result<Tensor> {
+    let Some(images) = images else {
+        return model.forward(&batch.inputs, Some(&batch.attention), None);
+    };
+    let mut features = batch_images(examples, device)?;
+    if images.projector_trained() {
+        features = features.map(|f| images.encoder().project(&f)).transpose()?;
+    }
+    let embeds = images
+        .encoder()
+        .merge(model, &batch.inputs, features.as_ref())?;
+    model.forward_embeds(&embeds, Some(&batch.attention), None)
 }
 
 /// The images of `examples`, in order, as `[images, tokens, width]` (`None` if none has one).
@@ -571,14 +582,28 @@ fn encode(
                 CompletionKind::Full => case.completion(),
                 CompletionKind::Format => case.format_completion(recipe.seed, &rules),
             };
-            let prompt = tokenizer.encode(&case.prompt(), false)?;
-            let completion = tokenizer.encode(&completion, false)?;
-            let Some(images) = images else {
-                return Ok(Example::new(config.bos_token_id, &prompt, &completion, eos));
-            };
-            let rows = images.training_rows(case, model.device())?;
-            let prompt = images.prompt_with_image(config.bos_token_id, &prompt, rows.is_some());
-            Ok(Example::new(None, &prompt, &completion, eos).with_image(rows))
+            example_of(tokenizer, model, images, case, &completion, eos)
         })
         .collect()
+}
+
+/// The training example of `case` with `completion`: `<bos> prompt completion <eos>`, with a
+/// vision-language model's image tokens and rows where the case shows an image.
+pub(crate) fn example_of(
+    tokenizer: &Tokenizer,
+    model: &CausalLm,
+    images: Option<&Images>,
+    case: &super::Case,
+    completion: &str,
+    eos: u32,
+) -> Result<Example> {
+    let bos = model.config().bos_token_id;
+    let prompt = tokenizer.encode(&case.prompt(), false)?;
+    let completion = tokenizer.encode(completion, false)?;
+    let Some(images) = images else {
+        return Ok(Example::new(bos, &prompt, &completion, eos));
+    };
+    let rows = images.training_rows(case, model.device())?;
+    let prompt = images.prompt_with_image(bos, &prompt, rows.is_some());
+    Ok(Example::new(None, &prompt, &completion, eos).with_image(rows))
 }

@@ -38,6 +38,8 @@ pub struct CausalLm {
     /// How adapters name its modules: `model.layers.…` for a text model, the nesting of a
     /// vision-language model's language model otherwise.
     modules: Naming,
+    /// Where its checkpoint keeps its tensors (`model.…`, or nested in a vision-language one).
+    checkpoint_names: Naming,
     /// With [`CausalLm::load_trainable`]: every weight as a variable, by its name.
     weights: Vec<(String, Var)>,
     adapter_enabled: bool,
@@ -116,6 +118,12 @@ impl CausalLm {
     /// The module path adapters use for projection `p` of layer `layer`.
     pub fn module_path(&self, layer: usize, p: Projection) -> String {
         self.modules.key(&p.path(layer))
+    }
+
+    /// The base checkpoint's name of projection `p` of layer `layer`, without `.weight`
+    /// (`model.layers.0.mlp.down_proj`), as calibration statistics name modules.
+    pub fn checkpoint_module(&self, layer: usize, p: Projection) -> String {
+        self.checkpoint_names.key(&p.path(layer))
     }
 
     /// The text model's own path (`model.layers.…`) of an adapter's module path, if it names
@@ -215,6 +223,7 @@ impl CausalLm {
             rope,
             lora: None,
             modules: Naming::default(),
+            checkpoint_names: weights.naming().clone(),
             adapter_enabled: true,
             training: false,
             dtype,

@@ -233,6 +233,19 @@ impl LoraLinear {
         self.tap = tap;
     }
 
+    /// Makes the frozen weight a variable (a copy of it) so that a backward pass reaches it,
+    /// and returns that variable: calibration squares its gradients (the diagonal Fisher).
+    pub fn track_weight(&mut self) -> candle_core::Result<Var> {
+        let var = Var::from_tensor(&self.weight)?;
+        self.weight = var.as_tensor().clone();
+        Ok(var)
+    }
+
+    /// Freezes the weight again after [`track_weight`](Self::track_weight) (same values).
+    pub fn freeze_weight(&mut self) {
+        self.weight = self.weight.detach();
+    }
+
     /// Removes the update.
     pub fn remove_lora(&mut self) {
         self.lora = None;

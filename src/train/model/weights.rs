@@ -133,6 +133,11 @@ impl<'a> Weights<'a> {
         }
     }
 
+    /// Where the text model's tensors are found.
+    pub(crate) fn naming(&self) -> &Naming {
+        &self.naming
+    }
+
     /// The same, the text model's tensors found where `naming` says.
     pub(crate) fn named(self, naming: Naming) -> Self {
         Weights { naming, ..self }
