@@ -484,3 +484,37 @@ fn core_merges_report_the_energy_kept_per_expert() {
         );
     }
 }
+
+/// RegMean's LoRA output (the experts' `B`s side by side with solved `A`s) as PEFT loads it:
+/// tests/fixtures/make_peft_regmean.py ran this recipe's merge, loaded the adapter with
+/// `PeftModel.from_pretrained` and saved the update each module applies, with RegMean computed
+/// in numpy from the sources. mmx's adapter now applies the same updates.
+#[test]
+fn regmean_lora_output_loads_in_peft_as_the_least_squares_merge() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_mmx"))
+        .args(["merge", reference("peft_regmean/recipe.toml").to_str().unwrap()])
+        .args(["--device", "cpu", "-o"])
+        .arg(dir.path().join("out"))
+        .output()
+        .unwrap();
+    assert_ok(&out);
+    let merged = Adapter::open(dir.path().join("out")).unwrap();
+    let peft = SafetensorsFile::open(reference("peft_regmean/deltas.safetensors")).unwrap();
+    let (mut worst_peft, mut worst_numpy) = (0f64, 0f64);
+    for (name, ours) in deltas(&dir.path().join("out")) {
+        // Exact at rank Σ r_t: 4 + 4, and 4 + 2 where lora_b has rank 2 (q_proj).
+        let rank = if name.contains("q_proj") { 6 } else { 8 };
+        assert_eq!(merged.modules()[&name].rank, rank, "{name}");
+        let loaded = max_relative_error(&ours, &peft.read_f32(&name).unwrap());
+        let solved = max_relative_error(
+            &ours,
+            &peft.read_f32(&format!("expected.{name}")).unwrap(),
+        );
+        assert!(loaded <= 1e-5 && solved <= 1e-4, "{name}: {loaded:e} {solved:e}");
+        worst_peft = worst_peft.max(loaded);
+        worst_numpy = worst_numpy.max(solved);
+    }
+    assert_eq!(merged.modules().len(), 14);
+    eprintln!("regmean LoRA: vs PEFT's load {worst_peft:.2e}, vs numpy RegMean {worst_numpy:.2e}");
+}
