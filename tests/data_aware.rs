@@ -547,7 +547,10 @@ fn merge_by_cases_is_merge_by_files(method: &str, output: &str, calibrate_args: 
     });
     let stderr = mmx(&["merge", "cases.toml", "-o", "by-cases", "--device", "cpu"]);
     assert!(stderr.contains("calibrated expert 1"), "{stderr}");
-    assert!(!stderr.contains("warning"), "no tensor falls back: {stderr}");
+    assert!(
+        !stderr.contains("warning"),
+        "no tensor falls back: {stderr}"
+    );
     assert!(work
         .join("by-cases.calibration/expert0.safetensors")
         .is_file());
@@ -612,9 +615,16 @@ fn mmx_calibrate_reads_the_image_cases_of_a_vision_language_model() {
     let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/vlm");
     std::fs::create_dir_all(work.join("llava")).unwrap();
     std::fs::create_dir_all(work.join("train")).unwrap();
-    for file in ["config.json", "model.safetensors", "preprocessor_config.json"] {
-        std::fs::copy(fixtures.join("tiny-llava").join(file), work.join("llava").join(file))
-            .unwrap();
+    for file in [
+        "config.json",
+        "model.safetensors",
+        "preprocessor_config.json",
+    ] {
+        std::fs::copy(
+            fixtures.join("tiny-llava").join(file),
+            work.join("llava").join(file),
+        )
+        .unwrap();
     }
     std::fs::copy(
         fixtures.join("train/tokenizer.json"),
@@ -674,7 +684,10 @@ fn mmx_calibrate_reads_the_image_cases_of_a_vision_language_model() {
         let module = name.strip_suffix(".weight").unwrap();
         let shape = &base.info(name).unwrap().shape;
         images.check_shapes(module, shape).unwrap();
-        assert!(images.has_gram(module) && images.has_fisher(module), "{module}");
+        assert!(
+            images.has_gram(module) && images.has_fisher(module),
+            "{module}"
+        );
         let fisher = images.fisher(module).unwrap().unwrap();
         assert_eq!(fisher.len(), shape[0] * shape[1]);
         assert!(fisher.iter().any(|&v| v > 0.0), "{module}: a zero Fisher");

@@ -493,7 +493,10 @@ fn core_merges_report_the_energy_kept_per_expert() {
 fn regmean_lora_output_loads_in_peft_as_the_least_squares_merge() {
     let dir = tempfile::tempdir().unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_mmx"))
-        .args(["merge", reference("peft_regmean/recipe.toml").to_str().unwrap()])
+        .args([
+            "merge",
+            reference("peft_regmean/recipe.toml").to_str().unwrap(),
+        ])
         .args(["--device", "cpu", "-o"])
         .arg(dir.path().join("out"))
         .output()
@@ -507,11 +510,12 @@ fn regmean_lora_output_loads_in_peft_as_the_least_squares_merge() {
         let rank = if name.contains("q_proj") { 6 } else { 8 };
         assert_eq!(merged.modules()[&name].rank, rank, "{name}");
         let loaded = max_relative_error(&ours, &peft.read_f32(&name).unwrap());
-        let solved = max_relative_error(
-            &ours,
-            &peft.read_f32(&format!("expected.{name}")).unwrap(),
+        let solved =
+            max_relative_error(&ours, &peft.read_f32(&format!("expected.{name}")).unwrap());
+        assert!(
+            loaded <= 1e-5 && solved <= 1e-4,
+            "{name}: {loaded:e} {solved:e}"
         );
-        assert!(loaded <= 1e-5 && solved <= 1e-4, "{name}: {loaded:e} {solved:e}");
         worst_peft = worst_peft.max(loaded);
         worst_numpy = worst_numpy.max(solved);
     }

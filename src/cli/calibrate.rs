@@ -156,12 +156,7 @@ pub fn run(args: CalibrateArgs) -> anyhow::Result<ExitCode> {
         n: args.cases,
         fisher: args.fisher,
     };
-    let measured = measure(
-        &what,
-        &args.output,
-        &registry,
-        args.quiet || args.json,
-    )?;
+    let measured = measure(&what, &args.output, &registry, args.quiet || args.json)?;
     let rate = measured.tokens as f64 / measured.seconds;
     let summary = json!({
         "output": args.output.display().to_string(),

@@ -36,13 +36,22 @@ pub struct Calibration {
     fishers: BTreeMap<String, Vec<usize>>,
 }
 
-/// A module's mean input second moment `G / tokens`, symmetric, in f64, row-major.
+/// A module's mean input second moment `G / tokens`, symmetric (to the rounding of the f32 sums
+/// it was read from), in f64, row-major.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Gram {
     /// The side: the module's input features.
     pub dim: usize,
     /// `dim × dim` values.
     pub values: Vec<f64>,
+}
+
+impl Gram {
+    /// The values as a matrix, without a copy: symmetric, so the row-major values read as
+    /// column-major.
+    pub fn matrix(&self) -> faer::MatRef<'_, f64> {
+        faer::MatRef::from_column_major_slice(&self.values, self.dim, self.dim)
+    }
 }
 
 /// A module's statistics, to write.
@@ -184,7 +193,7 @@ impl Calibration {
         Ok(())
     }
 
-    /// `module`'s mean input second moment (`G / tokens`, made exactly symmetric), or `None`
+    /// `module`'s mean input second moment (`G / tokens`, symmetric to f32 rounding), or `None`
     /// without a Gram. Refuses a non-finite or asymmetric Gram, or a negative diagonal.
     pub fn gram(&self, module: &str) -> Result<Option<Gram>> {
         let Some(&(dim, tokens)) = self.grams.get(module) else {
@@ -208,17 +217,17 @@ impl Calibration {
         }
         // f32 sums of the same products in different orders differ in their last bits; a real
         // asymmetry is far above that. |G_ij| ≤ sqrt(G_ii·G_jj) for a Gram, so the tolerance is
-        // relative to that bound. Tile by tile, so that the transposed reads stay in cache.
+        // relative to that bound. Tile by tile, so that the transposed reads stay in cache, and
+        // reading only: the values are then converted in memory order (within the tolerance the
+        // row-major values are the column-major ones).
         const TILE: usize = 64;
-        let mut values = vec![0f64; dim * dim];
+        let roots: Vec<f32> = (0..dim).map(|i| raw[i * dim + i].sqrt()).collect();
         for i0 in (0..dim).step_by(TILE) {
             for j0 in (i0..dim).step_by(TILE) {
                 for i in i0..(i0 + TILE).min(dim) {
                     for j in j0.max(i)..(j0 + TILE).min(dim) {
                         let (a, b) = (raw[i * dim + j], raw[j * dim + i]);
-                        let scale =
-                            (f64::from(raw[i * dim + i]) * f64::from(raw[j * dim + j])).sqrt();
-                        if f64::from((a - b).abs()) > 1e-3 * scale + 1e-30 {
+                        if (a - b).abs() > 1e-3 * roots[i] * roots[j] + 1e-30 {
                             return Err(self.fail(
                                 module,
                                 format!(
@@ -226,14 +235,37 @@ impl Calibration {
                                 ),
                             ));
                         }
-                        let mean = 0.5 * (f64::from(a) + f64::from(b)) / tokens;
-                        values[i * dim + j] = mean;
-                        values[j * dim + i] = mean;
                     }
                 }
             }
         }
+        let values = raw.iter().map(|&v| f64::from(v) / tokens).collect();
         Ok(Some(Gram { dim, values }))
+    }
+
+    /// The RMS of each of `module`'s input features over the tokens, `sqrt(G_jj / tokens)`,
+    /// or `None` without a Gram: read from the Gram's diagonal alone (the rest of it is neither
+    /// read nor checked). Refuses a non-finite or negative diagonal entry.
+    pub fn input_rms(&self, module: &str) -> Result<Option<Vec<f32>>> {
+        let Some(&(dim, tokens)) = self.grams.get(module) else {
+            return Ok(None);
+        };
+        let name = format!("{module}.gram");
+        let mut rms = Vec::with_capacity(dim);
+        for i in 0..dim {
+            let at = i * dim + i;
+            let d = self.file.read_f32_range(&name, at, at + 1)?[0];
+            if d < 0.0 {
+                return Err(self.fail(
+                    module,
+                    format!(
+                        "the Gram's diagonal entry [{i}, {i}] is negative ({d}): not a sum of x·xᵀ"
+                    ),
+                ));
+            }
+            rms.push((f64::from(d) / tokens).sqrt() as f32);
+        }
+        Ok(Some(rms))
     }
 
     /// `module`'s diagonal Fisher of the full weight, or `None` without one. Refuses

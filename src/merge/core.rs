@@ -382,13 +382,10 @@ pub fn merge_in_core_with(
 /// f_lᵀ·G_t·f_l`, the diagonal of `T_Aᵀ·(X_Aᵀ·G_t·X_A)·T_A` (never an in × in product beyond
 /// `G_t·X_A`).
 fn core_input_scales(a_stack_t: &Mat<f64>, t_a: &Mat<f64>, grams: &[Gram]) -> Vec<Vec<f32>> {
-    let cols = a_stack_t.nrows();
     grams
         .iter()
         .map(|g| {
-            // Symmetric: the row-major values read as columns, in memory order.
-            let gram = Mat::<f64>::from_fn(cols, cols, |i, j| g.values[j * cols + i]);
-            let projected = a_stack_t.transpose() * (gram * a_stack_t);
+            let projected = a_stack_t.transpose() * (g.matrix() * a_stack_t);
             let energies = t_a.transpose() * projected * t_a;
             (0..energies.nrows())
                 .map(|l| energies[(l, l)].max(0.0).sqrt() as f32)

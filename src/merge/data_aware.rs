@@ -24,17 +24,12 @@ pub(crate) fn merge_with_statistics(
         // leaves the tensor alone (its update is zero, whatever it is scored by).
         let mut scales = Vec::with_capacity(experts.len());
         for stats in &plan.calibration {
-            let gram = stats
+            let rms = stats
                 .as_ref()
-                .map(|s| s.gram(&module))
+                .map(|s| s.input_rms(&module))
                 .transpose()?
                 .flatten();
-            scales.push(match gram {
-                Some(g) => (0..g.dim)
-                    .map(|j| g.values[j * g.dim + j].max(0.0).sqrt() as f32)
-                    .collect(),
-                None => vec![1.0; t.shape[1]],
-            });
+            scales.push(rms.unwrap_or_else(|| vec![1.0; t.shape[1]]));
         }
         return caci::merge(
             &t.name,

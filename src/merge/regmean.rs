@@ -23,26 +23,40 @@ use crate::error::{Error, Result};
 
 /// `α·G + (1 − α)·diag(G)`.
 fn shrunk(gram: &Gram, alpha: f64) -> Mat<f64> {
-    let n = gram.dim;
-    // Symmetric: the row-major values read as columns, in memory order.
-    Mat::from_fn(n, n, |i, j| {
-        let g = gram.values[j * n + i];
+    let g = gram.matrix();
+    Mat::from_fn(gram.dim, gram.dim, |i, j| {
         if i == j {
-            g
+            g[(i, j)]
         } else {
-            alpha * g
+            alpha * g[(i, j)]
         }
     })
 }
 
-/// The experts' shrunk Grams `G̃_t` and the Cholesky factor of `M`.
+/// The Cholesky factor of `M = Σ w_t·G̃_t + ρ·mean(diag)·I`, and the shrunk Grams `G̃_t` where
+/// `α < 1` (with `α = 1` they are the Grams themselves, not copied).
 struct System {
-    shrunk: Vec<Mat<f64>>,
+    shrunk: Option<Vec<Mat<f64>>>,
     llt: Llt<f64>,
 }
 
-/// The shrunk Grams and the Cholesky factor of `M = Σ w_t·G̃_t + ρ·mean(diag)·I`; `None` when
-/// no expert's inputs reach the module (every Gram zero), where the merged update is zero.
+impl System {
+    /// The experts' `G̃_t`.
+    fn grams<'a>(&'a self, grams: &'a [&Gram]) -> Vec<MatRef<'a, f64>> {
+        shrunk_views(&self.shrunk, grams)
+    }
+}
+
+/// The shrunk Grams where there are copies, else the Grams.
+fn shrunk_views<'a>(shrunk: &'a Option<Vec<Mat<f64>>>, grams: &'a [&Gram]) -> Vec<MatRef<'a, f64>> {
+    match shrunk {
+        Some(shrunk) => shrunk.iter().map(Mat::as_ref).collect(),
+        None => grams.iter().map(|g| g.matrix()).collect(),
+    }
+}
+
+/// The system of `grams`; `None` when no expert's inputs reach the module (every Gram zero),
+/// where the merged update is zero.
 fn system(
     tensor: &str,
     grams: &[&Gram],
@@ -58,10 +72,20 @@ fn system(
         });
     }
     let n = grams[0].dim;
-    let shrunk: Vec<Mat<f64>> = grams.iter().map(|g| shrunk(g, f64::from(alpha))).collect();
+    let shrunk = (alpha != 1.0).then(|| {
+        grams
+            .iter()
+            .map(|g| shrunk(g, f64::from(alpha)))
+            .collect::<Vec<_>>()
+    });
     let mut m = Mat::<f64>::zeros(n, n);
-    for (g, &w) in shrunk.iter().zip(weights) {
-        m += f64::from(w) * g;
+    for (g, &w) in shrunk_views(&shrunk, grams).iter().zip(weights) {
+        let w = f64::from(w);
+        for j in 0..n {
+            for i in 0..n {
+                m[(i, j)] += w * g[(i, j)];
+            }
+        }
     }
     let mean_diagonal = (0..n).map(|i| m[(i, i)]).sum::<f64>() / n as f64;
     if mean_diagonal <= 0.0 {
@@ -107,12 +131,12 @@ pub fn merge_updates(
     ridge: f32,
 ) -> Result<Vec<f32>> {
     check(tensor, cols, grams)?;
-    let Some(System { shrunk, llt }) = system(tensor, grams, weights, alpha, ridge)? else {
+    let Some(system) = system(tensor, grams, weights, alpha, ridge)? else {
         return Ok(vec![0.0; rows * cols]);
     };
     let blocks: Vec<(&[f32], usize, usize)> = deltas.iter().map(|d| (*d, rows, 0)).collect();
-    let n = weighted_products(&blocks, rows, cols, &shrunk, weights);
-    Ok(row_major(right_solve(&llt, n).as_ref()))
+    let n = weighted_products(&blocks, rows, cols, &system.grams(grams), weights);
+    Ok(row_major(right_solve(&system.llt, n).as_ref()))
 }
 
 /// The new `A`s of a LoRA RegMean merge: given each expert's `A_t` (`rank_t × cols`, row-major,
@@ -129,7 +153,7 @@ pub fn merge_factors(
 ) -> Result<Vec<f32>> {
     check(tensor, cols, grams)?;
     let total: usize = a.iter().map(|(_, r)| r).sum();
-    let Some(System { shrunk, llt }) = system(tensor, grams, weights, alpha, ridge)? else {
+    let Some(system) = system(tensor, grams, weights, alpha, ridge)? else {
         return Ok(vec![0.0; total * cols]);
     };
     let mut blocks = Vec::with_capacity(a.len());
@@ -138,8 +162,8 @@ pub fn merge_factors(
         blocks.push((values, rank, row));
         row += rank;
     }
-    let n = weighted_products(&blocks, total, cols, &shrunk, weights);
-    Ok(row_major(right_solve(&llt, n).as_ref()))
+    let n = weighted_products(&blocks, total, cols, &system.grams(grams), weights);
+    Ok(row_major(right_solve(&system.llt, n).as_ref()))
 }
 
 /// `N` (`rows × cols`) with `w_t·X_t·G̃_t` added at each block's rows: every block
@@ -150,7 +174,7 @@ fn weighted_products(
     blocks: &[(&[f32], usize, usize)],
     rows: usize,
     cols: usize,
-    shrunk: &[Mat<f64>],
+    shrunk: &[MatRef<'_, f64>],
     weights: &[f32],
 ) -> Mat<f64> {
     let mut n = Mat::<f64>::zeros(rows, cols);
@@ -160,7 +184,7 @@ fn weighted_products(
             n.as_mut().subrows_mut(first, block_rows),
             faer::Accum::Add,
             x.as_ref(),
-            g.as_ref(),
+            *g,
             f64::from(w),
             Par::Seq,
         );

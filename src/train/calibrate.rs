@@ -71,11 +71,15 @@ pub fn calibrate(
     if images.is_none() {
         refuse_images_without_tower(&cases.iter().collect::<Vec<_>>(), model.dir())?;
     }
-    let eos = *model.config().eos_token_ids.first().ok_or_else(|| Error::Model {
-        path: model.dir().join("config.json"),
-        message: "no `eos_token_id`: every calibration sequence ends with it, as in training"
-            .into(),
-    })?;
+    let eos = *model
+        .config()
+        .eos_token_ids
+        .first()
+        .ok_or_else(|| Error::Model {
+            path: model.dir().join("config.json"),
+            message: "no `eos_token_id`: every calibration sequence ends with it, as in training"
+                .into(),
+        })?;
     let mut taps = Vec::new();
     let mut weights = Vec::new();
     let run = attach(model, fisher, &mut taps, &mut weights).and_then(|()| {
@@ -241,7 +245,13 @@ mod tests {
     }
 
     /// Sets coordinate `(i, j)` of the weight of projection `p` of layer `layer` to `value`.
-    fn set_weight(model: &mut CausalLm, layer: usize, p: Projection, (i, j): (usize, usize), value: f64) {
+    fn set_weight(
+        model: &mut CausalLm,
+        layer: usize,
+        p: Projection,
+        (i, j): (usize, usize),
+        value: f64,
+    ) {
         let projection = model.layers_mut()[layer].projection_mut(p);
         let mut w: Vec<Vec<f64>> = projection.weight().to_vec2().unwrap();
         w[i][j] = value;
@@ -262,13 +272,20 @@ mod tests {
             let module = model.checkpoint_module(layer, p);
             let fisher = &got.fishers[&module];
             let [out, inp] = fisher.shape;
-            assert_eq!([out, inp], <[usize; 2]>::from(model.layers()[layer].projection(p).shape()));
+            assert_eq!(
+                [out, inp],
+                <[usize; 2]>::from(model.layers()[layer].projection(p).shape())
+            );
             let top = (0..out * inp)
                 .max_by(|&a, &b| fisher.values[a].total_cmp(&fisher.values[b]))
                 .unwrap();
             for k in [top, (out * inp) / 3 + 1] {
                 let (i, j) = (k / inp, k % inp);
-                let w: Vec<Vec<f64>> = model.layers()[layer].projection(p).weight().to_vec2().unwrap();
+                let w: Vec<Vec<f64>> = model.layers()[layer]
+                    .projection(p)
+                    .weight()
+                    .to_vec2()
+                    .unwrap();
                 let (w0, h) = (w[i][j], 1e-4);
                 let mut squares = 0.0;
                 for case in &cases {
@@ -288,7 +305,10 @@ mod tests {
             }
         }
         // The weights are frozen again: no gradient reaches them.
-        assert!(!model.layers()[0].projection(Projection::Q).weight().is_variable());
+        assert!(!model.layers()[0]
+            .projection(Projection::Q)
+            .weight()
+            .is_variable());
     }
 
     #[test]
@@ -300,13 +320,16 @@ mod tests {
         // each case's last.
         let checkpoint = Checkpoint::open(base.dir()).unwrap();
         let embed = checkpoint.read_f32("model.embed_tokens.weight").unwrap();
-        let norm = checkpoint.read_f32("model.layers.0.input_layernorm.weight").unwrap();
+        let norm = checkpoint
+            .read_f32("model.layers.0.input_layernorm.weight")
+            .unwrap();
         let (hidden, eps) = (model.config().hidden_size, model.config().rms_norm_eps);
         let eos = model.config().eos_token_ids[0];
         let mut gram = vec![0f64; hidden * hidden];
         let mut tokens = 0u64;
         for case in &cases {
-            let example = example_of(&tokenizer, &model, None, case, &case.completion(), eos).unwrap();
+            let example =
+                example_of(&tokenizer, &model, None, case, &case.completion(), eos).unwrap();
             for &id in &example.tokens[..example.tokens.len() - 1] {
                 let row = &embed[id as usize * hidden..(id as usize + 1) * hidden];
                 let ms = row.iter().map(|&v| f64::from(v).powi(2)).sum::<f64>() / hidden as f64;
@@ -330,10 +353,16 @@ mod tests {
             let g = &got.grams[&module];
             assert_eq!((g.side, g.tokens), (hidden, tokens));
             for (k, (&v, &e)) in g.values.iter().zip(&gram).enumerate() {
-                assert!((f64::from(v) - e).abs() <= 1e-5 * (1.0 + e.abs()), "`{module}` [{k}]: {v} vs {e}");
+                assert!(
+                    (f64::from(v) - e).abs() <= 1e-5 * (1.0 + e.abs()),
+                    "`{module}` [{k}]: {v} vs {e}"
+                );
             }
         }
         // Every projection of every layer has its Gram, square in its input width.
-        assert_eq!(got.grams.len(), model.layers().len() * Projection::ALL.len());
+        assert_eq!(
+            got.grams.len(),
+            model.layers().len() * Projection::ALL.len()
+        );
     }
 }
