@@ -491,8 +491,8 @@ fn activation_caci_scores_by_the_experts_own_inputs() {
     );
 }
 
-/// `mmx calibrate` run by the binary in `work`; its stderr.
-fn mmx_in(work: &Path, args: &[&str]) -> String {
+/// `mmx ARGS` run in `work`, which must succeed; what it printed.
+fn mmx_output(work: &Path, args: &[&str]) -> std::process::Output {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_mmx"))
         .args(args)
         .current_dir(work)
@@ -503,7 +503,12 @@ fn mmx_in(work: &Path, args: &[&str]) -> String {
         "mmx {args:?}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    String::from_utf8_lossy(&out.stderr).into_owned()
+    out
+}
+
+/// `mmx ARGS` run in `work`, which must succeed; its stderr.
+fn mmx_in(work: &Path, args: &[&str]) -> String {
+    String::from_utf8_lossy(&mmx_output(work, args).stderr).into_owned()
 }
 
 /// A recipe of `method` whose experts give their cases (`calibration = { data, n }`) calibrates
@@ -648,18 +653,19 @@ fn mmx_calibrate_reads_the_image_cases_of_a_vision_language_model() {
     std::fs::write(work.join("train/text.jsonl"), text.join("\n")).unwrap();
     let adapter = fixtures.join("tiny-llava-lora");
     let calibrate = |data: &str, out: &str| -> serde_json::Value {
-        let output = std::process::Command::new(env!("CARGO_BIN_EXE_mmx"))
-            .args(["calibrate", "llava", "--adapter", adapter.to_str().unwrap()])
-            .args(["--data", data, "--fisher", "-o", out, "--json"])
-            .current_dir(work)
-            .output()
-            .unwrap();
-        assert!(
-            output.status.success(),
-            "{}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-        serde_json::from_slice(&output.stdout).unwrap()
+        let args = [
+            "calibrate",
+            "llava",
+            "--adapter",
+            adapter.to_str().unwrap(),
+            "--data",
+            data,
+            "--fisher",
+            "-o",
+            out,
+            "--json",
+        ];
+        serde_json::from_slice(&mmx_output(work, &args).stdout).unwrap()
     };
     let with = calibrate("train/images.jsonl", "images.safetensors");
     let without = calibrate("train/text.jsonl", "text.safetensors");
