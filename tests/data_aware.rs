@@ -678,7 +678,7 @@ fn mmx_calibrate_reads_the_image_cases_of_a_vision_language_model() {
         mmx::merge::calibration::Calibration::open(&work.join("images.safetensors")).unwrap(),
         mmx::merge::calibration::Calibration::open(&work.join("text.safetensors")).unwrap(),
     );
-    let base = mmx::checkpoint::Checkpoint::open(&work.join("llava")).unwrap();
+    let base = mmx::checkpoint::Checkpoint::open(work.join("llava")).unwrap();
     let modules: Vec<&str> = base
         .names()
         .into_iter()
