@@ -715,3 +715,61 @@ fn the_bundled_registry_is_intact_and_holds_the_examples() {
         assert_same_dir(&dir, &target);
     }
 }
+
+/// A registry follows no symbolic link out of itself: a blob, a tag folder or one of its own
+/// folders replaced by a link is refused by name, for reading and for writing, and nothing is
+/// written through the link.
+#[test]
+fn links_out_of_the_registry_are_refused() {
+    let work = tempfile::tempdir().unwrap();
+    let w = work.path();
+    assert_ok(&mmx(&["publish", &adapter("cardiology"), "expert:v1"], w));
+    let registry = w.join("registry");
+    let outside = w.join("outside");
+    std::fs::create_dir_all(&outside).unwrap();
+    let refused = |out: &Output, link: &Path| {
+        assert!(!out.status.success(), "{}", stderr(out));
+        let text = stderr(out);
+        // The registry is `./registry`: named relative to the working directory.
+        let named = link.strip_prefix(w).unwrap().display().to_string();
+        assert!(
+            text.contains("symbolic link") && text.contains(&named),
+            "{text}"
+        );
+    };
+
+    // A blob moved elsewhere and linked back, with the right content.
+    let blob = blob_path(&registry, &tensor_blobs(w, "expert:v1")[0]);
+    let moved = outside.join("blob");
+    std::fs::rename(&blob, &moved).unwrap();
+    std::os::unix::fs::symlink(&moved, &blob).unwrap();
+    refused(&mmx(&["pull", "expert:v1", "-o", "pulled"], w), &blob);
+    assert!(!w.join("pulled").exists());
+    std::fs::remove_file(&blob).unwrap();
+    std::fs::rename(&moved, &blob).unwrap();
+    assert_ok(&mmx(&["pull", "expert:v1", "-o", "pulled"], w));
+
+    // A tag folder that is a link: neither read nor written through.
+    let tags = registry.join("refs/expert");
+    std::fs::rename(&tags, outside.join("tags")).unwrap();
+    std::os::unix::fs::symlink(outside.join("tags"), &tags).unwrap();
+    refused(&mmx(&["pull", "expert:v1", "-o", "again"], w), &tags);
+    refused(
+        &mmx(&["publish", &adapter("radiology"), "expert:v2"], w),
+        &tags,
+    );
+    assert!(!outside.join("tags/v2").exists());
+
+    // The registry's own folders.
+    std::fs::remove_file(&tags).unwrap();
+    std::fs::rename(outside.join("tags"), &tags).unwrap();
+    let tmp = registry.join("tmp");
+    std::fs::remove_dir_all(&tmp).unwrap();
+    std::fs::create_dir_all(outside.join("tmp")).unwrap();
+    std::os::unix::fs::symlink(outside.join("tmp"), &tmp).unwrap();
+    refused(
+        &mmx(&["publish", &adapter("radiology"), "other:v1"], w),
+        &tmp,
+    );
+    assert_eq!(std::fs::read_dir(outside.join("tmp")).unwrap().count(), 0);
+}

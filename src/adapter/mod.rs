@@ -3,6 +3,8 @@
 
 mod config;
 mod lora;
+mod same_base;
 
 pub use config::LoraConfig;
 pub use lora::{lora_delta, lora_delta_rows, Adapter, LoraKind, LoraModule, PEFT_PREFIX};
+pub use same_base::module_shapes;

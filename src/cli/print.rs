@@ -56,11 +56,24 @@ impl Printer {
 
     /// A failed command's error and, where one is known, what to do about it.
     pub fn error(&self, error: &anyhow::Error) {
-        eprintln!("error: {error:#}");
+        eprintln!("error: {}", error_text(error));
         if let Some(hint) = super::hint(error) {
             eprintln!("hint: {hint}");
         }
     }
+}
+
+/// An error and its causes on one line. mmx's own errors already say their cause, so a cause
+/// whose text the line holds is not repeated.
+pub fn error_text(error: &anyhow::Error) -> String {
+    let mut text = error.to_string();
+    for cause in error.chain().skip(1) {
+        let cause = cause.to_string();
+        if !text.contains(&cause) {
+            text = format!("{text}: {cause}");
+        }
+    }
+    text
 }
 
 /// `say!(printer, "format", args...)`: one text line of the result through `printer`.

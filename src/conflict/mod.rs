@@ -19,7 +19,7 @@ pub use metrics::{module_conflicts, ModuleConflicts};
 pub use plot::plot_report;
 
 use crate::adapter::Adapter;
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::merge::kernels::Kernels;
 use crate::merge::lora_native::{merges_adapters, LoraMerge};
 use crate::merge::{Method, Plan};
@@ -169,54 +169,12 @@ pub fn analyze(recipe: Recipe, kernels: &dyn Kernels) -> Result<Report> {
 /// a module some adapter leaves alone counts as a zero update for it.
 pub fn analyze_adapters(dirs: &[PathBuf], density: f32, kernels: &dyn Kernels) -> Result<Report> {
     let adapters = dirs.iter().map(Adapter::open).collect::<Result<Vec<_>>>()?;
-    let base_name = |a: &Adapter| {
-        a.config().base_model_name_or_path.as_deref().map(|b| {
-            b.trim_end_matches('/')
-                .rsplit('/')
-                .next()
-                .unwrap_or(b)
-                .to_string()
-        })
-    };
-    let mismatch = |message: String| Error::Adapter {
-        path: dirs[0].clone(),
-        message,
-    };
-    for (dir, a) in dirs.iter().zip(&adapters).skip(1) {
-        if let (Some(first), Some(this)) = (base_name(&adapters[0]), base_name(a)) {
-            if first != this {
-                return Err(mismatch(format!(
-                    "is an adapter for base `{first}` but `{}` is for `{this}`: adapters for different bases cannot be compared",
-                    dir.display()
-                )));
-            }
-        }
-    }
-    let mut shapes: BTreeMap<String, ([usize; 2], usize)> = BTreeMap::new();
-    for (i, a) in adapters.iter().enumerate() {
-        for (name, module) in a.modules() {
-            let (shape, first) = *shapes
-                .entry(name.clone())
-                .or_insert((module.target_shape, i));
-            if shape != module.target_shape {
-                return Err(mismatch(format!(
-                    "module `{name}` updates a {:?} weight in `{}` but a {:?} weight in `{}`: the adapters are for different bases",
-                    shape,
-                    dirs[first].display(),
-                    module.target_shape,
-                    dirs[i].display()
-                )));
-            }
-        }
-    }
-    if shapes.is_empty() {
-        return Err(mismatch("the adapters adapt no module".to_string()));
-    }
+    let all: Vec<&Adapter> = adapters.iter().collect();
+    let shapes = crate::adapter::module_shapes(&all)?;
     let weights = vec![1.0; adapters.len()];
     let densities = vec![density; adapters.len()];
     let mut modules = Vec::with_capacity(shapes.len());
-    let all: Vec<&Adapter> = adapters.iter().collect();
-    for (name, ([rows, cols], _)) in &shapes {
+    for (name, [rows, cols]) in &shapes {
         let sums = kernels.adapter_conflict_sums(&all, name, *rows, *cols, &weights, &densities)?;
         modules.push(from_sums(name, &sums));
     }

@@ -33,8 +33,8 @@ use crate::recipe::record::{
     ToolRecord,
 };
 use crate::recipe::{
-    check_target, layer_position, write_output_dir, OutputKind, RankTarget, Recipe, Scalar, Source,
-    Space, MERGE_RECORD,
+    check_target, layer_index, layer_position, write_output_dir, OutputKind, RankTarget, Recipe,
+    Scalar, Source, Space, MERGE_RECORD,
 };
 use crate::tensor::{from_f32, Digest, Dtype, TensorSpec};
 
@@ -67,7 +67,11 @@ pub type RetainedEnergy = BTreeMap<String, Vec<(usize, f64)>>;
 pub struct LoraMerge {
     recipe: Recipe,
     method: LoraMethod,
-    base: Checkpoint,
+    /// The adapters' base, when the recipe names it (the arithmetic never reads it; it checks
+    /// the adapters and is what tensors stored whole are merged against).
+    base: Option<Checkpoint>,
+    /// The base's layer count, for parameters that vary with depth.
+    num_layers: Option<usize>,
     adapters: Vec<(String, Adapter)>,
     /// For each adapted base tensor, the experts that adapt it, in recipe order.
     modules: BTreeMap<String, Vec<usize>>,
@@ -135,20 +139,20 @@ impl LoraMerge {
         let calibration = open_calibration(&recipe, method, &mut warnings)?;
         let statistics = reads_statistics(&recipe, method);
         let own_method = method;
+        // Without a base the adapters say what it is: the arithmetic reads only their factors.
         let base = match &recipe.base {
-            Some(Source::Dir(dir)) => Checkpoint::open(dir)?,
-            Some(Source::Registry(reference)) => {
-                super::stored::open_model(recipe.registry.as_deref(), reference)?
-            }
-            _ => {
+            Some(Source::Dir(dir)) => Some(Checkpoint::open(dir)?),
+            Some(Source::Registry(reference)) => Some(super::stored::open_model(
+                recipe.registry.as_deref(),
+                reference,
+            )?),
+            Some(Source::WithLora { .. }) => {
                 return Err(recipe_error(
                     &recipe,
-                    format!(
-                        "`{}` needs the adapters' base model as `base`, to check them against",
-                        recipe.method
-                    ),
+                    "a `model+lora` base is not supported: give the base model alone".to_string(),
                 ))
             }
+            None => None,
         };
         let mut adapters = Vec::with_capacity(recipe.experts.len());
         for (i, expert) in recipe.experts.iter().enumerate() {
@@ -168,7 +172,9 @@ impl LoraMerge {
             };
             // A LLaVA adapter names tensors as transformers holds the model in memory; the
             // base checkpoint saves them under other names.
-            adapter.name_tensors_as(|n| base.info(n).is_some());
+            if let Some(base) = &base {
+                adapter.name_tensors_as(|n| base.info(n).is_some());
+            }
             adapters.push((expert.source.to_string(), adapter));
         }
         let fifo: BTreeSet<bool> = adapters
@@ -182,24 +188,16 @@ impl LoraMerge {
                     .to_string(),
             ));
         }
+        let shapes = match &base {
+            Some(base) => shapes_in_base(base, &adapters)?,
+            None => {
+                let all: Vec<&Adapter> = adapters.iter().map(|(_, a)| a).collect();
+                crate::adapter::module_shapes(&all)?
+            }
+        };
         let mut modules: BTreeMap<String, Vec<usize>> = BTreeMap::new();
         for (e, (_, adapter)) in adapters.iter().enumerate() {
-            for (name, module) in adapter.modules() {
-                let info = base.info(name).ok_or_else(|| Error::Adapter {
-                    path: adapter.dir().to_path_buf(),
-                    message: format!(
-                        "adapts `{name}`, which `{}` does not have: the adapter was trained on a different base model",
-                        base.dir().display()
-                    ),
-                })?;
-                if info.shape != module.target_shape {
-                    return Err(Error::ShapeMismatch {
-                        path: adapter.dir().to_path_buf(),
-                        tensor: name.clone(),
-                        expected: info.shape.clone(),
-                        actual: module.target_shape.to_vec(),
-                    });
-                }
+            for name in adapter.modules().keys() {
                 modules.entry(name.clone()).or_default().push(e);
             }
         }
@@ -212,7 +210,13 @@ impl LoraMerge {
                 ));
             }
         }
-        let saved = saved_tensors::collect(&base, &adapters)?;
+        let (saved, num_layers) = match &base {
+            Some(base) => (saved_tensors::collect(base, &adapters)?, base.num_layers()),
+            None => {
+                refuse_saved_without_base(&adapters)?;
+                (Vec::new(), layer_count(&recipe, &adapters)?)
+            }
+        };
         let largest_rank = adapters
             .iter()
             .flat_map(|(_, a)| a.modules().values().map(|m| m.rank))
@@ -237,15 +241,15 @@ impl LoraMerge {
         let mut fallback = BTreeSet::new();
         if statistics {
             for (name, experts) in &modules {
-                let info = base.info(name).expect("checked above");
-                let Some(module) = module_of(name, &info.shape) else {
+                let shape = shapes[name].to_vec();
+                let Some(module) = module_of(name, &shape) else {
                     fallback.insert(name.clone());
                     continue;
                 };
                 let mut all = true;
                 for (e, stats) in calibration.iter().enumerate() {
                     if let Some(stats) = stats {
-                        stats.check_shapes(&module, &info.shape)?;
+                        stats.check_shapes(&module, &shape)?;
                         all &= stats.has_gram(&module) || !experts.contains(&e);
                     }
                 }
@@ -263,6 +267,7 @@ impl LoraMerge {
             recipe,
             method,
             base,
+            num_layers,
             adapters,
             modules,
             saved,
@@ -276,7 +281,7 @@ impl LoraMerge {
     /// The weight of expert `e` for base tensor `name` (scalars, filters and layer gradients as
     /// for every method).
     fn weight(&self, e: usize, name: &str) -> Result<f32> {
-        let t = layer_position(name, self.base.num_layers());
+        let t = layer_position(name, self.num_layers);
         let expert = &self.recipe.experts[e].parameters;
         let value = [expert, &self.recipe.parameters]
             .iter()
@@ -387,7 +392,7 @@ impl LoraMerge {
         cols: usize,
         rows: usize,
     ) -> Result<(Vec<f32>, Vec<f32>)> {
-        let t = layer_position(name, self.base.num_layers());
+        let t = layer_position(name, self.num_layers);
         let labelled: Vec<(&str, &crate::recipe::Parameters)> = self
             .recipe
             .experts
@@ -772,7 +777,9 @@ impl LoraMerge {
         saved_tensors::merge(
             &self.recipe,
             method,
-            &self.base,
+            self.base
+                .as_ref()
+                .expect("tensors stored whole are collected against the base"),
             &self.adapters,
             saved,
             self.recipe.dtype,
@@ -813,7 +820,7 @@ impl LoraMerge {
             })
             .collect();
         // Parameters as for the full tensor: filters and gradients see the module's name.
-        let t = layer_position(name, self.base.num_layers());
+        let t = layer_position(name, self.num_layers);
         let labelled: Vec<(&str, &crate::recipe::Parameters)> = experts
             .iter()
             .map(|&e| {
@@ -910,28 +917,32 @@ impl LoraMerge {
     /// digest under `modules_to_save`), so its safetensors files are recorded by size and by
     /// the digest of their header, rather than hashed whole.
     fn digests(&self) -> Result<Vec<InputRecord>> {
-        let role = format!("base:{}", self.base.dir().display());
         let mut inputs = Vec::new();
-        match self.base.origin() {
-            Some(manifest) => inputs.push(input_record(role, Vec::new(), vec![manifest.into()])),
-            None => {
-                let config = self.base.dir().join("config.json");
-                let mut base = vec![whole_file(&config)?];
-                for shard in self.base.shards() {
-                    let file = shard.path();
-                    let bytes = std::fs::metadata(file)
-                        .map_err(|e| Error::io(file, e))?
-                        .len();
-                    // The header as the open file holds it: names, dtypes, shapes, offsets.
-                    let header = Digest::of(shard.header_bytes()).hex();
-                    base.push(FileRecord {
-                        path: file.display().to_string(),
-                        bytes: Some(bytes),
-                        blake3: None,
-                        header_blake3: Some(header),
-                    });
+        if let Some(base) = &self.base {
+            let role = format!("base:{}", base.dir().display());
+            match base.origin() {
+                Some(manifest) => {
+                    inputs.push(input_record(role, Vec::new(), vec![manifest.into()]))
                 }
-                inputs.push(input_record(role, base, Vec::new()));
+                None => {
+                    let config = base.dir().join("config.json");
+                    let mut files = vec![whole_file(&config)?];
+                    for shard in base.shards() {
+                        let file = shard.path();
+                        let bytes = std::fs::metadata(file)
+                            .map_err(|e| Error::io(file, e))?
+                            .len();
+                        // The header as the open file holds it: names, dtypes, shapes, offsets.
+                        let header = Digest::of(shard.header_bytes()).hex();
+                        files.push(FileRecord {
+                            path: file.display().to_string(),
+                            bytes: Some(bytes),
+                            blake3: None,
+                            header_blake3: Some(header),
+                        });
+                    }
+                    inputs.push(input_record(role, files, Vec::new()));
+                }
             }
         }
         for (label, adapter) in &self.adapters {
@@ -950,6 +961,86 @@ impl LoraMerge {
             inputs.push(input_record(role, files, Vec::new()));
         }
         Ok(inputs)
+    }
+}
+
+/// The shape of every module the adapters update, each checked against the base: the base
+/// has the weight and it has that shape.
+fn shapes_in_base(
+    base: &Checkpoint,
+    adapters: &[(String, Adapter)],
+) -> Result<BTreeMap<String, [usize; 2]>> {
+    let mut shapes = BTreeMap::new();
+    for (_, adapter) in adapters {
+        for (name, module) in adapter.modules() {
+            let info = base.info(name).ok_or_else(|| Error::Adapter {
+                path: adapter.dir().to_path_buf(),
+                message: format!(
+                    "adapts `{name}`, which `{}` does not have: the adapter was trained on a different base model",
+                    base.dir().display()
+                ),
+            })?;
+            if info.shape != module.target_shape {
+                return Err(Error::ShapeMismatch {
+                    path: adapter.dir().to_path_buf(),
+                    tensor: name.clone(),
+                    expected: info.shape.clone(),
+                    actual: module.target_shape.to_vec(),
+                });
+            }
+            shapes.insert(name.clone(), module.target_shape);
+        }
+    }
+    Ok(shapes)
+}
+
+/// A tensor an adapter stores whole (`modules_to_save`) is merged as a task vector against the
+/// base's, so a merge without a base cannot take it.
+fn refuse_saved_without_base(adapters: &[(String, Adapter)]) -> Result<()> {
+    match adapters
+        .iter()
+        .find_map(|(_, a)| a.saved_tensors().keys().next().map(|name| (a, name)))
+    {
+        Some((adapter, name)) => Err(Error::Adapter {
+            path: adapter.dir().to_path_buf(),
+            message: format!(
+                "stores `{name}` whole (`modules_to_save`), which is merged against the base's: set `base` to the adapters' base model"
+            ),
+        }),
+        None => Ok(()),
+    }
+}
+
+/// Without a base, its layer count as the adapters show it: one past the deepest layer they
+/// adapt. An adapter limited to some layers (`layers_to_transform`) does not show it; then only
+/// a recipe whose parameters are the same at every depth can do without it.
+fn layer_count(recipe: &Recipe, adapters: &[(String, Adapter)]) -> Result<Option<usize>> {
+    let partial = adapters.iter().find(|(_, a)| {
+        a.config()
+            .raw
+            .get("layers_to_transform")
+            .is_some_and(|v| !v.is_null())
+    });
+    let Some((label, _)) = partial else {
+        let deepest = adapters
+            .iter()
+            .flat_map(|(_, a)| a.modules().keys())
+            .filter_map(|name| layer_index(name))
+            .max();
+        return Ok(deepest.map(|d| d + 1));
+    };
+    let by_depth = std::iter::once(&recipe.parameters)
+        .chain(recipe.experts.iter().map(|e| &e.parameters))
+        .flat_map(|p| p.iter())
+        .find(|(_, v)| v.varies_with_depth());
+    match by_depth {
+        Some((parameter, _)) => Err(recipe_error(
+            recipe,
+            format!(
+                "`{parameter}` changes with depth, but `{label}` adapts only some layers (`layers_to_transform`), so the model's layer count is unknown: set `base` to the adapters' base model"
+            ),
+        )),
+        None => Ok(None),
     }
 }
 

@@ -11,12 +11,13 @@ pub mod native;
 mod output_dir;
 mod param;
 pub mod record;
+pub mod reference;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 pub use output_dir::{check_target, write_output_dir};
-pub use param::{layer_position, ParamValue, Scalar, ValueError};
+pub use param::{layer_index, layer_position, ParamValue, Scalar, ValueError};
 pub use record::{MergeRecord, MERGE_RECORD};
 
 use crate::error::{Error, Result};
@@ -258,6 +259,7 @@ fn source(path: &Path, at: &str, text: &str, root: &Path) -> Result<Source> {
                 "`{text}`: a registry source is `registry:NAME:TAG`"
             )));
         }
+        reference::Reference::parse(reference).map_err(|e| fail(e.to_string()))?;
         return Ok(Source::Registry(reference.to_string()));
     }
     if text.starts_with("blake3:") {

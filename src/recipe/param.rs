@@ -95,6 +95,16 @@ impl ParamValue {
         Ok(ParamValue::Filtered(entries))
     }
 
+    /// Whether the value changes with the layer's depth (a gradient of several values), so
+    /// that resolving it needs the model's layer count.
+    pub fn varies_with_depth(&self) -> bool {
+        match self {
+            ParamValue::Scalar(_) => false,
+            ParamValue::Gradient(values) => values.len() > 1,
+            ParamValue::Filtered(entries) => entries.iter().any(|(_, v)| v.varies_with_depth()),
+        }
+    }
+
     /// The value for tensor `name` at relative depth `t` in [0, 1]; `None` when no filter
     /// matches (the parameter then falls back to the next level or its default).
     pub fn resolve(&self, name: &str, t: f64) -> Option<Scalar> {
@@ -136,20 +146,24 @@ impl ParamValue {
 /// The relative depth mergekit evaluates gradients at: layer / (layers − 1) for tensors inside a
 /// numbered layer (1 with a single layer), 0 for everything else (embeddings, final norm, head).
 pub fn layer_position(name: &str, num_layers: Option<usize>) -> f64 {
-    let index = name
-        .split('.')
+    match (layer_index(name), num_layers) {
+        (Some(_), Some(1)) => 1.0,
+        (Some(i), Some(n)) if n > 1 => i as f64 / (n - 1) as f64,
+        _ => 0.0,
+    }
+}
+
+/// The index of the transformer layer a tensor belongs to (`model.layers.3.mlp...` is 3),
+/// `None` outside the layers.
+pub fn layer_index(name: &str) -> Option<usize> {
+    name.split('.')
         .collect::<Vec<_>>()
         .windows(2)
         .find_map(|w| {
             matches!(w[0], "layers" | "h" | "layer" | "blocks")
                 .then(|| w[1].parse::<usize>().ok())
                 .flatten()
-        });
-    match (index, num_layers) {
-        (Some(_), Some(1)) => 1.0,
-        (Some(i), Some(n)) if n > 1 => i as f64 / (n - 1) as f64,
-        _ => 0.0,
-    }
+        })
 }
 
 #[cfg(test)]

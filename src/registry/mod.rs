@@ -22,7 +22,7 @@
 pub mod check;
 pub mod export;
 pub mod manifest;
-pub mod name;
+pub use crate::recipe::reference as name;
 pub mod open;
 pub mod publish;
 pub mod remote;

@@ -168,11 +168,37 @@ fn fail(path: &Path, message: impl Into<String>) -> Error {
     }
 }
 
+/// Refuses a path in the registry at `root` that is, or passes through, a symbolic link:
+/// everything a registry reads or writes is its own, so it follows no link out of itself,
+/// neither to read a blob or tag nor to write one. (`root` itself may be a link.)
+fn refuse_links(root: &Path, path: &Path) -> Result<()> {
+    let relative = path.strip_prefix(root).expect("a path inside the registry");
+    let mut at = root.to_path_buf();
+    for part in relative.components() {
+        at.push(part);
+        match std::fs::symlink_metadata(&at) {
+            Ok(m) if m.file_type().is_symlink() => {
+                return Err(fail(
+                    &at,
+                    "is a symbolic link: a registry holds its own files and follows no link out of itself (replace the link with what it points to)",
+                ))
+            }
+            Ok(_) => {}
+            // Absent: nothing below it exists either.
+            Err(_) => break,
+        }
+    }
+    Ok(())
+}
+
 impl LocalStore {
     /// Opens the registry at `root`; with `create`, makes it first if it does not exist.
-    /// Refuses a directory that holds something else, or a newer format.
+    /// Refuses a directory that holds something else, a newer format, or links out of it.
     pub fn open(root: &Path, create: bool) -> Result<LocalStore> {
         let marker = root.join("mmx-registry.toml");
+        for own in ["mmx-registry.toml", "blobs/blake3", "refs", "tmp", "locks"] {
+            refuse_links(root, &root.join(own))?;
+        }
         if !marker.exists() {
             if !create {
                 return Err(fail(
@@ -278,11 +304,14 @@ impl Store for LocalStore {
     }
 
     fn contains(&self, digest: &Digest) -> Result<bool> {
-        Ok(self.blob_path(digest).is_file())
+        let path = self.blob_path(digest);
+        refuse_links(&self.root, &path)?;
+        Ok(path.is_file())
     }
 
     fn put(&self, digest: &Digest, bytes: &[u8]) -> Result<bool> {
         let path = self.blob_path(digest);
+        refuse_links(&self.root, &path)?;
         if path.is_file() {
             // Reused: mark it as just used so that a concurrent gc's grace period spares it.
             if let Ok(f) = File::open(&path) {
@@ -296,6 +325,7 @@ impl Store for LocalStore {
 
     fn get(&self, digest: &Digest) -> Result<Blob> {
         let path = self.blob_path(digest);
+        refuse_links(&self.root, &path)?;
         let file = File::open(&path).map_err(|e| match e.kind() {
             std::io::ErrorKind::NotFound => fail(&path, format!("blob {digest} is missing")),
             _ => Error::io(&path, e),
@@ -356,6 +386,7 @@ impl Store for LocalStore {
 
     fn read_tag(&self, reference: &Reference) -> Result<Option<Digest>> {
         let path = self.tag_path(reference);
+        refuse_links(&self.root, &path)?;
         match std::fs::read_to_string(&path) {
             Ok(text) => Digest::parse(text.trim())
                 .filter(|_| text.starts_with("blake3:"))

@@ -1,4 +1,5 @@
 //! `NAME:TAG` references, validated so that a name or tag is always one safe path component.
+//! Recipes name registry sources by them, so they live with the recipe.
 
 use std::fmt;
 
