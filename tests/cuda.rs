@@ -1,7 +1,7 @@
-//! The CUDA backend without a GPU: every kernel compiles through NVRTC (wherever the library
-//! can be found; `.ci/run` installs it from PyPI and sets `MMX_REQUIRE_NVRTC=1`, so that a
-//! kernel that does not compile fails CI), `mmx doctor` reports it, and `--device cuda` without
-//! a GPU is a clear error.
+//! The CUDA backend without a GPU: every kernel compiles with every NVRTC found (`.ci/run`
+//! installs NVRTC 12 and 13 from PyPI and sets `MMX_REQUIRE_NVRTC=12,13`, so that a kernel
+//! that does not compile with either fails CI), `mmx doctor` reports what it found, and
+//! `--device cuda` without a GPU is a clear error.
 
 use std::process::Command;
 
@@ -11,42 +11,126 @@ mod common;
 
 use common::assert_ok;
 
-fn require_nvrtc() -> bool {
-    std::env::var_os("MMX_REQUIRE_NVRTC").is_some()
+/// The NVRTC major versions `MMX_REQUIRE_NVRTC` asks for (`12,13`; any other value: one of
+/// any version).
+fn required_majors() -> Option<Vec<i32>> {
+    let wanted = std::env::var("MMX_REQUIRE_NVRTC").ok()?;
+    Some(
+        wanted
+            .split(',')
+            .filter_map(|m| m.trim().parse().ok())
+            .collect(),
+    )
 }
 
 #[test]
-fn every_kernel_compiles_with_nvrtc() {
-    if !cuda::nvrtc_present() {
-        assert!(
-            !require_nvrtc(),
-            "MMX_REQUIRE_NVRTC is set but libnvrtc cannot be loaded (LD_LIBRARY_PATH?)"
-        );
-        eprintln!("SKIPPED: NVRTC (libnvrtc) not found; .ci/run installs it");
-        return;
-    }
-    for (name, compiled) in cuda::compile_all() {
-        let ptx = compiled.unwrap_or_else(|e| panic!("{name} does not compile: {e}"));
-        let text = ptx.to_src();
-        // Every extern "C" kernel of the file is an entry of its PTX.
-        let source = cuda::KERNELS.iter().find(|(n, _)| *n == name).unwrap().1;
-        for line in source
-            .lines()
-            .filter(|l| l.starts_with("extern \"C\" __global__ void "))
-        {
-            let kernel = line["extern \"C\" __global__ void ".len()..]
-                .split('(')
-                .next()
-                .unwrap();
+fn every_kernel_compiles_with_every_nvrtc_found() {
+    let found = match mmx::backend::nvrtc::every_nvrtc() {
+        Ok(found) => found,
+        Err(e) => {
             assert!(
-                text.contains(&format!(".entry {kernel}(")),
-                "{name}: no entry {kernel}"
+                required_majors().is_none(),
+                "MMX_REQUIRE_NVRTC is set but {e}"
+            );
+            eprintln!("SKIPPED: {e}; .ci/run installs NVRTC 12 and 13");
+            return;
+        }
+    };
+    if let Some(majors) = required_majors() {
+        for major in majors {
+            assert!(
+                found.iter().any(|n| n.major() == major),
+                "MMX_REQUIRE_NVRTC asks for NVRTC {major}; found {found:?}"
             );
         }
+    }
+    for nvrtc in found {
+        eprintln!("compiling with {nvrtc:?}");
+        for (name, compiled) in cuda::compile_all_with(nvrtc) {
+            let ptx =
+                compiled.unwrap_or_else(|e| panic!("{nvrtc:?}: {name} does not compile: {e}"));
+            check_ptx(name, &ptx.to_src());
+        }
+    }
+    // A kernel that does not compile is an error carrying NVRTC's log, not a panic.
+    let broken = found[0].compile(
+        "extern \"C\" __global__ void k() { undeclared(); }",
+        "broken.cu",
+        &[],
+    );
+    let message = broken.unwrap_err();
+    assert!(
+        message.contains("broken.cu") && message.contains("undeclared"),
+        "{message}"
+    );
+}
+
+/// Every extern "C" kernel of file `name` is an entry of its PTX `text`, for Turing and newer.
+fn check_ptx(name: &str, text: &str) {
+    let source = cuda::KERNELS.iter().find(|(n, _)| *n == name).unwrap().1;
+    for line in source
+        .lines()
+        .filter(|l| l.starts_with("extern \"C\" __global__ void "))
+    {
+        let kernel = line["extern \"C\" __global__ void ".len()..]
+            .split('(')
+            .next()
+            .unwrap();
         assert!(
-            text.contains(".target sm_75"),
-            "{name}: compiled for Turing and newer"
+            text.contains(&format!(".entry {kernel}(")),
+            "{name}: no entry {kernel}"
         );
+    }
+    assert!(
+        text.contains(".target sm_75"),
+        "{name}: compiled for Turing and newer"
+    );
+}
+
+/// `MMX_NVRTC` picks the library (a file or its folder), and one that is not there is named.
+#[test]
+fn mmx_nvrtc_picks_the_library() {
+    let doctor = |value: &str| -> serde_json::Value {
+        let out = Command::new(env!("CARGO_BIN_EXE_mmx"))
+            .args(["doctor", "--json"])
+            .env("MMX_NVRTC", value)
+            .output()
+            .unwrap();
+        assert_ok(&out);
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let missing = doctor("/nonexistent/libnvrtc.so.13");
+    assert!(missing["nvrtc"].is_null());
+    let problem = missing["nvrtc_problem"].as_str().unwrap();
+    assert!(
+        problem.contains("MMX_NVRTC") && problem.contains("/nonexistent/libnvrtc.so.13"),
+        "{problem}"
+    );
+    let Ok(found) = mmx::backend::nvrtc::every_nvrtc() else {
+        assert!(
+            required_majors().is_none(),
+            "MMX_REQUIRE_NVRTC is set but no NVRTC is found"
+        );
+        eprintln!("SKIPPED: no NVRTC to pick");
+        return;
+    };
+    let mut checked = 0;
+    for nvrtc in found.iter().filter(|n| n.location().contains('/')) {
+        let file = std::path::Path::new(nvrtc.location());
+        for given in [file, file.parent().unwrap()] {
+            let report = doctor(given.to_str().unwrap());
+            assert_eq!(
+                report["nvrtc"].as_str(),
+                Some(nvrtc.version().as_str()),
+                "{given:?}"
+            );
+            assert_eq!(report["kernels_compile"], true, "{given:?}");
+        }
+        checked += 1;
+    }
+    if required_majors().is_some() {
+        // CI's wheels are found in the virtual environment's site folder, by path.
+        assert!(checked >= 2, "{found:?}");
     }
 }
 
@@ -61,6 +145,22 @@ fn doctor_reports_what_it_finds_and_never_fails_without_a_gpu() {
     if cuda::nvrtc_present() {
         assert_eq!(report["kernels_compile"], true);
         assert!(report["nvrtc"].is_string());
+        // The library it names is one it found.
+        let library = report["nvrtc_library"].as_str().unwrap();
+        assert!(report["nvrtc_found"][0].as_str().unwrap().contains(library));
+        // And the text names the version and the library.
+        let text = Command::new(env!("CARGO_BIN_EXE_mmx"))
+            .arg("doctor")
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&text.stdout);
+        assert!(
+            text.contains(&format!(
+                "nvrtc     {} ({library})",
+                report["nvrtc"].as_str().unwrap()
+            )),
+            "{text}"
+        );
     } else {
         assert!(report["kernels_compile"].is_null());
     }

@@ -1,11 +1,13 @@
 //! The CUDA backend's host side: the kernels of `cuda/*.cu`, embedded in the binary and
-//! compiled once per process by NVRTC; libcuda and NVRTC are loaded at run time (cudarc's
-//! dynamic loading), and their absence is an answer, never a panic.
+//! compiled once per process by NVRTC (CUDA 12's or 13's, found by [`super::nvrtc`]); libcuda
+//! and cuBLAS are loaded at run time (cudarc's dynamic loading), and their absence is an
+//! answer, never a panic.
 
 use std::sync::OnceLock;
 
-use cudarc::nvrtc::{CompileOptions, Ptx};
+use cudarc::nvrtc::Ptx;
 
+use super::nvrtc::{self, Nvrtc};
 use super::DeviceInfo;
 
 /// What every kernel file starts with (types, bf16 conversion, block reductions): prepended
@@ -20,8 +22,10 @@ pub const KERNELS: &[(&str, &str)] = &[
     ("conflict.cu", include_str!("../../cuda/conflict.cu")),
 ];
 
-/// The PTX target: Turing and newer (f64 atomics; NVRTC 12.9 deprecates older); newer GPUs JIT it.
-const ARCH: &str = "compute_75";
+/// The PTX target: Turing and newer (f64 atomics; NVRTC 12.9 deprecates older, 13 drops
+/// them); newer GPUs JIT it. No fused multiply-add, so that sums and products round as the
+/// CPU's do.
+const OPTIONS: [&str; 2] = ["--gpu-architecture=compute_75", "--fmad=false"];
 
 /// A CUDA library the backend uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -34,23 +38,29 @@ pub enum Library {
     Cublas,
 }
 
-/// Whether `library` can be used. The default build loads it at run time (cudarc's dynamic
-/// loading), so this asks whether it can be opened. With the `cuda` feature, candle's CUDA
-/// backend makes cudarc link the libraries at build time: a binary that starts has them.
-/// The one place that depends on the feature.
+/// Whether `library` can be used. The default build loads libcuda and cuBLAS at run time
+/// (cudarc's dynamic loading; cuBLAS also from pip's wheels, see
+/// [`super::cuda_libs::preload_cublas`]), so this asks whether they can be opened. With the
+/// `cuda` feature, candle's CUDA backend makes cudarc link them at build time: a binary that
+/// starts has them. NVRTC is mmx's own loading in both builds.
 pub fn library_present(library: Library) -> bool {
+    if library == Library::Nvrtc {
+        return nvrtc::every_nvrtc().is_ok();
+    }
     #[cfg(not(feature = "cuda"))]
     // SAFETY: each call only tries to open the library by its usual names.
     unsafe {
         match library {
             Library::Driver => cudarc::driver::sys::is_culib_present(),
-            Library::Nvrtc => cudarc::nvrtc::sys::is_culib_present(),
-            Library::Cublas => cudarc::cublas::sys::is_culib_present(),
+            Library::Cublas => {
+                super::cuda_libs::preload_cublas().is_ok()
+                    && cudarc::cublas::sys::is_culib_present()
+            }
+            Library::Nvrtc => unreachable!("answered above"),
         }
     }
     #[cfg(feature = "cuda")]
     {
-        let _ = library;
         true
     }
 }
@@ -77,15 +87,19 @@ pub fn driver_version() -> Option<String> {
         .then(|| format!("{}.{}", version / 1000, (version % 1000) / 10))
 }
 
+/// The driver's CUDA major version.
+fn driver_major() -> Option<i32> {
+    driver_version()?.split('.').next()?.parse().ok()
+}
+
+/// The NVRTC the kernels are compiled with: the newest whose PTX the driver can load.
+pub fn chosen_nvrtc() -> Result<&'static Nvrtc, String> {
+    nvrtc::for_driver(driver_major())
+}
+
 /// NVRTC's version, `major.minor`.
 pub fn nvrtc_version() -> Option<String> {
-    if !nvrtc_present() {
-        return None;
-    }
-    let (mut major, mut minor) = (0i32, 0i32);
-    // SAFETY: the library is present (checked above); the call writes two ints.
-    let status = unsafe { cudarc::nvrtc::sys::nvrtcVersion(&mut major, &mut minor) };
-    (status == cudarc::nvrtc::sys::nvrtcResult::NVRTC_SUCCESS).then(|| format!("{major}.{minor}"))
+    chosen_nvrtc().ok().map(Nvrtc::version)
 }
 
 /// How many CUDA devices the driver reports, or why it cannot say (the same reasons
@@ -121,26 +135,27 @@ pub fn devices() -> Result<Vec<DeviceInfo>, String> {
         .collect()
 }
 
-/// Options every kernel is compiled with: no fused multiply-add, so that sums and products
-/// round as the CPU's do.
-fn options(name: &str) -> CompileOptions {
-    CompileOptions {
-        fmad: Some(false),
-        arch: Some(ARCH),
-        name: Some(name.to_string()),
-        ..CompileOptions::default()
+/// Compiles every kernel file with the chosen NVRTC (see [`nvrtc_present`]).
+pub fn compile_all() -> Vec<(&'static str, Result<Ptx, String>)> {
+    match chosen_nvrtc() {
+        Ok(nvrtc) => compile_all_with(nvrtc),
+        Err(e) => KERNELS
+            .iter()
+            .map(|(name, _)| (*name, Err(e.clone())))
+            .collect(),
     }
 }
 
-/// Compiles every kernel file (needs NVRTC; see [`nvrtc_present`]).
-pub fn compile_all() -> Vec<(&'static str, Result<Ptx, String>)> {
+/// Compiles every kernel file with `nvrtc`.
+pub fn compile_all_with(nvrtc: &Nvrtc) -> Vec<(&'static str, Result<Ptx, String>)> {
     KERNELS
         .iter()
         .map(|(name, source)| {
             let full = format!("{COMMON}\n{source}");
-            let compiled = cudarc::nvrtc::compile_ptx_with_opts(full, options(name))
-                .map_err(|e| format!("{e:?}"));
-            (*name, compiled)
+            (
+                *name,
+                nvrtc.compile(&full, name, &OPTIONS).map(Ptx::from_src),
+            )
         })
         .collect()
 }
@@ -149,9 +164,7 @@ pub fn compile_all() -> Vec<(&'static str, Result<Ptx, String>)> {
 pub fn compiled() -> &'static Result<Vec<(&'static str, Ptx)>, String> {
     static PTX: OnceLock<Result<Vec<(&'static str, Ptx)>, String>> = OnceLock::new();
     PTX.get_or_init(|| {
-        if !nvrtc_present() {
-            return Err("NVRTC (libnvrtc) is not installed".to_string());
-        }
+        chosen_nvrtc()?;
         compile_all()
             .into_iter()
             .map(|(name, r)| r.map(|ptx| (name, ptx)).map_err(|e| format!("{name}: {e}")))

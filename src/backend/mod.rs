@@ -6,7 +6,9 @@
 //! the reason when `auto` falls back to the CPU.
 
 pub mod cuda;
+pub mod cuda_libs;
 pub mod device;
+pub mod nvrtc;
 
 use serde::Serialize;
 
@@ -50,8 +52,18 @@ pub struct DeviceInfo {
 pub struct Probe {
     /// The CUDA driver's version (`12.8`), if libcuda loads.
     pub driver: Option<String>,
-    /// NVRTC's version, if it loads.
+    /// The version of the NVRTC the kernels are compiled with, if one loads.
     pub nvrtc: Option<String>,
+    /// Where that NVRTC was loaded from.
+    pub nvrtc_library: Option<String>,
+    /// Every NVRTC found, `version (where)`, the one used first.
+    pub nvrtc_found: Vec<String>,
+    /// Why no NVRTC is used, if none is.
+    pub nvrtc_problem: Option<String>,
+    /// Where cuBLAS is, if it loads (only looked for where a driver is).
+    pub cublas: Option<String>,
+    /// Why cuBLAS cannot be used, if it cannot.
+    pub cublas_problem: Option<String>,
     /// The devices that answer.
     pub devices: Vec<DeviceInfo>,
     /// Whether every kernel compiles (`None` where NVRTC is absent).
@@ -65,7 +77,32 @@ pub struct Probe {
 /// Looks at libcuda, NVRTC, the devices and the kernels. Never panics.
 pub fn probe() -> Probe {
     let driver = cuda::driver_version();
-    let nvrtc = cuda::nvrtc_version();
+    let chosen = cuda::chosen_nvrtc();
+    let nvrtc = chosen.as_ref().ok().map(|n| n.version());
+    let nvrtc_library = chosen.as_ref().ok().map(|n| n.location().to_string());
+    let nvrtc_problem = chosen.as_ref().err().cloned();
+    let mut nvrtc_found: Vec<String> = nvrtc::every_nvrtc()
+        .as_ref()
+        .map(|all| {
+            all.iter()
+                .map(|n| format!("{} ({})", n.version(), n.location()))
+                .collect()
+        })
+        .unwrap_or_default();
+    if let Ok(n) = chosen {
+        let first = format!("{} ({})", n.version(), n.location());
+        nvrtc_found.retain(|f| *f != first);
+        nvrtc_found.insert(0, first);
+    }
+    // cuBLAS matters only with a driver; without one it is not looked for.
+    let (cublas, cublas_problem) = if driver.is_some() {
+        match cuda_libs::preload_cublas() {
+            Ok(at) => (Some(at.clone()), None),
+            Err(e) => (None, Some(e.clone())),
+        }
+    } else {
+        (None, None)
+    };
     let (devices, device_error) = match cuda::devices() {
         Ok(d) => (d, None),
         Err(e) => (Vec::new(), Some(e)),
@@ -83,8 +120,8 @@ pub fn probe() -> Probe {
         Some("libcuda is not installed (no NVIDIA driver)".to_string())
     } else if devices.is_empty() {
         Some(device_error.unwrap_or_else(|| "the driver reports no CUDA device".to_string()))
-    } else if nvrtc.is_none() {
-        Some("NVRTC (libnvrtc) is not installed, so the kernels cannot be compiled".to_string())
+    } else if let Some(problem) = &nvrtc_problem {
+        Some(format!("{problem}, so the kernels cannot be compiled"))
     } else if kernels_compile == Some(false) {
         Some("a kernel does not compile (see `mmx doctor`)".to_string())
     } else {
@@ -93,6 +130,11 @@ pub fn probe() -> Probe {
     Probe {
         driver,
         nvrtc,
+        nvrtc_library,
+        nvrtc_found,
+        nvrtc_problem,
+        cublas,
+        cublas_problem,
         devices,
         kernels_compile,
         kernel_errors,

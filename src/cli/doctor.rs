@@ -37,14 +37,24 @@ fn print_text(p: &Printer, found: &Probe) {
             .as_deref()
             .unwrap_or("none (libcuda not found)")
     );
-    say!(
-        p,
-        "nvrtc     {}",
-        found
-            .nvrtc
-            .as_deref()
-            .unwrap_or("none (libnvrtc not found)")
-    );
+    match (&found.nvrtc_library, &found.nvrtc_problem) {
+        (Some(_), _) => {
+            say!(p, "nvrtc     {}", found.nvrtc_found[0]);
+            for other in &found.nvrtc_found[1..] {
+                say!(p, "          also {other}");
+            }
+        }
+        (None, problem) => say!(
+            p,
+            "nvrtc     none: {}",
+            problem.as_deref().unwrap_or("not found")
+        ),
+    }
+    if let Some(at) = &found.cublas {
+        say!(p, "cublas    {at}");
+    } else if let Some(problem) = &found.cublas_problem {
+        say!(p, "cublas    none: {problem}");
+    }
     for d in &found.devices {
         say!(
             p,
