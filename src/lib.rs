@@ -31,6 +31,7 @@ pub mod backend;
 pub mod checkpoint;
 pub mod conflict;
 pub mod error;
+pub mod fuzzing;
 pub mod merge;
 pub mod plot;
 pub mod recipe;

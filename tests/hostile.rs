@@ -212,17 +212,23 @@ fn statistics(path: &Path, module: &str, rows: usize, cols: usize) -> PathBuf {
     path.to_path_buf()
 }
 
+/// The weight the NaN tests poison: a [32, 64] down_proj.
 const POISONED: &str = "model.layers.1.mlp.down_proj.weight";
+
+/// Statistics for [`POISONED`]'s module, in `dir`.
+fn poisoned_module_statistics(dir: &Path) -> PathBuf {
+    statistics(
+        &dir.join("stats.safetensors"),
+        POISONED.trim_end_matches(".weight"),
+        32,
+        64,
+    )
+}
 
 #[test]
 fn nan_and_infinity_are_refused_by_every_method() {
     let dir = tempfile::tempdir().unwrap();
-    let stats = statistics(
-        &dir.path().join("stats.safetensors"),
-        POISONED.trim_end_matches(".weight"),
-        32,
-        64,
-    );
+    let stats = poisoned_module_statistics(dir.path());
     let full = Method::all().iter().filter(|m| !m.adapters_only());
     for &method in full {
         for (case, in_base, value) in [
@@ -267,12 +273,7 @@ fn nan_and_infinity_are_refused_by_every_method() {
 #[test]
 fn nan_in_a_lora_factor_is_refused_by_every_lora_output_merge() {
     let dir = tempfile::tempdir().unwrap();
-    let stats = statistics(
-        &dir.path().join("stats.safetensors"),
-        POISONED.trim_end_matches(".weight"),
-        32,
-        64,
-    );
+    let stats = poisoned_module_statistics(dir.path());
     let factor = "base_model.model.model.layers.1.mlp.down_proj.lora_A.weight";
     for (method, head) in [
         ("cat", "method = 'cat'"),

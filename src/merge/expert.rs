@@ -187,3 +187,40 @@ impl Expert {
         model.into_iter().chain(adapter).map(String::from).collect()
     }
 }
+
+/// Checks that `adapter` was made for `model`: every module it adapts and every tensor it
+/// stores whole (`modules_to_save`) is one of the model's, with the model's shape.
+pub(super) fn check_fits(adapter: &Adapter, model: &Checkpoint) -> Result<()> {
+    let names: std::collections::BTreeSet<&String> = adapter
+        .modules()
+        .keys()
+        .chain(adapter.saved_tensors().keys())
+        .collect();
+    for name in names {
+        let Some(info) = model.info(name) else {
+            return Err(Error::Adapter {
+                path: adapter.dir().to_path_buf(),
+                message: format!(
+                    "adapts `{name}`, which `{}` does not have: the adapter was trained on a different base model",
+                    model.dir().display()
+                ),
+            });
+        };
+        let expected = match adapter.modules().get(name.as_str()) {
+            Some(m) => m.target_shape.to_vec(),
+            None => adapter
+                .replacement_shape(name)
+                .expect("name came from the saved tensors")
+                .to_vec(),
+        };
+        if info.shape != expected {
+            return Err(Error::ShapeMismatch {
+                path: adapter.dir().to_path_buf(),
+                tensor: name.to_string(),
+                expected: info.shape.clone(),
+                actual: expected,
+            });
+        }
+    }
+    Ok(())
+}

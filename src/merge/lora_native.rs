@@ -964,30 +964,15 @@ impl LoraMerge {
     }
 }
 
-/// The shape of every module the adapters update, each checked against the base: the base
-/// has the weight and it has that shape.
+/// The shape of every module the adapters update, each adapter checked against the base.
 fn shapes_in_base(
     base: &Checkpoint,
     adapters: &[(String, Adapter)],
 ) -> Result<BTreeMap<String, [usize; 2]>> {
     let mut shapes = BTreeMap::new();
     for (_, adapter) in adapters {
+        super::expert::check_fits(adapter, base)?;
         for (name, module) in adapter.modules() {
-            let info = base.info(name).ok_or_else(|| Error::Adapter {
-                path: adapter.dir().to_path_buf(),
-                message: format!(
-                    "adapts `{name}`, which `{}` does not have: the adapter was trained on a different base model",
-                    base.dir().display()
-                ),
-            })?;
-            if info.shape != module.target_shape {
-                return Err(Error::ShapeMismatch {
-                    path: adapter.dir().to_path_buf(),
-                    tensor: name.clone(),
-                    expected: info.shape.clone(),
-                    actual: module.target_shape.to_vec(),
-                });
-            }
             shapes.insert(name.clone(), module.target_shape);
         }
     }

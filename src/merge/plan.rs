@@ -1,7 +1,6 @@
 //! A [`Plan`]: every output tensor with its resolved parameters, built and checked before any
 //! arithmetic, so that a bad recipe or a mismatched input fails before anything is written.
 
-use std::collections::BTreeSet;
 use std::path::Path;
 
 use super::calibration::{module_of, Calibration};
@@ -364,37 +363,7 @@ fn check_compatible(reference: &Checkpoint, expert: &Expert, has_base: bool) -> 
             });
         }
         let target = expert.model().unwrap_or(reference);
-        let names: BTreeSet<&String> = adapter
-            .modules()
-            .keys()
-            .chain(adapter.saved_tensors().keys())
-            .collect();
-        for name in names {
-            let Some(info) = target.info(name) else {
-                return Err(Error::Adapter {
-                    path: adapter.dir().to_path_buf(),
-                    message: format!(
-                        "adapts `{name}`, which `{}` does not have: the adapter was trained on a different base model",
-                        target.dir().display()
-                    ),
-                });
-            };
-            let expected = match adapter.modules().get(name.as_str()) {
-                Some(m) => m.target_shape.to_vec(),
-                None => adapter
-                    .replacement_shape(name)
-                    .expect("name came from the saved tensors")
-                    .to_vec(),
-            };
-            if info.shape != expected {
-                return Err(Error::ShapeMismatch {
-                    path: adapter.dir().to_path_buf(),
-                    tensor: name.to_string(),
-                    expected: info.shape.clone(),
-                    actual: expected,
-                });
-            }
-        }
+        super::expert::check_fits(adapter, target)?;
     }
     Ok(())
 }

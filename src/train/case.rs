@@ -357,8 +357,8 @@ pub fn read_cases(path: &Path) -> Result<Vec<Case>> {
     parse_cases(path, &bytes)
 }
 
-/// Parses a case file's bytes; `path` is for the messages.
-fn parse_cases(path: &Path, bytes: &[u8]) -> Result<Vec<Case>> {
+/// Parses a case file's bytes; `path` is for the messages and roots image paths.
+pub fn parse_cases(path: &Path, bytes: &[u8]) -> Result<Vec<Case>> {
     let fail = |line: usize, message: String| Error::Data {
         path: path.to_path_buf(),
         line,
