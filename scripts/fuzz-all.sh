@@ -22,14 +22,15 @@ run() { # TARGET
 export -f run
 export SECONDS_EACH logs
 printf '%s\n' $TARGETS | xargs -P "$JOBS" -I{} bash -c 'run {}'
-echo "| target | executions | crashes | corpus before | corpus after |"
-echo "| --- | ---: | ---: | ---: | ---: |"
+echo "| target | executions | crashes, timeouts, out of memory | slow inputs (over 10 s once) | corpus before | corpus after |"
+echo "| --- | ---: | ---: | ---: | ---: | ---: |"
 for t in $TARGETS; do
     runs=$(grep -o 'Done [0-9]* runs' "$logs/$t.log" | grep -o '[0-9]*' || echo "?")
-    crashes=$(ls "artifacts/$t" 2>/dev/null | wc -l)
+    crashes=$(ls "artifacts/$t" 2>/dev/null | grep -cE '^(crash|timeout|oom)-' || true)
+    slow=$(ls "artifacts/$t" 2>/dev/null | grep -c '^slow-unit-' || true)
     before=$(ls "corpus/$t" | wc -l)   # the seeds and what the run added
     # The smallest set of inputs that covers what the run reached.
     cargo +nightly fuzz cmin -O "$t" "corpus/$t" >"$logs/$t.cmin.log" 2>&1 || true
-    echo "| $t | $runs | $crashes | $before | $(ls "corpus/$t" | wc -l) |"
+    echo "| $t | $runs | $crashes | $slow | $before | $(ls "corpus/$t" | wc -l) |"
 done
 echo "logs: $logs"
