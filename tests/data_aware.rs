@@ -13,6 +13,10 @@ use mmx::merge::{merge, MergePlan, OutputOptions};
 use mmx::recipe::{MergeRecord, Recipe};
 use mmx::sweep::planted::{Planted, PlantedSpec};
 
+mod common;
+
+use common::copy_tiny_llava;
+
 const DIM: usize = 8;
 
 fn options() -> OutputOptions {
@@ -618,27 +622,8 @@ fn mmx_calibrate_reads_the_image_cases_of_a_vision_language_model() {
     let dir = tempfile::tempdir().unwrap();
     let work = dir.path();
     let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/vlm");
-    std::fs::create_dir_all(work.join("llava")).unwrap();
     std::fs::create_dir_all(work.join("train")).unwrap();
-    for file in [
-        "config.json",
-        "model.safetensors",
-        "preprocessor_config.json",
-    ] {
-        std::fs::copy(
-            fixtures.join("tiny-llava").join(file),
-            work.join("llava").join(file),
-        )
-        .unwrap();
-    }
-    std::fs::copy(
-        fixtures.join("train/tokenizer.json"),
-        work.join("llava/tokenizer.json"),
-    )
-    .unwrap();
-    for image in ["square.png", "wide.png"] {
-        std::fs::copy(fixtures.join(image), work.join(image)).unwrap();
-    }
+    copy_tiny_llava(&work.join("llava"), work);
     // The fixture's cases (four of six show an image), and the same cases with no image.
     let cases = std::fs::read_to_string(fixtures.join("train/cases.jsonl")).unwrap();
     std::fs::write(work.join("train/images.jsonl"), &cases).unwrap();

@@ -10,7 +10,7 @@ use mmx::tensor::SafetensorsFile;
 use mmx::train::model::Llava;
 
 mod common;
-use common::{assert_ok, max_relative_error, mmx_with_env};
+use common::{assert_ok, copy_tiny_llava, max_relative_error, mmx_with_env};
 
 const FIXTURES: &str = "tests/fixtures/vlm";
 
@@ -19,29 +19,11 @@ const FIXTURES: &str = "tests/fixtures/vlm";
 fn work() -> tempfile::TempDir {
     let work = tempfile::tempdir().unwrap();
     let (fixtures, train) = (Path::new(FIXTURES), work.path().join("train"));
-    std::fs::create_dir_all(train.join("llava")).unwrap();
-    for file in [
-        "config.json",
-        "model.safetensors",
-        "preprocessor_config.json",
-    ] {
-        std::fs::copy(
-            fixtures.join("tiny-llava").join(file),
-            train.join("llava").join(file),
-        )
-        .unwrap();
-    }
+    std::fs::create_dir_all(&train).unwrap();
     for file in ["dsa.toml", "cases.jsonl", "tokenizer.json"] {
         std::fs::copy(fixtures.join("train").join(file), train.join(file)).unwrap();
     }
-    std::fs::copy(
-        fixtures.join("train/tokenizer.json"),
-        train.join("llava/tokenizer.json"),
-    )
-    .unwrap();
-    for image in ["square.png", "wide.png"] {
-        std::fs::copy(fixtures.join(image), work.path().join(image)).unwrap();
-    }
+    copy_tiny_llava(&train.join("llava"), work.path());
     work
 }
 

@@ -22,7 +22,9 @@ use super::device::kernels_for;
 use super::method::{Confidence, Fallback, Method};
 use super::output::{input_record, whole_file, OutputOptions};
 use super::parameters::{check_recipe, reads_statistics};
-use super::plan::{fallback_warning, open_calibration, recipe_error, recipe_method, resolve};
+use super::plan::{
+    fallback_warning, open_base, open_calibration, recipe_error, recipe_method, resolve,
+};
 use super::regmean;
 use super::saved_tensors::{self, SavedTensor};
 use crate::adapter::{Adapter, LoraKind, PEFT_PREFIX};
@@ -140,20 +142,7 @@ impl LoraMerge {
         let statistics = reads_statistics(&recipe, method);
         let own_method = method;
         // Without a base the adapters say what it is: the arithmetic reads only their factors.
-        let base = match &recipe.base {
-            Some(Source::Dir(dir)) => Some(Checkpoint::open(dir)?),
-            Some(Source::Registry(reference)) => Some(super::stored::open_model(
-                recipe.registry.as_deref(),
-                reference,
-            )?),
-            Some(Source::WithLora { .. }) => {
-                return Err(recipe_error(
-                    &recipe,
-                    "a `model+lora` base is not supported: give the base model alone".to_string(),
-                ))
-            }
-            None => None,
-        };
+        let base = open_base(&recipe)?;
         let mut adapters = Vec::with_capacity(recipe.experts.len());
         for (i, expert) in recipe.experts.iter().enumerate() {
             let mut adapter = match &expert.source {

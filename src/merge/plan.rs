@@ -120,20 +120,7 @@ impl Plan {
         }
         let mut warnings = check_recipe(&recipe, method)?;
         let calibration = open_calibration(&recipe, method, &mut warnings)?;
-        let base = match &recipe.base {
-            Some(Source::Dir(dir)) => Some(Checkpoint::open(dir)?),
-            Some(Source::Registry(reference)) => Some(super::stored::open_model(
-                recipe.registry.as_deref(),
-                reference,
-            )?),
-            Some(Source::WithLora { .. }) => {
-                return Err(recipe_error(
-                    &recipe,
-                    "a `model+lora` base is not supported; merge the adapter into the model first or list it as an expert".to_string(),
-                ))
-            }
-            None => None,
-        };
+        let base = open_base(&recipe)?;
         if base.is_none() && method.needs_base() {
             return Err(recipe_error(
                 &recipe,
@@ -302,6 +289,23 @@ impl Plan {
         sizes.sort_unstable_by(|a, b| b.cmp(a));
         let in_flight: u64 = sizes.iter().take(threads).sum();
         in_flight.min(max_memory).max(self.peak_tensor_bytes())
+    }
+}
+
+/// The recipe's base model, if it names one: a directory or a registry reference (a
+/// `model+lora` base is refused).
+pub(super) fn open_base(recipe: &Recipe) -> Result<Option<Checkpoint>> {
+    match &recipe.base {
+        Some(Source::Dir(dir)) => Ok(Some(Checkpoint::open(dir)?)),
+        Some(Source::Registry(reference)) => Ok(Some(super::stored::open_model(
+            recipe.registry.as_deref(),
+            reference,
+        )?)),
+        Some(Source::WithLora { .. }) => Err(recipe_error(
+            recipe,
+            "a `model+lora` base is not supported; merge the adapter into the model first or list it as an expert".to_string(),
+        )),
+        None => Ok(None),
     }
 }
 

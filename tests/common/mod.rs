@@ -47,6 +47,28 @@ pub fn write_two_lora_recipe(path: &Path, method: &str, output: &str, extra: &st
     .unwrap();
 }
 
+/// Copies the fixture LLaVA (tests/fixtures/vlm/tiny-llava, with the training fixture's
+/// tokenizer) into `llava`, and the cases' images (square.png, wide.png) into `images`.
+pub fn copy_tiny_llava(llava: &Path, images: &Path) {
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/vlm");
+    std::fs::create_dir_all(llava).unwrap();
+    for file in [
+        "config.json",
+        "model.safetensors",
+        "preprocessor_config.json",
+    ] {
+        std::fs::copy(fixtures.join("tiny-llava").join(file), llava.join(file)).unwrap();
+    }
+    std::fs::copy(
+        fixtures.join("train/tokenizer.json"),
+        llava.join("tokenizer.json"),
+    )
+    .unwrap();
+    for image in ["square.png", "wide.png"] {
+        std::fs::copy(fixtures.join(image), images.join(image)).unwrap();
+    }
+}
+
 /// Runs the built `mmx` in `cwd` with `args`.
 pub fn mmx(args: &[&str], cwd: &Path) -> Output {
     mmx_with_env(args, cwd, &[])
