@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Benchmark mmx against mergekit on CPU: wall time and peak RSS for a TIES and a DARE-TIES
-# merge of a synthetic Qwen2-0.5B-shaped base model and three fine-tunes, plus the I/O floor
-# (reading every input byte + writing the output's bytes with fsync).
+# Benchmark mmx against mergekit on CPU: wall time and peak RSS for a TIES, a DARE-TIES and a
+# DELLA merge of a synthetic Qwen2-0.5B-shaped base model and three fine-tunes, plus the I/O
+# floor (reading every input byte + writing the output's bytes with fsync), and mmx's CACI
+# (with and without `restore`; mergekit has no CACI) against mmx's own TIES.
 #
 # usage: scripts/bench-vs-mergekit.sh [WORKDIR] [--layers N] [--vocab N] [--repeat N]
 #                                     [--no-check] [--check-f32]
@@ -11,6 +12,7 @@
 #   --layers N   decoder layers of the synthetic models (default 24, as Qwen2-0.5B)
 #   --vocab N    vocabulary size (default 151936, as Qwen2-0.5B)
 #   --repeat N   timed runs per (method, tool); the table shows the fastest (default 1)
+#   --methods L  comma-separated subset of ties,dare_ties,della,caci,caci_restore (default all)
 #   --no-check   skip the comparison of the mmx and mergekit TIES outputs
 #   --check-f32  also compare mmx's TIES output with an extra, untimed mergekit run that
 #                computes in float32 (mmx should match it except at magnitude ties)
@@ -31,6 +33,7 @@ VOCAB=151936
 REPEAT=1
 CHECK=1
 CHECK_F32=0
+METHODS=ties,dare_ties,della,caci,caci_restore
 while [[ $# -gt 0 ]]; do
     case $1 in
         --layers) LAYERS=${2:?--layers needs a value}; shift 2 ;;
@@ -39,6 +42,8 @@ while [[ $# -gt 0 ]]; do
         --vocab=*) VOCAB=${1#*=}; shift ;;
         --repeat) REPEAT=${2:?--repeat needs a value}; shift 2 ;;
         --repeat=*) REPEAT=${1#*=}; shift ;;
+        --methods) METHODS=${2:?--methods needs a value}; shift 2 ;;
+        --methods=*) METHODS=${1#*=}; shift ;;
         --no-check) CHECK=0; shift ;;
         --check-f32) CHECK_F32=1; shift ;;
         -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
@@ -49,6 +54,14 @@ done
 for v in LAYERS VOCAB REPEAT; do
     [[ ${!v} =~ ^[1-9][0-9]*$ ]] || { echo "--${v,,} must be a positive integer" >&2; exit 2; }
 done
+IFS=, read -r -a METHOD_LIST <<<"$METHODS"
+for m in "${METHOD_LIST[@]}"; do
+    case $m in ties | dare_ties | della | caci | caci_restore) ;;
+        *) echo "unknown method in --methods: $m" >&2; exit 2 ;;
+    esac
+done
+# the tools that run a method: mergekit has no CACI
+tools_for() { case $1 in caci*) echo mmx ;; *) echo mmx mergekit ;; esac; }
 
 PY=${MMX_BENCH_PYTHON:-/tmp/ref/bin/python}
 MMX=${MMX_BIN:-$ROOT/target/release/mmx}
@@ -81,7 +94,10 @@ IN_BYTES=$(find "$MODELS" -name '*.safetensors' -printf '%s\n' | awk '{ s += $1 
 # `dtype: bfloat16`, as most published mergekit configs have. Note that mergekit then does the
 # merge arithmetic in bf16, while mmx always computes in f32 (and stores bf16), so the two do
 # not run the same arithmetic: mmx's is the more precise (see the output check below).
-for method in ties dare_ties; do
+for method in ties dare_ties della; do
+    # DELLA's epsilon: keep probabilities spread over density ± 0.1 by magnitude rank.
+    extra=
+    [[ $method = della ]] && extra=$'\n      epsilon: 0.1'
     cat >"$CONFIGS/$method.yml" <<EOF
 merge_method: $method
 base_model: $MODELS/base
@@ -89,16 +105,43 @@ models:
   - model: $MODELS/ft1
     parameters:
       density: 0.5
-      weight: 1.0
+      weight: 1.0${extra}
   - model: $MODELS/ft2
     parameters:
       density: 0.5
-      weight: 0.7
+      weight: 0.7${extra}
   - model: $MODELS/ft3
     parameters:
       density: 0.5
-      weight: 0.5
+      weight: 0.5${extra}
 dtype: bfloat16 # mergekit computes in bf16 with this; mmx always computes in f32
+EOF
+done
+# CACI in mmx's own recipe format: the experts, weights and density of TIES above.
+for method in caci caci_restore; do
+    restore=
+    [[ $method = caci_restore ]] && restore='restore = 0.85'
+    cat >"$CONFIGS/$method.toml" <<EOF
+[merge]
+method = "caci"
+base = "$MODELS/base"
+dtype = "bfloat16"
+
+[merge.parameters]
+density = 0.5
+$restore
+
+[[merge.experts]]
+source = "$MODELS/ft1"
+weight = 1.0
+
+[[merge.experts]]
+source = "$MODELS/ft2"
+weight = 0.7
+
+[[merge.experts]]
+source = "$MODELS/ft3"
+weight = 0.5
 EOF
 done
 
@@ -277,7 +320,11 @@ timed() {
 MK_FLAGS=(--random-seed 0 --no-cuda --device cpu --no-copy-tokenizer --no-write-model-card)
 set_cmd() { # tool method out -> cmd array
     case $1 in
-        mmx) cmd=("$MMX" merge "$CONFIGS/$2.yml" -o "$3" --seed 0) ;;
+        mmx)
+            local config=$CONFIGS/$2.yml
+            [[ -f $config ]] || config=$CONFIGS/$2.toml
+            cmd=("$MMX" merge "$config" -o "$3" --seed 0)
+            ;;
         mergekit) cmd=("$MERGEKIT" "$CONFIGS/$2.yml" "$3" "${MK_FLAGS[@]}") ;;
     esac
 }
@@ -286,8 +333,8 @@ st_bytes() { find "$@" -name '*.safetensors' -printf '%s\n' | awk '{ s += $1 } E
 declare -A WALL RSS ANON CPU STATUS
 OUT_BYTES=
 FAILED=0
-for method in ties dare_ties; do
-    for tool in mmx mergekit; do
+for method in "${METHOD_LIST[@]}"; do
+    for tool in $(tools_for "$method"); do
         key=$method/$tool
         out=$OUTS/$method-$tool
         best=
@@ -399,7 +446,8 @@ row() { printf '| %-9s | %-8s | %8s | %12s | %13s | %5s | %11s | %13s | %12s |\n
         "base + 3 fine-tunes, ~${params}M params each; inputs $(awk -v b="$IN_BYTES" 'BEGIN { printf "%.2f", b / 1e9 }') GB," \
         "output $(awk -v b="$OUT_BYTES" 'BEGIN { printf "%.2f", b / 1e9 }') GB"
     echo "- configs: density 0.5, weights 1.0 / 0.7 / 0.5, \`dtype: bfloat16\`" \
-        "(mergekit computes in bf16, mmx in f32)"
+        "(mergekit computes in bf16, mmx in f32); della: epsilon 0.1; caci: mmx's defaults" \
+        "(confidence rms, attenuation 1), caci_restore adds restore = 0.85"
     echo "- commands: \`mmx merge CONFIG -o OUT --seed 0\`;" \
         "\`mergekit-yaml CONFIG OUT ${MK_FLAGS[*]}\`"
     echo "- warm page cache, outputs removed and \`sync\` before each run; timed with $TIMER;" \
@@ -416,8 +464,8 @@ row() { printf '| %-9s | %-8s | %8s | %12s | %13s | %5s | %11s | %13s | %12s |\n
     echo
     row method tool "wall s" "peak RSS MiB" "peak anon MiB" "CPU%" "/ I/O floor" "time mk / mmx" "RSS mmx / mk"
     row "---" "---" "---:" "---:" "---:" "---:" "---:" "---:" "---:"
-    for method in ties dare_ties; do
-        for tool in mmx mergekit; do
+    for method in "${METHOD_LIST[@]}"; do
+        for tool in $(tools_for "$method"); do
             key=$method/$tool
             if [[ ${STATUS[$key]:-} != ok ]]; then
                 row "$method" "$tool" "${STATUS[$key]:-not run}" "" "" "" "" "" ""
@@ -427,6 +475,8 @@ row() { printf '| %-9s | %-8s | %8s | %12s | %13s | %5s | %11s | %13s | %12s |\n
             if [[ $tool = mmx && ${STATUS[$method/mergekit]:-} = ok ]]; then
                 speed=$(fmt_ratio "${WALL[$method/mergekit]}" "${WALL[$key]}")
                 mem=$(fmt_ratio "${RSS[$key]}" "${RSS[$method/mergekit]}")
+            elif [[ $method = caci* && ${STATUS[ties/mmx]:-} = ok ]]; then
+                speed="$(fmt_ratio "${WALL[$key]}" "${WALL[ties/mmx]}") of mmx ties"
             fi
             row "$method" "$tool" "$(printf '%.2f' "${WALL[$key]}")" "$((RSS[$key] / 1024))" "$((ANON[$key] / 1024))" "${CPU[$key]}" \
                 "$(fmt_ratio "${WALL[$key]}" "$FLOOR_S")" "$speed" "$mem"

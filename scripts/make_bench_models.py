@@ -10,9 +10,12 @@ Each directory holds a config.json (Qwen2ForCausalLM, bfloat16) and bfloat16 saf
 a single model.safetensors, or model-0000i-of-0000n.safetensors shards plus
 model.safetensors.index.json when the model is larger than --max-shard-bytes (2 GB).
 
-Tensor names and shapes follow Qwen2ForCausalLM with hidden 896, intermediate 4864,
-14 attention heads, 2 key/value heads (k/v projections [128, 896]), biases on q/k/v,
-RMSNorm weights and tied word embeddings (no lm_head.weight).
+Tensor names and shapes follow Qwen2ForCausalLM, biases on q/k/v, RMSNorm weights and tied
+word embeddings (no lm_head.weight), at one of three sizes (--size):
+
+    0.5b  hidden  896, intermediate  4864, 14 heads, 2 key/value heads, 24 layers (Qwen2-0.5B)
+    1.5b  hidden 1536, intermediate  8960, 12 heads, 2 key/value heads, 28 layers (Qwen2-1.5B)
+    3b    hidden 2048, intermediate 11008, 16 heads, 2 key/value heads, 36 layers (Qwen2.5-3B)
 
 The fine-tunes are base + small random deltas:
 
@@ -37,12 +40,24 @@ import time
 
 import numpy as np
 
-HIDDEN = 896
-INTERMEDIATE = 4864
-HEADS = 14
-KV_HEADS = 2
-HEAD_DIM = HIDDEN // HEADS  # 64
-KV_DIM = KV_HEADS * HEAD_DIM  # 128
+# --size -> (hidden, intermediate, attention heads, key/value heads, decoder layers)
+SIZES = {
+    "0.5b": (896, 4864, 14, 2, 24),
+    "1.5b": (1536, 8960, 12, 2, 28),
+    "3b": (2048, 11008, 16, 2, 36),
+}
+HIDDEN, INTERMEDIATE, HEADS, KV_HEADS, _ = SIZES["0.5b"]
+
+
+def set_size(size):
+    """Makes the module's shape constants those of `size`; returns its layer count."""
+    global HIDDEN, INTERMEDIATE, HEADS, KV_HEADS
+    HIDDEN, INTERMEDIATE, HEADS, KV_HEADS, layers = SIZES[size]
+    return layers
+
+
+def kv_dim():
+    return KV_HEADS * (HIDDEN // HEADS)
 
 MODELS = ["base", "ft1", "ft2", "ft3"]
 FT_SCALE = [0.10, 0.06, 0.15]
@@ -60,10 +75,10 @@ def tensor_specs(layers, vocab):
             (p + "input_layernorm.weight", (HIDDEN,), "norm"),
             (p + "self_attn.q_proj.weight", (HIDDEN, HIDDEN), "linear"),
             (p + "self_attn.q_proj.bias", (HIDDEN,), "bias"),
-            (p + "self_attn.k_proj.weight", (KV_DIM, HIDDEN), "linear"),
-            (p + "self_attn.k_proj.bias", (KV_DIM,), "bias"),
-            (p + "self_attn.v_proj.weight", (KV_DIM, HIDDEN), "linear"),
-            (p + "self_attn.v_proj.bias", (KV_DIM,), "bias"),
+            (p + "self_attn.k_proj.weight", (kv_dim(), HIDDEN), "linear"),
+            (p + "self_attn.k_proj.bias", (kv_dim(),), "bias"),
+            (p + "self_attn.v_proj.weight", (kv_dim(), HIDDEN), "linear"),
+            (p + "self_attn.v_proj.bias", (kv_dim(),), "bias"),
             (p + "self_attn.o_proj.weight", (HIDDEN, HIDDEN), "linear"),
             (p + "post_attention_layernorm.weight", (HIDDEN,), "norm"),
             (p + "mlp.gate_proj.weight", (INTERMEDIATE, HIDDEN), "linear"),
@@ -229,12 +244,16 @@ def generate(out, layers, vocab, seed, max_shard_bytes):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, help="directory to hold base/ ft1/ ft2/ ft3/")
-    ap.add_argument("--layers", type=int, default=24, help="decoder layers (default 24)")
+    ap.add_argument("--size", choices=sorted(SIZES), default="0.5b", help="model shapes (default 0.5b)")
+    ap.add_argument("--layers", type=int, help="decoder layers (default: the size's)")
     ap.add_argument("--vocab", type=int, default=151936, help="vocabulary size (default 151936)")
     ap.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     ap.add_argument("--max-shard-bytes", type=int, default=2_000_000_000,
                     help="largest safetensors shard in bytes (default 2e9)")
     args = ap.parse_args()
+    default_layers = set_size(args.size)
+    if args.layers is None:
+        args.layers = default_layers
     if args.layers < 1 or args.vocab < 2:
         ap.error("--layers must be >= 1 and --vocab >= 2")
 
@@ -245,7 +264,8 @@ def main():
     params, shards = generate(args.out, args.layers, args.vocab, args.seed, args.max_shard_bytes)
     secs = time.time() - t0
     with open(marker, "w") as f:
-        f.write(f"layers={args.layers} vocab={args.vocab} seed={args.seed}\n")
+        size = "" if args.size == "0.5b" else f"size={args.size} "
+        f.write(f"{size}layers={args.layers} vocab={args.vocab} seed={args.seed}\n")
     print(f"wrote {len(MODELS)} models x {params:,} params ({2 * params / 1e9:.2f} GB each, "
           f"{shards} shard(s)) to {args.out} in {secs:.1f}s")
 

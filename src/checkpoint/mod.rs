@@ -284,6 +284,13 @@ impl Checkpoint {
         }
     }
 
+    /// [`release`](Self::release) for elements `start..end` of a tensor only.
+    pub fn release_range(&self, name: &str, start: usize, end: usize) {
+        if let Some(shard) = self.shard(name) {
+            shard.release_range(name, start, end);
+        }
+    }
+
     /// The weight files, for digests.
     pub fn files(&self) -> Vec<&Path> {
         self.shards.iter().map(|s| s.path()).collect()

@@ -26,7 +26,7 @@ use super::job::{fraction, squared_distance, MergedTensor, TensorStats};
 use super::method::{Confidence, ExpertParams, GlobalParams};
 use super::restore::restore;
 use super::sparsify;
-use crate::error::Result;
+use crate::error::{Error, Result};
 
 /// Merges one tensor with CACI; `experts` are full tensors, `base` their common base, `name`
 /// the tensor's (for errors). `scales`: per expert, the RMS of each input feature (one per
@@ -47,13 +47,7 @@ pub(crate) fn merge(
     }
     let scales = match (globals.confidence, scales) {
         (Confidence::Activation, Some(scales)) => Some(scales),
-        (Confidence::Activation, None) => return Err(crate::error::Error::Parameter {
-            name: "confidence".to_string(),
-            tensor: name.to_string(),
-            message:
-                "`activation` reads each expert's calibration statistics for this tensor's module"
-                    .to_string(),
-        }),
+        (Confidence::Activation, None) => return Err(activation_needs_statistics(name)),
         _ => None,
     };
     // Restore reads the updates as the experts made them, before the trim.
@@ -65,19 +59,11 @@ pub(crate) fn merge(
     for (t, (delta, p)) in experts.iter_mut().zip(params).enumerate() {
         let scored: Option<Vec<f32>> = scales.map(|s| scored(delta, &s[t]));
         let measured = scored.as_deref().unwrap_or(delta);
-        confidence.push(match globals.confidence {
-            Confidence::None => p.weight,
-            Confidence::Rms | Confidence::Activation => {
-                let rms = (sparsify::lane_sum(measured, |v| f64::from(v) * f64::from(v))
-                    / n.max(1) as f64)
-                    .sqrt();
-                if rms > 0.0 {
-                    (f64::from(p.weight) / rms) as f32
-                } else {
-                    0.0
-                }
-            }
-        });
+        let sum = match globals.confidence {
+            Confidence::None => 0.0,
+            Confidence::Rms | Confidence::Activation => squares(measured),
+        };
+        confidence.push(self::confidence(p.weight, globals.confidence, sum, n));
         match scored {
             Some(mut scored) => {
                 if p.density < 1.0 {
@@ -100,38 +86,7 @@ pub(crate) fn merge(
     let voted: &[Vec<f32>] = if scales.is_some() { &voted } else { &experts };
 
     let mut values = vec![0f32; n];
-    let mut conflicts = 0usize;
-    for (j, out) in values.iter_mut().enumerate() {
-        let (mut vote, mut positive, mut negative) = (0f32, 0f32, 0f32);
-        for (delta, &c) in voted.iter().zip(&confidence) {
-            let x = delta[j];
-            vote += c * x;
-            positive += c * x.max(0.0);
-            negative += c * (-x).max(0.0);
-        }
-        let elected = if vote >= 0.0 { 1.0 } else { -1.0 };
-        let (mut mixed, mut divisor, mut opposed) = (0f32, 0f32, false);
-        for (((delta, scored), &c), p) in experts.iter().zip(voted).zip(&confidence).zip(params) {
-            let oriented = c * scored[j] * elected;
-            if oriented > 0.0 {
-                mixed += p.weight * delta[j];
-                divisor += p.weight;
-            }
-            opposed |= oriented < 0.0;
-        }
-        conflicts += usize::from(opposed);
-        let mean = if globals.normalize && divisor != 0.0 {
-            mixed / divisor
-        } else {
-            mixed
-        };
-        let (low, high) = (positive.min(negative), positive.max(negative));
-        let kappa = if high > 0.0 { low / high } else { 0.0 };
-        *out = mean * (1.0 - kappa).powf(globals.attenuation);
-    }
-    if globals.lambda != 1.0 {
-        values.iter_mut().for_each(|v| *v *= globals.lambda);
-    }
+    let conflicts = combine(&experts, voted, &confidence, params, globals, &mut values);
     if let (Some(target), Some(updates)) = (globals.restore, &untrimmed) {
         let weights: Vec<f32> = params.iter().map(|p| p.weight).collect();
         restore(&mut values, updates, &weights, target, name)?;
@@ -146,6 +101,143 @@ pub(crate) fn merge(
             delta_l2,
         },
     })
+}
+
+/// The error for activation-aware CACI without the experts' statistics.
+pub(crate) fn activation_needs_statistics(tensor: &str) -> Error {
+    Error::Parameter {
+        name: "confidence".to_string(),
+        tensor: tensor.to_string(),
+        message: "`activation` reads each expert's calibration statistics for this tensor's module"
+            .to_string(),
+    }
+}
+
+/// `Σ v²` in `f64`, in the lane order every CACI path uses.
+pub(crate) fn squares(values: &[f32]) -> f64 {
+    sparsify::lane_sum(values, |v| f64::from(v) * f64::from(v))
+}
+
+/// An expert's vote weight: `weight / rms`, the rms of its `n` (scored) update entries from
+/// their sum of squares `squares`, or `weight` alone under `confidence = "none"`.
+pub(crate) fn confidence(weight: f32, mode: Confidence, squares: f64, n: usize) -> f32 {
+    match mode {
+        Confidence::None => weight,
+        Confidence::Rms | Confidence::Activation => {
+            let rms = (squares / n.max(1) as f64).sqrt();
+            if rms > 0.0 {
+                (f64::from(weight) / rms) as f32
+            } else {
+                0.0
+            }
+        }
+    }
+}
+
+/// Steps 3–6 on a run of coordinates: the vote on `voted` (the trimmed updates, or their
+/// scored values) weighted by `confidence`, the disjoint mean of the agreeing `trimmed`
+/// updates, its attenuation by the conflict and `lambda`; writes `out` (as long as each
+/// update) and returns how many coordinates some expert opposes.
+pub(crate) fn combine(
+    trimmed: &[Vec<f32>],
+    voted: &[Vec<f32>],
+    confidence: &[f32],
+    params: &[ExpertParams],
+    globals: &GlobalParams,
+    out: &mut [f32],
+) -> usize {
+    // The common powers 1 and 0 without `powf`, which would otherwise take most of the
+    // merge's time (it gives the same values for them); chosen outside the loop, since the
+    // compiler may evaluate `powf` on both sides of a branch inside it.
+    let power = globals.attenuation;
+    let votes = Votes {
+        trimmed,
+        voted,
+        confidence,
+        params,
+        globals,
+    };
+    if power == 1.0 {
+        votes.combine(out, |x| x)
+    } else if power == 0.0 {
+        votes.combine(out, |_| 1.0)
+    } else {
+        votes.combine(out, |x| x.powf(power))
+    }
+}
+
+/// The inputs of [`combine`].
+struct Votes<'a> {
+    trimmed: &'a [Vec<f32>],
+    voted: &'a [Vec<f32>],
+    confidence: &'a [f32],
+    params: &'a [ExpertParams],
+    globals: &'a GlobalParams,
+}
+
+impl Votes<'_> {
+    /// Blocks of coordinates, each step a loop over one expert's block, so that the loops
+    /// vectorise; every coordinate still adds its experts' terms in expert order, the sums of
+    /// the one-coordinate-at-a-time form to the bit.
+    #[inline(always)]
+    fn combine(&self, out: &mut [f32], attenuation: impl Fn(f32) -> f32) -> usize {
+        const BLOCK: usize = 512;
+        let mut conflicts = 0usize;
+        for start in (0..out.len()).step_by(BLOCK) {
+            let end = (start + BLOCK).min(out.len());
+            let len = end - start;
+            let (mut vote, mut positive, mut negative) =
+                ([0f32; BLOCK], [0f32; BLOCK], [0f32; BLOCK]);
+            for (x, &c) in self.voted.iter().zip(self.confidence) {
+                let sums = vote[..len]
+                    .iter_mut()
+                    .zip(&mut positive[..len])
+                    .zip(&mut negative[..len]);
+                for (((v, p), n), &x) in sums.zip(&x[start..end]) {
+                    *v += c * x;
+                    *p += c * x.max(0.0);
+                    *n += c * (-x).max(0.0);
+                }
+            }
+            let (mut mixed, mut divisor, mut opposed) =
+                ([0f32; BLOCK], [0f32; BLOCK], [0u32; BLOCK]);
+            let experts = self.trimmed.iter().zip(self.voted);
+            for (((delta, scored), &c), p) in experts.zip(self.confidence).zip(self.params) {
+                let w = p.weight;
+                let (m, q, o) = (&mut mixed[..len], &mut divisor[..len], &mut opposed[..len]);
+                let (v, d, s) = (&vote[..len], &delta[start..end], &scored[start..end]);
+                // Bit operations instead of branches, so that the loop vectorises: the sign
+                // flip is the product by the elected sign −1, the masks pick a term or +0.
+                // Adding +0 where the expert disagrees leaves the sums as they are (they start
+                // at +0 and never become −0).
+                for j in 0..len {
+                    let flip = if v[j] >= 0.0 { 0 } else { 0x8000_0000u32 };
+                    let oriented = f32::from_bits((c * s[j]).to_bits() ^ flip);
+                    let agrees = 0u32.wrapping_sub(u32::from(oriented > 0.0));
+                    m[j] += f32::from_bits((w * d[j]).to_bits() & agrees);
+                    q[j] += f32::from_bits(w.to_bits() & agrees);
+                    o[j] |= u32::from(oriented < 0.0);
+                }
+            }
+            conflicts += opposed[..len].iter().map(|&o| o as usize).sum::<usize>();
+            let sums = mixed[..len]
+                .iter()
+                .zip(&divisor[..len])
+                .zip(positive[..len].iter().zip(&negative[..len]));
+            for (o, ((&m, &q), (&p, &n))) in out[start..end].iter_mut().zip(sums) {
+                let mean = if self.globals.normalize && q != 0.0 {
+                    m / q
+                } else {
+                    m
+                };
+                let (low, high) = (p.min(n), p.max(n));
+                let kappa = if high > 0.0 { low / high } else { 0.0 };
+                // Multiplying by a lambda of 1 changes nothing, so it is not skipped.
+                *o = mean * attenuation(1.0 - kappa) * self.globals.lambda;
+            }
+        }
+        conflicts
+    }
 }
 
 /// `Δ[i, j]·σ[j]` for a row-major tensor whose rows are `σ.len()` long.
@@ -334,6 +426,14 @@ mod tests {
     }
 
     proptest! {
+        /// The shortcut powers give what `powf` gives, to the bit.
+        #[test]
+        fn attenuation_powers_match_powf(x in 0.0f32..=1.0) {
+            for (power, shortcut) in [(0.0f32, 1.0f32), (1.0, x)] {
+                prop_assert_eq!(shortcut.to_bits(), x.powf(power).to_bits());
+            }
+        }
+
         /// With every input of RMS 1 the activation-aware vote is the weight-only one (rms
         /// confidence), to the bit.
         #[test]

@@ -5,11 +5,15 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Condvar, Mutex};
 
+use super::caci_stream;
+use super::chunked::Job;
+use super::chunking::CHUNK_ELEMENTS;
 use super::data_aware::merge_with_statistics;
 use super::job::{TensorJob, TensorStats};
 use super::kernels::Kernels;
-use super::plan::{Plan, TensorPlan};
-use super::stream::merge_streamed;
+use super::method::Method;
+use super::plan::{MergeParams, Plan, TensorPlan};
+use super::stream;
 use super::tensor_merge::merge_tensor;
 use crate::error::{Error, Result};
 use crate::recipe::OutputKind;
@@ -145,7 +149,9 @@ fn run_tensor(
         }
     }
     let stats = match &t.merge {
-        Some(params) if t.streamed => merge_streamed(plan, t, params, writer).map(Some),
+        Some(params) if t.streamed => {
+            merge_streamed(&Job::new(plan, t, CHUNK_ELEMENTS), params, writer).map(Some)
+        }
         _ => {
             let (bytes, stats) = compute(plan, t)?;
             writer.write(&t.name, &bytes)?;
@@ -153,6 +159,19 @@ fn run_tensor(
         }
     }?;
     Ok((stats, false))
+}
+
+/// Merges a tensor chunk by chunk and writes it; returns its statistics.
+pub(crate) fn merge_streamed(
+    job: &Job,
+    params: &MergeParams,
+    writer: &ShardedWriter,
+) -> Result<TensorStats> {
+    if params.method == Method::Caci {
+        caci_stream::merge(job, params, writer)
+    } else {
+        stream::merge(job, params, writer)
+    }
 }
 
 /// Lets the kernel drop the input pages of a finished tensor, so that resident memory stays

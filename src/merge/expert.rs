@@ -166,6 +166,13 @@ impl Expert {
         }
     }
 
+    /// Drops the mapped pages of elements `start..end` of tensor `name`.
+    pub fn release_range(&self, name: &str, start: usize, end: usize) {
+        if let Some(m) = self.model() {
+            m.release_range(name, start, end);
+        }
+    }
+
     /// The files this expert reads from disk, for digests (registry inputs have none).
     pub fn files(&self) -> Vec<PathBuf> {
         let mut files = Vec::new();

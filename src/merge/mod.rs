@@ -21,7 +21,9 @@
 //! ```
 
 mod caci;
+mod caci_stream;
 pub mod calibration;
+mod chunked;
 mod chunking;
 pub mod consensus;
 pub mod core;

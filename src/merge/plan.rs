@@ -214,10 +214,7 @@ impl Plan {
                 None
             };
             let data_aware = merge.as_ref().is_some_and(MergeParams::reads_statistics);
-            let streamed = merge.is_some()
-                && is_streamed(&info.shape)
-                && method != Method::Caci
-                && !data_aware;
+            let streamed = merge.is_some() && is_streamed(&info.shape) && !data_aware;
             let working_bytes = if streamed {
                 working_bytes(experts.len())
             } else if merge.is_some() {

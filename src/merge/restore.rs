@@ -34,14 +34,36 @@ pub(crate) fn restore(
     tensor: &str,
 ) -> Result<()> {
     let t = updates.len();
-    let gram = Mat::<f64>::from_fn(t, t, |i, j| dot(&updates[i], &updates[j]));
-    let shortfall: Vec<f64> = (0..t)
-        .map(|i| {
-            f64::from(target) * f64::from(weights[i]) * gram[(i, i)] - dot(merged, &updates[i])
-        })
+    let gram: Vec<f64> = (0..t * t)
+        .map(|k| dot(&updates[k / t], &updates[k % t]))
         .collect();
-    let beta = least_norm_solve(&gram, &shortfall, tensor)?;
-    for (update, &b) in updates.iter().zip(&beta) {
+    let shares: Vec<f64> = updates.iter().map(|u| dot(merged, u)).collect();
+    let beta = coefficients(&gram, &shares, weights, target, tensor)?;
+    add_along(merged, updates, &beta);
+    Ok(())
+}
+
+/// The coefficients `β` of the restoring combination, from the experts' Gram matrix `gram`
+/// (row-major, `t × t`) and `shares[t] = ⟨Δ, Δ_t⟩`: the sums a merge streamed in chunks adds
+/// up chunk by chunk.
+pub(crate) fn coefficients(
+    gram: &[f64],
+    shares: &[f64],
+    weights: &[f32],
+    target: f32,
+    tensor: &str,
+) -> Result<Vec<f64>> {
+    let t = shares.len();
+    let gram = Mat::<f64>::from_fn(t, t, |i, j| gram[i * t + j]);
+    let shortfall: Vec<f64> = (0..t)
+        .map(|i| f64::from(target) * f64::from(weights[i]) * gram[(i, i)] - shares[i])
+        .collect();
+    least_norm_solve(&gram, &shortfall, tensor)
+}
+
+/// `merged += Σ_s β_s·Δ_s`, element by element in `f64`.
+pub(crate) fn add_along(merged: &mut [f32], updates: &[Vec<f32>], beta: &[f64]) {
+    for (update, &b) in updates.iter().zip(beta) {
         if b == 0.0 {
             continue;
         }
@@ -49,10 +71,10 @@ pub(crate) fn restore(
             *m = (f64::from(*m) + b * f64::from(*u)) as f32;
         }
     }
-    Ok(())
 }
 
-fn dot(x: &[f32], y: &[f32]) -> f64 {
+/// `Σ x·y` in `f64`, in index order.
+pub(crate) fn dot(x: &[f32], y: &[f32]) -> f64 {
     x.iter()
         .zip(y)
         .map(|(a, b)| f64::from(*a) * f64::from(*b))

@@ -1,389 +1,39 @@
-//! Large 2-D tensors merged chunk by chunk: whole rows at a time, the chunks of one tensor in
-//! parallel, so that memory stays a few chunks per worker whatever the tensor's size.
+//! Large 2-D tensors of the task-arithmetic family merged chunk by chunk (see
+//! [`super::chunked`]).
 //!
 //! The trims that look at the whole tensor (top-k, breadcrumbs' band, the L1 rescale) get
 //! what they need from earlier passes over the chunks (radix-select histograms, tie counts,
 //! norms); the last pass then applies exactly the elementwise steps of [`merge_tensor`]
 //! (trim, rescale, sign election, disjoint mean, lambda) to each chunk and writes it at its
-//! offset. Chunk boundaries depend on the shape only, never on the thread count.
+//! offset.
 //!
 //! [`merge_tensor`]: super::tensor_merge::merge_tensor
 
-use std::path::Path;
-
-use rayon::prelude::*;
-
-use super::chunking::CHUNK_ELEMENTS;
+use super::chunked::{ExpertTrim, Job, Rescale};
 use super::consensus;
-use super::job::{fraction, squared_distance, TensorStats};
-use super::method::{ExpertParams, Method, RescaleMode, Trim};
+use super::job::{fraction, TensorStats};
+use super::method::{Method, RescaleMode, Trim};
 use super::parameters::check_params;
-use super::plan::{MergeParams, Plan, TensorPlan};
+use super::plan::MergeParams;
 use super::rng::MaskRng;
-use super::sparsify::{self, Cut, RadixSearch};
+use super::sparsify;
 use super::tensor_merge::{linear, weighted_sum};
 use crate::error::Result;
-use crate::recipe::OutputKind;
-use crate::tensor::{check_finite, from_f32, ShardedWriter};
+use crate::tensor::ShardedWriter;
 
-/// What one expert's trim keeps, decided from the whole tensor before the last pass.
-enum Keep {
-    /// Everything (no trim, or density ≥ 1).
-    All,
-    /// Nothing.
-    Nothing,
-    /// The top of a magnitude cut.
-    Top(Selection),
-    /// Inside one cut but outside another (breadcrumbs).
-    Band(Selection, Option<Selection>),
-    /// A random mask (DARE).
-    Random,
-    /// DELLA's per-row mask.
-    Della,
-}
-
-/// What one expert's trim needs found before it can be applied; indices point into the list
-/// of cuts searched together.
-enum Need {
-    All,
-    Nothing,
-    Top(usize),
-    Band(usize, Option<usize>),
-    Random,
-    Della,
-}
-
-/// A magnitude cut with the index past its last kept tie.
-struct Selection {
-    cut: Cut,
-    split: usize,
-}
-
-impl Selection {
-    #[inline]
-    fn contains(&self, v: f32, index: usize) -> bool {
-        self.cut.contains(v, index, self.split)
-    }
-}
-
-/// Everything the last pass needs about one expert.
-struct ExpertTrim {
-    keep: Keep,
-    rescale: Rescale,
-    rng: MaskRng,
-    params: ExpertParams,
-}
-
-enum Rescale {
-    None,
-    Factor(f32),
-    Inverse(f32),
-}
-
-/// A tensor being streamed.
-struct Job<'a> {
-    plan: &'a Plan,
-    t: &'a TensorPlan,
-    row_len: usize,
-    chunks: Vec<(usize, usize)>,
-}
-
-impl Job<'_> {
-    fn numel(&self) -> usize {
-        self.t.shape.iter().product()
-    }
-
-    /// Runs `f` on every chunk (its element range) in parallel; results in chunk order.
-    fn each_chunk<T: Send>(
-        &self,
-        f: impl Fn((usize, usize)) -> Result<T> + Sync,
-    ) -> Result<Vec<T>> {
-        self.chunks.par_iter().map(|&range| f(range)).collect()
-    }
-
-    fn base(&self, (start, end): (usize, usize)) -> Result<Option<Vec<f32>>> {
-        self.plan
-            .base
-            .as_ref()
-            .map(|b| b.read_f32_range(&self.t.name, start, end))
-            .transpose()
-    }
-
-    /// The expert's full values on a chunk (checked finite as they are read).
-    fn expert(&self, e: usize, base: Option<&[f32]>, range: (usize, usize)) -> Result<Vec<f32>> {
-        let expert = &self.plan.experts[e];
-        let values = match base {
-            Some(b) if !expert.touches(&self.t.name) => b.to_vec(),
-            _ => expert.tensor_range(&self.t.name, self.plan.base.as_ref(), range, self.row_len)?,
-        };
-        Ok(values)
-    }
-
-    /// The expert's delta (values − base) on a chunk.
-    fn delta(&self, e: usize, base: &[f32], range: (usize, usize)) -> Result<Vec<f32>> {
-        if !self.plan.experts[e].touches(&self.t.name) {
-            return Ok(vec![0.0; base.len()]);
-        }
-        let mut d = self.expert(e, Some(base), range)?;
-        for (d, b) in d.iter_mut().zip(base) {
-            *d -= b;
-        }
-        Ok(d)
-    }
-
-    /// Finds several magnitude cuts at once, `wanted[i] = (expert, r)` for the `r`-th largest
-    /// magnitude of that expert's delta, with the index past each one's last kept tie. Every
-    /// pass over the chunks reads the base and each expert once for all the cuts.
-    fn select_all(&self, wanted: &[(usize, usize)]) -> Result<Vec<Selection>> {
-        let mut experts: Vec<usize> = wanted.iter().map(|&(e, _)| e).collect();
-        experts.dedup();
-        let mut searches: Vec<RadixSearch> =
-            wanted.iter().map(|&(_, r)| RadixSearch::new(r)).collect();
-        // The last pass's per-chunk histograms: their bucket of the threshold counts its ties.
-        let mut last = None;
-        while let Some(digits) = searches
-            .iter()
-            .map(RadixSearch::digit)
-            .collect::<Option<Vec<_>>>()
-        {
-            let partial = self.each_chunk(|range| {
-                let base = self.base(range)?.expect("streamed GTA merges have a base");
-                let mut histograms: Vec<Vec<usize>> =
-                    digits.iter().map(|d| vec![0; d.buckets()]).collect();
-                for &e in &experts {
-                    let d = self.delta(e, &base, range)?;
-                    for ((&(we, _), digit), h) in wanted.iter().zip(&digits).zip(&mut histograms) {
-                        if we == e {
-                            digit.count(&d, h);
-                        }
-                    }
-                }
-                Ok(histograms)
-            })?;
-            for (i, search) in searches.iter_mut().enumerate() {
-                let mut total = vec![0usize; digits[i].buckets()];
-                for histograms in &partial {
-                    total
-                        .iter_mut()
-                        .zip(&histograms[i])
-                        .for_each(|(t, c)| *t += c);
-                }
-                search.advance(&total);
-            }
-            last = Some((digits, partial));
-        }
-        let cuts: Vec<Cut> = searches.into_iter().map(RadixSearch::finish).collect();
-        let (digits, partial) = last.expect("a radix search has digits");
-
-        // Ties: where only some elements equal to a threshold are kept, the first ones by
-        // index are; the chunk holding the last kept one is found from the tie counts.
-        let tied: Vec<usize> = (0..cuts.len())
-            .filter(|&i| cuts[i].ties < cuts[i].equal)
-            .collect();
-        let mut splits = vec![self.numel(); cuts.len()];
-        if !tied.is_empty() {
-            let counts: Vec<Vec<usize>> = partial
-                .iter()
-                .map(|histograms| {
-                    tied.iter()
-                        .map(|&i| {
-                            let bucket = digits[i]
-                                .bucket(cuts[i].threshold())
-                                .expect("the threshold matches its own prefix");
-                            histograms[i][bucket]
-                        })
-                        .collect()
-                })
-                .collect();
-            for (k, &i) in tied.iter().enumerate() {
-                let mut seen = 0;
-                for (&(start, end), chunk_counts) in self.chunks.iter().zip(&counts) {
-                    let count = chunk_counts[k];
-                    if seen + count >= cuts[i].ties {
-                        let base = self
-                            .base((start, end))?
-                            .expect("streamed GTA merges have a base");
-                        let d = self.delta(wanted[i].0, &base, (start, end))?;
-                        let within = cuts[i]
-                            .split_after(&d, cuts[i].ties - seen)
-                            .expect("the chunk holds the remaining ties");
-                        splits[i] = start + within;
-                        break;
-                    }
-                    seen += count;
-                }
-            }
-        }
-        Ok(cuts
-            .into_iter()
-            .zip(splits)
-            .map(|(cut, split)| Selection { cut, split })
-            .collect())
-    }
-
-    /// Decides what every expert keeps, mirroring the trims of `sparsify` on a whole tensor;
-    /// the magnitude cuts of all experts are found together.
-    fn keeps(&self, trim: Trim, params: &[ExpertParams]) -> Result<Vec<Keep>> {
-        let n = self.numel();
-        let mut wanted = Vec::new();
-        let mut plans = Vec::with_capacity(params.len());
-        for (e, p) in params.iter().enumerate() {
-            let plan = if trim == Trim::None || p.density >= 1.0 {
-                Need::All
-            } else {
-                match trim {
-                    Trim::None => Need::All,
-                    Trim::Magnitude | Trim::TopK => {
-                        let k = sparsify::keep_count(p.density, n);
-                        let k = if trim == Trim::Magnitude && p.density > 0.0 {
-                            k.max(1)
-                        } else {
-                            k
-                        };
-                        match k {
-                            0 => Need::Nothing,
-                            k if k >= n => Need::All,
-                            k => {
-                                wanted.push((e, k));
-                                Need::Top(wanted.len() - 1)
-                            }
-                        }
-                    }
-                    Trim::Outliers => {
-                        let target = sparsify::keep_count(p.density, n).min(n);
-                        if target == 0 {
-                            Need::Nothing
-                        } else {
-                            let n_top = sparsify::keep_count(p.gamma, n).min(n - target);
-                            wanted.push((e, n_top + target));
-                            let within = wanted.len() - 1;
-                            let top = (n_top > 0).then(|| {
-                                wanted.push((e, n_top));
-                                wanted.len() - 1
-                            });
-                            Need::Band(within, top)
-                        }
-                    }
-                    Trim::Random => Need::Random,
-                    Trim::Della if p.density <= 0.0 => Need::Nothing,
-                    Trim::Della => Need::Della,
-                }
-            };
-            plans.push(plan);
-        }
-        let mut selections: Vec<Option<Selection>> = if wanted.is_empty() {
-            Vec::new()
-        } else {
-            self.select_all(&wanted)?.into_iter().map(Some).collect()
-        };
-        let mut take = |i: usize| selections[i].take().expect("each selection is used once");
-        Ok(plans
-            .into_iter()
-            .map(|plan| match plan {
-                Need::All => Keep::All,
-                Need::Nothing => Keep::Nothing,
-                Need::Top(i) => Keep::Top(take(i)),
-                Need::Band(within, top) => Keep::Band(take(within), top.map(&mut take)),
-                Need::Random => Keep::Random,
-                Need::Della => Keep::Della,
-            })
-            .collect())
-    }
-
-    /// Applies expert `e`'s trim (without rescale) to its delta on a chunk.
-    fn apply_keep(
-        &self,
-        trim: &ExpertTrim,
-        d: &mut [f32],
-        (start, end): (usize, usize),
-        order: &mut Vec<usize>,
-    ) -> Result<()> {
-        match &trim.keep {
-            Keep::All => {}
-            Keep::Nothing => d.fill(0.0),
-            Keep::Top(sel) => {
-                for (i, v) in d.iter_mut().enumerate() {
-                    *v = if sel.contains(*v, start + i) { *v } else { 0.0 };
-                }
-            }
-            Keep::Band(within, top) => {
-                for (i, v) in d.iter_mut().enumerate() {
-                    let inside = within.contains(*v, start + i);
-                    let outlier = top.as_ref().is_some_and(|s| s.contains(*v, start + i));
-                    if !inside || outlier {
-                        *v = 0.0;
-                    }
-                }
-            }
-            Keep::Random => {
-                sparsify::random_at(d, start as u64, trim.params.density, &trim.rng);
-            }
-            Keep::Della => {
-                let rows = (end - start) / self.row_len;
-                sparsify::della_at(
-                    d,
-                    start as u64,
-                    &[rows, self.row_len],
-                    trim.params.density,
-                    trim.params.epsilon,
-                    &trim.rng,
-                    order,
-                    &self.t.name,
-                )?;
-            }
-        }
-        Ok(())
-    }
-}
-
-/// Merges a streamed tensor and writes it; returns its statistics.
-pub(crate) fn merge_streamed(
-    plan: &Plan,
-    t: &TensorPlan,
+/// Merges a streamed tensor of the task-arithmetic family (every method but CACI and the
+/// data-aware ones) and writes it; returns its statistics.
+pub(crate) fn merge(
+    job: &Job,
     params: &MergeParams,
     writer: &ShardedWriter,
 ) -> Result<TensorStats> {
-    merge_in_chunks(plan, t, params, writer, CHUNK_ELEMENTS)
-}
-
-fn merge_in_chunks(
-    plan: &Plan,
-    t: &TensorPlan,
-    params: &MergeParams,
-    writer: &ShardedWriter,
-    chunk_elements: usize,
-) -> Result<TensorStats> {
-    let (rows, row_len) = (t.shape[0], t.shape[1]);
-    let rows_per_chunk = (chunk_elements / row_len).max(1);
-    let chunks = (0..rows)
-        .step_by(rows_per_chunk)
-        .map(|r| (r * row_len, (r + rows_per_chunk).min(rows) * row_len))
-        .collect();
-    let job = Job {
-        plan,
-        t,
-        row_len,
-        chunks,
-    };
+    let (plan, t) = (job.plan, job.t);
     let method = params.method;
     let globals = &params.globals;
     check_params(method, globals, &t.name, &params.experts)?;
     let n = job.numel();
     let weights: Vec<f32> = params.experts.iter().map(|p| p.weight).collect();
-    let delta_output = plan.recipe.output == OutputKind::Delta;
-    let out_size = t.dtype.size();
-
-    let write = |values: &mut Vec<f32>, base: Option<&[f32]>, start: usize| -> Result<f64> {
-        check_finite(Path::new("merged output"), &t.name, values)?;
-        let squares = squared_distance(values, base);
-        if delta_output {
-            let base = base.expect("delta output is planned with a base");
-            values.iter_mut().zip(base).for_each(|(v, b)| *v -= b);
-        }
-        let bytes = from_f32(t.dtype, values).expect("output dtype");
-        writer.write_at(&t.name, start * out_size, &bytes)?;
-        Ok(squares)
-    };
 
     if method == Method::Linear {
         let squares = job.each_chunk(|range| {
@@ -399,7 +49,7 @@ fn merge_in_chunks(
                 globals.normalize,
             )?
             .values;
-            write(&mut values, base.as_deref(), range.0)
+            job.write(writer, &mut values, base.as_deref(), range.0)
         })?;
         return Ok(TensorStats {
             kept_fraction: vec![1.0; plan.experts.len()],
@@ -493,7 +143,7 @@ fn merge_in_chunks(
             values.iter_mut().for_each(|v| *v *= globals.lambda);
         }
         values.iter_mut().zip(&base).for_each(|(v, b)| *v += b);
-        let squares = write(&mut values, Some(&base), range.0)?;
+        let squares = job.write(writer, &mut values, Some(&base), range.0)?;
         Ok((kept, conflicts, squares))
     })?;
 
@@ -510,14 +160,15 @@ fn merge_in_chunks(
         delta_l2: squares.sqrt(),
     })
 }
-
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeMap;
     use std::path::Path;
 
     use super::*;
-    use crate::merge::executor::compute;
+    use crate::merge::chunked::Job;
+    use crate::merge::executor::{compute, merge_streamed};
+    use crate::merge::plan::Plan;
     use crate::recipe::Recipe;
     use crate::tensor::{write_safetensors, Dtype, SafetensorsFile, TensorSpec};
 
@@ -603,7 +254,12 @@ mod tests {
         };
         let writer =
             ShardedWriter::create(out.path(), "model", &[spec], 1 << 30, &BTreeMap::new()).unwrap();
-        merge_in_chunks(&plan, t, t.merge.as_ref().unwrap(), &writer, chunk).unwrap();
+        merge_streamed(
+            &Job::new(&plan, t, chunk),
+            t.merge.as_ref().unwrap(),
+            &writer,
+        )
+        .unwrap();
         writer.finish("model").unwrap();
         let streamed = SafetensorsFile::open(out.path().join("model.safetensors"))
             .unwrap()
@@ -640,15 +296,30 @@ mod tests {
                 "della_linear",
                 "density = 0.5\nepsilon = 0.2\nrescale = false",
             ),
+            ("caci", "density = 0.4\nconfidence = 'none'"),
+            ("caci", "density = 0.5"),
+            (
+                "caci",
+                "density = 0.3\nattenuation = 2.0\nnormalize = false\nlambda = 0.9",
+            ),
+            ("caci", "density = 0.5\nrestore = 0.85"),
+            (
+                "caci",
+                "density = 0.6\nconfidence = 'none'\nrestore = 1.2\nlambda = 0.8",
+            ),
         ];
         for (method, params) in cases {
             // One row per chunk, rows split unevenly, and one chunk for everything.
             for chunk in [53, 300, 1 << 20] {
                 let (whole, streamed) = both(dir.path(), method, params, chunk);
-                // The L1 rescale sums its norms per chunk: the factor may differ in the last bit.
-                let l1 = matches!(method, "dare_ties" | "della");
+                // The L1 rescale, CACI's rms confidence and its restore sum over the tensor
+                // chunk by chunk: with more than one chunk they may differ in the last bit.
+                let caci_sums = (method == "caci" && !params.contains("confidence = 'none'"))
+                    || params.contains("restore");
+                let approximate = matches!(method, "dare_ties" | "della")
+                    || (caci_sums && chunk < SHAPE[0] * SHAPE[1]);
                 for (i, (w, s)) in whole.iter().zip(&streamed).enumerate() {
-                    if l1 {
+                    if approximate {
                         assert!(
                             (w - s).abs() <= 1e-6 * w.abs().max(1e-3),
                             "{method} {params} chunk {chunk}: element {i}: {w} vs {s}"

@@ -1,7 +1,10 @@
 //! Content digests: blake3, written `blake3:<64 lower-case hex>`.
 
 use std::fmt;
+use std::fs::File;
 use std::path::Path;
+
+use memmap2::{Mmap, UncheckedAdvice};
 
 use crate::error::{Error, Result};
 
@@ -22,12 +25,31 @@ impl Digest {
         Digest(*hasher.finalize().as_bytes())
     }
 
-    /// The digest of a file, read through a memory map and hashed on every core.
+    /// The digest of a file, read through a memory map and hashed on every core, a window at
+    /// a time: each window's pages are dropped once hashed, so that hashing a file of
+    /// gigabytes keeps resident memory at one window.
     pub fn of_file(path: &Path) -> Result<Digest> {
+        Digest::of_file_in_windows(path, 64 << 20)
+    }
+
+    fn of_file_in_windows(path: &Path, window: usize) -> Result<Digest> {
+        let file = File::open(path).map_err(|e| Error::io(path, e))?;
+        let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
+        if len == 0 {
+            return Ok(Digest::of(&[]));
+        }
+        // SAFETY: a read-only map; a file changed while it is hashed gives a digest of mixed
+        // contents, which the registry's later checks of the bytes catch.
+        let map = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
         let mut hasher = blake3::Hasher::new();
-        hasher
-            .update_mmap_rayon(path)
-            .map_err(|e| Error::io(path, e))?;
+        for (i, part) in map.chunks(window).enumerate() {
+            hasher.update_rayon(part);
+            // SAFETY: read-only and not borrowed past this point; dropping the pages only
+            // means a later read faults them back in. Errors mean the advice was not taken.
+            let _ = unsafe {
+                map.unchecked_advise_range(UncheckedAdvice::DontNeed, i * window, part.len())
+            };
+        }
         Ok(Digest(*hasher.finalize().as_bytes()))
     }
 
@@ -101,6 +123,22 @@ mod tests {
         // Large inputs take the parallel path and agree with the serial one.
         let big = vec![7u8; 3 << 20];
         assert_eq!(Digest::of(&big).0, *blake3::hash(&big).as_bytes());
+    }
+
+    #[test]
+    fn files_hash_the_same_in_any_window() {
+        let dir = tempfile::tempdir().unwrap();
+        let bytes: Vec<u8> = (0..(3 << 20) + 12_345u32)
+            .map(|i| (i * 31 % 251) as u8)
+            .collect();
+        let path = dir.path().join("f");
+        std::fs::write(&path, &bytes).unwrap();
+        let whole = *blake3::hash(&bytes).as_bytes();
+        for window in [4096, 1 << 20, 5 << 20] {
+            assert_eq!(Digest::of_file_in_windows(&path, window).unwrap().0, whole);
+        }
+        std::fs::write(&path, b"").unwrap();
+        assert_eq!(Digest::of_file(&path).unwrap(), Digest::of(b""));
     }
 
     #[test]

@@ -188,10 +188,24 @@ impl SafetensorsFile {
     /// already merged stops counting towards resident memory. The file is unchanged and a later
     /// read faults the pages back in.
     pub fn release(&self, name: &str) {
+        if let Some(info) = self.info(name) {
+            self.release_range(name, 0, info.numel());
+        }
+    }
+
+    /// [`release`](Self::release) for elements `start..end` of a tensor only (with the rest
+    /// of the pages they share), so that a tensor read in chunks stays resident a chunk at a
+    /// time.
+    pub fn release_range(&self, name: &str, start: usize, end: usize) {
         let Some(info) = self.info(name) else {
             return;
         };
-        let (map, start) = match &self.data {
+        let size = info.dtype.size();
+        let (first, last) = (start.min(end) * size, end * size);
+        if last > info.end - info.start || first == last {
+            return;
+        }
+        let (map, offset) = match &self.data {
             Data::File(mmap) => (mmap, self.header.data_start + info.start),
             Data::Parts { tensors, .. } => match tensors.get(name) {
                 Some(m) => (m, 0),
@@ -202,7 +216,7 @@ impl SafetensorsFile {
         // its pages cannot change what any borrowed slice reads: the next access maps the
         // same bytes back from the page cache. Errors only mean the advice was not taken.
         let _ = unsafe {
-            map.unchecked_advise_range(UncheckedAdvice::DontNeed, start, info.end - info.start)
+            map.unchecked_advise_range(UncheckedAdvice::DontNeed, offset + first, last - first)
         };
     }
 
