@@ -12,6 +12,7 @@
 #   --layers N   decoder layers of the synthetic models (default 24, as Qwen2-0.5B)
 #   --vocab N    vocabulary size (default 151936, as Qwen2-0.5B)
 #   --repeat N   timed runs per (method, tool); the table shows the fastest (default 1)
+#   --mergekit-repeat N  timed runs of mergekit (default: as --repeat)
 #   --methods L  comma-separated subset of ties,dare_ties,della,caci,caci_restore (default all)
 #   --no-check   skip the comparison of the mmx and mergekit TIES outputs
 #   --check-f32  also compare mmx's TIES output with an extra, untimed mergekit run that
@@ -42,6 +43,7 @@ while [[ $# -gt 0 ]]; do
         --vocab=*) VOCAB=${1#*=}; shift ;;
         --repeat) REPEAT=${2:?--repeat needs a value}; shift 2 ;;
         --repeat=*) REPEAT=${1#*=}; shift ;;
+        --mergekit-repeat) MK_REPEAT=${2:?--mergekit-repeat needs a value}; shift 2 ;;
         --methods) METHODS=${2:?--methods needs a value}; shift 2 ;;
         --methods=*) METHODS=${1#*=}; shift ;;
         --no-check) CHECK=0; shift ;;
@@ -51,7 +53,8 @@ while [[ $# -gt 0 ]]; do
         *) WORKDIR=$1; shift ;;
     esac
 done
-for v in LAYERS VOCAB REPEAT; do
+MK_REPEAT=${MK_REPEAT:-$REPEAT}
+for v in LAYERS VOCAB REPEAT MK_REPEAT; do
     [[ ${!v} =~ ^[1-9][0-9]*$ ]] || { echo "--${v,,} must be a positive integer" >&2; exit 2; }
 done
 IFS=, read -r -a METHOD_LIST <<<"$METHODS"
@@ -338,7 +341,9 @@ for method in "${METHOD_LIST[@]}"; do
         key=$method/$tool
         out=$OUTS/$method-$tool
         best=
-        for ((r = 1; r <= REPEAT; r++)); do
+        reps=$REPEAT
+        [[ $tool = mergekit ]] && reps=$MK_REPEAT
+        for ((r = 1; r <= reps; r++)); do
             rm -rf "$out"
             sync
             warm_inputs
@@ -348,7 +353,7 @@ for method in "${METHOD_LIST[@]}"; do
             if [[ $tool = mmx && ! -x $MMX ]]; then
                 echo "mmx binary not found: $MMX" >"$log"; echo "0 0 0 0 0" >"$res"; rc=127
             else
-                echo "== $key run $r/$REPEAT: ${cmd[*]}"
+                echo "== $key run $r/$reps: ${cmd[*]}"
                 rc=0; timed "$res" "$log" "${cmd[@]}" || rc=$?
             fi
             if [[ $rc -ne 0 ]]; then
@@ -451,7 +456,7 @@ row() { printf '| %-9s | %-8s | %8s | %12s | %13s | %5s | %11s | %13s | %12s |\n
     echo "- commands: \`mmx merge CONFIG -o OUT --seed 0\`;" \
         "\`mergekit-yaml CONFIG OUT ${MK_FLAGS[*]}\`"
     echo "- warm page cache, outputs removed and \`sync\` before each run; timed with $TIMER;" \
-        "best wall of $REPEAT run(s), worst peak RSS"
+        "best wall of $REPEAT run(s) of mmx and $MK_REPEAT of mergekit, worst peak RSS"
     echo "- I/O floor ${FLOOR_S} s = read all inputs ${READ_S} s (cat, warm cache)" \
         "+ write output size ${WRITE_S} s (dd conv=fsync)"
     echo "- mergekit start-up alone (\`mergekit-yaml --help\`): ${mk_start_s} s, $((mk_start_rss / 1024)) MiB peak RSS"

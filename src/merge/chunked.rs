@@ -321,7 +321,7 @@ impl<'a> Job<'a> {
         trim: &ExpertTrim,
         d: &mut [f32],
         (start, end): (usize, usize),
-        order: &mut Vec<usize>,
+        order: &mut Vec<u64>,
     ) -> Result<()> {
         match &trim.keep {
             Keep::All => {}

@@ -411,7 +411,7 @@ pub fn della(
     density: f32,
     epsilon: f32,
     rng: &MaskRng,
-    order: &mut Vec<usize>,
+    order: &mut Vec<u64>,
     tensor: &str,
 ) -> Result<usize> {
     della_at(delta, 0, shape, density, epsilon, rng, order, tensor)
@@ -427,7 +427,7 @@ pub fn della_at(
     density: f32,
     epsilon: f32,
     rng: &MaskRng,
-    order: &mut Vec<usize>,
+    order: &mut Vec<u64>,
     tensor: &str,
 ) -> Result<usize> {
     let n = delta.len();
@@ -455,6 +455,13 @@ pub fn della_at(
         _ => (n, 1),
     };
     let outer = n / (len * inner);
+    if i32::try_from(len).is_err() {
+        return Err(Error::Parameter {
+            name: "shape".into(),
+            tensor: tensor.into(),
+            message: format!("DELLA ranks rows of fewer than 2^31 entries, not {len}"),
+        });
+    }
     // mergekit computes `(density − epsilon) + rank_norm · 2 · epsilon` on f32 tensors
     // with the first term from Python floats.
     let low = (decimal(density) - decimal(epsilon)) as f32;
@@ -462,31 +469,123 @@ pub fn della_at(
     for o in 0..outer {
         for k in 0..inner {
             let at = |j: usize| (o * len + j) * inner + k;
+            // Ascending |v|, ties by position: one integer per entry, the magnitude's bits
+            // (ordered as the magnitudes are, the values being finite) above the position,
+            // sorted as integers, several times faster than comparing through the tensor.
             order.clear();
-            order.extend(0..len);
-            order.sort_unstable_by(|&a, &b| {
-                delta[at(a)]
-                    .abs()
-                    .total_cmp(&delta[at(b)].abs())
-                    .then(a.cmp(&b))
-            });
-            for (rank, &j) in order.iter().enumerate() {
-                let rank_norm = if len > 1 {
-                    rank as f32 / (len - 1) as f32
-                } else {
-                    0.5
-                };
-                let p_keep = low + rank_norm * 2.0 * epsilon;
+            order.extend(
+                (0..len).map(|j| (u64::from(magnitude_bits(delta[at(j)])) << 32) | j as u64),
+            );
+            order.sort_unstable();
+            // Each entry's rank, by position (after the sorted keys), so that the mask is
+            // drawn in order without branches: a kept entry stays, a dropped one becomes +0.
+            order.resize(2 * len, 0);
+            let (sorted, ranks) = order.split_at_mut(len);
+            for (rank, &key) in sorted.iter().enumerate() {
+                ranks[(key & u64::from(u32::MAX)) as usize] = rank as u64;
+            }
+            if inner == 1 {
+                let row = &mut delta[o * len..(o + 1) * len];
+                kept += della_row_mask(row, ranks, first + (o * len) as u64, low, epsilon, rng);
+                continue;
+            }
+            for (j, &rank) in ranks.iter().enumerate() {
                 let i = at(j);
-                if rng.uniform(first + i as u64) < p_keep {
-                    kept += 1;
-                } else {
-                    delta[i] = 0.0;
-                }
+                let keep =
+                    rng.uniform(first + i as u64) < della_keep_probability(rank, len, low, epsilon);
+                kept += usize::from(keep);
+                delta[i] = if keep { delta[i] } else { 0.0 };
             }
         }
     }
     Ok(kept)
+}
+
+/// DELLA's keep probability for the entry of rank `rank` (ascending `|v|`) of `len`:
+/// `low + rank / (len − 1) · 2ε`, with rank 0.5 of one for a row of one.
+#[inline(always)]
+fn della_keep_probability(rank: u64, len: usize, low: f32, epsilon: f32) -> f32 {
+    // Through i32 (rows are shorter than 2^31): the same value as from usize, and a
+    // conversion that vectorises.
+    let rank_norm = if len > 1 {
+        rank as i32 as f32 / (len - 1) as f32
+    } else {
+        0.5
+    };
+    low + rank_norm * 2.0 * epsilon
+}
+
+/// DELLA's mask on one contiguous row whose first entry is flat element `first`, given each
+/// entry's rank; returns how many entries it keeps. Dispatched to wide registers as
+/// [`random_at`] is; every path gives the same mask.
+fn della_row_mask(
+    row: &mut [f32],
+    ranks: &[u64],
+    first: u64,
+    low: f32,
+    epsilon: f32,
+    rng: &MaskRng,
+) -> usize {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512dq")
+        {
+            // SAFETY: the CPU has the features the function is compiled for.
+            return unsafe { della_row_mask_avx512(row, ranks, first, low, epsilon, rng) };
+        }
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: as above.
+            return unsafe { della_row_mask_avx2(row, ranks, first, low, epsilon, rng) };
+        }
+    }
+    della_row_mask_portable(row, ranks, first, low, epsilon, rng)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512dq")]
+unsafe fn della_row_mask_avx512(
+    row: &mut [f32],
+    ranks: &[u64],
+    first: u64,
+    low: f32,
+    epsilon: f32,
+    rng: &MaskRng,
+) -> usize {
+    della_row_mask_portable(row, ranks, first, low, epsilon, rng)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn della_row_mask_avx2(
+    row: &mut [f32],
+    ranks: &[u64],
+    first: u64,
+    low: f32,
+    epsilon: f32,
+    rng: &MaskRng,
+) -> usize {
+    della_row_mask_portable(row, ranks, first, low, epsilon, rng)
+}
+
+#[inline(always)]
+fn della_row_mask_portable(
+    row: &mut [f32],
+    ranks: &[u64],
+    first: u64,
+    low: f32,
+    epsilon: f32,
+    rng: &MaskRng,
+) -> usize {
+    let len = row.len();
+    let mut kept = 0;
+    for ((index, v), &rank) in (first..).zip(row.iter_mut()).zip(ranks) {
+        // Branch-free, so that the generator vectorises; a dropped entry becomes +0.
+        let keep = rng.uniform(index) < della_keep_probability(rank, len, low, epsilon);
+        kept += usize::from(keep);
+        *v = f32::from_bits(v.to_bits() & 0u32.wrapping_sub(u32::from(keep)));
+    }
+    kept
 }
 
 /// `Σ |v|`, accumulated in `f64`.

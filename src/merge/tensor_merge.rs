@@ -176,7 +176,7 @@ struct Trimmer<'a> {
     globals: &'a GlobalParams,
     name: &'a str,
     shape: &'a [usize],
-    order: Vec<usize>,
+    order: Vec<u64>,
 }
 
 impl Trimmer<'_> {
