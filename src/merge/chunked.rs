@@ -79,11 +79,21 @@ pub(super) struct Job<'a> {
     pub t: &'a TensorPlan,
     row_len: usize,
     chunks: Vec<(usize, usize)>,
+    /// Whether each chunk's input pages are dropped once decoded.
+    release_chunks: bool,
 }
 
 impl<'a> Job<'a> {
-    /// Tensor `t` of `plan` in chunks of whole rows, about `chunk_elements` each.
-    pub fn new(plan: &'a Plan, t: &'a TensorPlan, chunk_elements: usize) -> Self {
+    /// Tensor `t` of `plan` in chunks of whole rows, about `chunk_elements` each;
+    /// `release_chunks`: drop each chunk's input pages once decoded (see [`base`]).
+    ///
+    /// [`base`]: Self::base
+    pub fn new(
+        plan: &'a Plan,
+        t: &'a TensorPlan,
+        chunk_elements: usize,
+        release_chunks: bool,
+    ) -> Self {
         let (rows, row_len) = (t.shape[0], t.shape[1]);
         let rows_per_chunk = (chunk_elements / row_len).max(1);
         let chunks = (0..rows)
@@ -95,6 +105,7 @@ impl<'a> Job<'a> {
             t,
             row_len,
             chunks,
+            release_chunks,
         }
     }
 
@@ -110,15 +121,18 @@ impl<'a> Job<'a> {
         self.chunks.par_iter().map(|&range| f(range)).collect()
     }
 
-    /// The base's values on a chunk. Here and in [`expert`](Self::expert) the chunk's input
-    /// pages are dropped once decoded: every pass reads them again, but resident memory stays
-    /// a chunk per input and worker rather than the whole tensor.
+    /// The base's values on a chunk. Here and in [`expert`](Self::expert), with
+    /// `release_chunks`, the chunk's input pages are dropped once decoded: every pass faults
+    /// them in again (system time), but resident memory stays a chunk per input and worker
+    /// rather than the whole tensor.
     pub fn base(&self, (start, end): (usize, usize)) -> Result<Option<Vec<f32>>> {
         let Some(base) = &self.plan.base else {
             return Ok(None);
         };
         let values = base.read_f32_range(&self.t.name, start, end)?;
-        base.release_range(&self.t.name, start, end);
+        if self.release_chunks {
+            base.release_range(&self.t.name, start, end);
+        }
         Ok(Some(values))
     }
 
@@ -134,11 +148,13 @@ impl<'a> Job<'a> {
             Some(b) if !expert.touches(&self.t.name) => b.to_vec(),
             _ => expert.tensor_range(&self.t.name, self.plan.base.as_ref(), range, self.row_len)?,
         };
-        expert.release_range(&self.t.name, range.0, range.1);
-        if expert.model().is_none() {
-            // An adapter's full values are the base's plus its update: the base was read too.
-            if let Some(base) = &self.plan.base {
-                base.release_range(&self.t.name, range.0, range.1);
+        if self.release_chunks {
+            expert.release_range(&self.t.name, range.0, range.1);
+            if expert.model().is_none() {
+                // An adapter's full values are the base's plus its update: the base was read.
+                if let Some(base) = &self.plan.base {
+                    base.release_range(&self.t.name, range.0, range.1);
+                }
             }
         }
         Ok(values)

@@ -12,8 +12,7 @@ pub(crate) fn is_streamed(shape: &[usize]) -> bool {
     shape.len() == 2 && shape[0].saturating_mul(shape[1]) >= STREAM_MIN_ELEMENTS
 }
 
-/// Peak memory of one streamed tensor: a few chunk buffers per expert on every worker (two
-/// per expert for CACI with `restore`, which keeps each update untrimmed and trimmed).
-pub(crate) fn working_bytes(experts: usize) -> u64 {
-    (rayon::current_num_threads() * (2 * experts + 4) * CHUNK_ELEMENTS * 4) as u64
+/// Peak memory of one streamed tensor: `buffers` chunk buffers on every worker.
+pub(crate) fn working_bytes(buffers: usize) -> u64 {
+    (rayon::current_num_threads() * buffers * CHUNK_ELEMENTS * 4) as u64
 }

@@ -91,14 +91,15 @@ pub fn execute(
             }
             let t = &plan.tensors[i];
             budget.acquire(t.working_bytes);
-            let result = run_tensor(plan, t, writer, kernels).map(|(stats, on_device)| {
-                progress(t.shape.iter().product::<usize>() as u64 * t.dtype.size() as u64);
-                TensorRecord {
-                    name: t.name.clone(),
-                    stats,
-                    on_device,
-                }
-            });
+            let result =
+                run_tensor(plan, t, writer, kernels, max_memory).map(|(stats, on_device)| {
+                    progress(t.shape.iter().product::<usize>() as u64 * t.dtype.size() as u64);
+                    TensorRecord {
+                        name: t.name.clone(),
+                        stats,
+                        on_device,
+                    }
+                });
             release(plan, &t.name);
             budget.release(t.working_bytes);
             if result.is_err() {
@@ -141,6 +142,7 @@ fn run_tensor(
     t: &TensorPlan,
     writer: &ShardedWriter,
     kernels: &dyn Kernels,
+    max_memory: u64,
 ) -> Result<(Option<TensorStats>, bool)> {
     if let Some(params) = &t.merge {
         if let Some((bytes, stats)) = kernels.merge_tensor(plan, t, params)? {
@@ -150,7 +152,9 @@ fn run_tensor(
     }
     let stats = match &t.merge {
         Some(params) if t.streamed => {
-            merge_streamed(&Job::new(plan, t, CHUNK_ELEMENTS), params, writer).map(Some)
+            let release_chunks = inputs_are_large(plan, t, max_memory);
+            let job = Job::new(plan, t, CHUNK_ELEMENTS, release_chunks);
+            merge_streamed(&job, params, writer).map(Some)
         }
         _ => {
             let (bytes, stats) = compute(plan, t)?;
@@ -159,6 +163,17 @@ fn run_tensor(
         }
     }?;
     Ok((stats, false))
+}
+
+/// Whether a tensor's input bytes are more than an eighth of the budget: a streamed tensor's
+/// input pages are then dropped a chunk at a time, so that the pages mapped for one large
+/// tensor (an embedding) do not outgrow the budget. Smaller tensors keep theirs until they are
+/// done, since dropping pages and faulting them back in on every pass costs system time.
+fn inputs_are_large(plan: &Plan, t: &TensorPlan, max_memory: u64) -> bool {
+    let numel = t.shape.iter().product::<usize>() as u64;
+    let inputs = (plan.base.is_some() as u64) + plan.experts.len() as u64;
+    let size = plan.reference().info(&t.name).map_or(4, |i| i.dtype.size()) as u64;
+    numel * size * inputs > max_memory / 8
 }
 
 /// Merges a tensor chunk by chunk and writes it; returns its statistics.

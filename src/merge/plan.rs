@@ -216,7 +216,11 @@ impl Plan {
             let data_aware = merge.as_ref().is_some_and(MergeParams::reads_statistics);
             let streamed = merge.is_some() && is_streamed(&info.shape) && !data_aware;
             let working_bytes = if streamed {
-                working_bytes(experts.len())
+                // A few chunk buffers per expert; CACI's restore keeps each update both
+                // untrimmed and trimmed, with the base's and the merged chunk.
+                let restores = merge.as_ref().is_some_and(|m| m.globals.restore.is_some());
+                let n = experts.len();
+                working_bytes(if restores { 2 * n + 2 } else { n + 4 })
             } else if merge.is_some() {
                 // A data-aware merge also holds the experts' in × in matrices and the system's,
                 // in f64.
