@@ -13,7 +13,7 @@
 
 use super::caci::{activation_needs_statistics, combine, confidence, squares};
 use super::chunked::{ExpertTrim, Job, Rescale};
-use super::job::{fraction, TensorStats};
+use super::job::TensorStats;
 use super::method::{Confidence, Method, Trim};
 use super::parameters::check_params;
 use super::plan::MergeParams;
@@ -164,16 +164,5 @@ pub(crate) fn merge(
         let squares = job.write(writer, &mut values, Some(&base), range.0)?;
         Ok((kept, conflicts, squares))
     })?;
-    let mut kept_total = vec![0usize; count];
-    let (mut conflicts, mut squared) = (0usize, 0f64);
-    for (kept, c, s) in results {
-        kept_total.iter_mut().zip(kept).for_each(|(t, k)| *t += k);
-        conflicts += c;
-        squared += s;
-    }
-    Ok(TensorStats {
-        kept_fraction: kept_total.iter().map(|&k| fraction(k, n)).collect(),
-        sign_conflict: Some(fraction(conflicts, n)),
-        delta_l2: squared.sqrt(),
-    })
+    Ok(job.stats(count, &results, true))
 }

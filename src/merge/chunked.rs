@@ -10,7 +10,7 @@ use std::path::Path;
 
 use rayon::prelude::*;
 
-use super::job::squared_distance;
+use super::job::{fraction, squared_distance, TensorStats};
 use super::method::{ExpertParams, Trim};
 use super::plan::{Plan, TensorPlan};
 use super::rng::MaskRng;
@@ -376,12 +376,35 @@ impl<'a> Job<'a> {
         Ok(())
     }
 
+    /// The tensor's statistics from its chunks' `(kept per expert, conflicts, squared
+    /// distance from the base)`; `consensus`: whether the method elects signs.
+    pub fn stats(
+        &self,
+        experts: usize,
+        chunks: &[(Vec<usize>, usize, f64)],
+        consensus: bool,
+    ) -> TensorStats {
+        let n = self.numel();
+        let mut kept = vec![0usize; experts];
+        let (mut conflicts, mut squares) = (0usize, 0f64);
+        for (chunk_kept, c, s) in chunks {
+            kept.iter_mut().zip(chunk_kept).for_each(|(t, k)| *t += k);
+            conflicts += c;
+            squares += s;
+        }
+        TensorStats {
+            kept_fraction: kept.iter().map(|&k| fraction(k, n)).collect(),
+            sign_conflict: consensus.then(|| fraction(conflicts, n)),
+            delta_l2: squares.sqrt(),
+        }
+    }
+
     /// Checks a merged chunk (the base added back), writes it at element `start` (as a delta
     /// when the recipe asks for one) and returns its squared distance from the base.
     pub fn write(
         &self,
         writer: &ShardedWriter,
-        values: &mut Vec<f32>,
+        values: &mut [f32],
         base: Option<&[f32]>,
         start: usize,
     ) -> Result<f64> {

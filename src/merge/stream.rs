@@ -11,7 +11,7 @@
 
 use super::chunked::{ExpertTrim, Job, Rescale};
 use super::consensus;
-use super::job::{fraction, TensorStats};
+use super::job::TensorStats;
 use super::method::{Method, RescaleMode, Trim};
 use super::parameters::check_params;
 use super::plan::MergeParams;
@@ -32,7 +32,6 @@ pub(crate) fn merge(
     let method = params.method;
     let globals = &params.globals;
     check_params(method, globals, &t.name, &params.experts)?;
-    let n = job.numel();
     let weights: Vec<f32> = params.experts.iter().map(|p| p.weight).collect();
 
     if method == Method::Linear {
@@ -147,18 +146,7 @@ pub(crate) fn merge(
         Ok((kept, conflicts, squares))
     })?;
 
-    let mut kept_total = vec![0usize; trims.len()];
-    let (mut conflicts, mut squares) = (0usize, 0f64);
-    for (kept, c, s) in results {
-        kept_total.iter_mut().zip(kept).for_each(|(t, k)| *t += k);
-        conflicts += c;
-        squares += s;
-    }
-    Ok(TensorStats {
-        kept_fraction: kept_total.iter().map(|&k| fraction(k, n)).collect(),
-        sign_conflict: consensus.then(|| fraction(conflicts, n)),
-        delta_l2: squares.sqrt(),
-    })
+    Ok(job.stats(trims.len(), &results, consensus))
 }
 #[cfg(test)]
 mod tests {
