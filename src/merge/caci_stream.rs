@@ -12,13 +12,12 @@
 //! they may differ in their last bits.
 
 use super::caci::{activation_needs_statistics, combine, confidence, squares};
-use super::chunked::{ExpertTrim, Job, Rescale};
+use super::chunked::Job;
 use super::job::TensorStats;
 use super::method::{Confidence, Method, Trim};
 use super::parameters::check_params;
 use super::plan::MergeParams;
-use super::restore::{add_along, coefficients, dot};
-use super::rng::MaskRng;
+use super::restore::{self, add_along, coefficients, dot};
 use crate::error::Result;
 use crate::tensor::ShardedWriter;
 
@@ -48,18 +47,7 @@ pub(crate) fn merge(
     }
     let n = job.numel();
     let count = experts.len();
-    let keeps = job.keeps(Trim::Magnitude, experts)?;
-    let trims: Vec<ExpertTrim> = experts
-        .iter()
-        .zip(keeps)
-        .enumerate()
-        .map(|(e, (p, keep))| ExpertTrim {
-            keep,
-            rescale: Rescale::None,
-            rng: MaskRng::new(globals.seed, name, job.plan.experts[e].index),
-            params: *p,
-        })
-        .collect();
+    let trims = job.trims(Trim::Magnitude, experts, globals.seed)?;
 
     // Each expert's sum of squares (for rms confidence) and, to restore, the Gram matrix of
     // the untrimmed updates, in one pass.
@@ -77,10 +65,8 @@ pub(crate) fn merge(
             } else {
                 Vec::new()
             };
-            let gram: Vec<f64> = if restoring {
-                (0..count * count)
-                    .map(|k| dot(&updates[k / count], &updates[k % count]))
-                    .collect()
+            let gram = if restoring {
+                restore::gram(&updates)
             } else {
                 Vec::new()
             };

@@ -264,7 +264,7 @@ impl<'a> Job<'a> {
 
     /// Decides what every expert keeps, mirroring the trims of `sparsify` on a whole tensor;
     /// the magnitude cuts of all experts are found together.
-    pub fn keeps(&self, trim: Trim, params: &[ExpertParams]) -> Result<Vec<Keep>> {
+    fn keeps(&self, trim: Trim, params: &[ExpertParams]) -> Result<Vec<Keep>> {
         let n = self.numel();
         let mut wanted = Vec::new();
         let mut plans = Vec::with_capacity(params.len());
@@ -327,6 +327,23 @@ impl<'a> Job<'a> {
                 Need::Band(within, top) => Keep::Band(take(within), top.map(&mut take)),
                 Need::Random => Keep::Random,
                 Need::Della => Keep::Della,
+            })
+            .collect())
+    }
+
+    /// Every expert's trim, decided from the whole tensor ([`keeps`](Self::keeps)), with no
+    /// rescale yet and each expert's random mask keyed by `seed`, the tensor and its index.
+    pub fn trims(&self, trim: Trim, params: &[ExpertParams], seed: u64) -> Result<Vec<ExpertTrim>> {
+        let keeps = self.keeps(trim, params)?;
+        Ok(params
+            .iter()
+            .zip(keeps)
+            .enumerate()
+            .map(|(e, (p, keep))| ExpertTrim {
+                keep,
+                rescale: Rescale::None,
+                rng: MaskRng::new(seed, &self.t.name, self.plan.experts[e].index),
+                params: *p,
             })
             .collect())
     }

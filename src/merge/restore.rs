@@ -33,14 +33,26 @@ pub(crate) fn restore(
     target: f32,
     tensor: &str,
 ) -> Result<()> {
-    let t = updates.len();
-    let gram: Vec<f64> = (0..t * t)
-        .map(|k| dot(&updates[k / t], &updates[k % t]))
-        .collect();
+    let gram = gram(updates);
     let shares: Vec<f64> = updates.iter().map(|u| dot(merged, u)).collect();
     let beta = coefficients(&gram, &shares, weights, target, tensor)?;
     add_along(merged, updates, &beta);
     Ok(())
+}
+
+/// The experts' Gram matrix `⟨Δ_i, Δ_j⟩`, row-major `t × t`: each pair once, mirrored (the
+/// products are the same either way round, so the matrix is exactly symmetric).
+pub(crate) fn gram(updates: &[Vec<f32>]) -> Vec<f64> {
+    let t = updates.len();
+    let mut gram = vec![0f64; t * t];
+    for i in 0..t {
+        for j in i..t {
+            let g = dot(&updates[i], &updates[j]);
+            gram[i * t + j] = g;
+            gram[j * t + i] = g;
+        }
+    }
+    gram
 }
 
 /// The coefficients `β` of the restoring combination, from the experts' Gram matrix `gram`

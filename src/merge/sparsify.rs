@@ -486,7 +486,13 @@ pub fn della_at(
             }
             if inner == 1 {
                 let row = &mut delta[o * len..(o + 1) * len];
-                kept += della_row_mask(row, ranks, first + (o * len) as u64, low, epsilon, rng);
+                let draw = RowDraw {
+                    first: first + (o * len) as u64,
+                    low,
+                    epsilon,
+                    rng,
+                };
+                kept += della_row_mask(row, ranks, draw);
                 continue;
             }
             for (j, &rank) in ranks.iter().enumerate() {
@@ -515,68 +521,55 @@ fn della_keep_probability(rank: u64, len: usize, low: f32, epsilon: f32) -> f32 
     low + rank_norm * 2.0 * epsilon
 }
 
-/// DELLA's mask on one contiguous row whose first entry is flat element `first`, given each
-/// entry's rank; returns how many entries it keeps. Dispatched to wide registers as
-/// [`random_at`] is; every path gives the same mask.
-fn della_row_mask(
-    row: &mut [f32],
-    ranks: &[u64],
+/// What DELLA's mask on a row needs besides the row and its ranks: the flat index of the
+/// row's first entry, the lowest keep probability, the spread and the generator.
+#[derive(Clone, Copy)]
+struct RowDraw<'a> {
     first: u64,
     low: f32,
     epsilon: f32,
-    rng: &MaskRng,
-) -> usize {
+    rng: &'a MaskRng,
+}
+
+/// DELLA's mask on one contiguous row, given each entry's rank; returns how many entries it
+/// keeps. Dispatched to wide registers as [`random_at`] is; every path gives the same mask.
+fn della_row_mask(row: &mut [f32], ranks: &[u64], draw: RowDraw) -> usize {
     #[cfg(target_arch = "x86_64")]
     {
         if std::arch::is_x86_feature_detected!("avx512f")
             && std::arch::is_x86_feature_detected!("avx512dq")
         {
             // SAFETY: the CPU has the features the function is compiled for.
-            return unsafe { della_row_mask_avx512(row, ranks, first, low, epsilon, rng) };
+            return unsafe { della_row_mask_avx512(row, ranks, draw) };
         }
         if std::arch::is_x86_feature_detected!("avx2") {
             // SAFETY: as above.
-            return unsafe { della_row_mask_avx2(row, ranks, first, low, epsilon, rng) };
+            return unsafe { della_row_mask_avx2(row, ranks, draw) };
         }
     }
-    della_row_mask_portable(row, ranks, first, low, epsilon, rng)
+    della_row_mask_portable(row, ranks, draw)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512dq")]
-unsafe fn della_row_mask_avx512(
-    row: &mut [f32],
-    ranks: &[u64],
-    first: u64,
-    low: f32,
-    epsilon: f32,
-    rng: &MaskRng,
-) -> usize {
-    della_row_mask_portable(row, ranks, first, low, epsilon, rng)
+unsafe fn della_row_mask_avx512(row: &mut [f32], ranks: &[u64], draw: RowDraw) -> usize {
+    della_row_mask_portable(row, ranks, draw)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-unsafe fn della_row_mask_avx2(
-    row: &mut [f32],
-    ranks: &[u64],
-    first: u64,
-    low: f32,
-    epsilon: f32,
-    rng: &MaskRng,
-) -> usize {
-    della_row_mask_portable(row, ranks, first, low, epsilon, rng)
+unsafe fn della_row_mask_avx2(row: &mut [f32], ranks: &[u64], draw: RowDraw) -> usize {
+    della_row_mask_portable(row, ranks, draw)
 }
 
 #[inline(always)]
-fn della_row_mask_portable(
-    row: &mut [f32],
-    ranks: &[u64],
-    first: u64,
-    low: f32,
-    epsilon: f32,
-    rng: &MaskRng,
-) -> usize {
+fn della_row_mask_portable(row: &mut [f32], ranks: &[u64], draw: RowDraw) -> usize {
+    let RowDraw {
+        first,
+        low,
+        epsilon,
+        rng,
+    } = draw;
     let len = row.len();
     let mut kept = 0;
     for ((index, v), &rank) in (first..).zip(row.iter_mut()).zip(ranks) {

@@ -9,13 +9,12 @@
 //!
 //! [`merge_tensor`]: super::tensor_merge::merge_tensor
 
-use super::chunked::{ExpertTrim, Job, Rescale};
+use super::chunked::{Job, Rescale};
 use super::consensus;
 use super::job::TensorStats;
 use super::method::{Method, RescaleMode, Trim};
 use super::parameters::check_params;
 use super::plan::MergeParams;
-use super::rng::MaskRng;
 use super::sparsify;
 use super::tensor_merge::{linear, weighted_sum};
 use crate::error::Result;
@@ -58,19 +57,7 @@ pub(crate) fn merge(
     }
 
     let trim = method.trim();
-    let keeps = job.keeps(trim, &params.experts)?;
-    let mut trims: Vec<ExpertTrim> = params
-        .experts
-        .iter()
-        .zip(keeps)
-        .enumerate()
-        .map(|(e, (p, keep))| ExpertTrim {
-            keep,
-            rescale: Rescale::None,
-            rng: MaskRng::new(globals.seed, &t.name, plan.experts[e].index),
-            params: *p,
-        })
-        .collect();
+    let mut trims = job.trims(trim, &params.experts, globals.seed)?;
     // As on a whole tensor: any trim below density 1 rescales when asked to.
     let rescaled: Vec<usize> = (0..trims.len())
         .filter(|&e| globals.rescale && trim != Trim::None && trims[e].params.density < 1.0)
@@ -157,6 +144,7 @@ mod tests {
     use crate::merge::chunked::Job;
     use crate::merge::executor::{compute, merge_streamed};
     use crate::merge::plan::Plan;
+    use crate::merge::rng::MaskRng;
     use crate::recipe::Recipe;
     use crate::tensor::{write_safetensors, Dtype, SafetensorsFile, TensorSpec};
 
